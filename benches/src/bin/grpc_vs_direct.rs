@@ -1,0 +1,186 @@
+//! Decode speed and time to first token through gRPC + worker process, against
+//! mistral.rs called directly in this process: same model, prompt and settings, runs
+//! interleaved (direct, gRPC, direct, ...) so machine drift hits both alike.
+//!
+//! This binary is also its own worker: `grpc_vs_direct worker ...` runs the worker, so
+//! the gRPC path spawns exactly the program under test.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use futures::StreamExt;
+use modelpool_engine::llm::{LoadedModel, Prompt};
+use modelpool_proto::v1::inference_client::InferenceClient;
+use modelpool_proto::v1::{GenerateRequest, SamplingParams};
+
+#[derive(Parser)]
+struct Args {
+    /// GGUF model.
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Measured rounds per path.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Tokens generated per run.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+}
+
+const PROMPT: &str = "Once upon a time, in a small village by the sea, there lived";
+
+/// One generation's figures.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    ttft: Duration,
+    decode_tok_s: f64,
+    tokens: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        std::process::exit(match modelpool_server::cli::main() {
+            c if c == std::process::ExitCode::SUCCESS => 0,
+            _ => 1,
+        });
+    }
+    let args = Args::parse();
+    tokio::runtime::Runtime::new()?.block_on(bench(args))
+}
+
+fn sampling(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ..Default::default()
+    }
+}
+
+/// Figures of one stream of (arrival time, text) pieces.
+fn figures(start: Instant, stamps: &[Instant], tokens: u32) -> Run {
+    let first = stamps[0];
+    let last = *stamps.last().unwrap();
+    let decode = last.duration_since(first).as_secs_f64();
+    Run {
+        ttft: first - start,
+        decode_tok_s: if decode > 0.0 {
+            f64::from(tokens.saturating_sub(1)) / decode
+        } else {
+            0.0
+        },
+        tokens,
+    }
+}
+
+async fn direct(model: &LoadedModel, max_tokens: u32) -> anyhow::Result<Run> {
+    let start = Instant::now();
+    let mut stream = model
+        .generate(Prompt::Raw(PROMPT.into()), &sampling(max_tokens))
+        .await?;
+    let mut stamps = Vec::new();
+    let mut tokens = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        stamps.push(Instant::now());
+        if let Some(u) = chunk.usage {
+            tokens = u.completion_tokens;
+        }
+    }
+    Ok(figures(start, &stamps, tokens))
+}
+
+async fn grpc(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    max_tokens: u32,
+) -> anyhow::Result<Run> {
+    let start = Instant::now();
+    let mut stream = client
+        .generate(GenerateRequest {
+            model: "bench".into(),
+            prompt: PROMPT.into(),
+            sampling: Some(sampling(max_tokens)),
+        })
+        .await?
+        .into_inner();
+    let mut stamps = Vec::new();
+    let mut tokens = 0;
+    while let Some(chunk) = stream.message().await? {
+        stamps.push(Instant::now());
+        if let Some(u) = chunk.usage {
+            tokens = u.completion_tokens;
+        }
+    }
+    Ok(figures(start, &stamps, tokens))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn bench(args: Args) -> anyhow::Result<()> {
+    let model_path = std::fs::canonicalize(&args.model)
+        .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
+    let direct_model = LoadedModel::load_gguf(&model_path, 4096, 4).await?;
+
+    let runtime = tempfile::tempdir()?;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
+         [[models]]\nid = \"bench\"\npath = \"{}\"\ncontext_length = 4096\nmax_sequences = 4\n",
+        runtime.path().display(),
+        std::env::current_exe()?.display(),
+        model_path.display()
+    );
+    let settings = modelpool_server::Settings::from_toml(&toml, std::path::Path::new("/"))?;
+    let server = modelpool_server::start(settings).await?;
+    let mut client = InferenceClient::connect(format!("http://{}", server.local_addr)).await?;
+
+    // Warm-up: loads the worker, fills caches on both paths.
+    direct(&direct_model, 8).await?;
+    grpc(&mut client, 8).await?;
+
+    let mut d_runs = Vec::new();
+    let mut g_runs = Vec::new();
+    for _ in 0..args.rounds {
+        d_runs.push(direct(&direct_model, args.max_tokens).await?);
+        g_runs.push(grpc(&mut client, args.max_tokens).await?);
+    }
+    if d_runs.iter().chain(&g_runs).any(|r| r.tokens != args.max_tokens) {
+        bail!("a run stopped early; pick a prompt that does not end: {d_runs:?} {g_runs:?}");
+    }
+    let ratios_tok: Vec<f64> = d_runs
+        .iter()
+        .zip(&g_runs)
+        .map(|(d, g)| g.decode_tok_s / d.decode_tok_s)
+        .collect();
+    let ratios_ttft: Vec<f64> = d_runs
+        .iter()
+        .zip(&g_runs)
+        .map(|(d, g)| g.ttft.as_secs_f64() / d.ttft.as_secs_f64())
+        .collect();
+    let ms = |runs: &[Run]| median(runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
+    let tps = |runs: &[Run]| median(runs.iter().map(|r| r.decode_tok_s).collect());
+    println!(
+        "model {}, {} tokens per run, {} interleaved rounds, greedy\n",
+        model_path.file_name().unwrap_or_default().to_string_lossy(),
+        args.max_tokens,
+        args.rounds
+    );
+    println!("| path | decode tok/s (median) | time to first token ms (median) |");
+    println!("|---|---|---|");
+    println!("| mistral.rs in-process | {:.1} | {:.1} |", tps(&d_runs), ms(&d_runs));
+    println!("| gRPC + worker process | {:.1} | {:.1} |", tps(&g_runs), ms(&g_runs));
+    println!(
+        "\ndecode ratio gRPC/direct: median {:.3} (per-round: {})",
+        median(ratios_tok.clone()),
+        ratios_tok.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
+    );
+    println!(
+        "time-to-first-token ratio gRPC/direct: median {:.3} (per-round: {})",
+        median(ratios_ttft.clone()),
+        ratios_ttft.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
+    );
+    server.stop().await?;
+    Ok(())
+}

@@ -1,0 +1,18 @@
+//! The inference engine layer: each resident model lives in its own worker process
+//! (`modelpool worker ...`) that owns one mistral.rs model and serves the private
+//! `modelpool.worker.v1` protocol on a Unix socket.
+//!
+//! Why processes: dropping a mistral.rs model inside a long-lived process leaks memory
+//! and threads (measured: ~50 MB RSS and one thread per load/drop cycle). Ending the
+//! process returns every byte to the operating system, so eviction is honest.
+
+mod error;
+pub mod llm;
+pub mod process;
+pub mod sampling;
+pub mod worker;
+
+pub use error::EngineError;
+pub use llm::LoadedModel;
+pub use process::{WorkerBackend, WorkerBackendConfig, WorkerProcess};
+pub use worker::WorkerArgs;

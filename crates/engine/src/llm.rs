@@ -1,0 +1,292 @@
+//! mistral.rs behind a small, owned interface: load a GGUF file, stream a generation.
+//!
+//! The worker process serves this over its socket, and the benchmark calls it directly
+//! in-process to measure what the gRPC + worker path costs on top.
+
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use indexmap::IndexMap;
+use mistralrs::{
+    GgufModelBuilder, MessageContent, NormalRequest, Request, RequestMessage, Response,
+};
+use modelpool_proto::v1::{ChatMessage, FinishReason, GenerateChunk, Role, SamplingParams, Usage};
+
+use crate::sampling::{self, TokenCounter};
+use crate::EngineError;
+
+/// What to generate from.
+#[derive(Clone, Debug)]
+pub enum Prompt {
+    /// Chat turns; the model's chat template renders them.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, continued as-is.
+    Raw(String),
+}
+
+/// Counters shared by every generation of one model.
+#[derive(Default, Debug)]
+pub struct Counters {
+    pub generated_tokens_total: Arc<AtomicU64>,
+    pub active_sequences: AtomicU32,
+    pub cancelled_total: AtomicU64,
+}
+
+/// One mistral.rs model, loaded and ready.
+pub struct LoadedModel {
+    model: mistralrs::Model,
+    context_length: u32,
+    counters: Arc<Counters>,
+}
+
+/// A stream of generated chunks; the last one carries finish reason and usage. Dropping
+/// it cancels the sequence inside mistral.rs at its next token.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, EngineError>> + Send>>;
+
+impl LoadedModel {
+    /// Loads a GGUF file from a local path: no hub, no token, CPU unless built with
+    /// CUDA and asked for a GPU.
+    pub async fn load_gguf(
+        path: &Path,
+        context_length: u32,
+        max_sequences: u32,
+    ) -> Result<Self, EngineError> {
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let file = path
+            .file_name()
+            .ok_or_else(|| EngineError::Load(format!("{} is not a file path", path.display())))?;
+        let model = GgufModelBuilder::new(
+            dir.to_string_lossy(),
+            vec![file.to_string_lossy().into_owned()],
+        )
+        .with_token_source(mistralrs::TokenSource::None)
+        .with_force_cpu()
+        .with_max_num_seqs(max_sequences.max(1) as usize)
+        .build()
+        .await
+        .map_err(|e| EngineError::Load(format!("{e:#}")))?;
+        let model_max = model
+            .max_sequence_length()
+            .ok()
+            .flatten()
+            .map_or(u32::MAX, |n| n.min(u32::MAX as usize) as u32);
+        Ok(Self {
+            model,
+            context_length: context_length.min(model_max),
+            counters: Arc::new(Counters::default()),
+        })
+    }
+
+    /// The context length in force: the configured one, capped by the model's own.
+    pub fn context_length(&self) -> u32 {
+        self.context_length
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Starts one generation. Parameters must have passed [`sampling::validate`].
+    pub async fn generate(
+        &self,
+        prompt: Prompt,
+        params: &SamplingParams,
+    ) -> Result<ChunkStream, EngineError> {
+        sampling::validate(params)?;
+        let started = Instant::now();
+        let (sampling_params, counter) = sampling::to_mistral(
+            params,
+            self.context_length,
+            Arc::clone(&self.counters.generated_tokens_total),
+        );
+        let (is_chat, messages) = match prompt {
+            Prompt::Chat(turns) => (
+                true,
+                RequestMessage::Chat {
+                    messages: chat_messages(&turns),
+                    enable_thinking: None,
+                    reasoning_effort: None,
+                },
+            ),
+            Prompt::Raw(text) => (
+                false,
+                RequestMessage::Completion {
+                    text,
+                    echo_prompt: false,
+                    best_of: None,
+                },
+            ),
+        };
+        // Capacity 1: mistral.rs waits for us, and a dropped receiver cancels the sequence.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let request = Request::Normal(Box::new(NormalRequest {
+            messages,
+            sampling_params,
+            response: tx,
+            return_logprobs: false,
+            is_streaming: true,
+            id: 0,
+            constraint: mistralrs::Constraint::None,
+            suffix: None,
+            tools: None,
+            tool_choice: None,
+            logits_processors: Some(vec![Arc::clone(&counter) as _]),
+            return_raw_logits: false,
+            web_search_options: None,
+            model_id: None,
+            truncate_sequence: false,
+        }));
+        let sender = self
+            .model
+            .inner()
+            .get_sender(None)
+            .map_err(|e| EngineError::Generation(e.to_string()))?;
+        sender
+            .send(request)
+            .await
+            .map_err(|_| EngineError::Generation("the engine stopped".into()))?;
+        self.counters.active_sequences.fetch_add(1, Ordering::Relaxed);
+        let state = GenState {
+            rx,
+            counter,
+            counters: Arc::clone(&self.counters),
+            started,
+            first_token_at: None,
+            finished: false,
+            is_chat,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, next_chunk)))
+    }
+}
+
+struct GenState {
+    rx: tokio::sync::mpsc::Receiver<Response>,
+    counter: Arc<TokenCounter>,
+    counters: Arc<Counters>,
+    started: Instant,
+    first_token_at: Option<Instant>,
+    finished: bool,
+    is_chat: bool,
+}
+
+impl Drop for GenState {
+    fn drop(&mut self) {
+        self.counters
+            .active_sequences
+            .fetch_sub(1, Ordering::Relaxed);
+        if !self.finished {
+            self.counters.cancelled_total.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(
+                completion_tokens = self.counter.completion_tokens(),
+                "generation cancelled"
+            );
+        }
+    }
+}
+
+async fn next_chunk(
+    mut st: GenState,
+) -> Option<(Result<GenerateChunk, EngineError>, GenState)> {
+    if st.finished {
+        return None;
+    }
+    let response = match st.rx.recv().await {
+        Some(r) => r,
+        None => {
+            st.finished = true;
+            let err = EngineError::Generation("the engine ended the sequence without a reason".into());
+            return Some((Err(err), st));
+        }
+    };
+    let (text, finish) = match response {
+        Response::Chunk(c) if st.is_chat => {
+            let choice = c.choices.into_iter().next();
+            let finish = choice.as_ref().and_then(|c| c.finish_reason.clone());
+            (
+                choice.and_then(|c| c.delta.content).unwrap_or_default(),
+                finish,
+            )
+        }
+        Response::CompletionChunk(c) if !st.is_chat => {
+            let choice = c.choices.into_iter().next();
+            let finish = choice.as_ref().and_then(|c| c.finish_reason.clone());
+            (choice.map(|c| c.text).unwrap_or_default(), finish)
+        }
+        Response::ValidationError(e) => {
+            st.finished = true;
+            return Some((Err(EngineError::invalid("request", e.to_string())), st));
+        }
+        Response::InternalError(e) => {
+            st.finished = true;
+            return Some((Err(EngineError::Generation(e.to_string())), st));
+        }
+        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
+            st.finished = true;
+            return Some((Err(EngineError::Generation(e)), st));
+        }
+        _ => {
+            st.finished = true;
+            return Some((
+                Err(EngineError::Generation("unexpected response kind from the engine".into())),
+                st,
+            ));
+        }
+    };
+    if st.first_token_at.is_none() {
+        st.first_token_at = Some(Instant::now());
+    }
+    let mut chunk = GenerateChunk {
+        text,
+        ..Default::default()
+    };
+    if let Some(reason) = finish {
+        st.finished = true;
+        chunk.set_finish_reason(match reason.as_str() {
+            "length" => FinishReason::Length,
+            _ => FinishReason::Stop,
+        });
+        let now = Instant::now();
+        chunk.usage = Some(Usage {
+            prompt_tokens: st.counter.prompt_tokens(),
+            completion_tokens: st.counter.completion_tokens(),
+            time_to_first_token: duration(st.first_token_at.unwrap_or(now) - st.started),
+            total_time: duration(now - st.started),
+            load_wait: None,
+            cold_start: false,
+        });
+    }
+    Some((Ok(chunk), st))
+}
+
+/// A `std` duration as the protobuf well-known type.
+pub fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+/// mistral.rs takes chat turns as maps of `role` and `content`.
+fn chat_messages(turns: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>> {
+    turns
+        .iter()
+        .map(|t| {
+            let role = match t.role() {
+                Role::System => "system",
+                Role::Assistant => "assistant",
+                Role::User | Role::Unspecified => "user",
+            };
+            IndexMap::from([
+                ("role".to_owned(), MessageContent::Left(role.to_owned())),
+                ("content".to_owned(), MessageContent::Left(t.content.clone())),
+            ])
+        })
+        .collect()
+}

@@ -1,0 +1,313 @@
+//! The server's side of a worker: spawn `modelpool worker`, wait until it is ready,
+//! talk to it over its Unix socket, and stop it so that its memory returns.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use modelpool_pool::{Backend, BackendError, Instance, ModelSpec};
+use modelpool_proto::v1::GenerateChunk;
+use modelpool_proto::worker::v1::worker_client::WorkerClient;
+use modelpool_proto::worker::v1::{StatsRequest, StatsResponse, WorkerGenerateRequest};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::worker::{ReadyInfo, WorkerArgs, READY_PREFIX};
+
+/// Lines of a worker's stderr kept to explain a failed start.
+const STDERR_TAIL_LINES: usize = 12;
+
+/// How the server starts workers.
+#[derive(Clone, Debug)]
+pub struct WorkerBackendConfig {
+    /// The `modelpool` binary (workers are the same binary, `worker` subcommand).
+    pub worker_exe: PathBuf,
+    /// A private (0700) directory for the workers' sockets.
+    pub runtime_dir: PathBuf,
+    /// A worker not ready after this long is killed and the load fails.
+    pub load_timeout: Duration,
+}
+
+/// Starts one worker process per resident model.
+pub struct WorkerBackend {
+    config: WorkerBackendConfig,
+    next_socket: AtomicU64,
+}
+
+impl WorkerBackend {
+    pub fn new(config: WorkerBackendConfig) -> Self {
+        Self {
+            config,
+            next_socket: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Backend for WorkerBackend {
+    type Instance = WorkerProcess;
+
+    async fn load(&self, spec: &ModelSpec) -> Result<WorkerProcess, BackendError> {
+        check_gguf(&spec.source)?;
+        let n = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        let safe_id: String = spec
+            .id
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .take(40)
+            .collect();
+        let args = WorkerArgs {
+            socket: self.config.runtime_dir.join(format!("{safe_id}-{n}.sock")),
+            model_path: spec.source.clone(),
+            model_id: spec.id.clone(),
+            context_length: spec.context_length,
+            max_sequences: spec.max_sequences,
+        };
+        WorkerProcess::spawn(&self.config, &args).await
+    }
+}
+
+/// Refuses what is clearly not a GGUF file before a process is started for it.
+fn check_gguf(path: &Path) -> Result<(), BackendError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| BackendError::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
+    f.read_exact(&mut magic).map_err(|_| {
+        BackendError::InvalidModel(format!("{} is too short to be a gguf file", path.display()))
+    })?;
+    if &magic != b"GGUF" {
+        return Err(BackendError::InvalidModel(format!(
+            "{} is not a gguf file (magic {:02x?})",
+            path.display(),
+            magic
+        )));
+    }
+    Ok(())
+}
+
+/// One live worker process holding one model.
+pub struct WorkerProcess {
+    pid: u32,
+    child: tokio::sync::Mutex<Option<Child>>,
+    /// Held open for the worker's lifetime: the worker exits when it reads end-of-file.
+    _stdin: ChildStdin,
+    channel: Channel,
+    socket: PathBuf,
+    ready: ReadyInfo,
+}
+
+impl WorkerProcess {
+    async fn spawn(
+        config: &WorkerBackendConfig,
+        args: &WorkerArgs,
+    ) -> Result<WorkerProcess, BackendError> {
+        let _ = std::fs::remove_file(&args.socket);
+        let mut cmd = Command::new(&config.worker_exe);
+        cmd.arg("worker")
+            .args(args.to_args())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let mut child = cmd.spawn().map_err(|e| {
+            BackendError::Failed(format!(
+                "cannot start worker {}: {e}",
+                config.worker_exe.display()
+            ))
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let tail = forward_stderr(stderr, args.model_id.clone(), pid);
+
+        let mut lines = BufReader::new(stdout).lines();
+        let wait_ready = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(json) = line.strip_prefix(READY_PREFIX) {
+                    return serde_json::from_str::<ReadyInfo>(json).ok();
+                }
+            }
+            None
+        };
+        let ready = match tokio::time::timeout(config.load_timeout, wait_ready).await {
+            Ok(Some(ready)) => ready,
+            Ok(None) => {
+                let status = child.wait().await.ok();
+                // Let the stderr forwarder drain the last lines.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = std::fs::remove_file(&args.socket);
+                let status = status.map_or_else(|| "unknown status".into(), |s| s.to_string());
+                return Err(BackendError::Failed(format!(
+                    "worker exited ({status}) before it was ready: {}",
+                    render_tail(&tail)
+                )));
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                let _ = std::fs::remove_file(&args.socket);
+                return Err(BackendError::Timeout(format!(
+                    "worker was not ready after {:?}; killed it. last output: {}",
+                    config.load_timeout,
+                    render_tail(&tail)
+                )));
+            }
+        };
+        // Keep draining stdout so the worker never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+        let channel = match connect_unix(&args.socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = child.kill().await;
+                let _ = std::fs::remove_file(&args.socket);
+                return Err(BackendError::Failed(format!(
+                    "cannot connect to worker socket {}: {e}",
+                    args.socket.display()
+                )));
+            }
+        };
+        Ok(WorkerProcess {
+            pid,
+            child: tokio::sync::Mutex::new(Some(child)),
+            _stdin: stdin,
+            channel,
+            socket: args.socket.clone(),
+            ready,
+        })
+    }
+
+    /// Streams one generation from the worker.
+    pub async fn generate(
+        &self,
+        request: WorkerGenerateRequest,
+    ) -> Result<tonic::Streaming<GenerateChunk>, tonic::Status> {
+        let mut client = WorkerClient::new(self.channel.clone());
+        Ok(client.generate(request).await?.into_inner())
+    }
+
+    /// The worker's counters.
+    pub async fn stats(&self) -> Result<StatsResponse, tonic::Status> {
+        let mut client = WorkerClient::new(self.channel.clone());
+        Ok(client.stats(StatsRequest {}).await?.into_inner())
+    }
+
+    /// The context length the worker runs with.
+    pub fn context_length(&self) -> u32 {
+        self.ready.context_length
+    }
+
+    /// How long the worker took from start to ready, as it measured.
+    pub fn load_ms(&self) -> u64 {
+        self.ready.load_ms
+    }
+}
+
+impl Instance for WorkerProcess {
+    fn pid(&self) -> Option<u32> {
+        Some(self.pid)
+    }
+
+    fn resident_bytes(&self) -> u64 {
+        rss_bytes(self.pid).unwrap_or(0)
+    }
+
+    async fn shutdown(&self) {
+        if let Some(mut child) = self.child.lock().await.take() {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            tracing::info!(pid = self.pid, "worker stopped");
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        // kill_on_drop ends the process; the socket file is ours to remove.
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Resident set size of a process, from `/proc/PID/statm`.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).unwrap_or(4096))
+}
+
+/// Asks the kernel to SIGKILL the child when the server dies (Linux), in addition to
+/// the stdin end-of-file the worker watches for.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: getpid is async-signal-safe.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: the closure calls only async-signal-safe functions (prctl, getppid,
+        // _exit) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may have died before prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
+fn forward_stderr(
+    stderr: tokio::process::ChildStderr,
+    model: String,
+    pid: u32,
+) -> Arc<Mutex<VecDeque<String>>> {
+    let tail = Arc::new(Mutex::new(VecDeque::with_capacity(STDERR_TAIL_LINES)));
+    let keep = Arc::clone(&tail);
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::debug!(target: "modelpool::worker", model = %model, pid, "{line}");
+            let mut t = keep.lock().unwrap_or_else(|e| e.into_inner());
+            if t.len() == STDERR_TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    });
+    tail
+}
+
+fn render_tail(tail: &Mutex<VecDeque<String>>) -> String {
+    let t = tail.lock().unwrap_or_else(|e| e.into_inner());
+    if t.is_empty() {
+        return "(no output)".into();
+    }
+    t.iter().cloned().collect::<Vec<_>>().join(" | ")
+}
+
+async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Error> {
+    let path = path.to_path_buf();
+    // The URI is required by the API but unused: the connector dials the socket.
+    Endpoint::from_static("http://worker.local")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+}

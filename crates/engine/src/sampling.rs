@@ -1,0 +1,262 @@
+//! Request sampling parameters: validation (with the public field names in every
+//! message), defaults, and a per-request logits processor that counts tokens and, when
+//! a seed is given, samples with its own seeded generator so results repeat.
+//!
+//! mistral.rs samples with one engine-wide generator, so a per-request `seed` cannot be
+//! passed through. Instead the processor draws the token itself and masks every other
+//! logit to -inf; mistral.rs then runs greedy and picks exactly that token.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use mistralrs::{CustomLogitsProcessor, Tensor};
+use modelpool_proto::v1::SamplingParams;
+
+use crate::EngineError;
+
+/// Tokens generated when a request sets no `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+const MAX_STOP_STRINGS: usize = 8;
+const MAX_STOP_BYTES: usize = 256;
+
+/// Checks every field of `p` and returns the first violation, named as in the API.
+pub fn validate(p: &SamplingParams) -> Result<(), EngineError> {
+    if let Some(t) = p.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(EngineError::invalid(
+                "sampling.temperature",
+                format!("must be between 0 and 2, got {t}"),
+            ));
+        }
+    }
+    if let Some(top_p) = p.top_p {
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(EngineError::invalid(
+                "sampling.top_p",
+                format!("must be in (0, 1], got {top_p}"),
+            ));
+        }
+    }
+    if p.stop.len() > MAX_STOP_STRINGS {
+        return Err(EngineError::invalid(
+            "sampling.stop",
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings, got {}",
+                p.stop.len()
+            ),
+        ));
+    }
+    if let Some(s) = p
+        .stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return Err(EngineError::invalid(
+            "sampling.stop",
+            format!(
+                "each stop string must be 1..={MAX_STOP_BYTES} bytes, got {} bytes",
+                s.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Tokens to generate at most: the request's `max_tokens` (0 or unset: the default),
+/// never more than the context.
+pub fn max_tokens(p: &SamplingParams, context_length: u32) -> u32 {
+    let asked = p.max_tokens.filter(|&n| n > 0).unwrap_or(DEFAULT_MAX_TOKENS);
+    asked.min(context_length.max(1))
+}
+
+/// Maps validated parameters to mistral.rs'. With a seed and a temperature above zero the
+/// returned processor samples; mistral.rs is then told to decode greedily.
+pub fn to_mistral(
+    p: &SamplingParams,
+    context_length: u32,
+    tokens_total: Arc<AtomicU64>,
+) -> (mistralrs::SamplingParams, Arc<TokenCounter>) {
+    let mut out = mistralrs::SamplingParams::neutral();
+    out.max_len = Some(max_tokens(p, context_length) as usize);
+    if !p.stop.is_empty() {
+        out.stop_toks = Some(mistralrs::StopTokens::Seqs(p.stop.clone()));
+    }
+    let temperature = p.temperature.unwrap_or(0.0);
+    let sampler = match (temperature > 0.0, p.seed) {
+        (true, Some(seed)) => Some(Mutex::new(SeededSampler {
+            rng: SplitMix64(seed),
+            temperature,
+            top_p: p.top_p.unwrap_or(1.0),
+            top_k: p.top_k.unwrap_or(0) as usize,
+        })),
+        (true, None) => {
+            out.temperature = Some(f64::from(temperature));
+            out.top_p = p.top_p.map(f64::from);
+            out.top_k = p.top_k.filter(|&k| k > 0).map(|k| k as usize);
+            None
+        }
+        (false, _) => None,
+    };
+    let counter = Arc::new(TokenCounter {
+        prompt_tokens: AtomicU32::new(0),
+        completion_tokens: AtomicU32::new(0),
+        tokens_total,
+        sampler,
+    });
+    (out, counter)
+}
+
+/// Runs once per generated token: counts it, and samples when seeded.
+pub struct TokenCounter {
+    prompt_tokens: AtomicU32,
+    completion_tokens: AtomicU32,
+    tokens_total: Arc<AtomicU64>,
+    sampler: Option<Mutex<SeededSampler>>,
+}
+
+impl TokenCounter {
+    pub fn prompt_tokens(&self) -> u32 {
+        self.prompt_tokens.load(Ordering::Relaxed)
+    }
+    pub fn completion_tokens(&self) -> u32 {
+        self.completion_tokens.load(Ordering::Relaxed)
+    }
+}
+
+impl CustomLogitsProcessor for TokenCounter {
+    fn apply(&self, logits: &Tensor, context: &[u32]) -> mistralrs::Result<Tensor> {
+        // The context holds the prompt plus everything generated so far.
+        let generated = self.completion_tokens.fetch_add(1, Ordering::Relaxed);
+        if generated == 0 {
+            self.prompt_tokens
+                .store(context.len() as u32, Ordering::Relaxed);
+        }
+        self.tokens_total.fetch_add(1, Ordering::Relaxed);
+        let Some(sampler) = &self.sampler else {
+            return Ok(logits.clone());
+        };
+        let values = logits.flatten_all()?.to_vec1::<f32>()?;
+        let pick = sampler
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sample(&values);
+        let mut masked = vec![f32::NEG_INFINITY; values.len()];
+        masked[pick] = 0.0;
+        Tensor::from_vec(masked, logits.shape(), logits.device())?.to_dtype(logits.dtype())
+    }
+}
+
+struct SeededSampler {
+    rng: SplitMix64,
+    temperature: f32,
+    top_p: f32,
+    top_k: usize,
+}
+
+impl SeededSampler {
+    /// Temperature, then top-k, then top-p, then one draw.
+    fn sample(&mut self, logits: &[f32]) -> usize {
+        let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        if idx.is_empty() {
+            return 0;
+        }
+        idx.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+        if self.top_k > 0 {
+            idx.truncate(self.top_k);
+        }
+        let max = logits[idx[0]];
+        let mut probs: Vec<f64> = idx
+            .iter()
+            .map(|&i| f64::from((logits[i] - max) / self.temperature).exp())
+            .collect();
+        let sum: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= sum);
+        let mut kept = 0;
+        let mut cumulative = 0.0;
+        for p in &probs {
+            kept += 1;
+            cumulative += p;
+            if cumulative >= f64::from(self.top_p) {
+                break;
+            }
+        }
+        let draw = self.rng.next_f64() * probs[..kept].iter().sum::<f64>();
+        let mut acc = 0.0;
+        for (k, p) in probs[..kept].iter().enumerate() {
+            acc += p;
+            if draw < acc {
+                return idx[k];
+            }
+        }
+        idx[kept - 1]
+    }
+}
+
+/// A tiny, well-mixed deterministic generator (SplitMix64); enough for sampling.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validation_names_the_field() {
+        let bad = SamplingParams {
+            temperature: Some(-1.0),
+            ..Default::default()
+        };
+        let msg = validate(&bad).unwrap_err().to_string();
+        assert!(msg.starts_with("sampling.temperature:"), "{msg}");
+        let bad = SamplingParams {
+            top_p: Some(1.5),
+            ..Default::default()
+        };
+        assert!(validate(&bad)
+            .unwrap_err()
+            .to_string()
+            .starts_with("sampling.top_p:"));
+        assert!(validate(&SamplingParams::default()).is_ok());
+    }
+
+    #[test]
+    fn max_tokens_defaults_and_caps() {
+        let p = SamplingParams::default();
+        assert_eq!(max_tokens(&p, 8192), DEFAULT_MAX_TOKENS);
+        let p = SamplingParams {
+            max_tokens: Some(10_000),
+            ..Default::default()
+        };
+        assert_eq!(max_tokens(&p, 2048), 2048);
+    }
+
+    #[test]
+    fn seeded_sampler_repeats_and_respects_top_k() {
+        let logits: Vec<f32> = (0..100).map(|i| (i % 7) as f32).collect();
+        let draw = |seed| {
+            let mut s = SeededSampler {
+                rng: SplitMix64(seed),
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 3,
+            };
+            (0..20).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        // top_k = 3 keeps only the three largest logits (value 6: indices 6, 13, 20).
+        assert!(draw(7).iter().all(|i| logits[*i] == 6.0));
+    }
+}

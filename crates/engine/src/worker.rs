@@ -1,0 +1,155 @@
+//! The worker process: `modelpool worker ...` loads one model, then serves the private
+//! worker protocol on a Unix socket until its parent goes away.
+//!
+//! Readiness is one line on stdout (`MODELPOOL_WORKER_READY {json}`) printed after the
+//! socket is bound. The worker exits when its stdin reaches end-of-file, which happens
+//! when the server closes the pipe or dies for any reason, so no worker outlives its
+//! server (the server also sets a parent-death signal).
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{Stream, StreamExt};
+use modelpool_proto::v1::GenerateChunk;
+use modelpool_proto::worker::v1::worker_generate_request::Prompt as WirePrompt;
+use modelpool_proto::worker::v1::worker_server::{Worker, WorkerServer};
+use modelpool_proto::worker::v1::{StatsRequest, StatsResponse, WorkerGenerateRequest};
+use serde::{Deserialize, Serialize};
+use tonic::{Request, Response, Status};
+
+use crate::llm::{LoadedModel, Prompt};
+use crate::EngineError;
+
+/// Prefix of the line a worker prints on stdout once it serves.
+pub const READY_PREFIX: &str = "MODELPOOL_WORKER_READY ";
+
+/// Command-line arguments of `modelpool worker`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// Unix socket to serve on; must not exist yet.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// GGUF file to load.
+    #[arg(long)]
+    pub model_path: PathBuf,
+    /// The model's id, for logs.
+    #[arg(long)]
+    pub model_id: String,
+    /// Tokens of context.
+    #[arg(long)]
+    pub context_length: u32,
+    /// Sequences batched at once.
+    #[arg(long)]
+    pub max_sequences: u32,
+}
+
+impl WorkerArgs {
+    /// The same arguments as a command line, after the `worker` subcommand.
+    pub fn to_args(&self) -> Vec<OsString> {
+        vec![
+            "--socket".into(),
+            self.socket.clone().into(),
+            "--model-path".into(),
+            self.model_path.clone().into(),
+            "--model-id".into(),
+            self.model_id.clone().into(),
+            "--context-length".into(),
+            self.context_length.to_string().into(),
+            "--max-sequences".into(),
+            self.max_sequences.to_string().into(),
+        ]
+    }
+}
+
+/// What a worker reports when it is ready.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct ReadyInfo {
+    pub context_length: u32,
+    pub load_ms: u64,
+}
+
+/// Runs the worker until its parent goes away.
+pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
+    exit_when_parent_closes_stdin();
+    let started = Instant::now();
+    tracing::info!(model = %args.model_id, path = %args.model_path.display(), "worker loading");
+    let model = Arc::new(
+        LoadedModel::load_gguf(&args.model_path, args.context_length, args.max_sequences).await?,
+    );
+    let listener = tokio::net::UnixListener::bind(&args.socket)?;
+    let ready = ReadyInfo {
+        context_length: model.context_length(),
+        load_ms: started.elapsed().as_millis() as u64,
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{READY_PREFIX}{}",
+            serde_json::to_string(&ready).map_err(|e| EngineError::Load(e.to_string()))?
+        )?;
+        out.flush()?;
+    }
+    tracing::info!(model = %args.model_id, load_ms = ready.load_ms, "worker ready");
+    tonic::transport::Server::builder()
+        .add_service(WorkerServer::new(WorkerService { model }))
+        .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
+        .await
+        .map_err(|e| EngineError::Generation(format!("worker server: {e}")))
+}
+
+fn exit_when_parent_closes_stdin() {
+    std::thread::spawn(|| {
+        let mut buf = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => std::process::exit(0),
+                Ok(_) => {}
+            }
+        }
+    });
+}
+
+struct WorkerService {
+    model: Arc<LoadedModel>,
+}
+
+type ChunkResultStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    type GenerateStream = ChunkResultStream;
+
+    async fn generate(
+        &self,
+        request: Request<WorkerGenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        let prompt = match req.prompt {
+            Some(WirePrompt::Chat(chat)) => Prompt::Chat(chat.messages),
+            Some(WirePrompt::Raw(text)) => Prompt::Raw(text),
+            None => return Err(Status::invalid_argument("prompt: missing")),
+        };
+        let stream = self
+            .model
+            .generate(prompt, &req.sampling.unwrap_or_default())
+            .await?;
+        Ok(Response::new(Box::pin(stream.map(|r| r.map_err(Status::from)))))
+    }
+
+    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+        let c = self.model.counters();
+        Ok(Response::new(StatsResponse {
+            generated_tokens_total: c.generated_tokens_total.load(Ordering::Relaxed),
+            active_sequences: c.active_sequences.load(Ordering::Relaxed),
+            cancelled_total: c.cancelled_total.load(Ordering::Relaxed),
+            max_sequence_length: self.model.context_length(),
+        }))
+    }
+}

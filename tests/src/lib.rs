@@ -1,0 +1,181 @@
+//! Shared harness for the end-to-end tests: where the model, the `modelpool` binary and
+//! grpcurl are, and an in-process server on `127.0.0.1:0` with real worker processes.
+//!
+//! Nothing is skipped when something is missing: a missing model or tool fails the test
+//! with the command that provides it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use modelpool_proto::v1::inference_client::InferenceClient;
+use modelpool_proto::v1::model_control_client::ModelControlClient;
+use modelpool_proto::v1::{ChatMessage, ChatRequest, GenerateChunk, Role, SamplingParams};
+use modelpool_server::{RunningServer, Settings};
+use tonic::transport::Channel;
+
+/// The real model every test uses.
+pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of the SmolLM2 GGUF; panics with the fix when it is missing.
+pub fn model_path() -> PathBuf {
+    let p = repo_root().join("models").join(MODEL_FILE);
+    assert!(
+        p.is_file(),
+        "{} is missing: run `just fetch-models` (or scripts/fetch-models.sh)",
+        p.display()
+    );
+    p
+}
+
+/// Path of grpcurl 1.8.6; panics with the fix when it is missing.
+pub fn grpcurl_path() -> PathBuf {
+    let p = repo_root().join(".tools").join("grpcurl");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `just fetch-tools` (or scripts/fetch-tools.sh)",
+        p.display()
+    );
+    p
+}
+
+/// The `modelpool-testbin` binary cargo built next to this test.
+pub fn modelpool_exe() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test>  ->  target/<profile>/modelpool-testbin
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let bin = dir.join("modelpool-testbin");
+    assert!(
+        bin.is_file(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
+    bin
+}
+
+/// Settings for a test server: loopback, port 0, the real model under each id.
+pub fn settings(ids: &[&str], runtime_dir: &Path) -> Settings {
+    let models: String = ids
+        .iter()
+        .map(|id| {
+            format!(
+                "[[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = 2048\nmax_sequences = 4\n",
+                model_path().display()
+            )
+        })
+        .collect();
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
+         [workers]\nload_timeout = \"60s\"\nruntime_dir = \"{}\"\nexe = \"{}\"\n{models}",
+        runtime_dir.display(),
+        modelpool_exe().display()
+    );
+    Settings::from_toml(&toml, Path::new("/")).expect("test settings are valid")
+}
+
+/// A server running inside the test process, its workers real child processes.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub channel: Channel,
+    _runtime: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub async fn start(ids: &[&str]) -> Self {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let server = modelpool_server::start(settings(ids, runtime.path()))
+            .await
+            .expect("server starts");
+        let channel = Channel::from_shared(format!("http://{}", server.local_addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .expect("connect to test server");
+        Self {
+            server,
+            channel,
+            _runtime: runtime,
+        }
+    }
+
+    pub fn inference(&self) -> InferenceClient<Channel> {
+        InferenceClient::new(self.channel.clone())
+    }
+
+    pub fn control(&self) -> ModelControlClient<Channel> {
+        ModelControlClient::new(self.channel.clone())
+    }
+
+    pub async fn stop(self) {
+        self.server.stop().await.expect("clean stop");
+    }
+}
+
+/// A one-turn chat request.
+pub fn chat(model: &str, prompt: &str, sampling: SamplingParams) -> ChatRequest {
+    ChatRequest {
+        model: model.into(),
+        messages: vec![ChatMessage {
+            role: Role::User.into(),
+            content: prompt.into(),
+        }],
+        sampling: Some(sampling),
+    }
+}
+
+/// Greedy decoding of at most `max_tokens`.
+pub fn greedy(max_tokens: u32) -> SamplingParams {
+    SamplingParams {
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        ..Default::default()
+    }
+}
+
+/// Reads a stream to its end.
+pub async fn collect(
+    mut stream: tonic::Streaming<GenerateChunk>,
+) -> Result<Vec<GenerateChunk>, tonic::Status> {
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        out.push(chunk);
+    }
+    Ok(out)
+}
+
+pub fn text_of(chunks: &[GenerateChunk]) -> String {
+    chunks.iter().map(|c| c.text.as_str()).collect()
+}
+
+/// Whether a process with this pid exists (and is not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // The state follows the parenthesised command name.
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `cond` every 20 ms for up to `limit`.
+pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,10 @@
+//! End-to-end tests against the real SmolLM2 model, real worker processes and real gRPC
+//! over loopback TCP. One test binary (linking mistral.rs is slow), one module per area.
+
+mod e2e {
+    mod cancel;
+    mod chat;
+    mod grpcurl;
+    mod invalid;
+    mod process;
+}

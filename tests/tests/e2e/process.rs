@@ -1,0 +1,169 @@
+//! Worker processes: one per resident model, gone when the server stops or dies.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use modelpool_proto::v1::inference_client::InferenceClient;
+use modelpool_proto::v1::model_control_client::ModelControlClient;
+use modelpool_proto::v1::{GetModelRequest, ModelState};
+use modelpool_tests::{
+    chat, collect, eventually, greedy, model_path, modelpool_exe, process_alive, TestServer,
+};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_the_server_ends_its_workers() {
+    let t = TestServer::start(&["smollm2"]).await;
+    collect(
+        t.inference()
+            .chat(chat("smollm2", "Hi", greedy(4)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    let info = t
+        .control()
+        .get_model(GetModelRequest {
+            id: "smollm2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.state, ModelState::Ready as i32);
+    let pid = info.worker_pid;
+    assert!(pid > 0 && process_alive(pid));
+    assert!(info.resident_bytes > 50 << 20, "worker rss {}", info.resident_bytes);
+    let runtime_dir = t.server.runtime_dir.clone();
+    assert!(std::fs::read_dir(&runtime_dir).unwrap().count() == 1, "one socket");
+    t.stop().await;
+    assert!(!process_alive(pid), "worker {pid} outlived the server");
+    assert!(!runtime_dir.exists(), "runtime dir left behind");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn write_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    let path = dir.join("modelpool.toml");
+    let mut f = std::fs::File::create(&path).unwrap();
+    write!(
+        f,
+        "[server]\nlisten = \"127.0.0.1:{port}\"\n[workers]\nruntime_dir = \"{}\"\n\
+         [[models]]\nid = \"smollm2\"\npath = \"{}\"\ncontext_length = 2048\n",
+        dir.display(),
+        model_path().display()
+    )
+    .unwrap();
+    path
+}
+
+async fn connect(port: u16) -> tonic::transport::Channel {
+    for _ in 0..200 {
+        if let Ok(c) = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server on port {port} never came up");
+}
+
+/// Starts `modelpool serve` as a real child process and makes it load the model.
+async fn spawn_server_with_worker(dir: &std::path::Path) -> (std::process::Child, u32) {
+    let port = free_port();
+    let config = write_config(dir, port);
+    let server = Command::new(modelpool_exe())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let channel = connect(port).await;
+    collect(
+        InferenceClient::new(channel.clone())
+            .chat(chat("smollm2", "Hi", greedy(4)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    let pid = ModelControlClient::new(channel)
+        .get_model(GetModelRequest {
+            id: "smollm2".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_pid;
+    assert!(pid > 0 && process_alive(pid));
+    (server, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_server_leaves_no_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, worker) = spawn_server_with_worker(dir.path()).await;
+    // SIGKILL: the server gets no chance to clean up.
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || !process_alive(worker)).await,
+        "worker {worker} survived its server's SIGKILL"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_exits_cleanly_and_stops_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, worker) = spawn_server_with_worker(dir.path()).await;
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    let status = server.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    assert!(!process_alive(worker), "worker {worker} outlived a clean shutdown");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("modelpool-"))
+        .collect();
+    assert!(leftovers.is_empty(), "left behind: {leftovers:?}");
+}
+
+#[test]
+fn invalid_config_exits_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[server]\ndrain_timeout = \"soon\"\n").unwrap();
+    let out = Command::new(modelpool_exe())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("server.drain_timeout"), "{stderr}");
+
+    // The environment overrides the file, and is validated the same way.
+    std::fs::write(&path, "").unwrap();
+    let out = Command::new(modelpool_exe())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env("MODELPOOL__SERVER__LISTEN", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
+}
