@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Parser;
 use futures::StreamExt;
+use modelpool_benches::median;
 use modelpool_engine::llm::{LoadedModel, Prompt};
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::{GenerateRequest, SamplingParams};
@@ -39,12 +40,7 @@ struct Run {
 }
 
 fn main() -> anyhow::Result<()> {
-    if std::env::args().nth(1).as_deref() == Some("worker") {
-        std::process::exit(match modelpool_server::cli::main() {
-            c if c == std::process::ExitCode::SUCCESS => 0,
-            _ => 1,
-        });
-    }
+    modelpool_benches::run_as_worker_if_asked();
     let args = Args::parse();
     tokio::runtime::Runtime::new()?.block_on(bench(args))
 }
@@ -114,26 +110,13 @@ async fn grpc(
     Ok(figures(start, &stamps, tokens))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 async fn bench(args: Args) -> anyhow::Result<()> {
     let model_path = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
     let direct_model = LoadedModel::load_gguf(&model_path, 4096, 4).await?;
 
     let runtime = tempfile::tempdir()?;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
-         [[models]]\nid = \"bench\"\npath = \"{}\"\ncontext_length = 4096\nmax_sequences = 4\n",
-        runtime.path().display(),
-        std::env::current_exe()?.display(),
-        model_path.display()
-    );
-    let settings = modelpool_server::Settings::from_toml(&toml, std::path::Path::new("/"))?;
-    let server = modelpool_server::start(settings).await?;
+    let server = modelpool_benches::start_server(&model_path, "bench", runtime.path()).await?;
     let mut client = InferenceClient::connect(format!("http://{}", server.local_addr)).await?;
 
     // Warm-up: loads the worker, fills caches on both paths.
@@ -159,8 +142,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .zip(&g_runs)
         .map(|(d, g)| g.ttft.as_secs_f64() / d.ttft.as_secs_f64())
         .collect();
-    let ms = |runs: &[Run]| median(runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect());
-    let tps = |runs: &[Run]| median(runs.iter().map(|r| r.decode_tok_s).collect());
+    let ms = |runs: &[Run]| median(&runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect::<Vec<_>>());
+    let tps = |runs: &[Run]| median(&runs.iter().map(|r| r.decode_tok_s).collect::<Vec<_>>());
     println!(
         "model {}, {} tokens per run, {} interleaved rounds, greedy\n",
         model_path.file_name().unwrap_or_default().to_string_lossy(),
@@ -173,12 +156,12 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!("| gRPC + worker process | {:.1} | {:.1} |", tps(&g_runs), ms(&g_runs));
     println!(
         "\ndecode ratio gRPC/direct: median {:.3} (per-round: {})",
-        median(ratios_tok.clone()),
+        median(&ratios_tok),
         ratios_tok.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
     );
     println!(
         "time-to-first-token ratio gRPC/direct: median {:.3} (per-round: {})",
-        median(ratios_ttft.clone()),
+        median(&ratios_ttft),
         ratios_ttft.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
     );
     server.stop().await?;

@@ -8,6 +8,8 @@ pub enum PoolError {
     NotFound { id: String, known: String },
     #[error("loading model `{id}` failed: {source}")]
     LoadFailed { id: String, source: BackendError },
+    #[error("model `{id}` has {in_flight} requests in flight; it cannot be unloaded now")]
+    Busy { id: String, in_flight: u32 },
     #[error("the pool is shutting down")]
     ShuttingDown,
 }

@@ -4,6 +4,8 @@
 //! [`Backend`] trait, and the server turns [`PoolError`] into gRPC statuses. Keeping it
 //! free of both makes its logic testable with a fake backend and no sockets.
 
+pub mod budget;
+pub mod gguf;
 mod error;
 mod pool;
 mod spec;

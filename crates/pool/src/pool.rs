@@ -220,6 +220,38 @@ impl<B: Backend> Pool<B> {
         rx
     }
 
+    /// Stops the worker of an idle model and waits until it is gone. Returns whether a
+    /// worker was stopped; a model with requests in flight is refused.
+    pub async fn unload(&self, id: &str) -> Result<bool, PoolError> {
+        let instance = {
+            let mut st = self.inner.lock();
+            let known = known_ids(&st);
+            let entry = st.models.get_mut(id).ok_or_else(|| PoolError::NotFound {
+                id: id.to_owned(),
+                known,
+            })?;
+            match &entry.slot {
+                Slot::Ready { in_flight, .. } if *in_flight > 0 => {
+                    return Err(PoolError::Busy {
+                        id: id.to_owned(),
+                        in_flight: *in_flight,
+                    })
+                }
+                Slot::Ready { .. } => match std::mem::replace(&mut entry.slot, Slot::Unloading) {
+                    Slot::Ready { instance, .. } => instance,
+                    _ => unreachable!("matched Ready above"),
+                },
+                _ => return Ok(false),
+            }
+        };
+        instance.shutdown().await;
+        let mut st = self.inner.lock();
+        if let Some(entry) = st.models.get_mut(id) {
+            entry.slot = Slot::Absent { last_error: None };
+        }
+        Ok(true)
+    }
+
     /// Stops every worker. Requests still holding leases lose their worker; call after
     /// draining.
     pub async fn shutdown(&self) {

@@ -1,0 +1,102 @@
+//! Load/unload cycles through the real pool and real worker processes. Proves that
+//! memory returns when a model is unloaded (this process's RSS and thread count, and
+//! the machine's available memory, at start and end) and times loads and unloads.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use modelpool_benches::{mem_available_bytes, mib, percentile, thread_count};
+use modelpool_engine::process::rss_bytes;
+use modelpool_pool::Instance;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: PathBuf,
+    /// Measured load/unload cycles (after one warm-up cycle).
+    #[arg(long, default_value_t = 20)]
+    cycles: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    modelpool_benches::run_as_worker_if_asked();
+    let args = Args::parse();
+    tokio::runtime::Runtime::new()?.block_on(cycles(args))
+}
+
+async fn cycles(args: Args) -> anyhow::Result<()> {
+    let model = std::fs::canonicalize(&args.model)
+        .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
+    let runtime = tempfile::tempdir()?;
+    let server = modelpool_benches::start_server(&model, "m", runtime.path()).await?;
+    let pool = server.pool.clone();
+    let me = std::process::id();
+
+    // One warm-up cycle: first use allocates the runtime's and tonic's own buffers.
+    drop(pool.acquire("m").await?);
+    pool.unload("m").await?;
+
+    let rss_start = rss_bytes(me).unwrap_or(0);
+    let threads_start = thread_count();
+    let avail_start = mem_available_bytes();
+    let mut load_ms = Vec::new();
+    let mut unload_ms = Vec::new();
+    let mut worker_rss = Vec::new();
+    for _ in 0..args.cycles {
+        let t0 = Instant::now();
+        let lease = pool.acquire("m").await?;
+        load_ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        worker_rss.push(lease.instance().resident_bytes());
+        let pid = lease.instance().pid().unwrap_or(0);
+        drop(lease);
+        let t1 = Instant::now();
+        pool.unload("m").await?;
+        unload_ms.push(t1.elapsed().as_secs_f64() * 1e3);
+        anyhow::ensure!(rss_bytes(pid).is_none(), "worker {pid} still exists after unload");
+    }
+    let rss_end = rss_bytes(me).unwrap_or(0);
+    let threads_end = thread_count();
+    let avail_end = mem_available_bytes();
+    server.stop().await?;
+
+    println!(
+        "model {}, {} load/unload cycles after one warm-up\n",
+        model.file_name().unwrap_or_default().to_string_lossy(),
+        args.cycles
+    );
+    println!("| figure | start | end | drift |");
+    println!("|---|---|---|---|");
+    println!(
+        "| server RSS MiB | {:.1} | {:.1} | {:+.1} |",
+        mib(rss_start),
+        mib(rss_end),
+        mib(rss_end) - mib(rss_start)
+    );
+    println!(
+        "| server threads | {threads_start} | {threads_end} | {:+} |",
+        threads_end as i64 - threads_start as i64
+    );
+    println!(
+        "| machine MemAvailable MiB | {:.1} | {:.1} | {:+.1} |",
+        mib(avail_start),
+        mib(avail_end),
+        mib(avail_end) - mib(avail_start)
+    );
+    let worker: Vec<f64> = worker_rss.iter().map(|&b| mib(b)).collect();
+    println!("\nworker RSS while loaded: median {:.1} MiB", percentile(&worker, 0.5));
+    println!(
+        "load (request to ready) ms: p50 {:.0}, p90 {:.0}, p99 {:.0}",
+        percentile(&load_ms, 0.5),
+        percentile(&load_ms, 0.9),
+        percentile(&load_ms, 0.99)
+    );
+    println!(
+        "unload (request to process reaped) ms: p50 {:.1}, p90 {:.1}, p99 {:.1}",
+        percentile(&unload_ms, 0.5),
+        percentile(&unload_ms, 0.9),
+        percentile(&unload_ms, 0.99)
+    );
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Helpers shared by the benchmark binaries: each binary doubles as its own worker
+//! (`<bench> worker ...`), starts the real server in-process, and reports medians and
+//! percentiles.
+
+use std::path::Path;
+
+use modelpool_server::{RunningServer, Settings};
+
+/// When this process was started as a worker, runs it and exits; otherwise returns.
+pub fn run_as_worker_if_asked() {
+    if std::env::args().nth(1).as_deref() == Some("worker") {
+        let code = modelpool_server::cli::main();
+        std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
+    }
+}
+
+/// Starts a server on loopback with `model` registered as `id`, this binary as worker.
+pub async fn start_server(
+    model: &Path,
+    id: &str,
+    runtime_dir: &Path,
+) -> anyhow::Result<RunningServer> {
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
+         [[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = 4096\nmax_sequences = 4\n",
+        runtime_dir.display(),
+        std::env::current_exe()?.display(),
+        model.display()
+    );
+    let settings = Settings::from_toml(&toml, Path::new("/"))?;
+    Ok(modelpool_server::start(settings).await?)
+}
+
+/// The value at quantile `q` (0..=1) of `v`, nearest rank.
+pub fn percentile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((v.len() as f64 - 1.0) * q).round() as usize;
+    v[rank.min(v.len() - 1)]
+}
+
+pub fn median(v: &[f64]) -> f64 {
+    percentile(v, 0.5)
+}
+
+/// MemAvailable of this machine, in bytes.
+pub fn mem_available_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Threads of this process.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
