@@ -10,7 +10,11 @@ use modelpool_server::{RunningServer, Settings};
 pub fn run_as_worker_if_asked() {
     if std::env::args().nth(1).as_deref() == Some("worker") {
         let code = modelpool_server::cli::main();
-        std::process::exit(if code == std::process::ExitCode::SUCCESS { 0 } else { 1 });
+        std::process::exit(if code == std::process::ExitCode::SUCCESS {
+            0
+        } else {
+            1
+        });
     }
 }
 

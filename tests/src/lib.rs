@@ -118,14 +118,26 @@ impl TestServer {
     }
 }
 
-/// A one-turn chat request.
+/// System prompt of every test chat. Without one, SmolLM2's chat template inserts its
+/// own ("You are a helpful AI assistant named SmolLM, ..."), under which this 135M Q4_1
+/// model answers the France question in rambling French; with this one it says
+/// "The capital of France is Paris." (checked against the raw ChatML prompt).
+pub const SYSTEM_PROMPT: &str = "You are a helpful assistant.";
+
+/// A one-turn chat request (after the system prompt).
 pub fn chat(model: &str, prompt: &str, sampling: SamplingParams) -> ChatRequest {
     ChatRequest {
         model: model.into(),
-        messages: vec![ChatMessage {
-            role: Role::User.into(),
-            content: prompt.into(),
-        }],
+        messages: vec![
+            ChatMessage {
+                role: Role::System.into(),
+                content: SYSTEM_PROMPT.into(),
+            },
+            ChatMessage {
+                role: Role::User.into(),
+                content: prompt.into(),
+            },
+        ],
         sampling: Some(sampling),
     }
 }

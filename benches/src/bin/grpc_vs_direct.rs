@@ -129,7 +129,11 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         d_runs.push(direct(&direct_model, args.max_tokens).await?);
         g_runs.push(grpc(&mut client, args.max_tokens).await?);
     }
-    if d_runs.iter().chain(&g_runs).any(|r| r.tokens != args.max_tokens) {
+    if d_runs
+        .iter()
+        .chain(&g_runs)
+        .any(|r| r.tokens != args.max_tokens)
+    {
         bail!("a run stopped early; pick a prompt that does not end: {d_runs:?} {g_runs:?}");
     }
     let ratios_tok: Vec<f64> = d_runs
@@ -142,7 +146,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         .zip(&g_runs)
         .map(|(d, g)| g.ttft.as_secs_f64() / d.ttft.as_secs_f64())
         .collect();
-    let ms = |runs: &[Run]| median(&runs.iter().map(|r| r.ttft.as_secs_f64() * 1e3).collect::<Vec<_>>());
+    let ms = |runs: &[Run]| {
+        median(
+            &runs
+                .iter()
+                .map(|r| r.ttft.as_secs_f64() * 1e3)
+                .collect::<Vec<_>>(),
+        )
+    };
     let tps = |runs: &[Run]| median(&runs.iter().map(|r| r.decode_tok_s).collect::<Vec<_>>());
     println!(
         "model {}, {} tokens per run, {} interleaved rounds, greedy\n",
@@ -152,17 +163,33 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     );
     println!("| path | decode tok/s (median) | time to first token ms (median) |");
     println!("|---|---|---|");
-    println!("| mistral.rs in-process | {:.1} | {:.1} |", tps(&d_runs), ms(&d_runs));
-    println!("| gRPC + worker process | {:.1} | {:.1} |", tps(&g_runs), ms(&g_runs));
+    println!(
+        "| mistral.rs in-process | {:.1} | {:.1} |",
+        tps(&d_runs),
+        ms(&d_runs)
+    );
+    println!(
+        "| gRPC + worker process | {:.1} | {:.1} |",
+        tps(&g_runs),
+        ms(&g_runs)
+    );
     println!(
         "\ndecode ratio gRPC/direct: median {:.3} (per-round: {})",
         median(&ratios_tok),
-        ratios_tok.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
+        ratios_tok
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "time-to-first-token ratio gRPC/direct: median {:.3} (per-round: {})",
         median(&ratios_ttft),
-        ratios_ttft.iter().map(|r| format!("{r:.3}")).collect::<Vec<_>>().join(", ")
+        ratios_ttft
+            .iter()
+            .map(|r| format!("{r:.3}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     server.stop().await?;
     Ok(())

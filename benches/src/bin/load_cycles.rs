@@ -54,7 +54,10 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
         let t1 = Instant::now();
         pool.unload("m").await?;
         unload_ms.push(t1.elapsed().as_secs_f64() * 1e3);
-        anyhow::ensure!(rss_bytes(pid).is_none(), "worker {pid} still exists after unload");
+        anyhow::ensure!(
+            rss_bytes(pid).is_none(),
+            "worker {pid} still exists after unload"
+        );
     }
     let rss_end = rss_bytes(me).unwrap_or(0);
     let threads_end = thread_count();
@@ -85,7 +88,10 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
         mib(avail_end) - mib(avail_start)
     );
     let worker: Vec<f64> = worker_rss.iter().map(|&b| mib(b)).collect();
-    println!("\nworker RSS while loaded: median {:.1} MiB", percentile(&worker, 0.5));
+    println!(
+        "\nworker RSS while loaded: median {:.1} MiB",
+        percentile(&worker, 0.5)
+    );
     println!(
         "load (request to ready) ms: p50 {:.0}, p90 {:.0}, p99 {:.0}",
         percentile(&load_ms, 0.5),

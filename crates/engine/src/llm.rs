@@ -16,7 +16,7 @@ use mistralrs::{
 };
 use modelpool_proto::v1::{ChatMessage, FinishReason, GenerateChunk, Role, SamplingParams, Usage};
 
-use crate::sampling::{self, TokenCounter};
+use crate::sampling::{self, StopMatcher, TokenCounter};
 use crate::EngineError;
 
 /// What to generate from.
@@ -89,6 +89,11 @@ impl LoadedModel {
         self.context_length
     }
 
+    /// The mistral.rs model itself, for benchmarks and diagnostics.
+    pub fn mistral(&self) -> &mistralrs::Model {
+        &self.model
+    }
+
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
     }
@@ -152,7 +157,9 @@ impl LoadedModel {
             .send(request)
             .await
             .map_err(|_| EngineError::Generation("the engine stopped".into()))?;
-        self.counters.active_sequences.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .active_sequences
+            .fetch_add(1, Ordering::Relaxed);
         let state = GenState {
             rx,
             counter,
@@ -161,6 +168,7 @@ impl LoadedModel {
             first_token_at: None,
             finished: false,
             is_chat,
+            stop: StopMatcher::new(params.stop.clone()),
         };
         Ok(Box::pin(futures::stream::unfold(state, next_chunk)))
     }
@@ -174,6 +182,7 @@ struct GenState {
     first_token_at: Option<Instant>,
     finished: bool,
     is_chat: bool,
+    stop: StopMatcher,
 }
 
 impl Drop for GenState {
@@ -182,7 +191,9 @@ impl Drop for GenState {
             .active_sequences
             .fetch_sub(1, Ordering::Relaxed);
         if !self.finished {
-            self.counters.cancelled_total.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .cancelled_total
+                .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 completion_tokens = self.counter.completion_tokens(),
                 "generation cancelled"
@@ -191,9 +202,7 @@ impl Drop for GenState {
     }
 }
 
-async fn next_chunk(
-    mut st: GenState,
-) -> Option<(Result<GenerateChunk, EngineError>, GenState)> {
+async fn next_chunk(mut st: GenState) -> Option<(Result<GenerateChunk, EngineError>, GenState)> {
     if st.finished {
         return None;
     }
@@ -201,7 +210,8 @@ async fn next_chunk(
         Some(r) => r,
         None => {
             st.finished = true;
-            let err = EngineError::Generation("the engine ended the sequence without a reason".into());
+            let err =
+                EngineError::Generation("the engine ended the sequence without a reason".into());
             return Some((Err(err), st));
         }
     };
@@ -234,7 +244,9 @@ async fn next_chunk(
         _ => {
             st.finished = true;
             return Some((
-                Err(EngineError::Generation("unexpected response kind from the engine".into())),
+                Err(EngineError::Generation(
+                    "unexpected response kind from the engine".into(),
+                )),
                 st,
             ));
         }
@@ -242,16 +254,23 @@ async fn next_chunk(
     if st.first_token_at.is_none() {
         st.first_token_at = Some(Instant::now());
     }
-    let mut chunk = GenerateChunk {
-        text,
-        ..Default::default()
-    };
-    if let Some(reason) = finish {
-        st.finished = true;
-        chunk.set_finish_reason(match reason.as_str() {
+    let (mut text, hit_stop) = st.stop.push(&text);
+    let finish = if hit_stop {
+        // Dropping the receiver (with this state) cancels the sequence in mistral.rs.
+        Some(FinishReason::Stop)
+    } else {
+        finish.map(|reason| match reason.as_str() {
             "length" => FinishReason::Length,
             _ => FinishReason::Stop,
-        });
+        })
+    };
+    let mut chunk = GenerateChunk::default();
+    if let Some(reason) = finish {
+        if !hit_stop {
+            text.push_str(&st.stop.finish());
+        }
+        st.finished = true;
+        chunk.set_finish_reason(reason);
         let now = Instant::now();
         chunk.usage = Some(Usage {
             prompt_tokens: st.counter.prompt_tokens(),
@@ -262,6 +281,7 @@ async fn next_chunk(
             cold_start: false,
         });
     }
+    chunk.text = text;
     Some((Ok(chunk), st))
 }
 
@@ -285,7 +305,10 @@ fn chat_messages(turns: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>>
             };
             IndexMap::from([
                 ("role".to_owned(), MessageContent::Left(role.to_owned())),
-                ("content".to_owned(), MessageContent::Left(t.content.clone())),
+                (
+                    "content".to_owned(),
+                    MessageContent::Left(t.content.clone()),
+                ),
             ])
         })
         .collect()

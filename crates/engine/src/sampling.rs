@@ -65,7 +65,10 @@ pub fn validate(p: &SamplingParams) -> Result<(), EngineError> {
 /// Tokens to generate at most: the request's `max_tokens` (0 or unset: the default),
 /// never more than the context.
 pub fn max_tokens(p: &SamplingParams, context_length: u32) -> u32 {
-    let asked = p.max_tokens.filter(|&n| n > 0).unwrap_or(DEFAULT_MAX_TOKENS);
+    let asked = p
+        .max_tokens
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
     asked.min(context_length.max(1))
 }
 
@@ -78,9 +81,11 @@ pub fn to_mistral(
 ) -> (mistralrs::SamplingParams, Arc<TokenCounter>) {
     let mut out = mistralrs::SamplingParams::neutral();
     out.max_len = Some(max_tokens(p, context_length) as usize);
-    if !p.stop.is_empty() {
-        out.stop_toks = Some(mistralrs::StopTokens::Seqs(p.stop.clone()));
-    }
+    // Stop strings are matched on the text stream by `StopMatcher`, not by mistral.rs,
+    // which would stream the matching text before noticing it.
+    // mistral.rs reads an unset temperature as 1.0; greedy decoding is top_k = 1. The
+    // seeded sampler leaves one finite logit, which top_k = 1 then picks.
+    out.top_k = Some(1);
     let temperature = p.temperature.unwrap_or(0.0);
     let sampler = match (temperature > 0.0, p.seed) {
         (true, Some(seed)) => Some(Mutex::new(SeededSampler {
@@ -156,7 +161,9 @@ struct SeededSampler {
 impl SeededSampler {
     /// Temperature, then top-k, then top-p, then one draw.
     fn sample(&mut self, logits: &[f32]) -> usize {
-        let mut idx: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        let mut idx: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
         if idx.is_empty() {
             return 0;
         }
@@ -258,5 +265,82 @@ mod tests {
         assert_ne!(draw(7), draw(8));
         // top_k = 3 keeps only the three largest logits (value 6: indices 6, 13, 20).
         assert!(draw(7).iter().all(|i| logits[*i] == 6.0));
+    }
+}
+
+/// Finds stop strings in streamed text. Text that could still become a stop string is
+/// held back until it either completes one (then it is dropped and generation ends) or
+/// cannot anymore (then it is released).
+#[derive(Debug, Default)]
+pub struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    pub fn new(stops: Vec<String>) -> Self {
+        Self {
+            stops,
+            held: String::new(),
+        }
+    }
+
+    /// Feeds a piece of text; returns the text safe to emit and whether a stop string
+    /// was reached (everything from it on is discarded).
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stops.is_empty() {
+            return (text.to_owned(), false);
+        }
+        self.held.push_str(text);
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..at].to_owned();
+            self.held.clear();
+            return (out, true);
+        }
+        // Hold back the longest tail that is a prefix of some stop string.
+        let keep = self
+            .held
+            .char_indices()
+            .map(|(i, _)| i)
+            .find(|&i| {
+                let tail = &self.held[i..];
+                self.stops.iter().any(|s| s.starts_with(tail))
+            })
+            .unwrap_or(self.held.len());
+        let out = self.held[..keep].to_owned();
+        self.held.drain(..keep);
+        (out, false)
+    }
+
+    /// Releases what is held when generation ends without a stop string.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+#[cfg(test)]
+mod stop_tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn holds_back_partial_matches_and_cuts_at_the_stop() {
+        let mut m = StopMatcher::new(vec!["Paris".into(), "\n\n".into()]);
+        assert_eq!(
+            m.push("The capital is Pa"),
+            ("The capital is ".into(), false)
+        );
+        assert_eq!(m.push("ris."), (String::new(), true));
+        let mut m = StopMatcher::new(vec!["Paris".into()]);
+        assert_eq!(m.push("Pa"), (String::new(), false));
+        assert_eq!(m.push("ndas"), ("Pandas".into(), false));
+        assert_eq!(m.push(" P"), (" ".into(), false));
+        assert_eq!(m.finish(), "P");
+        let mut none = StopMatcher::new(vec![]);
+        assert_eq!(none.push("x"), ("x".into(), false));
     }
 }

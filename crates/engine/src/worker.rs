@@ -140,7 +140,9 @@ impl Worker for WorkerService {
             .model
             .generate(prompt, &req.sampling.unwrap_or_default())
             .await?;
-        Ok(Response::new(Box::pin(stream.map(|r| r.map_err(Status::from)))))
+        Ok(Response::new(Box::pin(
+            stream.map(|r| r.map_err(Status::from)),
+        )))
     }
 
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {

@@ -65,9 +65,8 @@ pub fn choose_victims(
         .map(|r| r.bytes)
         .sum();
     if !fits(used - evictable) {
-        let sum = |f: fn(&Resident) -> bool| {
-            lru_order.iter().filter(|r| f(r)).map(|r| r.bytes).sum()
-        };
+        let sum =
+            |f: fn(&Resident) -> bool| lru_order.iter().filter(|r| f(r)).map(|r| r.bytes).sum();
         return Err(Shortfall {
             needed_bytes,
             budget_bytes,
@@ -119,13 +118,23 @@ mod tests {
 
     #[test]
     fn fits_without_eviction() {
-        assert_eq!(choose_victims(100, 0, &[r("a", 50, 0, false)], 50), Ok(vec![]));
+        assert_eq!(
+            choose_victims(100, 0, &[r("a", 50, 0, false)], 50),
+            Ok(vec![])
+        );
     }
 
     #[test]
     fn evicts_least_recently_used_idle_first() {
-        let lru = [r("old", 40, 0, false), r("busy", 30, 1, false), r("new", 30, 0, false)];
-        assert_eq!(choose_victims(100, 0, &lru, 40), Ok(vec!["old".to_string()]));
+        let lru = [
+            r("old", 40, 0, false),
+            r("busy", 30, 1, false),
+            r("new", 30, 0, false),
+        ];
+        assert_eq!(
+            choose_victims(100, 0, &lru, 40),
+            Ok(vec!["old".to_string()])
+        );
         assert_eq!(
             choose_victims(100, 0, &lru, 70),
             Ok(vec!["old".to_string(), "new".to_string()])
@@ -145,8 +154,14 @@ mod tests {
     }
 
     fn resident() -> impl Strategy<Value = Resident> {
-        ("[a-z]{1,3}", 1u64..1000, 0u32..3, any::<bool>())
-            .prop_map(|(id, bytes, leases, pinned)| Resident { id, bytes, leases, pinned })
+        ("[a-z]{1,3}", 1u64..1000, 0u32..3, any::<bool>()).prop_map(
+            |(id, bytes, leases, pinned)| Resident {
+                id,
+                bytes,
+                leases,
+                pinned,
+            },
+        )
     }
 
     proptest! {

@@ -57,7 +57,10 @@ pub struct GgufInfo {
 impl GgufInfo {
     /// An integer metadata value `{architecture}.{suffix}`.
     pub fn arch_u64(&self, suffix: &str) -> Option<u64> {
-        match self.metadata.get(&format!("{}.{suffix}", self.architecture)) {
+        match self
+            .metadata
+            .get(&format!("{}.{suffix}", self.architecture))
+        {
             Some(Value::Int(v)) => u64::try_from(*v).ok(),
             _ => None,
         }
@@ -105,26 +108,26 @@ impl KvShape {
 /// (elements per block, bytes per block) of a ggml tensor type.
 fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
     Some(match ggml_type {
-        0 => (1, 4),     // F32
-        1 => (1, 2),     // F16
-        2 => (32, 18),   // Q4_0
-        3 => (32, 20),   // Q4_1
-        6 => (32, 22),   // Q5_0
-        7 => (32, 24),   // Q5_1
-        8 => (32, 34),   // Q8_0
-        9 => (32, 36),   // Q8_1
-        10 => (256, 84), // Q2_K
+        0 => (1, 4),      // F32
+        1 => (1, 2),      // F16
+        2 => (32, 18),    // Q4_0
+        3 => (32, 20),    // Q4_1
+        6 => (32, 22),    // Q5_0
+        7 => (32, 24),    // Q5_1
+        8 => (32, 34),    // Q8_0
+        9 => (32, 36),    // Q8_1
+        10 => (256, 84),  // Q2_K
         11 => (256, 110), // Q3_K
         12 => (256, 144), // Q4_K
         13 => (256, 176), // Q5_K
         14 => (256, 210), // Q6_K
         15 => (256, 292), // Q8_K
-        24 => (1, 1),    // I8
-        25 => (1, 2),    // I16
-        26 => (1, 4),    // I32
-        27 => (1, 8),    // I64
-        28 => (1, 8),    // F64
-        30 => (1, 2),    // BF16
+        24 => (1, 1),     // I8
+        25 => (1, 2),     // I16
+        26 => (1, 4),     // I32
+        27 => (1, 8),     // I64
+        28 => (1, 8),     // F64
+        30 => (1, 2),     // BF16
         _ => return None,
     })
 }
@@ -169,13 +172,15 @@ pub fn parse(reader: impl Read) -> Result<GgufInfo, GgufError> {
         let name = r.string()?;
         let dims = r.u32()?;
         if dims == 0 || dims > MAX_DIMS {
-            return Err(GgufError::Corrupt(format!("tensor `{name}` has {dims} dimensions")));
+            return Err(GgufError::Corrupt(format!(
+                "tensor `{name}` has {dims} dimensions"
+            )));
         }
         let mut elements: u64 = 1;
         for _ in 0..dims {
-            elements = elements
-                .checked_mul(r.u64()?)
-                .ok_or_else(|| GgufError::Corrupt(format!("tensor `{name}` is impossibly large")))?;
+            elements = elements.checked_mul(r.u64()?).ok_or_else(|| {
+                GgufError::Corrupt(format!("tensor `{name}` is impossibly large"))
+            })?;
         }
         let ggml_type = r.u32()?;
         let _offset = r.u64()?;
@@ -309,7 +314,10 @@ mod tests {
         s(&mut b, "general.architecture");
         b.extend(8u32.to_le_bytes());
         s(&mut b, "llama");
-        for (k, v) in [("llama.block_count", 2u32), ("llama.attention.head_count", 4)] {
+        for (k, v) in [
+            ("llama.block_count", 2u32),
+            ("llama.attention.head_count", 4),
+        ] {
             s(&mut b, k);
             b.extend(4u32.to_le_bytes());
             b.extend(v.to_le_bytes());

@@ -5,8 +5,8 @@
 //! free of both makes its logic testable with a fake backend and no sockets.
 
 pub mod budget;
-pub mod gguf;
 mod error;
+pub mod gguf;
 mod pool;
 mod spec;
 

@@ -287,7 +287,9 @@ impl<B: Backend> Pool<B> {
             st.models.values().map(snapshot_row).collect()
         };
         // Reading /proc for the memory figures happens outside the lock.
-        rows.into_iter().map(|(snap, inst)| finish_row(snap, inst)).collect()
+        rows.into_iter()
+            .map(|(snap, inst)| finish_row(snap, inst))
+            .collect()
     }
 
     /// One model by id.
@@ -325,7 +327,12 @@ fn snapshot_row<I: Instance>(e: &Entry<I>) -> (ModelSnapshot, Option<Arc<I>>) {
         Slot::Ready {
             instance,
             in_flight,
-        } => (SlotState::Ready, *in_flight, None, Some(Arc::clone(instance))),
+        } => (
+            SlotState::Ready,
+            *in_flight,
+            None,
+            Some(Arc::clone(instance)),
+        ),
         Slot::Unloading => (SlotState::Unloading, 0, None, None),
     };
     let snap = ModelSnapshot {

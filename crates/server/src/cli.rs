@@ -5,12 +5,16 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::{Settings, EXIT_CONFIG};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use crate::{Settings, EXIT_CONFIG};
 
 #[derive(Parser)]
-#[command(name = "modelpool", version, about = "Serve many LLMs from a fixed memory budget")]
+#[command(
+    name = "modelpool",
+    version,
+    about = "Serve many LLMs from a fixed memory budget"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "MODELPOOL_LOG_FORMAT")]

@@ -125,7 +125,12 @@ impl Settings {
             .as_deref()
             .unwrap_or("127.0.0.1:50051")
             .parse()
-            .map_err(|e| invalid("server.listen", format!("not an address like 127.0.0.1:50051 ({e})")))?;
+            .map_err(|e| {
+                invalid(
+                    "server.listen",
+                    format!("not an address like 127.0.0.1:50051 ({e})"),
+                )
+            })?;
         let drain_timeout = duration("server.drain_timeout", raw.server.drain_timeout, "30s")?;
         let load_timeout = duration("workers.load_timeout", raw.workers.load_timeout, "120s")?;
         if load_timeout.is_zero() {
@@ -143,7 +148,10 @@ impl Settings {
             {
                 return Err(invalid(
                     key("id"),
-                    format!("must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}", m.id),
+                    format!(
+                        "must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}",
+                        m.id
+                    ),
                 ));
             }
             if models.iter().any(|o| o.id == m.id) {
@@ -151,7 +159,12 @@ impl Settings {
             }
             let format = match m.format.as_deref().unwrap_or("gguf") {
                 "gguf" => ModelFormat::Gguf,
-                other => return Err(invalid(key("format"), format!("unsupported format {other:?}; supported: gguf"))),
+                other => {
+                    return Err(invalid(
+                        key("format"),
+                        format!("unsupported format {other:?}; supported: gguf"),
+                    ))
+                }
             };
             let context_length = m.context_length.unwrap_or(4096);
             if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
@@ -167,7 +180,11 @@ impl Settings {
                     format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
                 ));
             }
-            let source = if m.path.is_absolute() { m.path } else { base.join(m.path) };
+            let source = if m.path.is_absolute() {
+                m.path
+            } else {
+                base.join(m.path)
+            };
             models.push(ModelSpec {
                 id: m.id,
                 source,
@@ -189,8 +206,12 @@ impl Settings {
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
     let text = value.as_deref().unwrap_or(default);
-    humantime::parse_duration(text)
-        .map_err(|e| invalid(key, format!("not a duration like \"30s\" or \"2m\" ({e}), got {text:?}")))
+    humantime::parse_duration(text).map_err(|e| {
+        invalid(
+            key,
+            format!("not a duration like \"30s\" or \"2m\" ({e}), got {text:?}"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -215,12 +236,23 @@ mod tests {
         let cases = [
             ("[server]\nlisten = \"nope\"", "server.listen"),
             ("[server]\ndrain_timeout = \"soon\"", "server.drain_timeout"),
-            ("[[models]]\nid = \"a\"\npath = \"a\"\ncontext_length = 1", "models[0].context_length"),
-            ("[[models]]\nid = \"a\"\npath = \"a\"\n[[models]]\nid = \"a\"\npath = \"b\"", "models[1].id"),
-            ("[[models]]\nid = \"a\"\npath = \"a\"\nformat = \"onnx\"", "models[0].format"),
+            (
+                "[[models]]\nid = \"a\"\npath = \"a\"\ncontext_length = 1",
+                "models[0].context_length",
+            ),
+            (
+                "[[models]]\nid = \"a\"\npath = \"a\"\n[[models]]\nid = \"a\"\npath = \"b\"",
+                "models[1].id",
+            ),
+            (
+                "[[models]]\nid = \"a\"\npath = \"a\"\nformat = \"onnx\"",
+                "models[0].format",
+            ),
         ];
         for (toml, key) in cases {
-            let err = Settings::from_toml(toml, Path::new("/")).unwrap_err().to_string();
+            let err = Settings::from_toml(toml, Path::new("/"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(&format!("`{key}`")), "{toml:?} gave {err}");
         }
         let err = Settings::from_toml("[server]\nlisten_addr = 1", Path::new("/"))

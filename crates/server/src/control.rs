@@ -54,7 +54,10 @@ impl ModelControl for ControlService {
         Ok(Response::new(ListModelsResponse { models }))
     }
 
-    async fn get_model(&self, request: Request<GetModelRequest>) -> Result<Response<ModelInfo>, Status> {
+    async fn get_model(
+        &self,
+        request: Request<GetModelRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
         let id = request.into_inner().id;
         if id.is_empty() {
             return Err(ServerError::invalid("id", "required").into());

@@ -41,14 +41,15 @@ impl InferenceService {
             prompt: Some(prompt),
             sampling: Some(sampling),
         };
-        let upstream = lease
-            .instance()
-            .generate(request)
-            .await
-            .map_err(|status| ServerError::Worker {
-                model: model.clone(),
-                status,
-            })?;
+        let upstream =
+            lease
+                .instance()
+                .generate(request)
+                .await
+                .map_err(|status| ServerError::Worker {
+                    model: model.clone(),
+                    status,
+                })?;
         let relay = Relay {
             lease,
             upstream,
@@ -102,7 +103,9 @@ impl Relay {
                 self.done = true;
                 let err = ServerError::Worker {
                     model: self.lease.model_id().to_owned(),
-                    status: Status::unavailable("the worker ended the stream without a final chunk"),
+                    status: Status::unavailable(
+                        "the worker ended the stream without a final chunk",
+                    ),
                 };
                 Some((Err(err.into()), self))
             }
@@ -112,7 +115,10 @@ impl Relay {
 
 fn check_model(model: &str) -> Result<(), ServerError> {
     if model.is_empty() {
-        return Err(ServerError::invalid("model", "required; name a registered model id"));
+        return Err(ServerError::invalid(
+            "model",
+            "required; name a registered model id",
+        ));
     }
     Ok(())
 }
@@ -126,7 +132,10 @@ fn check_sampling(sampling: Option<SamplingParams>) -> Result<SamplingParams, Se
 fn validate_chat(r: &ChatRequest) -> Result<(), ServerError> {
     check_model(&r.model)?;
     if r.messages.is_empty() {
-        return Err(ServerError::invalid("messages", "at least one message is required"));
+        return Err(ServerError::invalid(
+            "messages",
+            "at least one message is required",
+        ));
     }
     let mut total = 0usize;
     for (i, m) in r.messages.iter().enumerate() {
@@ -134,7 +143,10 @@ fn validate_chat(r: &ChatRequest) -> Result<(), ServerError> {
         if role == Role::Unspecified {
             return Err(ServerError::invalid(
                 format!("messages[{i}].role"),
-                format!("must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {}", m.role),
+                format!(
+                    "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT, got {}",
+                    m.role
+                ),
             ));
         }
         if m.content.is_empty() && role != Role::Assistant {
@@ -168,7 +180,9 @@ impl Inference for InferenceService {
             messages: r.messages,
         });
         tracing::debug!(model = %r.model, "chat");
-        Ok(Response::new(self.run(r.model, prompt, sampling, arrived).await?))
+        Ok(Response::new(
+            self.run(r.model, prompt, sampling, arrived).await?,
+        ))
     }
 
     async fn generate(
@@ -184,14 +198,18 @@ impl Inference for InferenceService {
         if r.prompt.len() > MAX_PROMPT_BYTES {
             return Err(ServerError::invalid(
                 "prompt",
-                format!("{} bytes; at most {MAX_PROMPT_BYTES} are accepted", r.prompt.len()),
+                format!(
+                    "{} bytes; at most {MAX_PROMPT_BYTES} are accepted",
+                    r.prompt.len()
+                ),
             )
             .into());
         }
         let sampling = check_sampling(r.sampling)?;
         tracing::debug!(model = %r.model, "generate");
         Ok(Response::new(
-            self.run(r.model, Prompt::Raw(r.prompt), sampling, arrived).await?,
+            self.run(r.model, Prompt::Raw(r.prompt), sampling, arrived)
+                .await?,
         ))
     }
 }

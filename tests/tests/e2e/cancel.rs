@@ -30,30 +30,29 @@ async fn dropping_the_stream_stops_generation_in_the_worker() {
 
     drop(stream);
     let dropped_at = Instant::now();
-    let stopped_after = loop {
-        let s = worker.stats().await.unwrap();
-        if s.active_sequences == 0 {
-            break dropped_at.elapsed();
+    // The sequence leaves the worker's books at once...
+    loop {
+        if worker.stats().await.unwrap().active_sequences == 0 {
+            break;
         }
         assert!(
-            dropped_at.elapsed() < Duration::from_secs(2),
-            "worker still generating 2 s after the client left"
+            dropped_at.elapsed() < Duration::from_millis(200),
+            "worker still lists the sequence 200 ms after the client left"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
-    };
-    assert!(
-        stopped_after <= Duration::from_millis(200),
-        "generation stopped {stopped_after:?} after the client left"
-    );
-    let after = worker.stats().await.unwrap();
-    assert_eq!(after.cancelled_total, 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // ...and token production stops within 200 ms (the token being computed when the
+    // client left may still finish): the count 200 ms after the drop is final.
+    tokio::time::sleep(Duration::from_millis(200).saturating_sub(dropped_at.elapsed())).await;
+    let at_200ms = worker.stats().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let later = worker.stats().await.unwrap();
     assert_eq!(
-        later.generated_tokens_total, after.generated_tokens_total,
-        "tokens kept coming after cancellation"
+        later.generated_tokens_total, at_200ms.generated_tokens_total,
+        "tokens kept coming more than 200 ms after cancellation"
     );
-    assert!(after.generated_tokens_total < 2000);
+    assert_eq!(later.cancelled_total, 1);
+    assert!(later.generated_tokens_total < 2000);
     drop(lease);
     t.stop().await;
 }

@@ -14,7 +14,11 @@ async fn chat_answers_paris_streams_and_reports_usage() {
     let mut client = t.inference();
 
     let stream = client
-        .chat(chat("smollm2", "What is the capital of France?", greedy(48)))
+        .chat(chat(
+            "smollm2",
+            "What is the capital of France?",
+            greedy(48),
+        ))
         .await
         .expect("chat starts")
         .into_inner();
@@ -25,22 +29,35 @@ async fn chat_answers_paris_streams_and_reports_usage() {
     // Several chunks before the final one; only the final one carries usage.
     assert!(chunks.len() >= 3, "only {} chunks", chunks.len());
     let (last, rest) = chunks.split_last().unwrap();
-    assert!(rest.iter().all(|c| c.usage.is_none()
-        && c.finish_reason == FinishReason::Unspecified as i32));
+    assert!(rest
+        .iter()
+        .all(|c| c.usage.is_none() && c.finish_reason == FinishReason::Unspecified as i32));
     assert_ne!(last.finish_reason, FinishReason::Unspecified as i32);
     let usage = last.usage.as_ref().expect("final chunk has usage");
-    assert!(usage.prompt_tokens >= 8, "prompt_tokens {}", usage.prompt_tokens);
+    assert!(
+        usage.prompt_tokens >= 8,
+        "prompt_tokens {}",
+        usage.prompt_tokens
+    );
     assert!(usage.completion_tokens >= 3 && usage.completion_tokens <= 48);
     // The first request found the model cold and paid for its load.
     assert!(usage.cold_start);
-    assert!(secs(&usage.load_wait) > 0.05, "load_wait {:?}", usage.load_wait);
+    assert!(
+        secs(&usage.load_wait) > 0.05,
+        "load_wait {:?}",
+        usage.load_wait
+    );
     assert!(secs(&usage.time_to_first_token) >= secs(&usage.load_wait));
     assert!(secs(&usage.total_time) >= secs(&usage.time_to_first_token));
 
     // The same request again: warm, deterministic, same counts.
     let again = collect(
         client
-            .chat(chat("smollm2", "What is the capital of France?", greedy(48)))
+            .chat(chat(
+                "smollm2",
+                "What is the capital of France?",
+                greedy(48),
+            ))
             .await
             .unwrap()
             .into_inner(),
@@ -73,7 +90,10 @@ async fn generate_counts_tokens_exactly_and_stops_at_max_tokens() {
     let usage = last.usage.clone().unwrap();
     assert_eq!(usage.completion_tokens, 8);
     let prompt_tokens = usage.prompt_tokens;
-    assert!((10..=20).contains(&prompt_tokens), "prompt_tokens {prompt_tokens}");
+    assert!(
+        (10..=20).contains(&prompt_tokens),
+        "prompt_tokens {prompt_tokens}"
+    );
     assert!(!text_of(&chunks).trim().is_empty());
 
     let chunks = collect(client.generate(request(20)).await.unwrap().into_inner())
@@ -96,7 +116,7 @@ async fn seed_makes_sampling_repeatable_and_stop_strings_end_generation() {
         seed: Some(seed),
         ..Default::default()
     };
-    let mut run = |s: SamplingParams| {
+    let run = |s: SamplingParams| {
         let mut c = client.clone();
         async move {
             text_of(
@@ -114,8 +134,15 @@ async fn seed_makes_sampling_repeatable_and_stop_strings_end_generation() {
     let a = run(sampled(1234)).await;
     let b = run(sampled(1234)).await;
     assert_eq!(a, b, "same seed, same text");
-    let others = [run(sampled(1)).await, run(sampled(2)).await, run(sampled(3)).await];
-    assert!(others.iter().any(|o| *o != a), "different seeds all gave {a:?}");
+    let others = [
+        run(sampled(1)).await,
+        run(sampled(2)).await,
+        run(sampled(3)).await,
+    ];
+    assert!(
+        others.iter().any(|o| *o != a),
+        "different seeds all gave {a:?}"
+    );
 
     // A stop string: generation ends before it would be emitted.
     let stop = SamplingParams {
@@ -131,7 +158,14 @@ async fn seed_makes_sampling_repeatable_and_stop_strings_end_generation() {
     )
     .await
     .unwrap();
-    assert!(!text_of(&chunks).contains("Paris"), "{:?}", text_of(&chunks));
-    assert_eq!(chunks.last().unwrap().finish_reason, FinishReason::Stop as i32);
+    assert!(
+        !text_of(&chunks).contains("Paris"),
+        "{:?}",
+        text_of(&chunks)
+    );
+    assert_eq!(
+        chunks.last().unwrap().finish_reason,
+        FinishReason::Stop as i32
+    );
     t.stop().await;
 }

@@ -4,17 +4,18 @@ use std::process::Command;
 
 use modelpool_tests::{grpcurl_path, TestServer};
 
-fn grpcurl(addr: &str, args: &[&str]) -> String {
+/// Runs `grpcurl -plaintext FLAGS ADDR ARGS` and returns its stdout.
+fn grpcurl(flags: &[&str], addr: &str, args: &[&str]) -> String {
     let out = Command::new(grpcurl_path())
         .arg("-plaintext")
-        .args(args.iter().take(args.len() - 1))
+        .args(flags)
         .arg(addr)
-        .args(args.last())
+        .args(args)
         .output()
         .expect("run grpcurl");
     assert!(
         out.status.success(),
-        "grpcurl {args:?} failed: {}",
+        "grpcurl {flags:?} {args:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
@@ -26,15 +27,15 @@ async fn grpcurl_lists_describes_and_streams_a_chat() {
     let addr = t.server.local_addr.to_string();
     let addr2 = addr.clone();
     let (list, describe, chat) = tokio::task::spawn_blocking(move || {
-        let list = grpcurl(&addr2, &["list"]);
-        let describe = grpcurl(&addr2, &["describe", "modelpool.v1.Inference"]);
+        let list = grpcurl(&[], &addr2, &["list"]);
+        let describe = grpcurl(&[], &addr2, &["describe", "modelpool.v1.Inference"]);
         let chat = grpcurl(
-            &addr2,
             &[
                 "-d",
-                r#"{"model":"smollm2","messages":[{"role":"ROLE_USER","content":"What is the capital of France?"}],"sampling":{"maxTokens":32,"temperature":0}}"#,
-                "modelpool.v1.Inference/Chat",
+                r#"{"model":"smollm2","messages":[{"role":"ROLE_SYSTEM","content":"You are a helpful assistant."},{"role":"ROLE_USER","content":"What is the capital of France?"}],"sampling":{"maxTokens":32,"temperature":0}}"#,
             ],
+            &addr2,
+            &["modelpool.v1.Inference/Chat"],
         );
         (list, describe, chat)
     })
@@ -47,7 +48,10 @@ async fn grpcurl_lists_describes_and_streams_a_chat() {
     ] {
         assert!(list.contains(service), "{service} missing from {list}");
     }
-    assert!(!list.contains("modelpool.worker"), "private protocol exposed: {list}");
+    assert!(
+        !list.contains("modelpool.worker"),
+        "private protocol exposed: {list}"
+    );
     assert!(describe.contains("rpc Chat"), "{describe}");
     assert!(describe.contains("rpc Generate"), "{describe}");
     // Proto comments travel with the descriptors.
@@ -59,13 +63,13 @@ async fn grpcurl_lists_describes_and_streams_a_chat() {
         .collect::<Result<_, _>>()
         .expect("grpcurl prints JSON objects");
     assert!(chunks.len() >= 3, "few chunks: {chat}");
-    let text: String = chunks
-        .iter()
-        .filter_map(|c| c["text"].as_str())
-        .collect();
+    let text: String = chunks.iter().filter_map(|c| c["text"].as_str()).collect();
     assert!(text.contains("Paris"), "{chat}");
     let last = chunks.last().unwrap();
-    assert!(last["usage"]["completionTokens"].as_u64().unwrap_or(0) > 0, "{chat}");
+    assert!(
+        last["usage"]["completionTokens"].as_u64().unwrap_or(0) > 0,
+        "{chat}"
+    );
     assert!(last["finishReason"].as_str().is_some(), "{chat}");
     drop(addr);
     t.stop().await;

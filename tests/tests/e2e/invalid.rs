@@ -1,6 +1,8 @@
 //! Bad requests get the right gRPC code and a message naming the field.
 
-use modelpool_proto::v1::{ChatMessage, ChatRequest, GenerateRequest, GetModelRequest, Role, SamplingParams};
+use modelpool_proto::v1::{
+    ChatMessage, ChatRequest, GenerateRequest, GetModelRequest, Role, SamplingParams,
+};
 use modelpool_tests::{chat, greedy, TestServer};
 use tonic::Code;
 

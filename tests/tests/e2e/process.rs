@@ -34,9 +34,16 @@ async fn stopping_the_server_ends_its_workers() {
     assert_eq!(info.state, ModelState::Ready as i32);
     let pid = info.worker_pid;
     assert!(pid > 0 && process_alive(pid));
-    assert!(info.resident_bytes > 50 << 20, "worker rss {}", info.resident_bytes);
+    assert!(
+        info.resident_bytes > 50 << 20,
+        "worker rss {}",
+        info.resident_bytes
+    );
     let runtime_dir = t.server.runtime_dir.clone();
-    assert!(std::fs::read_dir(&runtime_dir).unwrap().count() == 1, "one socket");
+    assert!(
+        std::fs::read_dir(&runtime_dir).unwrap().count() == 1,
+        "one socket"
+    );
     t.stop().await;
     assert!(!process_alive(pid), "worker {pid} outlived the server");
     assert!(!runtime_dir.exists(), "runtime dir left behind");
@@ -132,7 +139,10 @@ async fn sigterm_exits_cleanly_and_stops_workers() {
     assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
     let status = server.wait().unwrap();
     assert!(status.success(), "exit status {status}");
-    assert!(!process_alive(worker), "worker {worker} outlived a clean shutdown");
+    assert!(
+        !process_alive(worker),
+        "worker {worker} outlived a clean shutdown"
+    );
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()

@@ -117,7 +117,10 @@ async fn unload_refuses_a_leased_model_and_stops_an_idle_one() {
     let backend = Arc::new(FakeBackend::default());
     let pool = Pool::new(Arc::clone(&backend), [spec("a")]);
     let lease = pool.acquire("a").await.unwrap();
-    assert!(matches!(pool.unload("a").await, Err(PoolError::Busy { in_flight: 1, .. })));
+    assert!(matches!(
+        pool.unload("a").await,
+        Err(PoolError::Busy { in_flight: 1, .. })
+    ));
     drop(lease);
     assert!(pool.unload("a").await.unwrap());
     assert_eq!(pool.get("a").unwrap().state, SlotState::Registered);
