@@ -79,15 +79,27 @@ pub fn settings(ids: &[&str], runtime_dir: &Path) -> Settings {
     Settings::from_toml(&toml, Path::new("/")).expect("test settings are valid")
 }
 
+/// End-to-end tests take this lock for their whole run, so only one test's workers
+/// use the CPU at a time: the timing assertions (cancellation within 200 ms) then
+/// measure modelpool, not the other tests on a 2-core machine.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Waits until no other end-to-end test runs; hold the guard for the whole test.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().await
+}
+
 /// A server running inside the test process, its workers real child processes.
 pub struct TestServer {
     pub server: RunningServer,
     pub channel: Channel,
     _runtime: tempfile::TempDir,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
 }
 
 impl TestServer {
     pub async fn start(ids: &[&str]) -> Self {
+        let serial = serial().await;
         let runtime = tempfile::tempdir().expect("tempdir");
         let server = modelpool_server::start(settings(ids, runtime.path()))
             .await
@@ -102,6 +114,7 @@ impl TestServer {
             server,
             channel,
             _runtime: runtime,
+            _serial: serial,
         }
     }
 

@@ -120,6 +120,7 @@ async fn spawn_server_with_worker(dir: &std::path::Path) -> (std::process::Child
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_server_leaves_no_worker() {
+    let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut server, worker) = spawn_server_with_worker(dir.path()).await;
     // SIGKILL: the server gets no chance to clean up.
@@ -133,6 +134,7 @@ async fn killing_the_server_leaves_no_worker() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_exits_cleanly_and_stops_workers() {
+    let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().unwrap();
     let (mut server, worker) = spawn_server_with_worker(dir.path()).await;
     // SAFETY: plain kill(2) on our own child.
