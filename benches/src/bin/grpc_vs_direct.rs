@@ -110,6 +110,16 @@ async fn grpc(
     Ok(figures(start, &stamps, tokens))
 }
 
+/// One line: the median gRPC/direct ratio and every round's.
+fn print_ratio(what: &str, ratios: &[f64]) {
+    let rounds: Vec<String> = ratios.iter().map(|r| format!("{r:.3}")).collect();
+    println!(
+        "{what} ratio gRPC/direct: median {:.3} (per-round: {})",
+        median(ratios),
+        rounds.join(", ")
+    );
+}
+
 async fn bench(args: Args) -> anyhow::Result<()> {
     let model_path = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
@@ -136,16 +146,15 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     {
         bail!("a run stopped early; pick a prompt that does not end: {d_runs:?} {g_runs:?}");
     }
-    let ratios_tok: Vec<f64> = d_runs
-        .iter()
-        .zip(&g_runs)
-        .map(|(d, g)| g.decode_tok_s / d.decode_tok_s)
-        .collect();
-    let ratios_ttft: Vec<f64> = d_runs
-        .iter()
-        .zip(&g_runs)
-        .map(|(d, g)| g.ttft.as_secs_f64() / d.ttft.as_secs_f64())
-        .collect();
+    let ratios = |f: fn(&Run) -> f64| -> Vec<f64> {
+        d_runs
+            .iter()
+            .zip(&g_runs)
+            .map(|(d, g)| f(g) / f(d))
+            .collect()
+    };
+    let ratios_tok = ratios(|r| r.decode_tok_s);
+    let ratios_ttft = ratios(|r| r.ttft.as_secs_f64());
     let ms = |runs: &[Run]| {
         median(
             &runs
@@ -173,24 +182,9 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         tps(&g_runs),
         ms(&g_runs)
     );
-    println!(
-        "\ndecode ratio gRPC/direct: median {:.3} (per-round: {})",
-        median(&ratios_tok),
-        ratios_tok
-            .iter()
-            .map(|r| format!("{r:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    println!(
-        "time-to-first-token ratio gRPC/direct: median {:.3} (per-round: {})",
-        median(&ratios_ttft),
-        ratios_ttft
-            .iter()
-            .map(|r| format!("{r:.3}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!();
+    print_ratio("decode", &ratios_tok);
+    print_ratio("time-to-first-token", &ratios_ttft);
     server.stop().await?;
     Ok(())
 }

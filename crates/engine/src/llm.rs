@@ -89,11 +89,6 @@ impl LoadedModel {
         self.context_length
     }
 
-    /// The mistral.rs model itself, for benchmarks and diagnostics.
-    pub fn mistral(&self) -> &mistralrs::Model {
-        &self.model
-    }
-
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
     }

@@ -33,6 +33,20 @@ enum Slot<I> {
     Unloading,
 }
 
+impl<I> Slot<I> {
+    /// Moves a ready slot to `Unloading` and hands back its worker; any other slot is
+    /// left as it is.
+    fn take_ready(&mut self) -> Option<Arc<I>> {
+        if !matches!(self, Slot::Ready { .. }) {
+            return None;
+        }
+        match std::mem::replace(self, Slot::Unloading) {
+            Slot::Ready { instance, .. } => Some(instance),
+            _ => None,
+        }
+    }
+}
+
 struct Entry<I> {
     spec: ModelSpec,
     slot: Slot<I>,
@@ -237,11 +251,11 @@ impl<B: Backend> Pool<B> {
                         in_flight: *in_flight,
                     })
                 }
-                Slot::Ready { .. } => match std::mem::replace(&mut entry.slot, Slot::Unloading) {
-                    Slot::Ready { instance, .. } => instance,
-                    _ => unreachable!("matched Ready above"),
-                },
-                _ => return Ok(false),
+                _ => {}
+            }
+            match entry.slot.take_ready() {
+                Some(instance) => instance,
+                None => return Ok(false),
             }
         };
         instance.shutdown().await;
@@ -260,13 +274,7 @@ impl<B: Backend> Pool<B> {
             st.shutting_down = true;
             st.models
                 .values_mut()
-                .filter_map(|e| match std::mem::replace(&mut e.slot, Slot::Unloading) {
-                    Slot::Ready { instance, .. } => Some(instance),
-                    other => {
-                        e.slot = other;
-                        None
-                    }
-                })
+                .filter_map(|e| e.slot.take_ready())
                 .collect()
         };
         for instance in instances {
