@@ -14,6 +14,14 @@ test: fetch-models fetch-tools
 bench: fetch-models
     cargo run -p modelpool-benches --bin grpc_vs_direct -- --rounds 5 --max-tokens 128
 
+# Predicted against measured worker memory at 512..4096 tokens of context.
+bench-footprint: fetch-models
+    cargo run -p modelpool-benches --bin footprint
+
+# 500 load/evict cycles: server RSS, threads and machine memory at start and end.
+soak cycles="500": fetch-models
+    cargo run -p modelpool-benches --bin load_cycles -- --cycles {{cycles}}
+
 fmt:
     cargo fmt --all
 

@@ -24,9 +24,19 @@ pub async fn start_server(
     id: &str,
     runtime_dir: &Path,
 ) -> anyhow::Result<RunningServer> {
+    start_server_with(model, id, runtime_dir, "context_length = 4096\nmax_sequences = 1\n").await
+}
+
+/// As [`start_server`], with `model_keys` (TOML lines) in the model's table.
+pub async fn start_server_with(
+    model: &Path,
+    id: &str,
+    runtime_dir: &Path,
+    model_keys: &str,
+) -> anyhow::Result<RunningServer> {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
-         [[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = 4096\nmax_sequences = 4\n",
+         [[models]]\nid = \"{id}\"\npath = \"{}\"\n{model_keys}",
         runtime_dir.display(),
         std::env::current_exe()?.display(),
         model.display()

@@ -63,20 +63,38 @@ pub fn modelpool_exe() -> PathBuf {
 pub fn settings(ids: &[&str], runtime_dir: &Path) -> Settings {
     let models: String = ids
         .iter()
-        .map(|id| {
-            format!(
-                "[[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = 2048\nmax_sequences = 4\n",
-                model_path().display()
-            )
-        })
+        .map(|id| model_toml(id, "context_length = 2048\nmax_sequences = 4\n"))
         .collect();
+    settings_toml("", &models, runtime_dir)
+}
+
+/// A `[[models]]` table for the real model under `id`, with `extra` keys.
+pub fn model_toml(id: &str, extra: &str) -> String {
+    format!(
+        "[[models]]\nid = \"{id}\"\npath = \"{}\"\n{extra}\n",
+        model_path().display()
+    )
+}
+
+/// Test settings with a `[pool]` section (`pool`, may be empty) and model tables.
+pub fn settings_toml(pool: &str, models: &str, runtime_dir: &Path) -> Settings {
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
-         [workers]\nload_timeout = \"60s\"\nruntime_dir = \"{}\"\nexe = \"{}\"\n{models}",
+         [workers]\nload_timeout = \"60s\"\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
+         [pool]\n{pool}\n{models}",
         runtime_dir.display(),
         modelpool_exe().display()
     );
     Settings::from_toml(&toml, Path::new("/")).expect("test settings are valid")
+}
+
+/// The pool's prediction for the real model at `context_length` and one sequence.
+pub fn predicted_bytes(context_length: u32) -> u64 {
+    let mut spec = modelpool_pool::ModelSpec::new("probe", model_path());
+    spec.context_length = context_length;
+    modelpool_engine::footprint::predict(&spec)
+        .expect("the model's header reads")
+        .total_bytes()
 }
 
 /// End-to-end tests take this lock for their whole run, so only one test's workers
@@ -99,9 +117,14 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(ids: &[&str]) -> Self {
+        Self::start_with(|runtime| settings(ids, runtime)).await
+    }
+
+    /// Starts a server with settings made for its runtime directory.
+    pub async fn start_with(make: impl FnOnce(&Path) -> Settings) -> Self {
         let serial = serial().await;
         let runtime = tempfile::tempdir().expect("tempdir");
-        let server = modelpool_server::start(settings(ids, runtime.path()))
+        let server = modelpool_server::start(make(runtime.path()))
             .await
             .expect("server starts");
         let channel = Channel::from_shared(format!("http://{}", server.local_addr))

@@ -6,5 +6,6 @@ mod e2e {
     mod chat;
     mod grpcurl;
     mod invalid;
+    mod pool;
     mod process;
 }

@@ -35,7 +35,7 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
     let me = std::process::id();
 
     // One warm-up cycle: first use allocates the runtime's and tonic's own buffers.
-    drop(pool.acquire("m").await?);
+    drop(pool.acquire("m", None).await?);
     pool.unload("m").await?;
 
     let rss_start = rss_bytes(me).unwrap_or(0);
@@ -46,7 +46,7 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
     let mut worker_rss = Vec::new();
     for _ in 0..args.cycles {
         let t0 = Instant::now();
-        let lease = pool.acquire("m").await?;
+        let lease = pool.acquire("m", None).await?;
         load_ms.push(t0.elapsed().as_secs_f64() * 1e3);
         worker_rss.push(lease.instance().resident_bytes());
         let pid = lease.instance().pid().unwrap_or(0);

@@ -7,6 +7,7 @@
 //! process returns every byte to the operating system, so eviction is honest.
 
 mod error;
+pub mod footprint;
 pub mod llm;
 pub mod process;
 pub mod sampling;

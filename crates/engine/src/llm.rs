@@ -14,6 +14,7 @@ use indexmap::IndexMap;
 use mistralrs::{
     GgufModelBuilder, MessageContent, NormalRequest, Request, RequestMessage, Response,
 };
+use modelpool_pool::Device;
 use modelpool_proto::v1::{ChatMessage, FinishReason, GenerateChunk, Role, SamplingParams, Usage};
 
 use crate::sampling::{self, StopMatcher, TokenCounter};
@@ -48,12 +49,14 @@ pub struct LoadedModel {
 pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, EngineError>> + Send>>;
 
 impl LoadedModel {
-    /// Loads a GGUF file from a local path: no hub, no token, CPU unless built with
-    /// CUDA and asked for a GPU.
+    /// Loads a GGUF file from a local path: no hub, no token. On `cpu` every layer is
+    /// on the CPU; on `cuda:N` every layer is on that GPU or the load fails: mistral.rs'
+    /// automatic device mapping is never allowed to put layers elsewhere.
     pub async fn load_gguf(
         path: &Path,
         context_length: u32,
         max_sequences: u32,
+        device: Device,
     ) -> Result<Self, EngineError> {
         let dir = path
             .parent()
@@ -62,16 +65,23 @@ impl LoadedModel {
         let file = path
             .file_name()
             .ok_or_else(|| EngineError::Load(format!("{} is not a file path", path.display())))?;
-        let model = GgufModelBuilder::new(
+        let builder = GgufModelBuilder::new(
             dir.to_string_lossy(),
             vec![file.to_string_lossy().into_owned()],
         )
         .with_token_source(mistralrs::TokenSource::None)
-        .with_force_cpu()
         .with_max_num_seqs(max_sequences.max(1) as usize)
-        .build()
-        .await
-        .map_err(|e| EngineError::Load(format!("{e:#}")))?;
+        // The prefix cache keeps the KV cache of every finished sequence and, on the
+        // CPU, never evicts: memory would climb with each new conversation.
+        .with_prefix_cache_n(None)
+        // Everything on the one device: the automatic mapper would move layers to the
+        // CPU when a GPU is short of memory, with only a log line.
+        .with_device_mapping(mistralrs::DeviceMapSetting::dummy());
+        let builder = place(builder, device)?;
+        let model = builder
+            .build()
+            .await
+            .map_err(|e| EngineError::Load(format!("{e:#}")))?;
         let model_max = model
             .max_sequence_length()
             .ok()
@@ -307,4 +317,20 @@ fn chat_messages(turns: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>>
             ])
         })
         .collect()
+}
+
+/// Puts every layer on `device`. mistral.rs' GGUF loader ignores `with_device` and
+/// always takes the first visible GPU, so the server starts a GPU worker with
+/// `CUDA_VISIBLE_DEVICES=N`: "the first visible GPU" is then GPU N and no other GPU
+/// gets a CUDA context.
+fn place(builder: GgufModelBuilder, device: Device) -> Result<GgufModelBuilder, EngineError> {
+    match device {
+        Device::Cpu => Ok(builder.with_force_cpu()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(builder),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => Err(EngineError::Load(format!(
+            "{device} requested, but this modelpool was built without the `cuda` feature"
+        ))),
+    }
 }

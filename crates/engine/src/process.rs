@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use modelpool_pool::{Backend, BackendError, Instance, ModelSpec};
+use modelpool_pool::{Backend, BackendError, Footprint, Instance, ModelSpec};
 use modelpool_proto::v1::GenerateChunk;
 use modelpool_proto::worker::v1::worker_client::WorkerClient;
 use modelpool_proto::worker::v1::{StatsRequest, StatsResponse, WorkerGenerateRequest};
@@ -51,6 +51,11 @@ impl WorkerBackend {
 impl Backend for WorkerBackend {
     type Instance = WorkerProcess;
 
+    fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
+        check_gguf(&spec.source)?;
+        crate::footprint::predict(spec)
+    }
+
     async fn load(&self, spec: &ModelSpec) -> Result<WorkerProcess, BackendError> {
         check_gguf(&spec.source)?;
         let n = self.next_socket.fetch_add(1, Ordering::Relaxed);
@@ -66,6 +71,7 @@ impl Backend for WorkerBackend {
             model_id: spec.id.clone(),
             context_length: spec.context_length,
             max_sequences: spec.max_sequences,
+            device: spec.device.to_string(),
         };
         WorkerProcess::spawn(&self.config, &args).await
     }
@@ -114,6 +120,10 @@ impl WorkerProcess {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if let Some(ordinal) = args.device.strip_prefix("cuda:") {
+            // The worker's only visible GPU is its own (see llm::place).
+            cmd.env("CUDA_VISIBLE_DEVICES", ordinal);
+        }
         die_with_parent(&mut cmd);
         let mut child = cmd.spawn().map_err(|e| {
             BackendError::Failed(format!(
@@ -216,6 +226,10 @@ impl Instance for WorkerProcess {
 
     fn resident_bytes(&self) -> u64 {
         rss_bytes(self.pid).unwrap_or(0)
+    }
+
+    fn peak_bytes(&self) -> u64 {
+        modelpool_pool::memory::process_rss(self.pid).1
     }
 
     async fn shutdown(&self) {

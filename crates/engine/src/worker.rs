@@ -46,6 +46,9 @@ pub struct WorkerArgs {
     /// Sequences batched at once.
     #[arg(long)]
     pub max_sequences: u32,
+    /// "cpu" or "cuda:N"; a GPU model loads entirely on that GPU or fails.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 impl WorkerArgs {
@@ -62,6 +65,8 @@ impl WorkerArgs {
             self.context_length.to_string().into(),
             "--max-sequences".into(),
             self.max_sequences.to_string().into(),
+            "--device".into(),
+            self.device.clone().into(),
         ]
     }
 }
@@ -79,8 +84,15 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
     let started = Instant::now();
     tracing::info!(model = %args.model_id, path = %args.model_path.display(), "worker loading");
     let model = Arc::new(
-        LoadedModel::load_gguf(&args.model_path, args.context_length, args.max_sequences).await?,
+        LoadedModel::load_gguf(
+            &args.model_path,
+            args.context_length,
+            args.max_sequences,
+            args.device.parse().map_err(EngineError::Load)?,
+        )
+        .await?,
     );
+    release_freed_heap();
     let listener = tokio::net::UnixListener::bind(&args.socket)?;
     let ready = ReadyInfo {
         context_length: model.context_length(),
@@ -101,6 +113,20 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await
         .map_err(|e| EngineError::Generation(format!("worker server: {e}")))
+}
+
+/// Loading reads every tensor into a temporary buffer before copying it to its final
+/// place; glibc keeps those freed pages. Hand them back so the worker's RSS (and the
+/// pool's measurement of it) is what the model really holds.
+fn release_freed_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let before = modelpool_pool::memory::process_rss(std::process::id()).0;
+        // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
+        unsafe { libc::malloc_trim(0) };
+        let after = modelpool_pool::memory::process_rss(std::process::id()).0;
+        tracing::debug!(released_bytes = before.saturating_sub(after), "heap trimmed after load");
+    }
 }
 
 fn exit_when_parent_closes_stdin() {

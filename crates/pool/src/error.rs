@@ -1,15 +1,37 @@
 //! Errors the pool reports to its callers; the server maps each to a gRPC status.
 
+use std::time::Duration;
+
+use crate::budget::Shortfall;
 use crate::BackendError;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PoolError {
     #[error("model `{id}` is not registered (registered: {known})")]
     NotFound { id: String, known: String },
+    #[error("model `{id}` is already registered")]
+    AlreadyExists { id: String },
     #[error("loading model `{id}` failed: {source}")]
     LoadFailed { id: String, source: BackendError },
-    #[error("model `{id}` has {in_flight} requests in flight; it cannot be unloaded now")]
-    Busy { id: String, in_flight: u32 },
+    #[error("model `{id}` does not fit: {shortfall}")]
+    InsufficientMemory { id: String, shortfall: Shortfall },
+    #[error("model `{id}` is busy: {in_flight} requests in flight, {waiting} waiting{}", if *.loading { ", load in progress" } else { "" })]
+    Busy {
+        id: String,
+        in_flight: u32,
+        waiting: u32,
+        loading: bool,
+    },
+    #[error("model `{id}` is pinned; unpin it first")]
+    Pinned { id: String },
+    #[error("model `{id}` has {waiting} requests waiting already; try again later")]
+    QueueFull { id: String, waiting: u32 },
+    #[error("gave up on model `{id}` after {:.1}s: {reason}", waited.as_secs_f64())]
+    QueueTimeout {
+        id: String,
+        waited: Duration,
+        reason: String,
+    },
     #[error("the pool is shutting down")]
     ShuttingDown,
 }

@@ -1,15 +1,20 @@
 //! The pool decides which models are resident and hands out leases on them.
 //!
 //! It knows nothing of gRPC or of the inference engine: an engine plugs in through the
-//! [`Backend`] trait, and the server turns [`PoolError`] into gRPC statuses. Keeping it
-//! free of both makes its logic testable with a fake backend and no sockets.
+//! [`Backend`] trait, the machine's memory through [`MemoryProbe`], and the server turns
+//! [`PoolError`] into gRPC statuses. Keeping it free of both makes its logic testable
+//! with a fake backend and no sockets.
 
 pub mod budget;
 mod error;
+pub mod events;
 pub mod gguf;
+pub mod memory;
 mod pool;
 mod spec;
 
 pub use error::PoolError;
-pub use pool::{Lease, ModelSnapshot, Pool, SlotState};
-pub use spec::{Backend, BackendError, Instance, ModelFormat, ModelSpec};
+pub use events::{EventKind, EvictReason, PoolEvent};
+pub use memory::{DeviceMemory, MemoryProbe, SystemProbe};
+pub use pool::{DeviceStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState};
+pub use spec::{Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec};

@@ -1,66 +1,66 @@
-//! The pool: one owner of the table of models, single-flight loads, RAII leases.
+//! The pool: one owner of the table of models, budgets per device, LRU eviction,
+//! single-flight loads, per-model concurrency and RAII leases.
 //!
 //! All state lives in one `State` behind one mutex that is never held across an
 //! `.await`; loads run as their own tasks so a slow load never blocks requests to models
-//! that are already resident. Every request holds a [`Lease`] while it uses a model; a
-//! leased model is never unloaded.
+//! that are already resident. Which models to evict is decided by the pure
+//! [`choose_victims`](crate::budget::choose_victims); this module gathers its inputs and
+//! acts on its answer. A model with a lease, or with requests waiting for one, is never
+//! evicted, and budget bytes are released only once a worker has exited.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use lru::LruCache;
+use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
-use crate::{Backend, BackendError, Instance, ModelSpec, PoolError};
+use crate::events::{EventKind, EvictReason, PoolEvent};
+use crate::memory::{DeviceMemory, MemoryProbe};
+use crate::{Backend, BackendError, Device, Footprint, Instance, ModelSpec, PoolError};
 
-/// Where a model is in its life cycle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SlotState {
-    Registered,
-    Loading,
-    Ready,
-    Unloading,
-    Failed,
+mod state;
+mod status;
+
+pub use status::{DeviceStatus, ModelSnapshot, PoolStatus, SlotState};
+
+use state::{Entry, Slot, State};
+
+/// How the pool behaves; budgets are absolute bytes (the server resolves "auto").
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Bytes each device may hold for models. A device without a budget cannot be used.
+    pub budgets: BTreeMap<Device, u64>,
+    /// Bytes of each device left to everything else: admission never plans to use the
+    /// machine's last `headroom_bytes` of available memory.
+    pub headroom_bytes: u64,
+    /// Requests that may wait per model (for a load or a concurrency slot).
+    pub queue_depth: u32,
+    /// Longest a request waits for its model when the client set no deadline.
+    pub queue_timeout: Duration,
 }
 
-/// Outcome of one load, broadcast to every request waiting for it.
-type LoadOutcome = Option<Result<(), BackendError>>;
-
-enum Slot<I> {
-    Absent { last_error: Option<String> },
-    Loading { done: watch::Receiver<LoadOutcome> },
-    Ready { instance: Arc<I>, in_flight: u32 },
-    Unloading,
-}
-
-impl<I> Slot<I> {
-    /// Moves a ready slot to `Unloading` and hands back its worker; any other slot is
-    /// left as it is.
-    fn take_ready(&mut self) -> Option<Arc<I>> {
-        if !matches!(self, Slot::Ready { .. }) {
-            return None;
-        }
-        match std::mem::replace(self, Slot::Unloading) {
-            Slot::Ready { instance, .. } => Some(instance),
-            _ => None,
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            budgets: BTreeMap::from([(Device::Cpu, u64::MAX)]),
+            headroom_bytes: 0,
+            queue_depth: 64,
+            queue_timeout: Duration::from_secs(60),
         }
     }
 }
 
-struct Entry<I> {
-    spec: ModelSpec,
-    slot: Slot<I>,
-    loads_started: u64,
-}
-
-struct State<I> {
-    models: BTreeMap<String, Entry<I>>,
-    shutting_down: bool,
-}
+/// Outcome of one load, broadcast to every request waiting for it.
+type LoadOutcome = Option<Result<(), PoolError>>;
 
 struct Inner<B: Backend> {
     backend: B,
+    probe: Arc<dyn MemoryProbe>,
+    config: PoolConfig,
     state: Mutex<State<B::Instance>>,
+    events: broadcast::Sender<PoolEvent>,
 }
 
 impl<B: Backend> Inner<B> {
@@ -68,19 +68,11 @@ impl<B: Backend> Inner<B> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-/// A point-in-time view of one model, for status RPCs.
-#[derive(Clone, Debug)]
-pub struct ModelSnapshot {
-    pub spec: ModelSpec,
-    pub state: SlotState,
-    pub worker_pid: Option<u32>,
-    pub resident_bytes: u64,
-    pub in_flight: u32,
-    pub last_error: Option<String>,
-    /// Loads started for this model since it was registered.
-    pub loads_started: u64,
+    fn emit(&self, model: &str, kind: EventKind) {
+        // No subscribers is fine: events are for whoever watches.
+        let _ = self.events.send(PoolEvent::new(model, kind));
+    }
 }
 
 /// The model pool. Cheap to clone; clones share state.
@@ -97,280 +89,553 @@ impl<B: Backend> Clone for Pool<B> {
 }
 
 impl<B: Backend> Pool<B> {
-    pub fn new(backend: B, specs: impl IntoIterator<Item = ModelSpec>) -> Self {
-        let models = specs
-            .into_iter()
-            .map(|spec| {
-                let entry = Entry {
-                    spec: spec.clone(),
-                    slot: Slot::Absent { last_error: None },
-                    loads_started: 0,
-                };
-                (spec.id, entry)
-            })
-            .collect();
-        Self {
-            inner: Arc::new(Inner {
-                backend,
-                state: Mutex::new(State {
-                    models,
-                    shutting_down: false,
-                }),
-            }),
+    /// Creates the pool and starts its idle-TTL reaper (which ends with the pool).
+    pub fn new(
+        backend: B,
+        probe: Arc<dyn MemoryProbe>,
+        config: PoolConfig,
+        specs: impl IntoIterator<Item = ModelSpec>,
+    ) -> Self {
+        let (events, _) = broadcast::channel(1024);
+        let mut models = BTreeMap::new();
+        for spec in specs {
+            models.insert(spec.id.clone(), Entry::new(spec));
         }
+        let inner = Arc::new(Inner {
+            backend,
+            probe,
+            state: Mutex::new(State {
+                models,
+                lru: LruCache::unbounded(),
+                budgets: config.budgets.clone(),
+                shutting_down: false,
+            }),
+            config,
+            events,
+        });
+        tokio::spawn(reap_idle(Arc::downgrade(&inner)));
+        Self { inner }
+    }
+
+    /// Every event from now on. A receiver that falls more than 1024 events behind
+    /// learns how many it missed.
+    pub fn subscribe(&self) -> broadcast::Receiver<PoolEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Adds a model; it stays cold until first used or loaded.
+    pub fn register(&self, spec: ModelSpec) -> Result<(), PoolError> {
+        let id = spec.id.clone();
+        {
+            let mut st = self.inner.lock();
+            if st.shutting_down {
+                return Err(PoolError::ShuttingDown);
+            }
+            if st.models.contains_key(&id) {
+                return Err(PoolError::AlreadyExists { id });
+            }
+            st.models.insert(id.clone(), Entry::new(spec));
+        }
+        self.inner.emit(&id, EventKind::Registered);
+        Ok(())
+    }
+
+    /// Removes a model, stopping its worker first. Refused while requests use it or
+    /// wait for it.
+    pub async fn unregister(&self, id: &str) -> Result<(), PoolError> {
+        self.stop(id, EvictReason::Requested, true).await?;
+        let removed = {
+            let mut st = self.inner.lock();
+            match st.models.get(id) {
+                Some(e) if matches!(e.slot, Slot::Absent) && e.interest == 0 => {
+                    st.models.remove(id)
+                }
+                Some(e) => return Err(busy(id, e)),
+                None => None,
+            }
+        };
+        if let Some(entry) = removed {
+            // Requests still queued for a slot learn the model is gone.
+            entry.permits.close();
+            self.inner.emit(id, EventKind::Unregistered);
+        }
+        Ok(())
     }
 
     /// Returns a lease on a resident `id`, loading it first when needed. Concurrent
-    /// callers for the same cold model share one load.
-    pub async fn acquire(&self, id: &str) -> Result<Lease<B>, PoolError> {
+    /// callers for the same cold model share one load. Waits at most until `deadline`
+    /// (or the pool's queue timeout) for a concurrency slot and the load together.
+    pub async fn acquire(&self, id: &str, deadline: Option<Instant>) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
-        let mut waited = false;
-        loop {
-            let mut done = {
-                let mut st = self.inner.lock();
-                if st.shutting_down {
-                    return Err(PoolError::ShuttingDown);
-                }
-                let known = known_ids(&st);
-                let entry = st.models.get_mut(id).ok_or_else(|| PoolError::NotFound {
+        let deadline = self.deadline(started, deadline);
+        let (interest, permits) = self.enter_queue(id)?;
+        let permit = match tokio::time::timeout_at(deadline, permits.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(_)) => return Err(self.not_found(id)),
+            Err(_) => {
+                return Err(PoolError::QueueTimeout {
                     id: id.to_owned(),
-                    known,
-                })?;
-                match &mut entry.slot {
-                    Slot::Ready {
-                        instance,
-                        in_flight,
-                    } => {
-                        *in_flight += 1;
-                        return Ok(Lease {
-                            pool: Arc::clone(&self.inner),
-                            id: id.to_owned(),
-                            instance: Arc::clone(instance),
-                            load_wait: if waited {
-                                started.elapsed()
-                            } else {
-                                Duration::ZERO
-                            },
-                            cold_start: waited,
-                        });
-                    }
-                    Slot::Loading { done } => Some(done.clone()),
-                    Slot::Absent { .. } => Some(self.start_load(entry)),
-                    // The old worker is still stopping; its unload wakes nobody, so
-                    // poll until it is gone, then load afresh.
-                    Slot::Unloading => None,
-                }
-            };
-            waited = true;
-            let Some(done) = done.as_mut() else {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            };
-            // The load task always sends an outcome before dropping its sender.
-            let outcome = loop {
-                if let Some(outcome) = done.borrow_and_update().clone() {
-                    break outcome;
-                }
-                if done.changed().await.is_err() {
-                    break Err(BackendError::Failed("load task ended unexpectedly".into()));
-                }
-            };
-            if let Err(source) = outcome {
-                return Err(PoolError::LoadFailed {
-                    id: id.to_owned(),
-                    source,
-                });
+                    waited: started.elapsed(),
+                    reason: format!(
+                        "all {} concurrency slots stayed busy",
+                        permits_total(&self.inner, id)
+                    ),
+                })
             }
-        }
+        };
+        let lease = self.ready(id, started, deadline, Some(permit)).await;
+        drop(interest);
+        lease
     }
 
-    /// Marks `entry` loading and spawns its load; returns the receiver to wait on.
-    fn start_load(&self, entry: &mut Entry<B::Instance>) -> watch::Receiver<LoadOutcome> {
-        let (tx, rx) = watch::channel(None);
-        entry.slot = Slot::Loading { done: rx.clone() };
-        entry.loads_started += 1;
-        let spec = entry.spec.clone();
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            let started = Instant::now();
-            tracing::info!(model = %spec.id, "load started");
-            let result = inner.backend.load(&spec).await;
-            let mut orphan = None;
-            let outcome = {
-                let mut st = inner.lock();
-                let shutting_down = st.shutting_down;
-                let Some(entry) = st.models.get_mut(&spec.id) else {
-                    return;
-                };
-                match result {
-                    Ok(instance) if !shutting_down => {
-                        tracing::info!(model = %spec.id, pid = ?instance.pid(),
-                            elapsed_ms = started.elapsed().as_millis() as u64, "load finished");
-                        entry.slot = Slot::Ready {
-                            instance: Arc::new(instance),
-                            in_flight: 0,
-                        };
-                        Ok(())
-                    }
-                    Ok(instance) => {
-                        orphan = Some(instance);
-                        entry.slot = Slot::Absent { last_error: None };
-                        Err(BackendError::Failed("the pool is shutting down".into()))
-                    }
-                    Err(e) => {
-                        tracing::warn!(model = %spec.id, error = %e, "load failed");
-                        entry.slot = Slot::Absent {
-                            last_error: Some(e.to_string()),
-                        };
-                        Err(e)
-                    }
-                }
-            };
-            let _ = tx.send(Some(outcome));
-            if let Some(instance) = orphan {
-                instance.shutdown().await;
-            }
-        });
-        rx
+    /// Makes `id` resident without holding it (the `LoadModel` RPC); `pin` also pins it.
+    /// Returns how long the load took, or zero when it was resident already.
+    pub async fn load(&self, id: &str, pin: bool, deadline: Option<Instant>) -> Result<Duration, PoolError> {
+        let started = Instant::now();
+        let deadline = self.deadline(started, deadline);
+        if pin {
+            self.set_pinned(id, true)?;
+        }
+        let (interest, _) = self.enter_queue(id)?;
+        let lease = self.ready(id, started, deadline, None).await?;
+        drop(interest);
+        Ok(lease.load_wait)
     }
 
     /// Stops the worker of an idle model and waits until it is gone. Returns whether a
-    /// worker was stopped; a model with requests in flight is refused.
+    /// worker was stopped. Refused for a pinned model and one in use.
     pub async fn unload(&self, id: &str) -> Result<bool, PoolError> {
-        let instance = {
+        self.stop(id, EvictReason::Requested, false).await
+    }
+
+    /// Marks a model pinned (never evicted) or not.
+    pub fn set_pinned(&self, id: &str, pinned: bool) -> Result<(), PoolError> {
+        let changed = {
             let mut st = self.inner.lock();
-            let known = known_ids(&st);
-            let entry = st.models.get_mut(id).ok_or_else(|| PoolError::NotFound {
-                id: id.to_owned(),
-                known,
-            })?;
-            match &entry.slot {
-                Slot::Ready { in_flight, .. } if *in_flight > 0 => {
-                    return Err(PoolError::Busy {
-                        id: id.to_owned(),
-                        in_flight: *in_flight,
-                    })
-                }
-                _ => {}
-            }
-            match entry.slot.take_ready() {
-                Some(instance) => instance,
-                None => return Ok(false),
-            }
+            let entry = st.entry(id)?;
+            std::mem::replace(&mut entry.spec.pinned, pinned) != pinned
         };
-        instance.shutdown().await;
-        let mut st = self.inner.lock();
-        if let Some(entry) = st.models.get_mut(id) {
-            entry.slot = Slot::Absent { last_error: None };
+        if changed {
+            let kind = if pinned { EventKind::Pinned } else { EventKind::Unpinned };
+            self.inner.emit(id, kind);
         }
-        Ok(true)
+        Ok(())
+    }
+
+    /// Changes a device's budget. Resident models over a smaller budget stay until they
+    /// are evicted for room or idleness.
+    pub fn set_budget(&self, device: Device, budget_bytes: u64) {
+        self.inner.lock().budgets.insert(device, budget_bytes);
+        self.inner.emit("", EventKind::BudgetChanged { device, budget_bytes });
     }
 
     /// Stops every worker. Requests still holding leases lose their worker; call after
     /// draining.
     pub async fn shutdown(&self) {
-        let instances: Vec<_> = {
+        let victims: Vec<_> = {
             let mut st = self.inner.lock();
             st.shutting_down = true;
-            st.models
-                .values_mut()
-                .filter_map(|e| e.slot.take_ready())
+            let ids: Vec<String> = st.models.keys().cloned().collect();
+            ids.into_iter()
+                .filter_map(|id| st.take_ready(&id).map(|(inst, _)| (id, inst)))
                 .collect()
         };
-        for instance in instances {
+        for (id, instance) in victims {
             instance.shutdown().await;
+            let freed = self.inner.lock().finish_unload(&id);
+            self.inner.emit(
+                &id,
+                EventKind::Evicted {
+                    reason: EvictReason::Shutdown,
+                    freed_bytes: freed,
+                },
+            );
         }
+    }
+
+    fn deadline(&self, started: Instant, deadline: Option<Instant>) -> Instant {
+        let own = started + self.inner.config.queue_timeout;
+        deadline.map_or(own, |d| d.min(own))
+    }
+
+    fn not_found(&self, id: &str) -> PoolError {
+        let st = self.inner.lock();
+        PoolError::NotFound {
+            id: id.to_owned(),
+            known: st.known_ids(),
+        }
+    }
+
+    /// Counts the caller as waiting for `id` (which protects the model from eviction)
+    /// or refuses when the model's queue is full.
+    fn enter_queue(&self, id: &str) -> Result<(Interest<B>, Arc<Semaphore>), PoolError> {
         let mut st = self.inner.lock();
-        for e in st.models.values_mut() {
-            if matches!(e.slot, Slot::Unloading) {
-                e.slot = Slot::Absent { last_error: None };
+        if st.shutting_down {
+            return Err(PoolError::ShuttingDown);
+        }
+        let depth = self.inner.config.queue_depth;
+        let entry = st.entry(id)?;
+        if entry.interest >= depth {
+            return Err(PoolError::QueueFull {
+                id: id.to_owned(),
+                waiting: entry.interest,
+            });
+        }
+        entry.interest += 1;
+        let interest = Interest {
+            pool: Arc::clone(&self.inner),
+            id: id.to_owned(),
+        };
+        Ok((interest, Arc::clone(&entry.permits)))
+    }
+
+    /// Waits until `id` is ready, starting its load when nobody has, and returns a lease.
+    async fn ready(
+        &self,
+        id: &str,
+        started: Instant,
+        deadline: Instant,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> Result<Lease<B>, PoolError> {
+        let mut waited = false;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(PoolError::QueueTimeout {
+                    id: id.to_owned(),
+                    waited: started.elapsed(),
+                    reason: "its previous worker was still stopping".into(),
+                });
             }
+            let footprint = self.prediction(id)?;
+            let available = match footprint {
+                Some(_) => self.inner.probe.devices(),
+                None => Vec::new(),
+            };
+            let done = {
+                let mut st = self.inner.lock();
+                if st.shutting_down {
+                    return Err(PoolError::ShuttingDown);
+                }
+                let entry = st.entry(id)?;
+                match &entry.slot {
+                    Slot::Ready { instance, .. } => {
+                        let instance = Arc::clone(instance);
+                        entry.in_flight += 1;
+                        st.lru.promote(id);
+                        return Ok(Lease {
+                            pool: Arc::clone(&self.inner),
+                            id: id.to_owned(),
+                            instance,
+                            load_wait: if waited { started.elapsed() } else { Duration::ZERO },
+                            cold_start: waited,
+                            _permit: permit,
+                        });
+                    }
+                    Slot::Loading { done, .. } => Some(done.clone()),
+                    Slot::Absent => match footprint {
+                        Some(fp) => Some(self.start_load(&mut st, id, fp, &available)?),
+                        // Predicted in the next round, outside the lock.
+                        None => None,
+                    },
+                    // The old worker is still stopping; poll until it is gone.
+                    Slot::Unloading { .. } => {
+                        waited = true;
+                        None
+                    }
+                }
+            };
+            let Some(mut done) = done else {
+                if waited {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                continue;
+            };
+            waited = true;
+            // The load task always sends an outcome before dropping its sender.
+            let outcome = loop {
+                if let Some(outcome) = done.borrow_and_update().clone() {
+                    break outcome;
+                }
+                match tokio::time::timeout_at(deadline, done.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        break Err(PoolError::LoadFailed {
+                            id: id.to_owned(),
+                            source: BackendError::Failed("load task ended unexpectedly".into()),
+                        })
+                    }
+                    Err(_) => {
+                        return Err(PoolError::QueueTimeout {
+                            id: id.to_owned(),
+                            waited: started.elapsed(),
+                            reason: "the model was still loading".into(),
+                        })
+                    }
+                }
+            };
+            outcome?;
         }
     }
 
-    /// Every registered model, sorted by id.
-    pub fn snapshot(&self) -> Vec<ModelSnapshot> {
-        let rows: Vec<_> = {
-            let st = self.inner.lock();
-            st.models.values().map(snapshot_row).collect()
+    /// The model's predicted footprint, read from its file once and cached; `None`
+    /// when it is resident or loading (no prediction needed).
+    fn prediction(&self, id: &str) -> Result<Option<Footprint>, PoolError> {
+        let spec = {
+            let mut st = self.inner.lock();
+            let entry = st.entry(id)?;
+            if !matches!(entry.slot, Slot::Absent) {
+                return Ok(None);
+            }
+            if let Some(fp) = &entry.prediction {
+                return Ok(Some(fp.clone()));
+            }
+            entry.spec.clone()
         };
-        // Reading /proc for the memory figures happens outside the lock.
-        rows.into_iter()
-            .map(|(snap, inst)| finish_row(snap, inst))
-            .collect()
+        let fp = self.inner.backend.footprint(&spec).map_err(|source| {
+            let mut st = self.inner.lock();
+            if let Ok(e) = st.entry(id) {
+                e.last_error = Some(source.to_string());
+            }
+            PoolError::LoadFailed {
+                id: id.to_owned(),
+                source,
+            }
+        })?;
+        let mut st = self.inner.lock();
+        if let Ok(e) = st.entry(id) {
+            if e.spec == spec {
+                e.prediction = Some(fp.clone());
+            }
+        }
+        Ok(Some(fp))
     }
 
-    /// One model by id.
-    pub fn get(&self, id: &str) -> Result<ModelSnapshot, PoolError> {
-        let row = {
-            let st = self.inner.lock();
-            match st.models.get(id) {
-                Some(e) => snapshot_row(e),
-                None => {
-                    return Err(PoolError::NotFound {
-                        id: id.to_owned(),
-                        known: known_ids(&st),
-                    })
+    /// Admits `id` (evicting LRU victims if needed), marks it loading and spawns the
+    /// load. Fails at once, evicting nothing, when the model cannot fit.
+    fn start_load(
+        &self,
+        st: &mut State<B::Instance>,
+        id: &str,
+        footprint: Footprint,
+        available: &[DeviceMemory],
+    ) -> Result<watch::Receiver<LoadOutcome>, PoolError> {
+        let victims = st
+            .admit(id, &footprint.charge, available, self.inner.config.headroom_bytes)
+            .map_err(|shortfall| {
+                tracing::warn!(model = %id, %shortfall, "model does not fit");
+                PoolError::InsufficientMemory {
+                    id: id.to_owned(),
+                    shortfall,
                 }
+            })?;
+        let evicted: Vec<_> = victims
+            .into_iter()
+            .filter_map(|v| st.take_ready(&v).map(|(inst, _)| (v, inst)))
+            .collect();
+        let (tx, rx) = watch::channel(None);
+        let entry = st.entry(id)?;
+        entry.slot = Slot::Loading {
+            done: rx.clone(),
+            charge: footprint.charge.clone(),
+        };
+        entry.loads_started += 1;
+        let spec = entry.spec.clone();
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            for (victim, instance) in evicted {
+                tracing::info!(model = %victim, for_model = %spec.id, "evicting to make room");
+                instance.shutdown().await;
+                let freed = inner.lock().finish_unload(&victim);
+                let reason = EvictReason::MakeRoom {
+                    for_model: spec.id.clone(),
+                };
+                inner.emit(&victim, EventKind::Evicted { reason, freed_bytes: freed });
+            }
+            let outcome = run_load(&inner, &spec, footprint).await;
+            let _ = tx.send(Some(outcome));
+        });
+        Ok(rx)
+    }
+
+    /// Stops a ready model unless something holds it; `force_pinned` lets unregister
+    /// stop a pinned model.
+    async fn stop(&self, id: &str, reason: EvictReason, force_pinned: bool) -> Result<bool, PoolError> {
+        let instance = {
+            let mut st = self.inner.lock();
+            let entry = st.entry(id)?;
+            if entry.in_flight > 0 || entry.interest > 0 || matches!(entry.slot, Slot::Loading { .. }) {
+                return Err(busy(id, entry));
+            }
+            if entry.spec.pinned && !force_pinned && matches!(entry.slot, Slot::Ready { .. }) {
+                return Err(PoolError::Pinned { id: id.to_owned() });
+            }
+            match st.take_ready(id) {
+                Some((instance, _)) => instance,
+                None => return Ok(false),
             }
         };
-        Ok(finish_row(row.0, row.1))
+        instance.shutdown().await;
+        let freed = self.inner.lock().finish_unload(id);
+        tracing::info!(model = %id, %reason, freed_bytes = freed, "evicted");
+        self.inner.emit(id, EventKind::Evicted { reason, freed_bytes: freed });
+        Ok(true)
     }
 }
 
-fn known_ids<I>(st: &State<I>) -> String {
-    if st.models.is_empty() {
-        return "none".into();
+fn busy<I>(id: &str, entry: &Entry<I>) -> PoolError {
+    PoolError::Busy {
+        id: id.to_owned(),
+        in_flight: entry.in_flight,
+        waiting: entry.interest,
+        loading: matches!(entry.slot, Slot::Loading { .. }),
     }
-    st.models.keys().cloned().collect::<Vec<_>>().join(", ")
 }
 
-fn snapshot_row<I: Instance>(e: &Entry<I>) -> (ModelSnapshot, Option<Arc<I>>) {
-    let (state, in_flight, last_error, instance) = match &e.slot {
-        Slot::Absent { last_error: None } => (SlotState::Registered, 0, None, None),
-        Slot::Absent {
-            last_error: Some(err),
-        } => (SlotState::Failed, 0, Some(err.clone()), None),
-        Slot::Loading { .. } => (SlotState::Loading, 0, None, None),
-        Slot::Ready {
-            instance,
-            in_flight,
-        } => (
-            SlotState::Ready,
-            *in_flight,
-            None,
-            Some(Arc::clone(instance)),
-        ),
-        Slot::Unloading => (SlotState::Unloading, 0, None, None),
+fn permits_total<B: Backend>(inner: &Inner<B>, id: &str) -> u32 {
+    let mut st = inner.lock();
+    st.entry(id).map_or(0, |e| e.spec.max_concurrency)
+}
+
+/// Runs one load and records its result; returns what waiters should see.
+async fn run_load<B: Backend>(
+    inner: &Arc<Inner<B>>,
+    spec: &ModelSpec,
+    footprint: Footprint,
+) -> Result<(), PoolError> {
+    let started = Instant::now();
+    let predicted_bytes = footprint.total_bytes();
+    tracing::info!(model = %spec.id, predicted_bytes, "load started");
+    inner.emit(&spec.id, EventKind::LoadStarted { predicted_bytes });
+    let result = inner.backend.load(spec).await;
+    let duration = started.elapsed();
+    let mut orphan = None;
+    let outcome = {
+        let mut st = inner.lock();
+        let shutting_down = st.shutting_down;
+        let Ok(entry) = st.entry(&spec.id) else {
+            return Err(PoolError::NotFound {
+                id: spec.id.clone(),
+                known: String::new(),
+            });
+        };
+        match result {
+            Ok(instance) if !shutting_down => {
+                let measured = state::measure(inner.probe.as_ref(), &instance, spec.device);
+                let charge = state::charge_after_load(&footprint, &measured, spec.device);
+                let base_predicted = footprint.weights_bytes + footprint.overhead_bytes;
+                let base_measured = measured.get(spec.device);
+                let error_pct = state::error_pct(base_predicted, base_measured);
+                tracing::info!(model = %spec.id, pid = ?instance.pid(),
+                    elapsed_ms = duration.as_millis() as u64, base_predicted, base_measured,
+                    prediction_error_pct = format!("{error_pct:+.1}"), "load finished");
+                entry.slot = Slot::Ready {
+                    instance: Arc::new(instance),
+                    charge,
+                    measured,
+                    loaded_at: SystemTime::now(),
+                };
+                entry.base_measured_bytes = base_measured;
+                entry.last_error = None;
+                entry.touch();
+                st.lru.put(spec.id.clone(), ());
+                inner.emit(
+                    &spec.id,
+                    EventKind::LoadFinished {
+                        duration,
+                        predicted_bytes,
+                        measured_bytes: base_measured,
+                    },
+                );
+                Ok(())
+            }
+            Ok(instance) => {
+                orphan = Some(instance);
+                entry.slot = Slot::Absent;
+                Err(PoolError::ShuttingDown)
+            }
+            Err(source) => {
+                tracing::warn!(model = %spec.id, error = %source, "load failed");
+                entry.slot = Slot::Absent;
+                entry.last_error = Some(source.to_string());
+                inner.emit(
+                    &spec.id,
+                    EventKind::LoadFailed {
+                        duration,
+                        error: source.to_string(),
+                    },
+                );
+                Err(PoolError::LoadFailed {
+                    id: spec.id.clone(),
+                    source,
+                })
+            }
+        }
     };
-    let snap = ModelSnapshot {
-        spec: e.spec.clone(),
-        state,
-        worker_pid: None,
-        resident_bytes: 0,
-        in_flight,
-        last_error,
-        loads_started: e.loads_started,
-    };
-    (snap, instance)
+    if let Some(instance) = orphan {
+        instance.shutdown().await;
+    }
+    outcome
 }
 
-fn finish_row<I: Instance>(mut snap: ModelSnapshot, instance: Option<Arc<I>>) -> ModelSnapshot {
-    if let Some(inst) = instance {
-        snap.worker_pid = inst.pid();
-        snap.resident_bytes = inst.resident_bytes();
+/// Every 250 ms, evicts models idle past their TTL. Ends when the pool is dropped or
+/// shuts down.
+async fn reap_idle<B: Backend>(inner: Weak<Inner<B>>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let expired: Vec<(String, Duration)> = {
+            let st = inner.lock();
+            if st.shutting_down {
+                return;
+            }
+            st.models
+                .iter()
+                .filter_map(|(id, e)| {
+                    let ttl = e.spec.idle_ttl?;
+                    let idle = e.last_used.elapsed();
+                    let idle_ready = matches!(e.slot, Slot::Ready { .. })
+                        && e.in_flight == 0
+                        && e.interest == 0
+                        && !e.spec.pinned;
+                    (idle_ready && idle >= ttl).then(|| (id.clone(), idle))
+                })
+                .collect()
+        };
+        let pool = Pool { inner };
+        for (id, idle) in expired {
+            // A request may have arrived since; then `stop` refuses and that is right.
+            let _ = pool.stop(&id, EvictReason::IdleTtl { idle }, false).await;
+        }
     }
-    snap
+}
+
+/// A caller waiting for a model. While it exists the model is not evicted, so a load
+/// started for waiting requests always serves them.
+struct Interest<B: Backend> {
+    pool: Arc<Inner<B>>,
+    id: String,
+}
+
+impl<B: Backend> Drop for Interest<B> {
+    fn drop(&mut self) {
+        let mut st = self.pool.lock();
+        if let Ok(e) = st.entry(&self.id) {
+            e.interest = e.interest.saturating_sub(1);
+        }
+    }
 }
 
 /// A request's claim on a resident model. While any lease on a model exists, the pool
-/// does not unload it. Dropping the lease releases the claim.
+/// does not unload it. Dropping the lease releases the claim and its concurrency slot.
 pub struct Lease<B: Backend> {
     pool: Arc<Inner<B>>,
     id: String,
     instance: Arc<B::Instance>,
     load_wait: Duration,
     cold_start: bool,
+    _permit: Option<OwnedSemaphorePermit>,
 }
 
 impl<B: Backend> Lease<B> {
@@ -393,12 +658,9 @@ impl<B: Backend> Lease<B> {
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
-        if let Some(Entry {
-            slot: Slot::Ready { in_flight, .. },
-            ..
-        }) = st.models.get_mut(&self.id)
-        {
-            *in_flight = in_flight.saturating_sub(1);
+        if let Ok(e) = st.entry(&self.id) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+            e.touch();
         }
     }
 }

@@ -1,8 +1,11 @@
 //! What the pool knows about a model, and the contract an inference engine fulfils to
 //! make one resident.
 
+use std::collections::BTreeMap;
+use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// File format of a model's weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +21,81 @@ impl ModelFormat {
     }
 }
 
+/// A memory tier the pool budgets: host RAM or one GPU's VRAM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Device {
+    Cpu,
+    Cuda(u32),
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}; expected cpu, cuda:N or auto")),
+        }
+    }
+}
+
+/// Bytes charged to each device. A CPU model charges RAM only; a GPU model charges its
+/// GPU and the host memory its worker process needs besides.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Charge(pub BTreeMap<Device, u64>);
+
+impl Charge {
+    pub fn on(device: Device, bytes: u64) -> Self {
+        Self(BTreeMap::from([(device, bytes)]))
+    }
+    pub fn get(&self, device: Device) -> u64 {
+        self.0.get(&device).copied().unwrap_or(0)
+    }
+    pub fn add(&mut self, other: &Charge) {
+        for (d, b) in &other.0 {
+            *self.0.entry(*d).or_default() += b;
+        }
+    }
+    /// Sum over devices, for one-number displays.
+    pub fn total(&self) -> u64 {
+        self.0.values().sum()
+    }
+}
+
+/// A model's predicted memory, from its file header and the engine's measured overhead.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Weights as the engine holds them.
+    pub weights_bytes: u64,
+    /// KV cache for the configured context and sequences, fully grown.
+    pub kv_bytes: u64,
+    /// Runtime, tokenizer, buffers: measured per engine.
+    pub overhead_bytes: u64,
+    /// Scratch memory of a prompt that fills the context (attention mask and
+    /// activations of a one-pass prefill).
+    pub activation_bytes: u64,
+    /// The bytes to reserve, per device.
+    pub charge: Charge,
+}
+
+impl Footprint {
+    pub fn total_bytes(&self) -> u64 {
+        self.charge.total()
+    }
+}
+
 /// A registered model: everything needed to load it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
@@ -26,10 +104,35 @@ pub struct ModelSpec {
     /// Path of the weights file.
     pub source: PathBuf,
     pub format: ModelFormat,
+    /// Where its weights and KV cache live; `auto` is resolved before the pool sees it.
+    pub device: Device,
     /// Tokens of context to allocate for.
     pub context_length: u32,
     /// Sequences the engine may batch at once.
     pub max_sequences: u32,
+    /// Requests served at once; more wait in the model's queue.
+    pub max_concurrency: u32,
+    /// A pinned model is never evicted to make room or for idleness.
+    pub pinned: bool,
+    /// Unload after this long without requests.
+    pub idle_ttl: Option<Duration>,
+}
+
+impl ModelSpec {
+    /// A spec with the defaults the server uses for fields a config leaves out.
+    pub fn new(id: impl Into<String>, source: impl Into<PathBuf>) -> Self {
+        Self {
+            id: id.into(),
+            source: source.into(),
+            format: ModelFormat::Gguf,
+            device: Device::Cpu,
+            context_length: 4096,
+            max_sequences: 1,
+            max_concurrency: 4,
+            pinned: false,
+            idle_ttl: None,
+        }
+    }
 }
 
 /// Why a backend could not make a model resident.
@@ -53,6 +156,10 @@ pub trait Instance: Send + Sync + 'static {
     fn pid(&self) -> Option<u32>;
     /// Bytes of memory the worker holds right now.
     fn resident_bytes(&self) -> u64;
+    /// The most bytes the worker has held at once.
+    fn peak_bytes(&self) -> u64 {
+        self.resident_bytes()
+    }
     /// Stops the worker and returns once its memory is released.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
 }
@@ -61,6 +168,8 @@ pub trait Instance: Send + Sync + 'static {
 /// fakes.
 pub trait Backend: Send + Sync + 'static {
     type Instance: Instance;
+    /// Predicts what loading `spec` will cost, before anything is loaded.
+    fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError>;
     fn load(
         &self,
         spec: &ModelSpec,

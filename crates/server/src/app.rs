@@ -4,11 +4,14 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use modelpool_engine::{WorkerBackend, WorkerBackendConfig};
-use modelpool_pool::Pool;
+use modelpool_pool::budget::human_bytes;
+use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, SystemProbe};
 use modelpool_proto::v1::inference_server::InferenceServer;
 use modelpool_proto::v1::model_control_server::ModelControlServer;
 use tokio::net::TcpListener;
@@ -16,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::config::Settings;
+use crate::config::{PoolSettings, Settings};
 use crate::control::ControlService;
 use crate::inference::InferenceService;
 
@@ -83,7 +86,12 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         runtime_dir: runtime_dir.clone(),
         load_timeout: settings.load_timeout,
     });
-    let pool = Pool::new(backend, settings.models.clone());
+    let probe = Arc::new(SystemProbe::new());
+    let pool_config = pool_config(&settings.pool, probe.as_ref());
+    for (device, bytes) in &pool_config.budgets {
+        tracing::info!(%device, budget = %human_bytes(*bytes), "budget");
+    }
+    let pool = Pool::new(backend, probe, pool_config, settings.models.clone());
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve(
         listener,
@@ -138,9 +146,12 @@ async fn serve(
     // The shutdown signal first flips health to NOT_SERVING so load balancers and
     // probes stop sending, then tonic stops accepting and drains.
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
     let health_for_shutdown = health.clone();
     let graceful = async move {
         shutdown.await;
+        // Endless streams (WatchEvents) end now so they do not hold up the drain.
+        let _ = draining_tx.send(true);
         tracing::info!("shutting down: draining in-flight requests");
         health_for_shutdown
             .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -159,7 +170,7 @@ async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InferenceServer::new(InferenceService::new(pool.clone())))
-        .add_service(ModelControlServer::new(ControlService::new(pool.clone())));
+        .add_service(ModelControlServer::new(ControlService::new(pool.clone(), draining_rx)));
     let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
     tokio::pin!(server);
     let result = tokio::select! {
@@ -176,6 +187,31 @@ async fn serve(
     let _ = std::fs::remove_dir_all(&runtime_dir);
     tracing::info!("modelpool stopped");
     result.map_err(|e| StartError::Serve(e.to_string()))
+}
+
+/// Budgets per device from the `[pool]` settings and what the machine has; a GPU gets a
+/// budget only where NVML sees it.
+fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> PoolConfig {
+    let budgets: BTreeMap<Device, u64> = probe
+        .devices()
+        .iter()
+        .map(|d| {
+            let setting = match d.device {
+                Device::Cpu => settings.ram_budget,
+                Device::Cuda(_) => settings.vram_budget,
+            };
+            (d.device, setting.resolve(d.total_bytes, settings))
+        })
+        .collect();
+    if let Some(reason) = probe.gpu_absent_reason() {
+        tracing::info!(%reason, "VRAM tier absent");
+    }
+    PoolConfig {
+        budgets,
+        headroom_bytes: settings.reserve_bytes,
+        queue_depth: settings.queue_depth,
+        queue_timeout: settings.queue_timeout,
+    }
 }
 
 /// Creates `<base>/modelpool-<pid>` with mode 0700 for worker sockets, after removing

@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use modelpool_pool::{ModelFormat, ModelSpec};
+use modelpool_pool::budget::parse_bytes;
+use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec};
 use serde::Deserialize;
 
 /// Exit code for an unusable configuration (EX_USAGE).
@@ -14,6 +15,7 @@ pub const EXIT_CONFIG: i32 = 64;
 const MIN_CONTEXT: u32 = 16;
 const MAX_CONTEXT: u32 = 1 << 20;
 const MAX_SEQUENCES: u32 = 1024;
+const MAX_CONCURRENCY: u32 = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -42,6 +44,7 @@ pub struct Settings {
     pub runtime_dir: PathBuf,
     /// The binary that runs workers; the running executable when unset.
     pub worker_exe: Option<PathBuf>,
+    pub pool: PoolSettings,
     pub models: Vec<ModelSpec>,
 }
 
@@ -53,7 +56,20 @@ struct RawSettings {
     #[serde(default)]
     workers: RawWorkers,
     #[serde(default)]
+    pool: RawPool,
+    #[serde(default)]
     models: Vec<RawModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    ram_budget: Option<String>,
+    vram_budget: Option<String>,
+    auto_fraction: Option<f64>,
+    reserve: Option<String>,
+    queue_depth: Option<u32>,
+    queue_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -71,14 +87,52 @@ struct RawWorkers {
     exe: Option<PathBuf>,
 }
 
-#[derive(Deserialize)]
+/// A model as a config file or a `RegisterModel` request describes it.
+#[derive(Deserialize, Default, Clone, Debug)]
 #[serde(deny_unknown_fields)]
-struct RawModel {
-    id: String,
-    path: PathBuf,
-    format: Option<String>,
-    context_length: Option<u32>,
-    max_sequences: Option<u32>,
+pub struct RawModel {
+    pub id: String,
+    pub path: PathBuf,
+    pub format: Option<String>,
+    pub device: Option<String>,
+    pub context_length: Option<u32>,
+    pub max_sequences: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub pinned: Option<bool>,
+    pub idle_ttl: Option<String>,
+}
+
+/// A budget as configured: absolute bytes, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BudgetSetting {
+    Bytes(u64),
+    /// `total * auto_fraction - reserve`.
+    Auto,
+}
+
+impl BudgetSetting {
+    /// Bytes for a device with `total_bytes`.
+    pub fn resolve(self, total_bytes: u64, pool: &PoolSettings) -> u64 {
+        match self {
+            BudgetSetting::Bytes(b) => b,
+            BudgetSetting::Auto => ((total_bytes as f64 * pool.auto_fraction) as u64)
+                .saturating_sub(pool.reserve_bytes),
+        }
+    }
+}
+
+/// The `[pool]` section, validated.
+#[derive(Clone, Debug)]
+pub struct PoolSettings {
+    pub ram_budget: BudgetSetting,
+    /// Per GPU.
+    pub vram_budget: BudgetSetting,
+    pub auto_fraction: f64,
+    /// Kept free on every device: subtracted from `auto` budgets and from the memory
+    /// the machine reports available when admitting a model.
+    pub reserve_bytes: u64,
+    pub queue_depth: u32,
+    pub queue_timeout: Duration,
 }
 
 impl Settings {
@@ -136,62 +190,14 @@ impl Settings {
         if load_timeout.is_zero() {
             return Err(invalid("workers.load_timeout", "must be above zero"));
         }
+        let pool = pool_settings(raw.pool)?;
         let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.models.len());
         for (i, m) in raw.models.into_iter().enumerate() {
-            let key = |k: &str| format!("models[{i}].{k}");
-            if m.id.is_empty()
-                || m.id.len() > 128
-                || !m
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
-            {
-                return Err(invalid(
-                    key("id"),
-                    format!(
-                        "must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}",
-                        m.id
-                    ),
-                ));
+            let spec = model_spec(m, base).map_err(|(k, reason)| invalid(format!("models[{i}].{k}"), reason))?;
+            if models.iter().any(|o| o.id == spec.id) {
+                return Err(invalid(format!("models[{i}].id"), format!("duplicate id {:?}", spec.id)));
             }
-            if models.iter().any(|o| o.id == m.id) {
-                return Err(invalid(key("id"), format!("duplicate id {:?}", m.id)));
-            }
-            let format = match m.format.as_deref().unwrap_or("gguf") {
-                "gguf" => ModelFormat::Gguf,
-                other => {
-                    return Err(invalid(
-                        key("format"),
-                        format!("unsupported format {other:?}; supported: gguf"),
-                    ))
-                }
-            };
-            let context_length = m.context_length.unwrap_or(4096);
-            if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
-                return Err(invalid(
-                    key("context_length"),
-                    format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}"),
-                ));
-            }
-            let max_sequences = m.max_sequences.unwrap_or(4);
-            if !(1..=MAX_SEQUENCES).contains(&max_sequences) {
-                return Err(invalid(
-                    key("max_sequences"),
-                    format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
-                ));
-            }
-            let source = if m.path.is_absolute() {
-                m.path
-            } else {
-                base.join(m.path)
-            };
-            models.push(ModelSpec {
-                id: m.id,
-                source,
-                format,
-                context_length,
-                max_sequences,
-            });
+            models.push(spec);
         }
         Ok(Settings {
             listen,
@@ -199,9 +205,117 @@ impl Settings {
             load_timeout,
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),
             worker_exe: raw.workers.exe,
+            pool,
             models,
         })
     }
+}
+
+fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
+    let budget = |key: &str, v: Option<String>| -> Result<BudgetSetting, ConfigError> {
+        match v.as_deref().map(str::trim) {
+            None | Some("auto") => Ok(BudgetSetting::Auto),
+            Some(text) => parse_bytes(text)
+                .map(BudgetSetting::Bytes)
+                .map_err(|e| invalid(key, format!("{e}; or \"auto\""))),
+        }
+    };
+    let auto_fraction = raw.auto_fraction.unwrap_or(0.85);
+    if !(0.05..=0.98).contains(&auto_fraction) {
+        return Err(invalid(
+            "pool.auto_fraction",
+            format!("must be 0.05..=0.98 (never all of a device), got {auto_fraction}"),
+        ));
+    }
+    let reserve_bytes = parse_bytes(raw.reserve.as_deref().unwrap_or("512MiB"))
+        .map_err(|e| invalid("pool.reserve", e))?;
+    let queue_depth = raw.queue_depth.unwrap_or(64);
+    if !(1..=100_000).contains(&queue_depth) {
+        return Err(invalid("pool.queue_depth", format!("must be 1..=100000, got {queue_depth}")));
+    }
+    let queue_timeout = duration("pool.queue_timeout", raw.queue_timeout, "60s")?;
+    if queue_timeout.is_zero() {
+        return Err(invalid("pool.queue_timeout", "must be above zero"));
+    }
+    Ok(PoolSettings {
+        ram_budget: budget("pool.ram_budget", raw.ram_budget)?,
+        vram_budget: budget("pool.vram_budget", raw.vram_budget)?,
+        auto_fraction,
+        reserve_bytes,
+        queue_depth,
+        queue_timeout,
+    })
+}
+
+/// Validates one model; an error names the field (without the `models[i].` prefix).
+pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, String)> {
+    if m.id.is_empty()
+        || m.id.len() > 128
+        || !m.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+    {
+        return Err(("id", format!("must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}", m.id)));
+    }
+    if m.path.as_os_str().is_empty() {
+        return Err(("path", "required".into()));
+    }
+    let format = match m.format.as_deref().unwrap_or("gguf") {
+        "gguf" | "" => ModelFormat::Gguf,
+        other => return Err(("format", format!("unsupported format {other:?}; supported: gguf"))),
+    };
+    let device = match m.device.as_deref().unwrap_or("cpu") {
+        "auto" => auto_device(),
+        "" => Device::Cpu,
+        text => text.parse::<Device>().map_err(|e| ("device", e))?,
+    };
+    if device != Device::Cpu && !cfg!(feature = "cuda") {
+        return Err((
+            "device",
+            format!("{device} needs modelpool built with the `cuda` feature; this build is CPU-only (use \"cpu\" or \"auto\")"),
+        ));
+    }
+    let context_length = m.context_length.unwrap_or(4096);
+    if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
+        return Err(("context_length", format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}")));
+    }
+    let max_sequences = m.max_sequences.unwrap_or(1);
+    if !(1..=MAX_SEQUENCES).contains(&max_sequences) {
+        return Err(("max_sequences", format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}")));
+    }
+    let max_concurrency = m.max_concurrency.unwrap_or(4);
+    if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
+        return Err(("max_concurrency", format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}")));
+    }
+    let idle_ttl = match m.idle_ttl.as_deref() {
+        None | Some("") | Some("never") => None,
+        Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+            ("idle_ttl", format!("not a duration like \"10m\" or \"never\" ({e}), got {text:?}"))
+        })?)
+        .filter(|d| !d.is_zero()),
+    };
+    let source = if m.path.is_absolute() { m.path } else { base.join(m.path) };
+    Ok(ModelSpec {
+        id: m.id,
+        source,
+        format,
+        device,
+        context_length,
+        max_sequences,
+        max_concurrency,
+        pinned: m.pinned.unwrap_or(false),
+        idle_ttl,
+    })
+}
+
+/// `device = "auto"`: the first GPU when this build has CUDA and the machine a GPU,
+/// otherwise the CPU.
+fn auto_device() -> Device {
+    if cfg!(feature = "cuda") {
+        let probe = modelpool_pool::SystemProbe::new();
+        if probe.devices().iter().any(|d| d.device == Device::Cuda(0)) {
+            return Device::Cuda(0);
+        }
+    }
+    Device::Cpu
 }
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
@@ -229,6 +343,29 @@ mod tests {
         assert_eq!(s.drain_timeout, Duration::from_secs(30));
         assert_eq!(s.models[0].source, PathBuf::from("/etc/modelpool/x.gguf"));
         assert_eq!(s.models[0].context_length, 4096);
+        assert_eq!(s.models[0].device, Device::Cpu);
+        assert_eq!(s.pool.ram_budget, BudgetSetting::Auto);
+    }
+
+    #[test]
+    fn budgets_and_model_options() {
+        let s = Settings::from_toml(
+            "[pool]\nram_budget = \"6GiB\"\nreserve = \"1GiB\"\nauto_fraction = 0.5\n\
+             [[models]]\nid = \"m\"\npath = \"x.gguf\"\npinned = true\nidle_ttl = \"10m\"\nmax_concurrency = 2",
+            Path::new("/"),
+        )
+        .unwrap();
+        assert_eq!(s.pool.ram_budget, BudgetSetting::Bytes(6 << 30));
+        assert_eq!(BudgetSetting::Auto.resolve(16 << 30, &s.pool), 7 << 30);
+        let m = &s.models[0];
+        assert!(m.pinned);
+        assert_eq!((m.idle_ttl, m.max_concurrency), (Some(Duration::from_secs(600)), 2));
+        if !cfg!(feature = "cuda") {
+            let err = Settings::from_toml("[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"cuda:0\"", Path::new("/"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`cuda` feature"), "{err}");
+        }
     }
 
     #[test]
@@ -248,6 +385,11 @@ mod tests {
                 "[[models]]\nid = \"a\"\npath = \"a\"\nformat = \"onnx\"",
                 "models[0].format",
             ),
+            ("[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"tpu\"", "models[0].device"),
+            ("[[models]]\nid = \"a\"\npath = \"a\"\nidle_ttl = \"soon\"", "models[0].idle_ttl"),
+            ("[pool]\nram_budget = \"6 parsecs\"", "pool.ram_budget"),
+            ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
+            ("[pool]\nqueue_depth = 0", "pool.queue_depth"),
         ];
         for (toml, key) in cases {
             let err = Settings::from_toml(toml, Path::new("/"))

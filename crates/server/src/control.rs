@@ -1,26 +1,66 @@
-//! `modelpool.v1.ModelControl`: what the pool knows and what state each model is in.
+//! `modelpool.v1.ModelControl`: what the pool knows, what is resident and why, and the
+//! operator's levers (register, load, pin, evict) plus the live event stream.
 
+use std::path::Path;
+use std::pin::Pin;
+use std::time::SystemTime;
+
+use futures::Stream;
 use modelpool_engine::WorkerBackend;
-use modelpool_pool::{ModelFormat as PoolFormat, ModelSnapshot, Pool, SlotState};
-use modelpool_proto::v1::model_control_server::ModelControl;
-use modelpool_proto::v1::{
-    GetModelRequest, ListModelsRequest, ListModelsResponse, ModelFormat, ModelInfo, ModelState,
+use modelpool_pool::{
+    EventKind, EvictReason, ModelFormat as PoolFormat, ModelSnapshot, Pool, PoolEvent, SlotState,
 };
+use modelpool_proto::v1::model_control_server::ModelControl;
+use modelpool_proto::v1::pool_event::{self, Kind};
+use modelpool_proto::v1::{
+    DeviceStatus, EvictModelRequest, EvictModelResponse, Footprint, GetModelRequest,
+    GetPoolStatusRequest, ListModelsRequest, ListModelsResponse, LoadModelRequest,
+    LoadModelResponse, ModelFormat, ModelInfo, ModelState, PinModelRequest, PoolStatus,
+    RegisterModelRequest, UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse,
+    WatchEventsRequest,
+};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
+use crate::config::{model_spec, RawModel};
 use crate::error::ServerError;
+use crate::inference::deadline_of;
 
 pub struct ControlService {
     pool: Pool<WorkerBackend>,
+    /// Turns true when the server starts draining; event streams end then.
+    draining: watch::Receiver<bool>,
 }
 
 impl ControlService {
-    pub fn new(pool: Pool<WorkerBackend>) -> Self {
-        Self { pool }
+    pub fn new(pool: Pool<WorkerBackend>, draining: watch::Receiver<bool>) -> Self {
+        Self { pool, draining }
+    }
+
+    fn info(&self, id: &str) -> Result<Response<ModelInfo>, Status> {
+        let snap = self.pool.get(id).map_err(ServerError::from)?;
+        Ok(Response::new(info(snap)))
     }
 }
 
+fn required_id(id: String) -> Result<String, Status> {
+    if id.is_empty() {
+        return Err(ServerError::invalid("id", "required").into());
+    }
+    Ok(id)
+}
+
+pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+    prost_types::Timestamp::from(t)
+}
+
+fn proto_duration(d: std::time::Duration) -> Option<prost_types::Duration> {
+    prost_types::Duration::try_from(d).ok()
+}
+
 fn info(s: ModelSnapshot) -> ModelInfo {
+    let error_pct = s.prediction_error_pct().unwrap_or(0.0);
     let mut out = ModelInfo {
         id: s.spec.id,
         source: s.spec.source.display().to_string(),
@@ -29,6 +69,26 @@ fn info(s: ModelSnapshot) -> ModelInfo {
         resident_bytes: s.resident_bytes,
         in_flight_requests: s.in_flight,
         last_error: s.last_error.unwrap_or_default(),
+        device: s.spec.device.to_string(),
+        pinned: s.spec.pinned,
+        max_sequences: s.spec.max_sequences,
+        max_concurrency: s.spec.max_concurrency,
+        idle_ttl: s.spec.idle_ttl.and_then(proto_duration),
+        waiting_requests: s.waiting,
+        peak_bytes: s.peak_bytes,
+        charged_bytes: s.charged_bytes,
+        predicted: s.predicted.map(|f| Footprint {
+            weights_bytes: f.weights_bytes,
+            kv_cache_bytes: f.kv_bytes,
+            overhead_bytes: f.overhead_bytes,
+            activation_bytes: f.activation_bytes,
+            total_bytes: f.total_bytes(),
+        }),
+        load_measured_bytes: s.load_measured_bytes,
+        prediction_error_percent: error_pct,
+        last_used: Some(timestamp(s.last_used)),
+        loaded_at: s.loaded_at.map(timestamp),
+        loads_started: s.loads_started,
         ..Default::default()
     };
     out.set_format(match s.spec.format {
@@ -44,6 +104,60 @@ fn info(s: ModelSnapshot) -> ModelInfo {
     out
 }
 
+/// A pool event on the wire.
+pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
+    let kind = match ev.kind {
+        EventKind::Registered => Kind::Registered(pool_event::Registered {}),
+        EventKind::Unregistered => Kind::Unregistered(pool_event::Unregistered {}),
+        EventKind::LoadStarted { predicted_bytes } => {
+            Kind::LoadStarted(pool_event::LoadStarted { predicted_bytes })
+        }
+        EventKind::LoadFinished {
+            duration,
+            predicted_bytes,
+            measured_bytes,
+        } => Kind::LoadFinished(pool_event::LoadFinished {
+            duration: proto_duration(duration),
+            predicted_bytes,
+            measured_bytes,
+        }),
+        EventKind::LoadFailed { duration, error } => Kind::LoadFailed(pool_event::LoadFailed {
+            duration: proto_duration(duration),
+            error,
+        }),
+        EventKind::Evicted {
+            reason,
+            freed_bytes,
+        } => Kind::Evicted(pool_event::Evicted {
+            reason: match reason {
+                EvictReason::MakeRoom { .. } => "lru",
+                EvictReason::IdleTtl { .. } => "idle_ttl",
+                EvictReason::Requested => "requested",
+                EvictReason::Shutdown => "shutdown",
+            }
+            .into(),
+            detail: reason.to_string(),
+            freed_bytes,
+        }),
+        EventKind::Pinned => Kind::Pinned(pool_event::Pinned {}),
+        EventKind::Unpinned => Kind::Unpinned(pool_event::Unpinned {}),
+        EventKind::BudgetChanged {
+            device,
+            budget_bytes,
+        } => Kind::BudgetChanged(pool_event::BudgetChanged {
+            device: device.to_string(),
+            budget_bytes,
+        }),
+    };
+    modelpool_proto::v1::PoolEvent {
+        time: Some(timestamp(ev.at)),
+        model: ev.model,
+        kind: Some(kind),
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<modelpool_proto::v1::PoolEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ModelControl for ControlService {
     async fn list_models(
@@ -58,11 +172,160 @@ impl ModelControl for ControlService {
         &self,
         request: Request<GetModelRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
-        let id = request.into_inner().id;
-        if id.is_empty() {
-            return Err(ServerError::invalid("id", "required").into());
+        self.info(&required_id(request.into_inner().id)?)
+    }
+
+    async fn register_model(
+        &self,
+        request: Request<RegisterModelRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
+        let r = request.into_inner();
+        let idle_ttl = match r.idle_ttl {
+            Some(d) => {
+                let d = std::time::Duration::try_from(d)
+                    .map_err(|_| ServerError::invalid("idle_ttl", "must not be negative"))?;
+                Some(humantime::format_duration(d).to_string())
+            }
+            None => None,
+        };
+        let raw = RawModel {
+            id: r.id,
+            path: r.path.into(),
+            format: Some(r.format).filter(|f| !f.is_empty()),
+            device: Some(r.device).filter(|d| !d.is_empty()),
+            context_length: r.context_length,
+            max_sequences: r.max_sequences,
+            max_concurrency: r.max_concurrency,
+            pinned: Some(r.pinned),
+            idle_ttl,
+        };
+        let spec = model_spec(raw, Path::new("/")).map_err(|(field, reason)| ServerError::invalid(field, reason))?;
+        if !spec.source.is_absolute() {
+            return Err(ServerError::invalid("path", "must be absolute").into());
         }
-        let snap = self.pool.get(&id).map_err(ServerError::from)?;
-        Ok(Response::new(info(snap)))
+        if !spec.source.is_file() {
+            return Err(ServerError::invalid(
+                "path",
+                format!("{} is not a file on the server", spec.source.display()),
+            )
+            .into());
+        }
+        let id = spec.id.clone();
+        self.pool.register(spec).map_err(ServerError::from)?;
+        tracing::info!(model = %id, "registered");
+        self.info(&id)
+    }
+
+    async fn unregister_model(
+        &self,
+        request: Request<UnregisterModelRequest>,
+    ) -> Result<Response<UnregisterModelResponse>, Status> {
+        let id = required_id(request.into_inner().id)?;
+        self.pool.unregister(&id).await.map_err(ServerError::from)?;
+        tracing::info!(model = %id, "unregistered");
+        Ok(Response::new(UnregisterModelResponse {}))
+    }
+
+    async fn load_model(
+        &self,
+        request: Request<LoadModelRequest>,
+    ) -> Result<Response<LoadModelResponse>, Status> {
+        let deadline = deadline_of(request.metadata());
+        let r = request.into_inner();
+        let id = required_id(r.id)?;
+        let took = self
+            .pool
+            .load(&id, r.pin, deadline)
+            .await
+            .map_err(ServerError::from)?;
+        let model = self.pool.get(&id).map_err(ServerError::from)?;
+        Ok(Response::new(LoadModelResponse {
+            model: Some(info(model)),
+            load_time: proto_duration(took),
+        }))
+    }
+
+    async fn evict_model(
+        &self,
+        request: Request<EvictModelRequest>,
+    ) -> Result<Response<EvictModelResponse>, Status> {
+        let id = required_id(request.into_inner().id)?;
+        let evicted = self.pool.unload(&id).await.map_err(ServerError::from)?;
+        Ok(Response::new(EvictModelResponse { evicted }))
+    }
+
+    async fn pin_model(
+        &self,
+        request: Request<PinModelRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
+        let id = required_id(request.into_inner().id)?;
+        self.pool.set_pinned(&id, true).map_err(ServerError::from)?;
+        self.info(&id)
+    }
+
+    async fn unpin_model(
+        &self,
+        request: Request<UnpinModelRequest>,
+    ) -> Result<Response<ModelInfo>, Status> {
+        let id = required_id(request.into_inner().id)?;
+        self.pool.set_pinned(&id, false).map_err(ServerError::from)?;
+        self.info(&id)
+    }
+
+    async fn get_pool_status(
+        &self,
+        _: Request<GetPoolStatusRequest>,
+    ) -> Result<Response<PoolStatus>, Status> {
+        let pool = self.pool.clone();
+        // /proc and NVML reads: off the async threads.
+        let status = tokio::task::spawn_blocking(move || pool.status())
+            .await
+            .map_err(|e| Status::internal(format!("status task failed: {e}")))?;
+        let devices = status
+            .devices
+            .into_iter()
+            .map(|d| DeviceStatus {
+                device: d.device.to_string(),
+                name: d.name,
+                total_bytes: d.total_bytes,
+                available_bytes: d.available_bytes,
+                budget_bytes: d.budget_bytes,
+                used_bytes: d.used_bytes,
+                reserved_bytes: d.reserved_bytes,
+                free_bytes: d.free_bytes,
+            })
+            .collect();
+        Ok(Response::new(PoolStatus {
+            devices,
+            models: status.models.into_iter().map(info).collect(),
+            gpu_absent_reason: status.gpu_absent_reason.unwrap_or_default(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        _: Request<WatchEventsRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let rx = self.pool.subscribe();
+        let draining = self.draining.clone();
+        let stream = futures::stream::unfold((rx, draining), |(mut rx, mut draining)| async move {
+            let received = tokio::select! {
+                r = rx.recv() => r,
+                _ = draining.wait_for(|d| *d) => return None,
+            };
+            let item = match received {
+                Ok(ev) => event(ev),
+                Err(RecvError::Lagged(n)) => modelpool_proto::v1::PoolEvent {
+                    time: Some(timestamp(SystemTime::now())),
+                    model: String::new(),
+                    kind: Some(Kind::Missed(n)),
+                },
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Ok(item), (rx, draining)))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -32,7 +32,14 @@ impl From<ServerError> for Status {
             ServerError::Pool(p) => match p {
                 PoolError::NotFound { .. } => Status::not_found(e.to_string()),
                 PoolError::ShuttingDown => Status::unavailable(e.to_string()),
-                PoolError::Busy { .. } => Status::failed_precondition(e.to_string()),
+                PoolError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
+                PoolError::Busy { .. } | PoolError::Pinned { .. } => {
+                    Status::failed_precondition(e.to_string())
+                }
+                PoolError::InsufficientMemory { .. } | PoolError::QueueFull { .. } => {
+                    Status::resource_exhausted(e.to_string())
+                }
+                PoolError::QueueTimeout { .. } => Status::deadline_exceeded(e.to_string()),
                 PoolError::LoadFailed { source, .. } => match source {
                     BackendError::InvalidModel(_) => Status::failed_precondition(e.to_string()),
                     BackendError::Timeout(_) => Status::deadline_exceeded(e.to_string()),

@@ -35,8 +35,9 @@ impl InferenceService {
         prompt: Prompt,
         sampling: SamplingParams,
         arrived: Instant,
+        deadline: Option<tokio::time::Instant>,
     ) -> Result<ChunkStream, ServerError> {
-        let lease = self.pool.acquire(&model).await?;
+        let lease = self.pool.acquire(&model, deadline).await?;
         let request = WorkerGenerateRequest {
             prompt: Some(prompt),
             sampling: Some(sampling),
@@ -166,6 +167,24 @@ fn validate_chat(r: &ChatRequest) -> Result<(), ServerError> {
     Ok(())
 }
 
+/// The client's deadline from its `grpc-timeout` header ("500m", "30S", ...), as an
+/// instant; `None` when it set none or sent garbage.
+pub(crate) fn deadline_of(meta: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+    let text = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = text.split_at(text.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(n.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(n.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(n),
+        "m" => std::time::Duration::from_millis(n),
+        "u" => std::time::Duration::from_micros(n),
+        "n" => std::time::Duration::from_nanos(n),
+        _ => return None,
+    };
+    tokio::time::Instant::now().checked_add(timeout)
+}
+
 #[tonic::async_trait]
 impl Inference for InferenceService {
     type ChatStream = ChunkStream;
@@ -173,6 +192,7 @@ impl Inference for InferenceService {
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
         let arrived = Instant::now();
+        let deadline = deadline_of(request.metadata());
         let r = request.into_inner();
         validate_chat(&r)?;
         let sampling = check_sampling(r.sampling)?;
@@ -181,7 +201,7 @@ impl Inference for InferenceService {
         });
         tracing::debug!(model = %r.model, "chat");
         Ok(Response::new(
-            self.run(r.model, prompt, sampling, arrived).await?,
+            self.run(r.model, prompt, sampling, arrived, deadline).await?,
         ))
     }
 
@@ -190,6 +210,7 @@ impl Inference for InferenceService {
         request: Request<GenerateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
         let arrived = Instant::now();
+        let deadline = deadline_of(request.metadata());
         let r = request.into_inner();
         check_model(&r.model)?;
         if r.prompt.is_empty() {
@@ -208,7 +229,7 @@ impl Inference for InferenceService {
         let sampling = check_sampling(r.sampling)?;
         tracing::debug!(model = %r.model, "generate");
         Ok(Response::new(
-            self.run(r.model, Prompt::Raw(r.prompt), sampling, arrived)
+            self.run(r.model, Prompt::Raw(r.prompt), sampling, arrived, deadline)
                 .await?,
         ))
     }

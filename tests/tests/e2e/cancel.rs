@@ -22,7 +22,7 @@ async fn dropping_the_stream_stops_generation_in_the_worker() {
         stream.message().await.unwrap().expect("a chunk");
     }
     // Talk to the worker itself for its counters.
-    let lease = t.server.pool.acquire("smollm2").await.unwrap();
+    let lease = t.server.pool.acquire("smollm2", None).await.unwrap();
     let worker = lease.instance();
     let before = worker.stats().await.unwrap();
     assert_eq!(before.active_sequences, 1);

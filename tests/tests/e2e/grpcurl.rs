@@ -26,7 +26,7 @@ async fn grpcurl_lists_describes_and_streams_a_chat() {
     let t = TestServer::start(&["smollm2"]).await;
     let addr = t.server.local_addr.to_string();
     let addr2 = addr.clone();
-    let (list, describe, chat) = tokio::task::spawn_blocking(move || {
+    let (list, describe, chat, status) = tokio::task::spawn_blocking(move || {
         let list = grpcurl(&[], &addr2, &["list"]);
         let describe = grpcurl(&[], &addr2, &["describe", "modelpool.v1.Inference"]);
         let chat = grpcurl(
@@ -37,7 +37,8 @@ async fn grpcurl_lists_describes_and_streams_a_chat() {
             &addr2,
             &["modelpool.v1.Inference/Chat"],
         );
-        (list, describe, chat)
+        let status = grpcurl(&[], &addr2, &["modelpool.v1.ModelControl/GetPoolStatus"]);
+        (list, describe, chat, status)
     })
     .await
     .unwrap();
@@ -71,6 +72,14 @@ async fn grpcurl_lists_describes_and_streams_a_chat() {
         "{chat}"
     );
     assert!(last["finishReason"].as_str().is_some(), "{chat}");
+    // Pool status after the chat: RAM budget, the model resident with its numbers.
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
+    assert_eq!(status["devices"][0]["device"], "cpu", "{status}");
+    assert!(status["devices"][0]["budgetBytes"].as_str().is_some(), "{status}");
+    let model = &status["models"][0];
+    assert_eq!(model["state"], "MODEL_STATE_READY", "{status}");
+    assert!(model["predicted"]["totalBytes"].as_str().is_some(), "{status}");
+    assert!(model["lastUsed"].as_str().is_some(), "{status}");
     drop(addr);
     t.stop().await;
 }

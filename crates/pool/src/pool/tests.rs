@@ -1,130 +1,457 @@
-//! Pool logic against a fake backend: no processes, no model.
+//! Pool logic against a fake backend and a fake machine: no processes, no model.
 
 use super::*;
-use crate::ModelFormat;
-use std::sync::atomic::{AtomicU32, Ordering};
+use crate::memory::DeviceMemory;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
+/// Loads take 50 ms; each model's footprint is its entry in `sizes` (100 by default).
 #[derive(Default)]
 struct FakeBackend {
     loads: AtomicU32,
-    fail: bool,
+    fail: AtomicBool,
+    sizes: HashMap<String, u64>,
+    /// Instances alive now: (id, bytes).
+    live: Mutex<Vec<(String, u64)>>,
+    /// Set when a load started while live bytes plus its own exceeded `budget`.
+    over_budget: AtomicBool,
+    budget: u64,
 }
 
-struct FakeInstance;
+impl FakeBackend {
+    fn with(budget: u64, sizes: &[(&str, u64)]) -> Arc<Self> {
+        Arc::new(Self {
+            budget,
+            sizes: sizes.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+            ..Default::default()
+        })
+    }
+    fn size(&self, id: &str) -> u64 {
+        self.sizes.get(id).copied().unwrap_or(100)
+    }
+    fn live_ids(&self) -> Vec<String> {
+        self.live.lock().unwrap().iter().map(|(i, _)| i.clone()).collect()
+    }
+}
+
+struct FakeInstance {
+    id: String,
+    bytes: u64,
+    backend: Arc<FakeBackend>,
+}
 
 impl Instance for FakeInstance {
     fn pid(&self) -> Option<u32> {
         Some(42)
     }
     fn resident_bytes(&self) -> u64 {
-        1000
+        self.bytes
     }
-    async fn shutdown(&self) {}
+    async fn shutdown(&self) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let mut live = self.backend.live.lock().unwrap();
+        let at = live.iter().position(|(i, _)| *i == self.id).expect("shut down twice");
+        live.remove(at);
+    }
 }
 
 impl Backend for Arc<FakeBackend> {
     type Instance = FakeInstance;
-    async fn load(&self, _spec: &ModelSpec) -> Result<FakeInstance, BackendError> {
+    fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
+        let bytes = self.size(&spec.id);
+        Ok(Footprint {
+            weights_bytes: bytes,
+            kv_bytes: 0,
+            overhead_bytes: 0,
+            activation_bytes: 0,
+            charge: Charge::on(Device::Cpu, bytes),
+        })
+    }
+    async fn load(&self, spec: &ModelSpec) -> Result<FakeInstance, BackendError> {
         self.loads.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if self.fail {
-            Err(BackendError::InvalidModel("not a gguf file".into()))
-        } else {
-            Ok(FakeInstance)
+        let bytes = self.size(&spec.id);
+        {
+            let mut live = self.live.lock().unwrap();
+            let total: u64 = live.iter().map(|(_, b)| b).sum::<u64>() + bytes;
+            if self.budget > 0 && total > self.budget {
+                self.over_budget.store(true, Ordering::SeqCst);
+            }
+            live.push((spec.id.clone(), bytes));
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if self.fail.load(Ordering::SeqCst) {
+            self.live.lock().unwrap().retain(|(i, _)| *i != spec.id);
+            return Err(BackendError::InvalidModel("not a gguf file".into()));
+        }
+        Ok(FakeInstance {
+            id: spec.id.clone(),
+            bytes,
+            backend: Arc::clone(self),
+        })
+    }
+}
+
+use crate::Charge;
+
+/// A machine with `available` bytes of RAM free.
+struct FakeProbe(AtomicU64);
+
+impl MemoryProbe for FakeProbe {
+    fn devices(&self) -> Vec<DeviceMemory> {
+        vec![DeviceMemory {
+            device: Device::Cpu,
+            name: "fake RAM".into(),
+            total_bytes: 1 << 40,
+            available_bytes: self.0.load(Ordering::SeqCst),
+        }]
     }
 }
 
 fn spec(id: &str) -> ModelSpec {
-    ModelSpec {
-        id: id.into(),
-        source: format!("/models/{id}.gguf").into(),
-        format: ModelFormat::Gguf,
-        context_length: 2048,
-        max_sequences: 4,
-    }
+    ModelSpec::new(id, format!("/models/{id}.gguf"))
 }
 
-#[tokio::test]
+fn pool_with(backend: &Arc<FakeBackend>, budget: u64, ids: &[&str]) -> Pool<Arc<FakeBackend>> {
+    let config = PoolConfig {
+        budgets: BTreeMap::from([(Device::Cpu, budget)]),
+        ..PoolConfig::default()
+    };
+    pool_of(backend, config, ids.iter().map(|i| spec(i)))
+}
+
+/// A pool on a machine with a terabyte free.
+fn pool_of(
+    backend: &Arc<FakeBackend>,
+    config: PoolConfig,
+    specs: impl IntoIterator<Item = ModelSpec>,
+) -> Pool<Arc<FakeBackend>> {
+    let probe = Arc::new(FakeProbe(AtomicU64::new(1 << 40)));
+    Pool::new(Arc::clone(backend), probe, config, specs)
+}
+
+fn evictions(rx: &mut broadcast::Receiver<PoolEvent>) -> Vec<(String, EvictReason)> {
+    let mut out = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        if let EventKind::Evicted { reason, .. } = ev.kind {
+            out.push((ev.model, reason));
+        }
+    }
+    out
+}
+
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn concurrent_acquires_share_one_load() {
-    let backend = Arc::new(FakeBackend::default());
-    let pool = Pool::new(Arc::clone(&backend), [spec("a")]);
+    let backend = FakeBackend::with(0, &[]);
+    let mut s = spec("a");
+    s.max_concurrency = 10;
+    let pool = pool_of(&backend, PoolConfig::default(), [s]);
     let mut handles = Vec::new();
     for _ in 0..10 {
         let pool = pool.clone();
-        handles.push(tokio::spawn(async move { pool.acquire("a").await }));
+        handles.push(tokio::spawn(async move { pool.acquire("a", None).await.map(|l| l.cold_start()) }));
     }
-    let mut leases = Vec::new();
     for h in handles {
-        leases.push(h.await.unwrap().unwrap());
+        assert!(h.await.unwrap().unwrap(), "every request waited for the one load");
     }
     assert_eq!(backend.loads.load(Ordering::SeqCst), 1);
-    assert!(leases.iter().all(|l| l.cold_start()));
-    assert_eq!(pool.get("a").unwrap().in_flight, 10);
-    drop(leases);
     let snap = pool.get("a").unwrap();
-    assert_eq!(snap.in_flight, 0);
-    assert_eq!(snap.state, SlotState::Ready);
-    assert_eq!(snap.loads_started, 1);
-    let warm = pool.acquire("a").await.unwrap();
+    assert_eq!((snap.state, snap.in_flight, snap.loads_started), (SlotState::Ready, 0, 1));
+    let warm = pool.acquire("a", None).await.unwrap();
     assert!(!warm.cold_start());
     assert_eq!(warm.load_wait(), Duration::ZERO);
 }
 
-#[tokio::test]
-async fn unknown_model_names_the_known_ones() {
-    let pool = Pool::new(Arc::new(FakeBackend::default()), [spec("a"), spec("b")]);
-    let err = pool.acquire("zzz").await.err().unwrap();
-    assert_eq!(
-        err.to_string(),
-        "model `zzz` is not registered (registered: a, b)"
-    );
+#[tokio::test(start_paused = true)]
+async fn failed_load_reaches_every_waiter_and_can_be_retried() {
+    let backend = FakeBackend::with(0, &[]);
+    backend.fail.store(true, Ordering::SeqCst);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let (r1, r2) = tokio::join!(pool.acquire("a", None), pool.acquire("a", None));
+    assert!(matches!(r1, Err(PoolError::LoadFailed { .. })));
+    assert!(matches!(r2, Err(PoolError::LoadFailed { .. })));
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Failed);
+    assert_eq!(pool.status().devices[0].reserved_bytes, 0, "a failed load releases its reservation");
+    backend.fail.store(false, Ordering::SeqCst);
+    pool.acquire("a", None).await.unwrap();
+    assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test]
-async fn failed_load_reaches_every_waiter_and_is_retried_later() {
-    let backend = Arc::new(FakeBackend {
-        fail: true,
-        ..Default::default()
-    });
-    let pool = Pool::new(Arc::clone(&backend), [spec("a")]);
-    let (r1, r2) = tokio::join!(pool.acquire("a"), pool.acquire("a"));
-    for r in [r1, r2] {
-        let msg = r.err().unwrap().to_string();
-        assert!(msg.contains("not a gguf file"), "{msg}");
+#[tokio::test(start_paused = true)]
+async fn least_recently_used_idle_model_makes_room() {
+    let backend = FakeBackend::with(250, &[]);
+    let pool = pool_with(&backend, 250, &["a", "b", "c"]);
+    let mut events = pool.subscribe();
+    drop(pool.acquire("a", None).await.unwrap());
+    drop(pool.acquire("b", None).await.unwrap());
+    drop(pool.acquire("a", None).await.unwrap()); // b is now least recently used
+    drop(pool.acquire("c", None).await.unwrap());
+    settle().await;
+    let reason = EvictReason::MakeRoom { for_model: "c".into() };
+    assert_eq!(evictions(&mut events), vec![("b".to_string(), reason)]);
+    assert_eq!(pool.get("b").unwrap().state, SlotState::Registered);
+    assert!(!backend.over_budget.load(Ordering::SeqCst));
+    let dev = &pool.status().devices[0];
+    assert_eq!((dev.used_bytes, dev.reserved_bytes, dev.free_bytes), (200, 0, 50));
+}
+
+#[tokio::test(start_paused = true)]
+async fn leased_model_is_never_a_victim() {
+    let backend = FakeBackend::with(250, &[]);
+    let pool = pool_with(&backend, 250, &["a", "b", "c"]);
+    let held_a = pool.acquire("a", None).await.unwrap();
+    drop(pool.acquire("b", None).await.unwrap());
+    // a is least recently used but leased: b goes.
+    let _c = pool.acquire("c", None).await.unwrap();
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
+    assert_eq!(pool.get("b").unwrap().state, SlotState::Registered);
+    // Now a and c are both leased: nothing can make room for b.
+    let mut events = pool.subscribe();
+    match pool.acquire("b", None).await {
+        Err(PoolError::InsufficientMemory { shortfall, .. }) => {
+            assert_eq!((shortfall.needed_bytes, shortfall.in_use_bytes), (100, 200));
+        }
+        other => panic!("expected InsufficientMemory, got {:?}", other.err()),
     }
+    assert!(evictions(&mut events).is_empty());
+    drop(held_a);
+    assert_eq!(pool.get("b").unwrap().state, SlotState::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn too_big_for_the_whole_budget_fails_at_once_evicting_nothing() {
+    let backend = FakeBackend::with(0, &[("huge", 10_000)]);
+    let pool = pool_with(&backend, 250, &["a", "huge"]);
+    drop(pool.acquire("a", None).await.unwrap());
+    let mut events = pool.subscribe();
+    let started = Instant::now();
+    let err = pool.acquire("huge", None).await.err().unwrap();
+    assert!(started.elapsed() < Duration::from_millis(1));
+    assert!(err.to_string().contains("needs 9.8 KiB of cpu, budget is 250 B"), "{err}");
+    assert!(evictions(&mut events).is_empty());
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
     assert_eq!(backend.loads.load(Ordering::SeqCst), 1);
-    let snap = pool.get("a").unwrap();
-    assert_eq!(snap.state, SlotState::Failed);
-    assert!(pool.acquire("a").await.is_err());
-    assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test]
-async fn shutdown_refuses_new_leases() {
-    let pool = Pool::new(Arc::new(FakeBackend::default()), [spec("a")]);
-    drop(pool.acquire("a").await.unwrap());
-    pool.shutdown().await;
-    assert_eq!(pool.get("a").unwrap().state, SlotState::Registered);
-    assert!(matches!(
-        pool.acquire("a").await,
-        Err(PoolError::ShuttingDown)
-    ));
-}
-
-#[tokio::test]
-async fn unload_refuses_a_leased_model_and_stops_an_idle_one() {
-    let backend = Arc::new(FakeBackend::default());
-    let pool = Pool::new(Arc::clone(&backend), [spec("a")]);
-    let lease = pool.acquire("a").await.unwrap();
-    assert!(matches!(
-        pool.unload("a").await,
-        Err(PoolError::Busy { in_flight: 1, .. })
-    ));
-    drop(lease);
+#[tokio::test(start_paused = true)]
+async fn pinned_model_stays() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 250, &["a", "b", "c"]);
+    pool.load("a", true, None).await.unwrap();
+    drop(pool.acquire("b", None).await.unwrap());
+    drop(pool.acquire("c", None).await.unwrap());
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
+    assert!(matches!(pool.unload("a").await, Err(PoolError::Pinned { .. })));
+    pool.set_pinned("a", false).unwrap();
     assert!(pool.unload("a").await.unwrap());
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_ttl_unloads() {
+    let backend = FakeBackend::with(0, &[]);
+    let mut s = spec("a");
+    s.idle_ttl = Some(Duration::from_secs(2));
+    let pool = pool_of(&backend, PoolConfig::default(), [s]);
+    let mut events = pool.subscribe();
+    let lease = pool.acquire("a", None).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Ready, "leased models never expire");
+    drop(lease);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(pool.get("a").unwrap().state, SlotState::Registered);
-    assert!(!pool.unload("a").await.unwrap());
-    drop(pool.acquire("a").await.unwrap());
-    assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
+    assert!(matches!(evictions(&mut events)[..], [(_, EvictReason::IdleTtl { .. })]));
+    assert!(backend.live_ids().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrency_slots_queue_and_time_out() {
+    let backend = FakeBackend::with(0, &[]);
+    let mut s = spec("a");
+    s.max_concurrency = 2;
+    let config = PoolConfig {
+        queue_depth: 3,
+        ..PoolConfig::default()
+    };
+    let pool = pool_of(&backend, config, [s]);
+    let l1 = pool.acquire("a", None).await.unwrap();
+    let _l2 = pool.acquire("a", None).await.unwrap();
+    // The third waits for a slot; it gets one when the first lease is dropped.
+    let waiter = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.acquire("a", None).await.map(|_| ()) }
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(pool.get("a").unwrap().waiting, 1);
+    drop(l1);
+    waiter.await.unwrap().unwrap();
+    // With both slots held, a deadline ends the wait with the reason.
+    let _l3 = pool.acquire("a", None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_millis(200);
+    let err = pool.acquire("a", Some(deadline)).await.err().unwrap();
+    assert!(matches!(err, PoolError::QueueTimeout { .. }), "{err}");
+    assert!(err.to_string().contains("all 2 concurrency slots"), "{err}");
+    // A full queue refuses at once.
+    let mut waiting = Vec::new();
+    for _ in 0..3 {
+        let pool = pool.clone();
+        waiting.push(tokio::spawn(async move { pool.acquire("a", None).await.map(|_| ()) }));
+    }
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert!(matches!(pool.acquire("a", None).await, Err(PoolError::QueueFull { waiting: 3, .. })));
+    for w in waiting {
+        w.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_used_by_other_processes_counts() {
+    let backend = FakeBackend::with(0, &[]);
+    let probe = Arc::new(FakeProbe(AtomicU64::new(150)));
+    let config = PoolConfig {
+        budgets: BTreeMap::from([(Device::Cpu, 1000)]),
+        headroom_bytes: 40,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::new(Arc::clone(&backend), probe.clone(), config, [spec("a"), spec("b")]);
+    // 150 available less 40 headroom leaves 110: one 100-byte model fits.
+    drop(pool.acquire("a", None).await.unwrap());
+    probe.0.store(50, Ordering::SeqCst); // a took its 100
+    // b fits only by evicting a, whose 100 bytes return to the machine.
+    drop(pool.acquire("b", None).await.unwrap());
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Registered);
+    assert!(pool.unload("b").await.unwrap());
+    probe.0.store(60, Ordering::SeqCst); // b's memory went to another process
+    let err = pool.acquire("a", None).await.err().unwrap();
+    assert!(matches!(err, PoolError::InsufficientMemory { .. }), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn register_and_unregister() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    assert!(matches!(pool.register(spec("a")), Err(PoolError::AlreadyExists { .. })));
+    pool.register(spec("b")).unwrap();
+    let lease = pool.acquire("b", None).await.unwrap();
+    assert!(matches!(pool.unregister("b").await, Err(PoolError::Busy { in_flight: 1, .. })));
+    drop(lease);
+    pool.unregister("b").await.unwrap();
+    assert!(backend.live_ids().is_empty());
+    assert!(matches!(pool.acquire("b", None).await, Err(PoolError::NotFound { .. })));
+}
+
+mod sequences {
+    //! Random sequences of acquire/release/pin/unpin/evict against the invariants.
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Acquire(usize),
+        Release(usize),
+        Pin(usize),
+        Unpin(usize),
+        Evict(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..4usize).prop_map(Op::Acquire),
+            3 => (0..4usize).prop_map(Op::Release),
+            1 => (0..4usize).prop_map(Op::Pin),
+            1 => (0..4usize).prop_map(Op::Unpin),
+            1 => (0..4usize).prop_map(Op::Evict),
+        ]
+    }
+
+    const IDS: [&str; 4] = ["m0", "m1", "m2", "m3"];
+
+    async fn run(sizes: Vec<u64>, budget: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let table: Vec<(&str, u64)> = IDS.iter().copied().zip(sizes.iter().copied()).collect();
+        let backend = FakeBackend::with(budget, &table);
+        let pool = pool_with(&backend, budget, &IDS);
+        let mut events = pool.subscribe();
+        let mut leases: Vec<Vec<Lease<Arc<FakeBackend>>>> = (0..4).map(|_| Vec::new()).collect();
+        // Our own model of recency: least recently used first.
+        let mut recency: Vec<usize> = Vec::new();
+        for op in ops {
+            let before: Vec<SlotState> = IDS.iter().map(|i| pool.get(i).unwrap().state).collect();
+            let pinned: Vec<bool> = IDS.iter().map(|i| pool.get(i).unwrap().spec.pinned).collect();
+            match op {
+                Op::Acquire(i) if leases[i].len() >= 4 => {}
+                Op::Acquire(i) => {
+                    // Who may go, in LRU order, if room is needed for i.
+                    let candidates: Vec<String> = recency
+                        .iter()
+                        .filter(|&&m| m != i && before[m] == SlotState::Ready && leases[m].is_empty() && !pinned[m])
+                        .map(|&m| IDS[m].to_string())
+                        .collect();
+                    let result = pool.acquire(IDS[i], None).await;
+                    settle().await;
+                    let evicted: Vec<String> = evictions(&mut events).into_iter().map(|(m, _)| m).collect();
+                    prop_assert!(candidates.starts_with(&evicted), "evicted {:?}, LRU order {:?}", evicted, candidates);
+                    match result {
+                        Ok(lease) => {
+                            leases[i].push(lease);
+                            recency.retain(|&m| m != i);
+                            recency.push(i);
+                        }
+                        Err(PoolError::InsufficientMemory { .. }) => prop_assert!(evicted.is_empty()),
+                        Err(e) => prop_assert!(false, "unexpected {}", e),
+                    }
+                }
+                Op::Release(i) => {
+                    leases[i].pop();
+                }
+                Op::Pin(i) => pool.set_pinned(IDS[i], true).unwrap(),
+                Op::Unpin(i) => pool.set_pinned(IDS[i], false).unwrap(),
+                Op::Evict(i) => {
+                    let r = pool.unload(IDS[i]).await;
+                    if !leases[i].is_empty() {
+                        let busy = matches!(r, Err(PoolError::Busy { .. }));
+                        prop_assert!(busy);
+                    }
+                    let _ = evictions(&mut events);
+                }
+            }
+            prop_assert!(!backend.over_budget.load(Ordering::SeqCst), "a load started over budget");
+            let status = pool.status();
+            let dev = &status.devices[0];
+            prop_assert!(dev.used_bytes + dev.reserved_bytes <= budget);
+            for (m, held) in leases.iter().enumerate() {
+                if !held.is_empty() {
+                    prop_assert_eq!(pool.get(IDS[m]).unwrap().state, SlotState::Ready);
+                }
+                if pinned[m] && before[m] == SlotState::Ready {
+                    prop_assert_eq!(pool.get(IDS[m]).unwrap().state, SlotState::Ready);
+                }
+            }
+            recency.retain(|&m| pool.get(IDS[m]).unwrap().state == SlotState::Ready);
+        }
+        drop(leases);
+        pool.shutdown().await;
+        prop_assert!(backend.live_ids().is_empty());
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn budget_leases_pins_and_lru_hold(
+            sizes in proptest::collection::vec(50u64..200, 4),
+            budget in 150u64..500,
+            ops in proptest::collection::vec(op(), 1..40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(run(sizes, budget, ops))?;
+        }
+    }
 }

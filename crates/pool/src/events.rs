@@ -1,0 +1,76 @@
+//! What the pool did and why, as a stream: loads, evictions, budget changes. The
+//! `WatchEvents` RPC forwards it; tests count loads with it.
+
+use std::time::{Duration, SystemTime};
+
+use crate::Device;
+
+/// Why a resident model was stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EvictReason {
+    /// Its memory was needed to load `for_model`.
+    MakeRoom { for_model: String },
+    /// Unused for longer than its idle TTL.
+    IdleTtl { idle: Duration },
+    /// An `EvictModel` (or unregister) asked for it.
+    Requested,
+    /// The server is stopping.
+    Shutdown,
+}
+
+impl std::fmt::Display for EvictReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EvictReason::MakeRoom { for_model } => write!(f, "making room for `{for_model}`"),
+            EvictReason::IdleTtl { idle } => write!(f, "idle for {}s", idle.as_secs()),
+            EvictReason::Requested => f.write_str("requested"),
+            EvictReason::Shutdown => f.write_str("shutdown"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Registered,
+    Unregistered,
+    LoadStarted {
+        predicted_bytes: u64,
+    },
+    LoadFinished {
+        duration: Duration,
+        predicted_bytes: u64,
+        measured_bytes: u64,
+    },
+    LoadFailed {
+        duration: Duration,
+        error: String,
+    },
+    Evicted {
+        reason: EvictReason,
+        freed_bytes: u64,
+    },
+    Pinned,
+    Unpinned,
+    BudgetChanged {
+        device: Device,
+        budget_bytes: u64,
+    },
+}
+
+/// One event. `model` is empty for pool-wide events (budget changes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolEvent {
+    pub at: SystemTime,
+    pub model: String,
+    pub kind: EventKind,
+}
+
+impl PoolEvent {
+    pub fn new(model: impl Into<String>, kind: EventKind) -> Self {
+        Self {
+            at: SystemTime::now(),
+            model: model.into(),
+            kind,
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! The pool's table of models and the bookkeeping that keeps budgets honest: what each
+//! model is charged, what loads in progress reserve, and the inputs of victim choice.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use lru::LruCache;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+
+use super::LoadOutcome;
+use crate::budget::{choose_victims, Resident, Room, Shortfall};
+use crate::memory::{DeviceMemory, MemoryProbe};
+use crate::{Charge, Device, Footprint, Instance, ModelSpec, PoolError};
+
+pub(super) enum Slot<I> {
+    Absent,
+    /// A load in progress reserves its predicted bytes.
+    Loading {
+        done: watch::Receiver<LoadOutcome>,
+        charge: Charge,
+    },
+    Ready {
+        instance: Arc<I>,
+        /// Bytes charged: measured at load plus the KV cache still to grow.
+        charge: Charge,
+        /// Bytes the worker held per device right after loading.
+        measured: Charge,
+        loaded_at: SystemTime,
+    },
+    /// Stopping; its bytes stay charged until the worker has exited.
+    Unloading { charge: Charge },
+}
+
+pub(super) struct Entry<I> {
+    pub spec: ModelSpec,
+    pub slot: Slot<I>,
+    pub loads_started: u64,
+    pub last_error: Option<String>,
+    pub last_used: Instant,
+    pub last_used_at: SystemTime,
+    /// Leases held.
+    pub in_flight: u32,
+    /// Requests waiting for a slot or a load; they protect the model from eviction.
+    pub interest: u32,
+    /// `max_concurrency` slots.
+    pub permits: Arc<Semaphore>,
+    pub prediction: Option<Footprint>,
+    /// Bytes measured on the model's device right after its last load.
+    pub base_measured_bytes: u64,
+}
+
+impl<I> Entry<I> {
+    pub fn new(spec: ModelSpec) -> Self {
+        let permits = Arc::new(Semaphore::new(spec.max_concurrency.max(1) as usize));
+        Self {
+            spec,
+            slot: Slot::Absent,
+            loads_started: 0,
+            last_error: None,
+            last_used: Instant::now(),
+            last_used_at: SystemTime::now(),
+            in_flight: 0,
+            interest: 0,
+            permits,
+            prediction: None,
+            base_measured_bytes: 0,
+        }
+    }
+
+    pub fn touch(&mut self) {
+        self.last_used = Instant::now();
+        self.last_used_at = SystemTime::now();
+    }
+}
+
+pub(super) struct State<I> {
+    pub models: BTreeMap<String, Entry<I>>,
+    /// Ready models; the least recently used at the back.
+    pub lru: LruCache<String, ()>,
+    pub budgets: BTreeMap<Device, u64>,
+    pub shutting_down: bool,
+}
+
+impl<I: Instance> State<I> {
+    pub fn entry(&mut self, id: &str) -> Result<&mut Entry<I>, PoolError> {
+        if !self.models.contains_key(id) {
+            return Err(PoolError::NotFound {
+                id: id.to_owned(),
+                known: self.known_ids(),
+            });
+        }
+        Ok(self.models.get_mut(id).expect("checked above"))
+    }
+
+    pub fn known_ids(&self) -> String {
+        if self.models.is_empty() {
+            return "none".into();
+        }
+        self.models.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Moves a ready model to `Unloading` (its bytes stay charged) and hands back its
+    /// worker; any other slot is left as it is.
+    pub fn take_ready(&mut self, id: &str) -> Option<(Arc<I>, Charge)> {
+        let entry = self.models.get_mut(id)?;
+        if !matches!(entry.slot, Slot::Ready { .. }) {
+            return None;
+        }
+        let Slot::Ready { instance, charge, .. } = std::mem::replace(&mut entry.slot, Slot::Absent)
+        else {
+            return None;
+        };
+        entry.slot = Slot::Unloading {
+            charge: charge.clone(),
+        };
+        self.lru.pop(id);
+        Some((instance, charge))
+    }
+
+    /// The worker has exited: release its bytes. Returns how many were charged.
+    pub fn finish_unload(&mut self, id: &str) -> u64 {
+        let Some(entry) = self.models.get_mut(id) else {
+            return 0;
+        };
+        match std::mem::replace(&mut entry.slot, Slot::Absent) {
+            Slot::Unloading { charge } => charge.total(),
+            other => {
+                entry.slot = other;
+                0
+            }
+        }
+    }
+
+    /// Bytes charged per device by models that are not candidates for eviction:
+    /// loads in progress and workers still exiting.
+    fn reserved(&self) -> Charge {
+        let mut total = Charge::default();
+        for e in self.models.values() {
+            match &e.slot {
+                Slot::Loading { charge, .. } | Slot::Unloading { charge } => total.add(charge),
+                _ => {}
+            }
+        }
+        total
+    }
+
+    /// Ready models from least to most recently used, with their current charge.
+    fn residents(&self) -> Vec<Resident> {
+        self.lru
+            .iter()
+            .rev()
+            .filter_map(|(id, ())| {
+                let e = self.models.get(id)?;
+                let Slot::Ready { charge, instance, .. } = &e.slot else {
+                    return None;
+                };
+                Some(Resident {
+                    id: id.clone(),
+                    charge: effective_charge(charge, instance.as_ref(), e.spec.device),
+                    leases: e.in_flight + e.interest,
+                    pinned: e.spec.pinned,
+                })
+            })
+            .collect()
+    }
+
+    /// Per device: the budget, capped by what the machine can still give, and the bytes
+    /// reserved outside the resident list.
+    ///
+    /// The machine cap makes memory that other processes use count: free room is at
+    /// most what is available now, less the headroom, less the growth our models were
+    /// promised but have not allocated yet (charged bytes above measured bytes).
+    pub fn rooms(&self, available: &[DeviceMemory], headroom_bytes: u64) -> BTreeMap<Device, Room> {
+        let reserved = self.reserved();
+        let residents = self.residents();
+        self.budgets
+            .iter()
+            .map(|(&device, &budget)| {
+                let mut budget_bytes = budget;
+                if let Some(mem) = available.iter().find(|m| m.device == device) {
+                    let promised = residents.iter().map(|r| r.charge.get(device)).sum::<u64>()
+                        + reserved.get(device);
+                    let cap = promised.min(self.measured_on(device))
+                        + mem.available_bytes.saturating_sub(headroom_bytes);
+                    budget_bytes = budget_bytes.min(cap);
+                }
+                let room = Room {
+                    budget_bytes,
+                    reserved_bytes: reserved.get(device),
+                };
+                (device, room)
+            })
+            .collect()
+    }
+
+    /// Bytes our ready workers hold on `device`: live RSS for RAM, the figure measured
+    /// at load for a GPU.
+    fn measured_on(&self, device: Device) -> u64 {
+        self.models
+            .values()
+            .map(|e| match &e.slot {
+                Slot::Ready { instance, measured, .. } => {
+                    if device == Device::Cpu {
+                        instance.resident_bytes()
+                    } else {
+                        measured.get(device)
+                    }
+                }
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Decides whether `needed` fits, returning the victims to evict first.
+    pub fn admit(
+        &self,
+        _id: &str,
+        needed: &Charge,
+        available: &[DeviceMemory],
+        headroom_bytes: u64,
+    ) -> Result<Vec<String>, Shortfall> {
+        let rooms = self.rooms(available, headroom_bytes);
+        choose_victims(&rooms, &self.residents(), needed)
+    }
+}
+
+/// A ready model's charge: the larger of its charge at load and what its worker holds
+/// now (a model can outgrow its prediction).
+pub(super) fn effective_charge<I: Instance>(charge: &Charge, instance: &I, device: Device) -> Charge {
+    let mut out = charge.clone();
+    if device == Device::Cpu {
+        let now = instance.resident_bytes();
+        let e = out.0.entry(Device::Cpu).or_default();
+        *e = (*e).max(now);
+    }
+    out
+}
+
+/// What a fresh worker holds per device: RSS for RAM, NVML's per-process figure for
+/// GPUs.
+pub(super) fn measure<I: Instance>(probe: &dyn MemoryProbe, instance: &I, device: Device) -> Charge {
+    let mut out = Charge::on(Device::Cpu, instance.resident_bytes());
+    if device != Device::Cpu {
+        if let Some(pid) = instance.pid() {
+            for (d, b) in probe.process_vram(pid) {
+                out.0.insert(d, b);
+            }
+        }
+    }
+    out
+}
+
+/// After a load the measured bytes replace the prediction, plus what the engine grows
+/// lazily up to the configured context: the KV cache and a full prompt's scratch
+/// memory (so generation cannot run the machine out of memory later). A device the probe could not measure keeps its
+/// prediction.
+pub(super) fn charge_after_load(footprint: &Footprint, measured: &Charge, device: Device) -> Charge {
+    let mut out = footprint.charge.clone();
+    for (d, predicted) in out.0.iter_mut() {
+        let m = measured.get(*d);
+        if m == 0 {
+            continue;
+        }
+        *predicted = if *d == device {
+            m + footprint.kv_bytes + footprint.activation_bytes
+        } else {
+            m
+        };
+    }
+    out
+}
+
+/// Signed error of a prediction against a measurement, in percent of the measurement.
+pub(super) fn error_pct(predicted: u64, measured: u64) -> f64 {
+    if measured == 0 {
+        return 0.0;
+    }
+    (predicted as f64 - measured as f64) * 100.0 / measured as f64
+}

@@ -1,0 +1,202 @@
+//! Point-in-time views of the pool for status RPCs: what is resident, what it costs,
+//! and how much room each device has left. Figures that need `/proc` or NVML are read
+//! outside the pool's lock.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use super::state::{effective_charge, Slot};
+use super::{Pool, State};
+use crate::{Backend, Device, Footprint, Instance, ModelSpec, PoolError};
+
+/// Where a model is in its life cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    Registered,
+    Loading,
+    Ready,
+    Unloading,
+    Failed,
+}
+
+/// One model, as status RPCs show it.
+#[derive(Clone, Debug)]
+pub struct ModelSnapshot {
+    pub spec: ModelSpec,
+    pub state: SlotState,
+    pub worker_pid: Option<u32>,
+    /// Bytes the worker holds now (RSS), and at its peak.
+    pub resident_bytes: u64,
+    pub peak_bytes: u64,
+    /// Bytes measured on its device right after its last load.
+    pub load_measured_bytes: u64,
+    /// Bytes charged against budgets now (all devices).
+    pub charged_bytes: u64,
+    /// The prediction made before loading, once made.
+    pub predicted: Option<Footprint>,
+    pub in_flight: u32,
+    /// Requests waiting for a slot or for the load.
+    pub waiting: u32,
+    pub last_error: Option<String>,
+    pub last_used: SystemTime,
+    pub idle_for: Duration,
+    pub loaded_at: Option<SystemTime>,
+    /// Loads started for this model since it was registered.
+    pub loads_started: u64,
+}
+
+impl ModelSnapshot {
+    /// Signed error of the predicted base footprint (weights and overhead, before any
+    /// KV cache grows) against the bytes measured after load, in percent.
+    pub fn prediction_error_pct(&self) -> Option<f64> {
+        let fp = self.predicted.as_ref()?;
+        (self.load_measured_bytes > 0).then(|| {
+            super::state::error_pct(fp.weights_bytes + fp.overhead_bytes, self.load_measured_bytes)
+        })
+    }
+}
+
+/// One device's budget as the pool sees it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceStatus {
+    pub device: Device,
+    pub name: String,
+    /// As the machine reports it (zero when the device was not found).
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub budget_bytes: u64,
+    /// Charged by resident models.
+    pub used_bytes: u64,
+    /// Held by loads in progress and workers still exiting.
+    pub reserved_bytes: u64,
+    /// Room for a new model now: the budget left, capped by what the machine has.
+    pub free_bytes: u64,
+}
+
+/// The whole pool.
+#[derive(Clone, Debug)]
+pub struct PoolStatus {
+    pub devices: Vec<DeviceStatus>,
+    pub models: Vec<ModelSnapshot>,
+    /// Why there is no GPU tier, when there is none.
+    pub gpu_absent_reason: Option<String>,
+}
+
+type Row<I> = (ModelSnapshot, Option<Arc<I>>);
+
+fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
+    let e = st.models.get(id)?;
+    let (state, charge, instance, loaded_at) = match &e.slot {
+        Slot::Absent if e.last_error.is_some() => (SlotState::Failed, None, None, None),
+        Slot::Absent => (SlotState::Registered, None, None, None),
+        Slot::Loading { charge, .. } => (SlotState::Loading, Some(charge.clone()), None, None),
+        Slot::Ready {
+            instance,
+            charge,
+            loaded_at,
+            ..
+        } => (
+            SlotState::Ready,
+            Some(effective_charge(charge, instance.as_ref(), e.spec.device)),
+            Some(Arc::clone(instance)),
+            Some(*loaded_at),
+        ),
+        Slot::Unloading { charge } => (SlotState::Unloading, Some(charge.clone()), None, None),
+    };
+    let snap = ModelSnapshot {
+        spec: e.spec.clone(),
+        state,
+        worker_pid: None,
+        resident_bytes: 0,
+        peak_bytes: 0,
+        load_measured_bytes: if instance.is_some() { e.base_measured_bytes } else { 0 },
+        charged_bytes: charge.map_or(0, |c| c.total()),
+        predicted: e.prediction.clone(),
+        in_flight: e.in_flight,
+        waiting: e.interest,
+        last_error: e.last_error.clone(),
+        last_used: e.last_used_at,
+        idle_for: e.last_used.elapsed(),
+        loaded_at,
+        loads_started: e.loads_started,
+    };
+    Some((snap, instance))
+}
+
+fn finish_row<I: Instance>((mut snap, instance): Row<I>) -> ModelSnapshot {
+    if let Some(inst) = instance {
+        snap.worker_pid = inst.pid();
+        snap.resident_bytes = inst.resident_bytes();
+        snap.peak_bytes = inst.peak_bytes();
+    }
+    snap
+}
+
+impl<B: Backend> Pool<B> {
+    /// Every registered model, sorted by id.
+    pub fn snapshot(&self) -> Vec<ModelSnapshot> {
+        let rows: Vec<_> = {
+            let st = self.inner.lock();
+            st.models
+                .keys()
+                .filter_map(|id| snapshot_row(&st, id))
+                .collect()
+        };
+        rows.into_iter().map(finish_row).collect()
+    }
+
+    /// One model by id.
+    pub fn get(&self, id: &str) -> Result<ModelSnapshot, PoolError> {
+        let row = {
+            let st = self.inner.lock();
+            snapshot_row(&st, id).ok_or_else(|| PoolError::NotFound {
+                id: id.to_owned(),
+                known: st.known_ids(),
+            })?
+        };
+        Ok(finish_row(row))
+    }
+
+    /// Budgets, usage and free room per device, and every model.
+    pub fn status(&self) -> PoolStatus {
+        let machine = self.inner.probe.devices();
+        let devices = {
+            let st = self.inner.lock();
+            let rooms = st.rooms(&machine, self.inner.config.headroom_bytes);
+            st.budgets
+                .iter()
+                .map(|(&device, &budget_bytes)| {
+                    let mem = machine.iter().find(|m| m.device == device);
+                    let room = rooms.get(&device).copied().unwrap_or_default();
+                    let used_bytes: u64 = st
+                        .models
+                        .values()
+                        .filter_map(|e| match &e.slot {
+                            Slot::Ready { charge, instance, .. } => {
+                                Some(effective_charge(charge, instance.as_ref(), e.spec.device).get(device))
+                            }
+                            _ => None,
+                        })
+                        .sum();
+                    DeviceStatus {
+                        device,
+                        name: mem.map_or_else(|| "not found".into(), |m| m.name.clone()),
+                        total_bytes: mem.map_or(0, |m| m.total_bytes),
+                        available_bytes: mem.map_or(0, |m| m.available_bytes),
+                        budget_bytes,
+                        used_bytes,
+                        reserved_bytes: room.reserved_bytes,
+                        free_bytes: room
+                            .budget_bytes
+                            .saturating_sub(used_bytes + room.reserved_bytes),
+                    }
+                })
+                .collect()
+        };
+        PoolStatus {
+            devices,
+            models: self.snapshot(),
+            gpu_absent_reason: self.inner.probe.gpu_absent_reason(),
+        }
+    }
+}

@@ -1,0 +1,234 @@
+//! The pool with the real model: budgets, LRU eviction, leases, single-flight loads,
+//! and memory that returns after load/evict cycles. Budgets are sized from the pool's
+//! own prediction for SmolLM2 so that exactly two instances fit.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use modelpool_proto::v1::pool_event::Kind;
+use modelpool_proto::v1::{
+    EvictModelRequest, GetModelRequest, GetPoolStatusRequest, LoadModelRequest, ModelState,
+    PoolEvent, RegisterModelRequest, WatchEventsRequest,
+};
+use modelpool_tests::{
+    chat, collect, eventually, greedy, model_path, model_toml, predicted_bytes, process_alive,
+    settings_toml, TestServer,
+};
+use tonic::Code;
+
+const CONTEXT: u32 = 1024;
+
+/// A server with models `ids` (one sequence, 1024 tokens each) and a RAM budget of
+/// `instances` predicted SmolLM2 footprints.
+async fn server(ids: &[&str], instances: f64) -> TestServer {
+    let budget = (predicted_bytes(CONTEXT) as f64 * instances) as u64;
+    let models: String = ids
+        .iter()
+        .map(|id| model_toml(id, &format!("context_length = {CONTEXT}\nmax_sequences = 1\n")))
+        .collect();
+    let pool = format!("ram_budget = \"{budget}\"\n");
+    TestServer::start_with(|runtime| settings_toml(&pool, &models, runtime)).await
+}
+
+/// Collects the pool's events from now on, in the background.
+async fn watch(t: &TestServer) -> Arc<Mutex<Vec<PoolEvent>>> {
+    let mut stream = t
+        .control()
+        .watch_events(WatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let keep = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok(Some(ev)) = stream.message().await {
+            keep.lock().unwrap().push(ev);
+        }
+    });
+    seen
+}
+
+fn evictions(events: &Mutex<Vec<PoolEvent>>) -> Vec<(String, String, String)> {
+    events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::Evicted(ev)) => Some((e.model.clone(), ev.reason.clone(), ev.detail.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn loads_started(events: &Mutex<Vec<PoolEvent>>, model: &str) -> usize {
+    let events = events.lock().unwrap();
+    events
+        .iter()
+        .filter(|e| e.model == model && matches!(e.kind, Some(Kind::LoadStarted(_))))
+        .count()
+}
+
+async fn ask(t: &TestServer, model: &str) -> String {
+    let chunks = collect(
+        t.inference()
+            .chat(chat(model, "What is the capital of France?", greedy(12)))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+    .unwrap();
+    modelpool_tests::text_of(&chunks)
+}
+
+async fn state(t: &TestServer, id: &str) -> (ModelState, u32) {
+    let m = t
+        .control()
+        .get_model(GetModelRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    (m.state(), m.worker_pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn third_model_evicts_the_least_recently_used() {
+    let t = server(&["a", "b", "c"], 2.5).await;
+    let events = watch(&t).await;
+    ask(&t, "a").await;
+    ask(&t, "b").await;
+    let (_, pid_b) = state(&t, "b").await;
+    ask(&t, "a").await; // b is now the least recently used
+    assert!(ask(&t, "c").await.contains("Paris"));
+    assert!(eventually(Duration::from_secs(2), || !evictions(&events).is_empty()).await);
+    assert_eq!(
+        evictions(&events),
+        vec![("b".to_string(), "lru".to_string(), "making room for `c`".to_string())]
+    );
+    assert_eq!(state(&t, "b").await.0, ModelState::Registered);
+    assert!(!process_alive(pid_b), "the evicted worker is gone");
+    assert_eq!(state(&t, "a").await.0, ModelState::Ready);
+    // The budget still holds: two residents, nothing reserved.
+    let status = t.control().get_pool_status(GetPoolStatusRequest {}).await.unwrap().into_inner();
+    let ram = &status.devices[0];
+    assert_eq!(ram.device, "cpu");
+    assert!(ram.used_bytes <= ram.budget_bytes, "{ram:?}");
+    assert_eq!(ram.reserved_bytes, 0);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_generating_is_never_the_victim() {
+    let t = server(&["a", "b", "c"], 2.5).await;
+    let events = watch(&t).await;
+    // a starts a long generation and is the least recently used when c arrives.
+    let long = || chat("a", "Write a long story about a dragon and a knight.", greedy(300));
+    let mut a_stream = t.inference().chat(long()).await.unwrap().into_inner();
+    a_stream.message().await.unwrap().expect("a is generating");
+    ask(&t, "b").await;
+    ask(&t, "c").await;
+    assert!(eventually(Duration::from_secs(2), || !evictions(&events).is_empty()).await);
+    assert_eq!(evictions(&events)[0].0, "b", "a holds a lease: b goes instead");
+    assert_eq!(state(&t, "a").await.0, ModelState::Ready);
+    collect(a_stream).await.expect("a's generation completes");
+
+    // Both residents busy: nothing can make room for b.
+    let mut a_busy = t.inference().chat(long()).await.unwrap().into_inner();
+    let c_long = chat("c", "Write a long story about a dragon and a knight.", greedy(300));
+    let mut c_busy = t.inference().chat(c_long).await.unwrap().into_inner();
+    a_busy.message().await.unwrap().expect("a generating");
+    c_busy.message().await.unwrap().expect("c generating");
+    let err = t
+        .inference()
+        .chat(chat("b", "Hi", greedy(4)))
+        .await
+        .err()
+        .expect("no room for b");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("in use"), "{}", err.message());
+    assert_eq!(evictions(&events).len(), 1, "nothing else was evicted");
+    drop((a_busy, c_busy));
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_concurrent_requests_start_one_load() {
+    let t = server(&["cold"], 2.5).await;
+    let events = watch(&t).await;
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let mut client = t.inference();
+        tasks.push(tokio::spawn(async move {
+            let stream = client.chat(chat("cold", "Hi", greedy(4))).await?.into_inner();
+            collect(stream).await
+        }));
+    }
+    for task in tasks {
+        let chunks = task.await.unwrap().expect("every request is served");
+        assert!(chunks.last().unwrap().usage.is_some());
+    }
+    assert_eq!(loads_started(&events, "cold"), 1);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_bigger_than_the_budget_fails_at_once() {
+    let t = server(&["a"], 2.5).await;
+    let events = watch(&t).await;
+    ask(&t, "a").await;
+    // 64 sequences of 8192 tokens: gigabytes of KV cache.
+    t.control()
+        .register_model(RegisterModelRequest {
+            id: "huge".into(),
+            path: model_path().display().to_string(),
+            context_length: Some(8192),
+            max_sequences: Some(64),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let err = t
+        .control()
+        .load_model(LoadModelRequest { id: "huge".into(), pin: false })
+        .await
+        .err()
+        .expect("huge does not fit");
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("needs") && err.message().contains("budget is"), "{}", err.message());
+    assert_eq!(loads_started(&events, "huge"), 0, "no worker was started");
+    assert!(evictions(&events).is_empty(), "nothing was evicted for it");
+    assert_eq!(state(&t, "a").await.0, ModelState::Ready);
+    t.stop().await;
+}
+
+fn self_rss_and_threads() -> (u64, usize) {
+    let rss = modelpool_pool::memory::process_rss(std::process::id()).0;
+    let threads = std::fs::read_dir("/proc/self/task").unwrap().count();
+    (rss, threads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_load_evict_cycles_return_memory() {
+    let t = server(&["m"], 2.5).await;
+    let mut control = t.control();
+    let load = LoadModelRequest { id: "m".into(), pin: false };
+    // One warm-up cycle so lazily initialised client and server state exists.
+    control.load_model(load.clone()).await.unwrap();
+    control.evict_model(EvictModelRequest { id: "m".into() }).await.unwrap();
+    let (rss_before, threads_before) = self_rss_and_threads();
+    let mut pids = Vec::new();
+    for _ in 0..20 {
+        let loaded = control.load_model(load.clone()).await.unwrap().into_inner();
+        pids.push(loaded.model.unwrap().worker_pid);
+        let evicted = control.evict_model(EvictModelRequest { id: "m".into() }).await.unwrap();
+        assert!(evicted.into_inner().evicted);
+    }
+    let (rss_after, threads_after) = self_rss_and_threads();
+    let drift = rss_after as i64 - rss_before as i64;
+    assert!(drift.abs() < 10 << 20, "server RSS moved {drift} bytes over 20 cycles");
+    assert_eq!(threads_after, threads_before, "thread count changed");
+    assert!(pids.iter().all(|&p| p != 0 && !process_alive(p)), "a worker was left behind");
+    let status = control.get_pool_status(GetPoolStatusRequest {}).await.unwrap().into_inner();
+    assert_eq!((status.devices[0].used_bytes, status.devices[0].reserved_bytes), (0, 0));
+    t.stop().await;
+}
