@@ -5,7 +5,8 @@
 //! - the tensors as stored in the file (quantized weights stay quantized), plus the
 //!   token embedding expanded to an f32 table for lookups;
 //! - the KV cache in bf16, grown lazily in 512-token blocks up to the context, for each
-//!   sequence, plus a per-request tensor half its size allocated at admission;
+//!   sequence; growing copies it (old and new coexist for a moment), and a per-request
+//!   tensor half its size is allocated at admission;
 //! - a one-pass prefill's scratch (the attention mask and activations), which grows
 //!   with the square of the prompt length;
 //! - a fixed runtime overhead (binary, tokenizer, thread pools).
@@ -30,12 +31,13 @@ const KV_ELEMENT_BYTES: u64 = 2;
 /// The cache grows in blocks of this many tokens.
 const KV_BLOCK_TOKENS: u64 = 512;
 
-/// KV bytes per sequence are this many halves of the cache itself: the cache and the
-/// admission tensor of half its size.
-const KV_HALVES: u64 = 3;
+/// Peak KV bytes per sequence, in halves of the cache itself: the cache, its copy while
+/// growing, and the admission tensor (2.5x). Fitted with the prefill scratch below to
+/// peak RSS at 512..4096 tokens of context (BENCHMARKS.md, "footprint").
+const KV_HALVES: u64 = 5;
 
-/// Prefill scratch per token squared, in bytes (measured; the mask alone is ~8-10).
-pub const ACTIVATION_BYTES_PER_TOKEN_SQ: u64 = 10;
+/// Prefill scratch per token squared, in bytes (fitted as above).
+pub const ACTIVATION_BYTES_PER_TOKEN_SQ: u64 = 4;
 
 /// The footprint of `spec`, from its file header.
 pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
