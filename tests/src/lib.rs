@@ -79,7 +79,7 @@ pub fn model_toml(id: &str, extra: &str) -> String {
 /// Test settings with a `[pool]` section (`pool`, may be empty) and model tables.
 pub fn settings_toml(pool: &str, models: &str, runtime_dir: &Path) -> Settings {
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
          [workers]\nload_timeout = \"60s\"\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
          [pool]\n{pool}\n{models}",
         runtime_dir.display(),
@@ -226,4 +226,79 @@ pub async fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `GET /metrics` from `addr`, the body as text.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to /metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: modelpool\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).await.unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// Parses Prometheus text with the reference parser (Python `prometheus_client`, put in
+/// `.tools/python` by `just fetch-tools`): sample name -> [(labels, value)].
+pub fn parse_prometheus(
+    text: &str,
+) -> std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>> {
+    use std::io::Write;
+    let lib = repo_root().join(".tools/python");
+    assert!(
+        lib.join("prometheus_client").is_dir(),
+        "{} is missing: run `just fetch-tools`",
+        lib.display()
+    );
+    let script = "import sys, json\n\
+        from prometheus_client.parser import text_string_to_metric_families as parse\n\
+        out = {}\n\
+        for fam in parse(sys.stdin.read()):\n    \
+            for s in fam.samples:\n        \
+                out.setdefault(s.name, []).append([s.labels, s.value])\n\
+        print(json.dumps(out))\n";
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", script])
+        .env("PYTHONPATH", &lib)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the text: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed: std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>> =
+        serde_json::from_slice(&out.stdout).expect("parser output is JSON");
+    parsed
+}
+
+/// The value of sample `name` whose labels include all of `labels`; 0 when absent.
+pub fn sample_value(
+    parsed: &std::collections::BTreeMap<String, Vec<(serde_json::Value, f64)>>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> f64 {
+    parsed
+        .get(name)
+        .into_iter()
+        .flatten()
+        .find(|(l, _)| labels.iter().all(|(k, v)| l[*k] == *v))
+        .map_or(0.0, |(_, v)| *v)
 }

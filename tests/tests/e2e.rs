@@ -4,8 +4,10 @@
 mod e2e {
     mod cancel;
     mod chat;
+    mod cli;
     mod grpcurl;
     mod invalid;
+    mod ops;
     mod pool;
     mod process;
 }

@@ -46,7 +46,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let fp = modelpool_engine::footprint::predict(&spec)?;
         let runtime = tempfile::tempdir()?;
         let extra = format!("context_length = {ctx}\nmax_sequences = 1\n");
-        let server = modelpool_benches::start_server_with(&model, "m", runtime.path(), &extra).await?;
+        let server =
+            modelpool_benches::start_server_with(&model, "m", runtime.path(), &extra).await?;
         let lease = server.pool.acquire("m", None).await?;
         let base = lease.instance().resident_bytes();
         // " the" is one token: fill the context but for room to generate.
@@ -64,7 +65,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .generate(request)
             .await
             .map_err(|s| anyhow::anyhow!("generate: {s}"))?;
-        while stream.message().await.map_err(|s| anyhow::anyhow!("stream: {s}"))?.is_some() {}
+        while stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("stream: {s}"))?
+            .is_some()
+        {}
         let peak = lease.instance().peak_bytes();
         drop(lease);
         server.stop().await?;

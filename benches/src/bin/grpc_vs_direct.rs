@@ -123,7 +123,8 @@ fn print_ratio(what: &str, ratios: &[f64]) {
 async fn bench(args: Args) -> anyhow::Result<()> {
     let model_path = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
-    let direct_model = LoadedModel::load_gguf(&model_path, 4096, 1, modelpool_pool::Device::Cpu).await?;
+    let direct_model =
+        LoadedModel::load_gguf(&model_path, 4096, 1, modelpool_pool::Device::Cpu).await?;
 
     let runtime = tempfile::tempdir()?;
     let server = modelpool_benches::start_server(&model_path, "bench", runtime.path()).await?;

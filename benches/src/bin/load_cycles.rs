@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
-use modelpool_benches::{mem_available_bytes, mib, percentile, thread_count};
+use modelpool_benches::{mem_available_bytes, meminfo_bytes, mib, percentile, thread_count};
 use modelpool_engine::process::rss_bytes;
 use modelpool_pool::Instance;
 
@@ -41,6 +41,15 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
     let rss_start = rss_bytes(me).unwrap_or(0);
     let threads_start = thread_count();
     let avail_start = mem_available_bytes();
+    let other = [
+        "MemFree",
+        "Cached",
+        "Shmem",
+        "SReclaimable",
+        "SUnreclaim",
+        "AnonPages",
+    ];
+    let other_start: Vec<u64> = other.iter().map(|f| meminfo_bytes(f)).collect();
     let mut load_ms = Vec::new();
     let mut unload_ms = Vec::new();
     let mut worker_rss = Vec::new();
@@ -62,6 +71,7 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
     let rss_end = rss_bytes(me).unwrap_or(0);
     let threads_end = thread_count();
     let avail_end = mem_available_bytes();
+    let other_end: Vec<u64> = other.iter().map(|f| meminfo_bytes(f)).collect();
     server.stop().await?;
 
     println!(
@@ -87,6 +97,14 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
         mib(avail_end),
         mib(avail_end) - mib(avail_start)
     );
+    for (i, field) in other.iter().enumerate() {
+        println!(
+            "| machine {field} MiB | {:.1} | {:.1} | {:+.1} |",
+            mib(other_start[i]),
+            mib(other_end[i]),
+            mib(other_end[i]) - mib(other_start[i])
+        );
+    }
     let worker: Vec<f64> = worker_rss.iter().map(|&b| mib(b)).collect();
     println!(
         "\nworker RSS while loaded: median {:.1} MiB",

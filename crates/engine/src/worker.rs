@@ -125,7 +125,10 @@ fn release_freed_heap() {
         // SAFETY: malloc_trim only releases free heap memory; it has no preconditions.
         unsafe { libc::malloc_trim(0) };
         let after = modelpool_pool::memory::process_rss(std::process::id()).0;
-        tracing::debug!(released_bytes = before.saturating_sub(after), "heap trimmed after load");
+        tracing::debug!(
+            released_bytes = before.saturating_sub(after),
+            "heap trimmed after load"
+        );
     }
 }
 

@@ -81,7 +81,11 @@ pub fn choose_victims(
             .filter(|r| r.evictable())
             .map(|r| r.charge.get(device))
             .sum();
-        if room.budget_bytes.saturating_sub(resident + room.reserved_bytes - evictable) < bytes {
+        if room
+            .budget_bytes
+            .saturating_sub(resident + room.reserved_bytes - evictable)
+            < bytes
+        {
             let sum = |f: &dyn Fn(&Resident) -> bool| {
                 lru_order
                     .iter()
@@ -105,9 +109,7 @@ pub fn choose_victims(
     };
     let mut victims = Vec::new();
     for r in lru_order.iter().filter(|r| r.evictable()) {
-        let helps = used
-            .keys()
-            .any(|d| short(&used, d) && r.charge.get(*d) > 0);
+        let helps = used.keys().any(|d| short(&used, d) && r.charge.get(*d) > 0);
         if !helps {
             if used.keys().all(|d| !short(&used, d)) {
                 break;
@@ -155,7 +157,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("unknown unit {other:?} in {text:?}; use B, KiB, MiB, GiB or TiB")),
+        other => {
+            return Err(format!(
+                "unknown unit {other:?} in {text:?}; use B, KiB, MiB, GiB or TiB"
+            ))
+        }
     };
     let bytes = value * scale as f64;
     if !bytes.is_finite() || bytes >= u64::MAX as f64 {
@@ -201,12 +207,19 @@ mod tests {
     #[test]
     fn fits_without_eviction() {
         let need = Charge::on(Device::Cpu, 50);
-        assert_eq!(choose_victims(&cpu(100, 0), &[r("a", 50, 0, false)], &need), Ok(vec![]));
+        assert_eq!(
+            choose_victims(&cpu(100, 0), &[r("a", 50, 0, false)], &need),
+            Ok(vec![])
+        );
     }
 
     #[test]
     fn evicts_least_recently_used_idle_first() {
-        let lru = [r("old", 40, 0, false), r("busy", 30, 1, false), r("new", 30, 0, false)];
+        let lru = [
+            r("old", 40, 0, false),
+            r("busy", 30, 1, false),
+            r("new", 30, 0, false),
+        ];
         let v = |n| choose_victims(&cpu(100, 0), &lru, &Charge::on(Device::Cpu, n));
         assert_eq!(v(40), Ok(vec!["old".to_string()]));
         assert_eq!(v(70), Ok(vec!["old".to_string(), "new".to_string()]));
@@ -222,12 +235,24 @@ mod tests {
         };
         let lru = [gpu, r("cpu", 50, 0, false)];
         let mut rooms = cpu(100, 0);
-        rooms.insert(Device::Cuda(0), Room { budget_bytes: 100, reserved_bytes: 0 });
+        rooms.insert(
+            Device::Cuda(0),
+            Room {
+                budget_bytes: 100,
+                reserved_bytes: 0,
+            },
+        );
         // Needs RAM only: the GPU model, though least recently used, frees no RAM.
         let need = Charge::on(Device::Cpu, 60);
-        assert_eq!(choose_victims(&rooms, &lru, &need), Ok(vec!["cpu".to_string()]));
+        assert_eq!(
+            choose_victims(&rooms, &lru, &need),
+            Ok(vec!["cpu".to_string()])
+        );
         let need = Charge::on(Device::Cuda(0), 50);
-        assert_eq!(choose_victims(&rooms, &lru, &need), Ok(vec!["gpu".to_string()]));
+        assert_eq!(
+            choose_victims(&rooms, &lru, &need),
+            Ok(vec!["gpu".to_string()])
+        );
         let err = choose_victims(&rooms, &lru, &Charge::on(Device::Cuda(1), 1)).unwrap_err();
         assert_eq!((err.device, err.budget_bytes), (Device::Cuda(1), 0));
     }

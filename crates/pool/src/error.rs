@@ -32,6 +32,8 @@ pub enum PoolError {
         waited: Duration,
         reason: String,
     },
+    #[error("model `{id}` is being removed; it takes no new requests")]
+    Retiring { id: String },
     #[error("the pool is shutting down")]
     ShuttingDown,
 }

@@ -17,4 +17,6 @@ pub use error::PoolError;
 pub use events::{EventKind, EvictReason, PoolEvent};
 pub use memory::{DeviceMemory, MemoryProbe, SystemProbe};
 pub use pool::{DeviceStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState};
-pub use spec::{Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec};
+pub use spec::{
+    Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec,
+};

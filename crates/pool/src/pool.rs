@@ -73,6 +73,31 @@ impl<B: Backend> Inner<B> {
         // No subscribers is fine: events are for whoever watches.
         let _ = self.events.send(PoolEvent::new(model, kind));
     }
+
+    /// Stops a worker already moved to `Unloading`, releases its bytes once it has
+    /// exited, and reports the eviction.
+    async fn stop_worker(&self, id: &str, instance: &B::Instance, reason: EvictReason) {
+        instance.shutdown().await;
+        let freed = self.lock().finish_unload(id);
+        tracing::info!(model = %id, %reason, freed_bytes = freed, "evicted");
+        let freed_bytes = freed;
+        self.emit(
+            id,
+            EventKind::Evicted {
+                reason,
+                freed_bytes,
+            },
+        );
+    }
+
+    /// Forgets a model; requests still queued for one of its slots learn it is gone.
+    fn forget(&self, id: &str) {
+        let removed = self.lock().models.remove(id);
+        if let Some(entry) = removed {
+            entry.permits.close();
+            self.emit(id, EventKind::Unregistered);
+        }
+    }
 }
 
 /// The model pool. Cheap to clone; clones share state.
@@ -144,28 +169,26 @@ impl<B: Backend> Pool<B> {
     /// wait for it.
     pub async fn unregister(&self, id: &str) -> Result<(), PoolError> {
         self.stop(id, EvictReason::Requested, true).await?;
-        let removed = {
-            let mut st = self.inner.lock();
+        {
+            let st = self.inner.lock();
             match st.models.get(id) {
-                Some(e) if matches!(e.slot, Slot::Absent) && e.interest == 0 => {
-                    st.models.remove(id)
-                }
+                Some(e) if matches!(e.slot, Slot::Absent) && e.interest == 0 => {}
                 Some(e) => return Err(busy(id, e)),
-                None => None,
+                None => return Ok(()),
             }
-        };
-        if let Some(entry) = removed {
-            // Requests still queued for a slot learn the model is gone.
-            entry.permits.close();
-            self.inner.emit(id, EventKind::Unregistered);
         }
+        self.inner.forget(id);
         Ok(())
     }
 
     /// Returns a lease on a resident `id`, loading it first when needed. Concurrent
     /// callers for the same cold model share one load. Waits at most until `deadline`
     /// (or the pool's queue timeout) for a concurrency slot and the load together.
-    pub async fn acquire(&self, id: &str, deadline: Option<Instant>) -> Result<Lease<B>, PoolError> {
+    pub async fn acquire(
+        &self,
+        id: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Lease<B>, PoolError> {
         let started = Instant::now();
         let deadline = self.deadline(started, deadline);
         let (interest, permits) = self.enter_queue(id)?;
@@ -188,9 +211,46 @@ impl<B: Backend> Pool<B> {
         lease
     }
 
+    /// Removes a model gracefully: refuses its new requests at once, lets those in
+    /// flight or queued finish for up to `drain`, then stops its worker (cutting what is
+    /// still running) and forgets it.
+    pub async fn retire(&self, id: &str, drain: Duration) -> Result<(), PoolError> {
+        self.inner.lock().entry(id)?.retiring = true;
+        let until = Instant::now() + drain;
+        loop {
+            let idle = {
+                let mut st = self.inner.lock();
+                let e = st.entry(id)?;
+                e.in_flight == 0 && e.interest == 0 && !matches!(e.slot, Slot::Loading { .. })
+            };
+            if idle || Instant::now() >= until {
+                if !idle {
+                    tracing::warn!(model = %id, ?drain, "drain timeout: cutting requests still running");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let instance = self.inner.lock().take_ready(id).map(|(inst, _)| inst);
+        if let Some(instance) = instance {
+            self.inner
+                .stop_worker(id, &instance, EvictReason::Requested)
+                .await;
+        }
+        // A load still running past the drain finishes into a removed entry and is
+        // stopped by its own task (see `run_load`).
+        self.inner.forget(id);
+        Ok(())
+    }
+
     /// Makes `id` resident without holding it (the `LoadModel` RPC); `pin` also pins it.
     /// Returns how long the load took, or zero when it was resident already.
-    pub async fn load(&self, id: &str, pin: bool, deadline: Option<Instant>) -> Result<Duration, PoolError> {
+    pub async fn load(
+        &self,
+        id: &str,
+        pin: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Duration, PoolError> {
         let started = Instant::now();
         let deadline = self.deadline(started, deadline);
         if pin {
@@ -216,7 +276,11 @@ impl<B: Backend> Pool<B> {
             std::mem::replace(&mut entry.spec.pinned, pinned) != pinned
         };
         if changed {
-            let kind = if pinned { EventKind::Pinned } else { EventKind::Unpinned };
+            let kind = if pinned {
+                EventKind::Pinned
+            } else {
+                EventKind::Unpinned
+            };
             self.inner.emit(id, kind);
         }
         Ok(())
@@ -225,8 +289,17 @@ impl<B: Backend> Pool<B> {
     /// Changes a device's budget. Resident models over a smaller budget stay until they
     /// are evicted for room or idleness.
     pub fn set_budget(&self, device: Device, budget_bytes: u64) {
-        self.inner.lock().budgets.insert(device, budget_bytes);
-        self.inner.emit("", EventKind::BudgetChanged { device, budget_bytes });
+        let old = self.inner.lock().budgets.insert(device, budget_bytes);
+        if old != Some(budget_bytes) {
+            tracing::info!(%device, budget_bytes, "budget changed");
+            self.inner.emit(
+                "",
+                EventKind::BudgetChanged {
+                    device,
+                    budget_bytes,
+                },
+            );
+        }
     }
 
     /// Stops every worker. Requests still holding leases lose their worker; call after
@@ -241,15 +314,9 @@ impl<B: Backend> Pool<B> {
                 .collect()
         };
         for (id, instance) in victims {
-            instance.shutdown().await;
-            let freed = self.inner.lock().finish_unload(&id);
-            self.inner.emit(
-                &id,
-                EventKind::Evicted {
-                    reason: EvictReason::Shutdown,
-                    freed_bytes: freed,
-                },
-            );
+            self.inner
+                .stop_worker(&id, &instance, EvictReason::Shutdown)
+                .await;
         }
     }
 
@@ -275,6 +342,9 @@ impl<B: Backend> Pool<B> {
         }
         let depth = self.inner.config.queue_depth;
         let entry = st.entry(id)?;
+        if entry.retiring {
+            return Err(PoolError::Retiring { id: id.to_owned() });
+        }
         if entry.interest >= depth {
             return Err(PoolError::QueueFull {
                 id: id.to_owned(),
@@ -326,7 +396,11 @@ impl<B: Backend> Pool<B> {
                             pool: Arc::clone(&self.inner),
                             id: id.to_owned(),
                             instance,
-                            load_wait: if waited { started.elapsed() } else { Duration::ZERO },
+                            load_wait: if waited {
+                                started.elapsed()
+                            } else {
+                                Duration::ZERO
+                            },
                             cold_start: waited,
                             _permit: permit,
                         });
@@ -420,7 +494,12 @@ impl<B: Backend> Pool<B> {
         available: &[DeviceMemory],
     ) -> Result<watch::Receiver<LoadOutcome>, PoolError> {
         let victims = st
-            .admit(id, &footprint.charge, available, self.inner.config.headroom_bytes)
+            .admit(
+                id,
+                &footprint.charge,
+                available,
+                self.inner.config.headroom_bytes,
+            )
             .map_err(|shortfall| {
                 tracing::warn!(model = %id, %shortfall, "model does not fit");
                 PoolError::InsufficientMemory {
@@ -443,13 +522,10 @@ impl<B: Backend> Pool<B> {
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             for (victim, instance) in evicted {
-                tracing::info!(model = %victim, for_model = %spec.id, "evicting to make room");
-                instance.shutdown().await;
-                let freed = inner.lock().finish_unload(&victim);
                 let reason = EvictReason::MakeRoom {
                     for_model: spec.id.clone(),
                 };
-                inner.emit(&victim, EventKind::Evicted { reason, freed_bytes: freed });
+                inner.stop_worker(&victim, &instance, reason).await;
             }
             let outcome = run_load(&inner, &spec, footprint).await;
             let _ = tx.send(Some(outcome));
@@ -459,11 +535,19 @@ impl<B: Backend> Pool<B> {
 
     /// Stops a ready model unless something holds it; `force_pinned` lets unregister
     /// stop a pinned model.
-    async fn stop(&self, id: &str, reason: EvictReason, force_pinned: bool) -> Result<bool, PoolError> {
+    async fn stop(
+        &self,
+        id: &str,
+        reason: EvictReason,
+        force_pinned: bool,
+    ) -> Result<bool, PoolError> {
         let instance = {
             let mut st = self.inner.lock();
             let entry = st.entry(id)?;
-            if entry.in_flight > 0 || entry.interest > 0 || matches!(entry.slot, Slot::Loading { .. }) {
+            if entry.in_flight > 0
+                || entry.interest > 0
+                || matches!(entry.slot, Slot::Loading { .. })
+            {
                 return Err(busy(id, entry));
             }
             if entry.spec.pinned && !force_pinned && matches!(entry.slot, Slot::Ready { .. }) {
@@ -474,10 +558,7 @@ impl<B: Backend> Pool<B> {
                 None => return Ok(false),
             }
         };
-        instance.shutdown().await;
-        let freed = self.inner.lock().finish_unload(id);
-        tracing::info!(model = %id, %reason, freed_bytes = freed, "evicted");
-        self.inner.emit(id, EventKind::Evicted { reason, freed_bytes: freed });
+        self.inner.stop_worker(id, &instance, reason).await;
         Ok(true)
     }
 }

@@ -2,9 +2,9 @@
 //! shuts down in order: stop accepting, drain in-flight streams, stop every worker,
 //! remove the socket directory.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +22,8 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::config::{PoolSettings, Settings};
 use crate::control::ControlService;
 use crate::inference::InferenceService;
+use crate::metrics::{self, Metrics};
+use crate::reload::Reloader;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -46,8 +48,13 @@ pub enum StartError {
 /// A server running in the background; see [`start`].
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// Where `/metrics` is served, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub pool: Pool<WorkerBackend>,
     pub runtime_dir: PathBuf,
+    /// Re-reads the configuration file and applies the model list (SIGHUP, RPC).
+    pub reloader: Arc<Reloader>,
+    metrics_task: Option<JoinHandle<()>>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), StartError>>,
 }
@@ -58,9 +65,13 @@ impl RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        (&mut self.task)
+        let result = (&mut self.task)
             .await
-            .map_err(|e| StartError::Serve(e.to_string()))?
+            .map_err(|e| StartError::Serve(e.to_string()))?;
+        if let Some(task) = self.metrics_task.take() {
+            task.abort();
+        }
+        result
     }
 }
 
@@ -92,10 +103,30 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         tracing::info!(%device, budget = %human_bytes(*bytes), "budget");
     }
     let pool = Pool::new(backend, probe, pool_config, settings.models.clone());
+    let metrics = Arc::new(Metrics::new());
+    metrics::follow_pool(Arc::clone(&metrics), &pool);
+    let metrics_addr = match settings.metrics_listen {
+        Some(addr) => {
+            let listener = metrics::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            let task = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), pool.clone()));
+            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+            Some((bound, task))
+        }
+        None => None,
+    };
+    let (metrics_addr, metrics_task) = metrics_addr.unzip();
+    let reloader = Arc::new(Reloader::new(pool.clone(), settings.clone()));
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve(
         listener,
         pool.clone(),
+        metrics,
+        Arc::clone(&reloader),
         runtime_dir.clone(),
         settings.drain_timeout,
         async {
@@ -105,6 +136,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     tracing::info!(addr = %local_addr, models = settings.models.len(), "modelpool serving");
     Ok(RunningServer {
         local_addr,
+        metrics_addr,
+        metrics_task,
+        reloader,
         pool,
         runtime_dir,
         shutdown: Some(tx),
@@ -115,6 +149,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
 async fn serve(
     listener: TcpListener,
     pool: Pool<WorkerBackend>,
+    metrics: Arc<Metrics>,
+    reloader: Arc<Reloader>,
     runtime_dir: PathBuf,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -143,15 +179,19 @@ async fn serve(
         .build_v1alpha()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
 
-    // The shutdown signal first flips health to NOT_SERVING so load balancers and
-    // probes stop sending, then tonic stops accepting and drains.
+    // Shutdown, in order: health turns NOT_SERVING (probes and balancers stop sending)
+    // and new requests get UNAVAILABLE while the connections stay up; once no request
+    // holds or awaits a model (or the drain timeout passes), tonic stops accepting and
+    // closes the connections.
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
     let health_for_shutdown = health.clone();
+    let pool_for_drain = pool.clone();
     let graceful = async move {
         shutdown.await;
         // Endless streams (WatchEvents) end now so they do not hold up the drain.
         let _ = draining_tx.send(true);
+        let _ = drain_tx.send(());
         tracing::info!("shutting down: draining in-flight requests");
         health_for_shutdown
             .set_service_status("", tonic_health::ServingStatus::NotServing)
@@ -162,15 +202,29 @@ async fn serve(
         health_for_shutdown
             .set_not_serving::<ModelControlServer<ControlService>>()
             .await;
-        let _ = drain_tx.send(());
+        while pool_for_drain
+            .snapshot()
+            .iter()
+            .any(|m| m.in_flight > 0 || m.waiting > 0)
+        {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     };
 
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InferenceServer::new(InferenceService::new(pool.clone())))
-        .add_service(ModelControlServer::new(ControlService::new(pool.clone(), draining_rx)));
+        .add_service(InferenceServer::new(InferenceService::new(
+            pool.clone(),
+            metrics,
+            draining_rx.clone(),
+        )))
+        .add_service(ModelControlServer::new(ControlService::new(
+            pool.clone(),
+            reloader,
+            draining_rx,
+        )));
     let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
     tokio::pin!(server);
     let result = tokio::select! {
@@ -191,7 +245,7 @@ async fn serve(
 
 /// Budgets per device from the `[pool]` settings and what the machine has; a GPU gets a
 /// budget only where NVML sees it.
-fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> PoolConfig {
+pub(crate) fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> PoolConfig {
     let budgets: BTreeMap<Device, u64> = probe
         .devices()
         .iter()

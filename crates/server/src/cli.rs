@@ -40,6 +40,9 @@ enum Command {
     /// Run one model in a worker process (started by `serve`).
     #[command(hide = true)]
     Worker(modelpool_engine::WorkerArgs),
+    /// Client commands: talk to a running server (and the offline `plan`).
+    #[command(flatten)]
+    Client(crate::client::ClientCommand),
 }
 
 /// Runs the command line given to this process.
@@ -49,7 +52,12 @@ pub fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // Client commands talk to people: only warnings unless RUST_LOG asks for more.
+    let default_level = match cli.command {
+        Command::Client(_) => "warn",
+        _ => "info",
+    };
+    init_tracing(cli.log_format, default_level);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -58,6 +66,7 @@ pub fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Client(command) => crate::client::run(command, &runtime),
         Command::Worker(args) => match runtime.block_on(modelpool_engine::worker::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -88,17 +97,20 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let server = crate::start(settings).await?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
+    let reloads = crate::reload::reload_on_sighup(std::sync::Arc::clone(&server.reloader))
+        .context("installing the SIGHUP handler")?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
+    reloads.abort();
     server.stop().await?;
     Ok(())
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -36,6 +36,10 @@ fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub listen: SocketAddr,
+    /// Plain-HTTP address of `/metrics`; `None` when set to "" (off).
+    pub metrics_listen: Option<SocketAddr>,
+    /// The file these settings came from, re-read on reload.
+    pub source: Option<PathBuf>,
     /// How long in-flight streams may run after SIGTERM before they are cut.
     pub drain_timeout: Duration,
     /// A worker not ready after this long is killed.
@@ -76,6 +80,7 @@ struct RawPool {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    metrics_listen: Option<String>,
     drain_timeout: Option<String>,
 }
 
@@ -159,7 +164,9 @@ impl Settings {
             .and_then(Path::parent)
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        Self::validate(raw, &base)
+        let mut settings = Self::validate(raw, &base)?;
+        settings.source = file.map(Path::to_path_buf);
+        Ok(settings)
     }
 
     /// Parses a TOML string (no environment), resolving relative paths against `base`.
@@ -185,6 +192,15 @@ impl Settings {
                     format!("not an address like 127.0.0.1:50051 ({e})"),
                 )
             })?;
+        let metrics_listen = match raw.server.metrics_listen.as_deref().map(str::trim) {
+            Some("") => None,
+            text => Some(text.unwrap_or("127.0.0.1:9464").parse().map_err(|e| {
+                invalid(
+                    "server.metrics_listen",
+                    format!("not an address like 127.0.0.1:9464, or \"\" for off ({e})"),
+                )
+            })?),
+        };
         let drain_timeout = duration("server.drain_timeout", raw.server.drain_timeout, "30s")?;
         let load_timeout = duration("workers.load_timeout", raw.workers.load_timeout, "120s")?;
         if load_timeout.is_zero() {
@@ -193,14 +209,20 @@ impl Settings {
         let pool = pool_settings(raw.pool)?;
         let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.models.len());
         for (i, m) in raw.models.into_iter().enumerate() {
-            let spec = model_spec(m, base).map_err(|(k, reason)| invalid(format!("models[{i}].{k}"), reason))?;
+            let spec = model_spec(m, base)
+                .map_err(|(k, reason)| invalid(format!("models[{i}].{k}"), reason))?;
             if models.iter().any(|o| o.id == spec.id) {
-                return Err(invalid(format!("models[{i}].id"), format!("duplicate id {:?}", spec.id)));
+                return Err(invalid(
+                    format!("models[{i}].id"),
+                    format!("duplicate id {:?}", spec.id),
+                ));
             }
             models.push(spec);
         }
         Ok(Settings {
             listen,
+            metrics_listen,
+            source: None,
             drain_timeout,
             load_timeout,
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),
@@ -231,7 +253,10 @@ fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
         .map_err(|e| invalid("pool.reserve", e))?;
     let queue_depth = raw.queue_depth.unwrap_or(64);
     if !(1..=100_000).contains(&queue_depth) {
-        return Err(invalid("pool.queue_depth", format!("must be 1..=100000, got {queue_depth}")));
+        return Err(invalid(
+            "pool.queue_depth",
+            format!("must be 1..=100000, got {queue_depth}"),
+        ));
     }
     let queue_timeout = duration("pool.queue_timeout", raw.queue_timeout, "60s")?;
     if queue_timeout.is_zero() {
@@ -251,16 +276,30 @@ fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
 pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, String)> {
     if m.id.is_empty()
         || m.id.len() > 128
-        || !m.id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+        || !m
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
     {
-        return Err(("id", format!("must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}", m.id)));
+        return Err((
+            "id",
+            format!(
+                "must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}",
+                m.id
+            ),
+        ));
     }
     if m.path.as_os_str().is_empty() {
         return Err(("path", "required".into()));
     }
     let format = match m.format.as_deref().unwrap_or("gguf") {
         "gguf" | "" => ModelFormat::Gguf,
-        other => return Err(("format", format!("unsupported format {other:?}; supported: gguf"))),
+        other => {
+            return Err((
+                "format",
+                format!("unsupported format {other:?}; supported: gguf"),
+            ))
+        }
     };
     let device = match m.device.as_deref().unwrap_or("cpu") {
         "auto" => auto_device(),
@@ -275,24 +314,40 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
     }
     let context_length = m.context_length.unwrap_or(4096);
     if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
-        return Err(("context_length", format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}")));
+        return Err((
+            "context_length",
+            format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}"),
+        ));
     }
     let max_sequences = m.max_sequences.unwrap_or(1);
     if !(1..=MAX_SEQUENCES).contains(&max_sequences) {
-        return Err(("max_sequences", format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}")));
+        return Err((
+            "max_sequences",
+            format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
+        ));
     }
     let max_concurrency = m.max_concurrency.unwrap_or(4);
     if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
-        return Err(("max_concurrency", format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}")));
+        return Err((
+            "max_concurrency",
+            format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}"),
+        ));
     }
     let idle_ttl = match m.idle_ttl.as_deref() {
         None | Some("") | Some("never") => None,
         Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
-            ("idle_ttl", format!("not a duration like \"10m\" or \"never\" ({e}), got {text:?}"))
+            (
+                "idle_ttl",
+                format!("not a duration like \"10m\" or \"never\" ({e}), got {text:?}"),
+            )
         })?)
         .filter(|d| !d.is_zero()),
     };
-    let source = if m.path.is_absolute() { m.path } else { base.join(m.path) };
+    let source = if m.path.is_absolute() {
+        m.path
+    } else {
+        base.join(m.path)
+    };
     Ok(ModelSpec {
         id: m.id,
         source,
@@ -359,11 +414,17 @@ mod tests {
         assert_eq!(BudgetSetting::Auto.resolve(16 << 30, &s.pool), 7 << 30);
         let m = &s.models[0];
         assert!(m.pinned);
-        assert_eq!((m.idle_ttl, m.max_concurrency), (Some(Duration::from_secs(600)), 2));
+        assert_eq!(
+            (m.idle_ttl, m.max_concurrency),
+            (Some(Duration::from_secs(600)), 2)
+        );
         if !cfg!(feature = "cuda") {
-            let err = Settings::from_toml("[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"cuda:0\"", Path::new("/"))
-                .unwrap_err()
-                .to_string();
+            let err = Settings::from_toml(
+                "[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"cuda:0\"",
+                Path::new("/"),
+            )
+            .unwrap_err()
+            .to_string();
             assert!(err.contains("`cuda` feature"), "{err}");
         }
     }
@@ -385,8 +446,14 @@ mod tests {
                 "[[models]]\nid = \"a\"\npath = \"a\"\nformat = \"onnx\"",
                 "models[0].format",
             ),
-            ("[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"tpu\"", "models[0].device"),
-            ("[[models]]\nid = \"a\"\npath = \"a\"\nidle_ttl = \"soon\"", "models[0].idle_ttl"),
+            (
+                "[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"tpu\"",
+                "models[0].device",
+            ),
+            (
+                "[[models]]\nid = \"a\"\npath = \"a\"\nidle_ttl = \"soon\"",
+                "models[0].idle_ttl",
+            ),
             ("[pool]\nram_budget = \"6 parsecs\"", "pool.ram_budget"),
             ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
             ("[pool]\nqueue_depth = 0", "pool.queue_depth"),

@@ -13,11 +13,11 @@ use modelpool_pool::{
 use modelpool_proto::v1::model_control_server::ModelControl;
 use modelpool_proto::v1::pool_event::{self, Kind};
 use modelpool_proto::v1::{
-    DeviceStatus, EvictModelRequest, EvictModelResponse, Footprint, GetModelRequest,
+    DeviceBudget, DeviceStatus, EvictModelRequest, EvictModelResponse, Footprint, GetModelRequest,
     GetPoolStatusRequest, ListModelsRequest, ListModelsResponse, LoadModelRequest,
     LoadModelResponse, ModelFormat, ModelInfo, ModelState, PinModelRequest, PoolStatus,
-    RegisterModelRequest, UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse,
-    WatchEventsRequest,
+    RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse, UnpinModelRequest,
+    UnregisterModelRequest, UnregisterModelResponse, WatchEventsRequest,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
@@ -26,16 +26,27 @@ use tonic::{Request, Response, Status};
 use crate::config::{model_spec, RawModel};
 use crate::error::ServerError;
 use crate::inference::deadline_of;
+use crate::reload::{ReloadError, Reloader};
+use std::sync::Arc;
 
 pub struct ControlService {
     pool: Pool<WorkerBackend>,
+    reloader: Arc<Reloader>,
     /// Turns true when the server starts draining; event streams end then.
     draining: watch::Receiver<bool>,
 }
 
 impl ControlService {
-    pub fn new(pool: Pool<WorkerBackend>, draining: watch::Receiver<bool>) -> Self {
-        Self { pool, draining }
+    pub fn new(
+        pool: Pool<WorkerBackend>,
+        reloader: Arc<Reloader>,
+        draining: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            pool,
+            reloader,
+            draining,
+        }
     }
 
     fn info(&self, id: &str) -> Result<Response<ModelInfo>, Status> {
@@ -156,7 +167,8 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
     }
 }
 
-type EventStream = Pin<Box<dyn Stream<Item = Result<modelpool_proto::v1::PoolEvent, Status>> + Send>>;
+type EventStream =
+    Pin<Box<dyn Stream<Item = Result<modelpool_proto::v1::PoolEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ModelControl for ControlService {
@@ -199,7 +211,8 @@ impl ModelControl for ControlService {
             pinned: Some(r.pinned),
             idle_ttl,
         };
-        let spec = model_spec(raw, Path::new("/")).map_err(|(field, reason)| ServerError::invalid(field, reason))?;
+        let spec = model_spec(raw, Path::new("/"))
+            .map_err(|(field, reason)| ServerError::invalid(field, reason))?;
         if !spec.source.is_absolute() {
             return Err(ServerError::invalid("path", "must be absolute").into());
         }
@@ -268,7 +281,9 @@ impl ModelControl for ControlService {
         request: Request<UnpinModelRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
         let id = required_id(request.into_inner().id)?;
-        self.pool.set_pinned(&id, false).map_err(ServerError::from)?;
+        self.pool
+            .set_pinned(&id, false)
+            .map_err(ServerError::from)?;
         self.info(&id)
     }
 
@@ -299,6 +314,34 @@ impl ModelControl for ControlService {
             devices,
             models: status.models.into_iter().map(info).collect(),
             gpu_absent_reason: status.gpu_absent_reason.unwrap_or_default(),
+        }))
+    }
+
+    async fn reload_config(
+        &self,
+        _: Request<ReloadConfigRequest>,
+    ) -> Result<Response<ReloadConfigResponse>, Status> {
+        let report = self.reloader.reload().await.map_err(|e| match &e {
+            ReloadError::NoFile => Status::failed_precondition(e.to_string()),
+            ReloadError::Invalid(_) | ReloadError::Conflict { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
+            ReloadError::Apply { .. } => Status::internal(e.to_string()),
+        })?;
+        Ok(Response::new(ReloadConfigResponse {
+            added: report.added,
+            removed: report.removed,
+            changed: report.changed,
+            unchanged: report.unchanged as u32,
+            budgets: report
+                .budgets
+                .into_iter()
+                .map(|(d, b)| DeviceBudget {
+                    device: d.to_string(),
+                    budget_bytes: b,
+                })
+                .collect(),
+            restart_needed: report.restart_needed,
         }))
     }
 

@@ -31,7 +31,9 @@ impl From<ServerError> for Status {
             ServerError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             ServerError::Pool(p) => match p {
                 PoolError::NotFound { .. } => Status::not_found(e.to_string()),
-                PoolError::ShuttingDown => Status::unavailable(e.to_string()),
+                PoolError::ShuttingDown | PoolError::Retiring { .. } => {
+                    Status::unavailable(e.to_string())
+                }
                 PoolError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
                 PoolError::Busy { .. } | PoolError::Pinned { .. } => {
                     Status::failed_precondition(e.to_string())

@@ -3,6 +3,8 @@
 //! can know (load wait, time to first token from arrival).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
@@ -16,17 +18,93 @@ use modelpool_proto::worker::v1::{ChatPrompt, WorkerGenerateRequest};
 use tonic::{Request, Response, Status};
 
 use crate::error::ServerError;
+use crate::metrics::Metrics;
+use tracing::Instrument;
 
 /// Largest prompt accepted, in bytes of text (all messages together).
 pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 
 pub struct InferenceService {
     pool: Pool<WorkerBackend>,
+    metrics: Arc<Metrics>,
+    /// True once shutdown began: new requests are refused with UNAVAILABLE.
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What every request carries besides its payload.
+struct RequestContext {
+    arrived: Instant,
+    deadline: Option<tokio::time::Instant>,
+    span: tracing::Span,
+}
+
+impl RequestContext {
+    /// Opens the request's span: model, a request id, and the W3C trace context when
+    /// the client sent `traceparent`.
+    fn new(kind: &'static str, model: &str, meta: &tonic::metadata::MetadataMap) -> Self {
+        let (trace_id, parent_id) = meta
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_traceparent)
+            .unzip();
+        let span = tracing::info_span!(
+            "request",
+            kind,
+            model = %model,
+            request_id = %next_request_id(),
+            trace_id = trace_id.as_deref().unwrap_or(""),
+            parent_span_id = parent_id.as_deref().unwrap_or(""),
+        );
+        Self {
+            arrived: Instant::now(),
+            deadline: deadline_of(meta),
+            span,
+        }
+    }
+}
+
+/// `traceparent: 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`; ids of all
+/// zeros are invalid per the W3C spec.
+fn parse_traceparent(v: &str) -> Option<(String, String)> {
+    let mut parts = v.trim().split('-');
+    let (version, trace, parent, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(parent, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && parent.bytes().any(|b| b != b'0');
+    valid.then(|| (trace.to_ascii_lowercase(), parent.to_ascii_lowercase()))
+}
+
+/// A process-unique request id: 16 hex digits, unpredictable enough for log grepping.
+fn next_request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // SplitMix64 of (time, counter): distinct per request, spread over all digits.
+    let mut z = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    format!("{:016x}", z ^ (z >> 31))
 }
 
 impl InferenceService {
-    pub fn new(pool: Pool<WorkerBackend>) -> Self {
-        Self { pool }
+    pub fn new(
+        pool: Pool<WorkerBackend>,
+        metrics: Arc<Metrics>,
+        draining: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            pool,
+            metrics,
+            draining,
+        }
     }
 
     async fn run(
@@ -34,10 +112,54 @@ impl InferenceService {
         model: String,
         prompt: Prompt,
         sampling: SamplingParams,
-        arrived: Instant,
-        deadline: Option<tokio::time::Instant>,
-    ) -> Result<ChunkStream, ServerError> {
-        let lease = self.pool.acquire(&model, deadline).await?;
+        ctx: RequestContext,
+    ) -> Result<ChunkStream, Status> {
+        if *self.draining.borrow() {
+            self.metrics.request_done(&model, tonic::Code::Unavailable);
+            return Err(Status::unavailable(
+                "modelpool is shutting down and takes no new requests; retry on another instance",
+            ));
+        }
+        let started = self
+            .start(&model, prompt, sampling, &ctx)
+            .instrument(ctx.span.clone())
+            .await;
+        let (lease, upstream) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                let status = Status::from(e);
+                self.metrics.request_done(&model, status.code());
+                let _entered = ctx.span.enter();
+                tracing::info!(code = ?status.code(), "request refused: {}", status.message());
+                return Err(status);
+            }
+        };
+        let relay = Relay {
+            lease,
+            upstream,
+            arrived: ctx.arrived,
+            first_chunk_at: None,
+            last_chunk_at: None,
+            done: false,
+            model,
+            metrics: Arc::clone(&self.metrics),
+            span: ctx.span,
+        };
+        Ok(Box::pin(futures::stream::unfold(relay, Relay::next)))
+    }
+
+    /// Takes the lease (loading the model if cold) and opens the worker stream.
+    async fn start(
+        &self,
+        model: &str,
+        prompt: Prompt,
+        sampling: SamplingParams,
+        ctx: &RequestContext,
+    ) -> Result<(Lease<WorkerBackend>, tonic::Streaming<GenerateChunk>), ServerError> {
+        let lease = self.pool.acquire(model, ctx.deadline).await?;
+        if lease.cold_start() {
+            self.metrics.cold_start(model, lease.load_wait());
+        }
         let request = WorkerGenerateRequest {
             prompt: Some(prompt),
             sampling: Some(sampling),
@@ -48,17 +170,10 @@ impl InferenceService {
                 .generate(request)
                 .await
                 .map_err(|status| ServerError::Worker {
-                    model: model.clone(),
+                    model: model.to_owned(),
                     status,
                 })?;
-        let relay = Relay {
-            lease,
-            upstream,
-            arrived,
-            first_chunk_at: None,
-            done: false,
-        };
-        Ok(Box::pin(futures::stream::unfold(relay, Relay::next)))
+        Ok((lease, upstream))
     }
 }
 
@@ -71,7 +186,11 @@ struct Relay {
     upstream: tonic::Streaming<GenerateChunk>,
     arrived: Instant,
     first_chunk_at: Option<Instant>,
+    last_chunk_at: Option<Instant>,
     done: bool,
+    model: String,
+    metrics: Arc<Metrics>,
+    span: tracing::Span,
 }
 
 impl Relay {
@@ -79,37 +198,78 @@ impl Relay {
         if self.done {
             return None;
         }
-        match self.upstream.next().await {
+        let item = match self.upstream.next().await {
             Some(Ok(mut chunk)) => {
                 let now = Instant::now();
-                let first = *self.first_chunk_at.get_or_insert(now);
+                let first = match self.first_chunk_at {
+                    Some(first) => first,
+                    None => {
+                        self.metrics.first_token(&self.model, now - self.arrived);
+                        *self.first_chunk_at.insert(now)
+                    }
+                };
+                let gap = self.last_chunk_at.replace(now).map(|prev| now - prev);
+                let mut tokens = 0;
                 if let Some(usage) = chunk.usage.as_mut() {
                     self.done = true;
                     usage.time_to_first_token = duration(first - self.arrived);
                     usage.total_time = duration(now - self.arrived);
                     usage.load_wait = duration(self.lease.load_wait());
                     usage.cold_start = self.lease.cold_start();
+                    tokens = u64::from(usage.completion_tokens);
+                    self.metrics.request_done(&self.model, tonic::Code::Ok);
+                    let _entered = self.span.enter();
+                    tracing::info!(
+                        prompt_tokens = usage.prompt_tokens,
+                        completion_tokens = usage.completion_tokens,
+                        ttft_ms = (first - self.arrived).as_millis() as u64,
+                        total_ms = (now - self.arrived).as_millis() as u64,
+                        cold_start = usage.cold_start,
+                        "request finished"
+                    );
                 }
-                Some((Ok(chunk), self))
+                self.metrics.chunk(&self.model, tokens, gap);
+                Ok(chunk)
             }
             Some(Err(status)) => {
                 self.done = true;
                 let err = ServerError::Worker {
-                    model: self.lease.model_id().to_owned(),
+                    model: self.model.clone(),
                     status,
                 };
-                Some((Err(err.into()), self))
+                Err(self.fail(err))
             }
             None => {
                 self.done = true;
                 let err = ServerError::Worker {
-                    model: self.lease.model_id().to_owned(),
+                    model: self.model.clone(),
                     status: Status::unavailable(
                         "the worker ended the stream without a final chunk",
                     ),
                 };
-                Some((Err(err.into()), self))
+                Err(self.fail(err))
             }
+        };
+        Some((item, self))
+    }
+
+    fn fail(&self, err: ServerError) -> Status {
+        let status = Status::from(err);
+        self.metrics.request_done(&self.model, status.code());
+        let _entered = self.span.enter();
+        tracing::warn!(code = ?status.code(), "request failed: {}", status.message());
+        status
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if !self.done {
+            // The client went away before the last chunk.
+            self.metrics
+                .request_done(&self.model, tonic::Code::Cancelled);
+            let _entered = self.span.enter();
+            tracing::info!("client went away; generation cancelled");
         }
     }
 }
@@ -191,8 +351,7 @@ impl Inference for InferenceService {
     type GenerateStream = ChunkStream;
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
-        let arrived = Instant::now();
-        let deadline = deadline_of(request.metadata());
+        let ctx = RequestContext::new("chat", &request.get_ref().model, request.metadata());
         let r = request.into_inner();
         validate_chat(&r)?;
         let sampling = check_sampling(r.sampling)?;
@@ -201,7 +360,7 @@ impl Inference for InferenceService {
         });
         tracing::debug!(model = %r.model, "chat");
         Ok(Response::new(
-            self.run(r.model, prompt, sampling, arrived, deadline).await?,
+            self.run(r.model, prompt, sampling, ctx).await?,
         ))
     }
 
@@ -209,8 +368,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let arrived = Instant::now();
-        let deadline = deadline_of(request.metadata());
+        let ctx = RequestContext::new("generate", &request.get_ref().model, request.metadata());
         let r = request.into_inner();
         check_model(&r.model)?;
         if r.prompt.is_empty() {
@@ -229,8 +387,35 @@ impl Inference for InferenceService {
         let sampling = check_sampling(r.sampling)?;
         tracing::debug!(model = %r.model, "generate");
         Ok(Response::new(
-            self.run(r.model, Prompt::Raw(r.prompt), sampling, arrived, deadline)
+            self.run(r.model, Prompt::Raw(r.prompt), sampling, ctx)
                 .await?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_parsed_or_ignored() {
+        let ok = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            parse_traceparent(ok),
+            Some((
+                "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+                "00f067aa0ba902b7".into()
+            ))
+        );
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parse_traceparent(bad), None, "{bad:?}");
+        }
+        assert_ne!(next_request_id(), next_request_id());
     }
 }

@@ -4,10 +4,13 @@
 
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod error;
 pub mod inference;
+pub mod metrics;
+pub mod reload;
 
 pub use app::{start, RunningServer, StartError};
 pub use config::{ConfigError, Settings, EXIT_CONFIG};

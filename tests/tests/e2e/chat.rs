@@ -65,7 +65,7 @@ async fn chat_answers_paris_streams_and_reports_usage() {
     .await
     .unwrap();
     assert_eq!(text_of(&again), text);
-    let usage2 = again.last().unwrap().usage.clone().unwrap();
+    let usage2 = again.last().unwrap().usage.unwrap();
     assert!(!usage2.cold_start);
     assert_eq!(secs(&usage2.load_wait), 0.0);
     assert_eq!(usage2.prompt_tokens, usage.prompt_tokens);
@@ -87,7 +87,7 @@ async fn generate_counts_tokens_exactly_and_stops_at_max_tokens() {
         .unwrap();
     let last = chunks.last().unwrap();
     assert_eq!(last.finish_reason, FinishReason::Length as i32);
-    let usage = last.usage.clone().unwrap();
+    let usage = last.usage.unwrap();
     assert_eq!(usage.completion_tokens, 8);
     let prompt_tokens = usage.prompt_tokens;
     assert!(
@@ -99,7 +99,7 @@ async fn generate_counts_tokens_exactly_and_stops_at_max_tokens() {
     let chunks = collect(client.generate(request(20)).await.unwrap().into_inner())
         .await
         .unwrap();
-    let usage = chunks.last().unwrap().usage.clone().unwrap();
+    let usage = chunks.last().unwrap().usage.unwrap();
     assert_eq!(usage.completion_tokens, 20);
     assert_eq!(usage.prompt_tokens, prompt_tokens);
     t.stop().await;

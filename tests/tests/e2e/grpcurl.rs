@@ -75,10 +75,16 @@ async fn grpcurl_lists_describes_and_streams_a_chat() {
     // Pool status after the chat: RAM budget, the model resident with its numbers.
     let status: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
     assert_eq!(status["devices"][0]["device"], "cpu", "{status}");
-    assert!(status["devices"][0]["budgetBytes"].as_str().is_some(), "{status}");
+    assert!(
+        status["devices"][0]["budgetBytes"].as_str().is_some(),
+        "{status}"
+    );
     let model = &status["models"][0];
     assert_eq!(model["state"], "MODEL_STATE_READY", "{status}");
-    assert!(model["predicted"]["totalBytes"].as_str().is_some(), "{status}");
+    assert!(
+        model["predicted"]["totalBytes"].as_str().is_some(),
+        "{status}"
+    );
     assert!(model["lastUsed"].as_str().is_some(), "{status}");
     drop(addr);
     t.stop().await;

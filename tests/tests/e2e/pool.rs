@@ -24,7 +24,12 @@ async fn server(ids: &[&str], instances: f64) -> TestServer {
     let budget = (predicted_bytes(CONTEXT) as f64 * instances) as u64;
     let models: String = ids
         .iter()
-        .map(|id| model_toml(id, &format!("context_length = {CONTEXT}\nmax_sequences = 1\n")))
+        .map(|id| {
+            model_toml(
+                id,
+                &format!("context_length = {CONTEXT}\nmax_sequences = 1\n"),
+            )
+        })
         .collect();
     let pool = format!("ram_budget = \"{budget}\"\n");
     TestServer::start_with(|runtime| settings_toml(&pool, &models, runtime)).await
@@ -54,7 +59,9 @@ fn evictions(events: &Mutex<Vec<PoolEvent>>) -> Vec<(String, String, String)> {
         .unwrap()
         .iter()
         .filter_map(|e| match &e.kind {
-            Some(Kind::Evicted(ev)) => Some((e.model.clone(), ev.reason.clone(), ev.detail.clone())),
+            Some(Kind::Evicted(ev)) => {
+                Some((e.model.clone(), ev.reason.clone(), ev.detail.clone()))
+            }
             _ => None,
         })
         .collect()
@@ -103,13 +110,22 @@ async fn third_model_evicts_the_least_recently_used() {
     assert!(eventually(Duration::from_secs(2), || !evictions(&events).is_empty()).await);
     assert_eq!(
         evictions(&events),
-        vec![("b".to_string(), "lru".to_string(), "making room for `c`".to_string())]
+        vec![(
+            "b".to_string(),
+            "lru".to_string(),
+            "making room for `c`".to_string()
+        )]
     );
     assert_eq!(state(&t, "b").await.0, ModelState::Registered);
     assert!(!process_alive(pid_b), "the evicted worker is gone");
     assert_eq!(state(&t, "a").await.0, ModelState::Ready);
     // The budget still holds: two residents, nothing reserved.
-    let status = t.control().get_pool_status(GetPoolStatusRequest {}).await.unwrap().into_inner();
+    let status = t
+        .control()
+        .get_pool_status(GetPoolStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     let ram = &status.devices[0];
     assert_eq!(ram.device, "cpu");
     assert!(ram.used_bytes <= ram.budget_bytes, "{ram:?}");
@@ -122,19 +138,33 @@ async fn a_model_generating_is_never_the_victim() {
     let t = server(&["a", "b", "c"], 2.5).await;
     let events = watch(&t).await;
     // a starts a long generation and is the least recently used when c arrives.
-    let long = || chat("a", "Write a long story about a dragon and a knight.", greedy(300));
+    let long = || {
+        chat(
+            "a",
+            "Write a long story about a dragon and a knight.",
+            greedy(300),
+        )
+    };
     let mut a_stream = t.inference().chat(long()).await.unwrap().into_inner();
     a_stream.message().await.unwrap().expect("a is generating");
     ask(&t, "b").await;
     ask(&t, "c").await;
     assert!(eventually(Duration::from_secs(2), || !evictions(&events).is_empty()).await);
-    assert_eq!(evictions(&events)[0].0, "b", "a holds a lease: b goes instead");
+    assert_eq!(
+        evictions(&events)[0].0,
+        "b",
+        "a holds a lease: b goes instead"
+    );
     assert_eq!(state(&t, "a").await.0, ModelState::Ready);
     collect(a_stream).await.expect("a's generation completes");
 
     // Both residents busy: nothing can make room for b.
     let mut a_busy = t.inference().chat(long()).await.unwrap().into_inner();
-    let c_long = chat("c", "Write a long story about a dragon and a knight.", greedy(300));
+    let c_long = chat(
+        "c",
+        "Write a long story about a dragon and a knight.",
+        greedy(300),
+    );
     let mut c_busy = t.inference().chat(c_long).await.unwrap().into_inner();
     a_busy.message().await.unwrap().expect("a generating");
     c_busy.message().await.unwrap().expect("c generating");
@@ -142,8 +172,7 @@ async fn a_model_generating_is_never_the_victim() {
         .inference()
         .chat(chat("b", "Hi", greedy(4)))
         .await
-        .err()
-        .expect("no room for b");
+        .expect_err("no room for b");
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("in use"), "{}", err.message());
     assert_eq!(evictions(&events).len(), 1, "nothing else was evicted");
@@ -159,7 +188,10 @@ async fn ten_concurrent_requests_start_one_load() {
     for _ in 0..10 {
         let mut client = t.inference();
         tasks.push(tokio::spawn(async move {
-            let stream = client.chat(chat("cold", "Hi", greedy(4))).await?.into_inner();
+            let stream = client
+                .chat(chat("cold", "Hi", greedy(4)))
+                .await?
+                .into_inner();
             collect(stream).await
         }));
     }
@@ -189,12 +221,18 @@ async fn a_model_bigger_than_the_budget_fails_at_once() {
         .unwrap();
     let err = t
         .control()
-        .load_model(LoadModelRequest { id: "huge".into(), pin: false })
+        .load_model(LoadModelRequest {
+            id: "huge".into(),
+            pin: false,
+        })
         .await
-        .err()
-        .expect("huge does not fit");
+        .expect_err("huge does not fit");
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains("needs") && err.message().contains("budget is"), "{}", err.message());
+    assert!(
+        err.message().contains("needs") && err.message().contains("budget is"),
+        "{}",
+        err.message()
+    );
     assert_eq!(loads_started(&events, "huge"), 0, "no worker was started");
     assert!(evictions(&events).is_empty(), "nothing was evicted for it");
     assert_eq!(state(&t, "a").await.0, ModelState::Ready);
@@ -211,24 +249,49 @@ fn self_rss_and_threads() -> (u64, usize) {
 async fn twenty_load_evict_cycles_return_memory() {
     let t = server(&["m"], 2.5).await;
     let mut control = t.control();
-    let load = LoadModelRequest { id: "m".into(), pin: false };
+    let load = LoadModelRequest {
+        id: "m".into(),
+        pin: false,
+    };
     // One warm-up cycle so lazily initialised client and server state exists.
     control.load_model(load.clone()).await.unwrap();
-    control.evict_model(EvictModelRequest { id: "m".into() }).await.unwrap();
+    control
+        .evict_model(EvictModelRequest { id: "m".into() })
+        .await
+        .unwrap();
     let (rss_before, threads_before) = self_rss_and_threads();
     let mut pids = Vec::new();
     for _ in 0..20 {
         let loaded = control.load_model(load.clone()).await.unwrap().into_inner();
         pids.push(loaded.model.unwrap().worker_pid);
-        let evicted = control.evict_model(EvictModelRequest { id: "m".into() }).await.unwrap();
+        let evicted = control
+            .evict_model(EvictModelRequest { id: "m".into() })
+            .await
+            .unwrap();
         assert!(evicted.into_inner().evicted);
     }
     let (rss_after, threads_after) = self_rss_and_threads();
     let drift = rss_after as i64 - rss_before as i64;
-    assert!(drift.abs() < 10 << 20, "server RSS moved {drift} bytes over 20 cycles");
+    assert!(
+        drift.abs() < 10 << 20,
+        "server RSS moved {drift} bytes over 20 cycles"
+    );
     assert_eq!(threads_after, threads_before, "thread count changed");
-    assert!(pids.iter().all(|&p| p != 0 && !process_alive(p)), "a worker was left behind");
-    let status = control.get_pool_status(GetPoolStatusRequest {}).await.unwrap().into_inner();
-    assert_eq!((status.devices[0].used_bytes, status.devices[0].reserved_bytes), (0, 0));
+    assert!(
+        pids.iter().all(|&p| p != 0 && !process_alive(p)),
+        "a worker was left behind"
+    );
+    let status = control
+        .get_pool_status(GetPoolStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            status.devices[0].used_bytes,
+            status.devices[0].reserved_bytes
+        ),
+        (0, 0)
+    );
     t.stop().await;
 }

@@ -62,7 +62,8 @@ fn write_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     let mut f = std::fs::File::create(&path).unwrap();
     write!(
         f,
-        "[server]\nlisten = \"127.0.0.1:{port}\"\n[workers]\nruntime_dir = \"{}\"\n\
+        "[server]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+         [workers]\nruntime_dir = \"{}\"\n\
          [[models]]\nid = \"smollm2\"\npath = \"{}\"\ncontext_length = 2048\n",
         dir.display(),
         model_path().display()
@@ -85,8 +86,9 @@ async fn connect(port: u16) -> tonic::transport::Channel {
     panic!("server on port {port} never came up");
 }
 
-/// Starts `modelpool serve` as a real child process and makes it load the model.
-async fn spawn_server_with_worker(dir: &std::path::Path) -> (std::process::Child, u32) {
+/// Starts `modelpool serve` on a fresh port with its runtime dir in `dir`, as a real
+/// child process, and connects to it.
+async fn spawn_server(dir: &std::path::Path) -> (std::process::Child, tonic::transport::Channel) {
     let port = free_port();
     let config = write_config(dir, port);
     let server = Command::new(modelpool_exe())
@@ -96,7 +98,12 @@ async fn spawn_server_with_worker(dir: &std::path::Path) -> (std::process::Child
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let channel = connect(port).await;
+    (server, connect(port).await)
+}
+
+/// Starts `modelpool serve` as a real child process and makes it load the model.
+async fn spawn_server_with_worker(dir: &std::path::Path) -> (std::process::Child, u32) {
+    let (server, channel) = spawn_server(dir).await;
     collect(
         InferenceClient::new(channel.clone())
             .chat(chat("smollm2", "Hi", greedy(4)))
@@ -130,6 +137,63 @@ async fn killing_the_server_leaves_no_worker() {
         eventually(Duration::from_secs(3), || !process_alive(worker)).await,
         "worker {worker} survived its server's SIGKILL"
     );
+    // Its socket directory stays behind; the next server on the same runtime dir
+    // starts anyway and removes it.
+    let stale = dir.path().join(format!("modelpool-{}", server.id()));
+    assert!(stale.is_dir(), "expected the killed server's runtime dir");
+    let (mut next, next_worker) = spawn_server_with_worker(dir.path()).await;
+    assert!(
+        !stale.exists(),
+        "stale runtime dir not cleaned: {}",
+        stale.display()
+    );
+    next.kill().unwrap();
+    next.wait().unwrap();
+    assert!(eventually(Duration::from_secs(3), || !process_alive(next_worker)).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_streams_and_refuses_new_ones() {
+    let _serial = modelpool_tests::serial().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, channel) = spawn_server(dir.path()).await;
+    let mut client = InferenceClient::new(channel.clone());
+    let long = modelpool_proto::v1::GenerateRequest {
+        model: "smollm2".into(),
+        prompt: "1, 2, 3, 4, 5, 6, 7, 8,".into(),
+        sampling: Some(greedy(120)),
+    };
+    let mut stream = client.generate(long).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("generating");
+    // SAFETY: plain kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(server.id() as i32, libc::SIGTERM) }, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // New work is refused while the old stream drains...
+    let mut fresh = InferenceClient::new(channel);
+    let refused = tokio::time::timeout(
+        Duration::from_secs(10),
+        fresh.chat(chat("smollm2", "Hi", greedy(4))),
+    )
+    .await
+    .expect("a refusal, not a hang")
+    .expect_err("new requests are refused while draining");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // ...and the in-flight one runs to its end.
+    let rest = collect(stream)
+        .await
+        .expect("the in-flight stream finishes");
+    assert!(rest.last().unwrap().usage.is_some());
+    let status = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "exit status {status}");
+    let leftovers = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("modelpool-"))
+        .count();
+    assert_eq!(leftovers, 0, "runtime dir left behind");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,7 +30,9 @@ pub(super) enum Slot<I> {
         loaded_at: SystemTime,
     },
     /// Stopping; its bytes stay charged until the worker has exited.
-    Unloading { charge: Charge },
+    Unloading {
+        charge: Charge,
+    },
 }
 
 pub(super) struct Entry<I> {
@@ -49,6 +51,8 @@ pub(super) struct Entry<I> {
     pub prediction: Option<Footprint>,
     /// Bytes measured on the model's device right after its last load.
     pub base_measured_bytes: u64,
+    /// Being removed: new requests are refused while the ones in flight finish.
+    pub retiring: bool,
 }
 
 impl<I> Entry<I> {
@@ -66,6 +70,7 @@ impl<I> Entry<I> {
             permits,
             prediction: None,
             base_measured_bytes: 0,
+            retiring: false,
         }
     }
 
@@ -108,7 +113,9 @@ impl<I: Instance> State<I> {
         if !matches!(entry.slot, Slot::Ready { .. }) {
             return None;
         }
-        let Slot::Ready { instance, charge, .. } = std::mem::replace(&mut entry.slot, Slot::Absent)
+        let Slot::Ready {
+            instance, charge, ..
+        } = std::mem::replace(&mut entry.slot, Slot::Absent)
         else {
             return None;
         };
@@ -153,7 +160,10 @@ impl<I: Instance> State<I> {
             .rev()
             .filter_map(|(id, ())| {
                 let e = self.models.get(id)?;
-                let Slot::Ready { charge, instance, .. } = &e.slot else {
+                let Slot::Ready {
+                    charge, instance, ..
+                } = &e.slot
+                else {
                     return None;
                 };
                 Some(Resident {
@@ -201,7 +211,9 @@ impl<I: Instance> State<I> {
         self.models
             .values()
             .map(|e| match &e.slot {
-                Slot::Ready { instance, measured, .. } => {
+                Slot::Ready {
+                    instance, measured, ..
+                } => {
                     if device == Device::Cpu {
                         instance.resident_bytes()
                     } else {
@@ -228,7 +240,11 @@ impl<I: Instance> State<I> {
 
 /// A ready model's charge: the larger of its charge at load and what its worker holds
 /// now (a model can outgrow its prediction).
-pub(super) fn effective_charge<I: Instance>(charge: &Charge, instance: &I, device: Device) -> Charge {
+pub(super) fn effective_charge<I: Instance>(
+    charge: &Charge,
+    instance: &I,
+    device: Device,
+) -> Charge {
     let mut out = charge.clone();
     if device == Device::Cpu {
         let now = instance.resident_bytes();
@@ -240,7 +256,11 @@ pub(super) fn effective_charge<I: Instance>(charge: &Charge, instance: &I, devic
 
 /// What a fresh worker holds per device: RSS for RAM, NVML's per-process figure for
 /// GPUs.
-pub(super) fn measure<I: Instance>(probe: &dyn MemoryProbe, instance: &I, device: Device) -> Charge {
+pub(super) fn measure<I: Instance>(
+    probe: &dyn MemoryProbe,
+    instance: &I,
+    device: Device,
+) -> Charge {
     let mut out = Charge::on(Device::Cpu, instance.resident_bytes());
     if device != Device::Cpu {
         if let Some(pid) = instance.pid() {
@@ -256,7 +276,11 @@ pub(super) fn measure<I: Instance>(probe: &dyn MemoryProbe, instance: &I, device
 /// lazily up to the configured context: the KV cache and a full prompt's scratch
 /// memory (so generation cannot run the machine out of memory later). A device the probe could not measure keeps its
 /// prediction.
-pub(super) fn charge_after_load(footprint: &Footprint, measured: &Charge, device: Device) -> Charge {
+pub(super) fn charge_after_load(
+    footprint: &Footprint,
+    measured: &Charge,
+    device: Device,
+) -> Charge {
     let mut out = footprint.charge.clone();
     for (d, predicted) in out.0.iter_mut() {
         let m = measured.get(*d);

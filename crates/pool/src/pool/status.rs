@@ -51,7 +51,10 @@ impl ModelSnapshot {
     pub fn prediction_error_pct(&self) -> Option<f64> {
         let fp = self.predicted.as_ref()?;
         (self.load_measured_bytes > 0).then(|| {
-            super::state::error_pct(fp.weights_bytes + fp.overhead_bytes, self.load_measured_bytes)
+            super::state::error_pct(
+                fp.weights_bytes + fp.overhead_bytes,
+                self.load_measured_bytes,
+            )
         })
     }
 }
@@ -109,7 +112,11 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
         worker_pid: None,
         resident_bytes: 0,
         peak_bytes: 0,
-        load_measured_bytes: if instance.is_some() { e.base_measured_bytes } else { 0 },
+        load_measured_bytes: if instance.is_some() {
+            e.base_measured_bytes
+        } else {
+            0
+        },
         charged_bytes: charge.map_or(0, |c| c.total()),
         predicted: e.prediction.clone(),
         in_flight: e.in_flight,
@@ -172,9 +179,12 @@ impl<B: Backend> Pool<B> {
                         .models
                         .values()
                         .filter_map(|e| match &e.slot {
-                            Slot::Ready { charge, instance, .. } => {
-                                Some(effective_charge(charge, instance.as_ref(), e.spec.device).get(device))
-                            }
+                            Slot::Ready {
+                                charge, instance, ..
+                            } => Some(
+                                effective_charge(charge, instance.as_ref(), e.spec.device)
+                                    .get(device),
+                            ),
                             _ => None,
                         })
                         .sum();

@@ -30,7 +30,12 @@ impl FakeBackend {
         self.sizes.get(id).copied().unwrap_or(100)
     }
     fn live_ids(&self) -> Vec<String> {
-        self.live.lock().unwrap().iter().map(|(i, _)| i.clone()).collect()
+        self.live
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(i, _)| i.clone())
+            .collect()
     }
 }
 
@@ -50,7 +55,10 @@ impl Instance for FakeInstance {
     async fn shutdown(&self) {
         tokio::time::sleep(Duration::from_millis(5)).await;
         let mut live = self.backend.live.lock().unwrap();
-        let at = live.iter().position(|(i, _)| *i == self.id).expect("shut down twice");
+        let at = live
+            .iter()
+            .position(|(i, _)| *i == self.id)
+            .expect("shut down twice");
         live.remove(at);
     }
 }
@@ -152,14 +160,22 @@ async fn concurrent_acquires_share_one_load() {
     let mut handles = Vec::new();
     for _ in 0..10 {
         let pool = pool.clone();
-        handles.push(tokio::spawn(async move { pool.acquire("a", None).await.map(|l| l.cold_start()) }));
+        handles.push(tokio::spawn(async move {
+            pool.acquire("a", None).await.map(|l| l.cold_start())
+        }));
     }
     for h in handles {
-        assert!(h.await.unwrap().unwrap(), "every request waited for the one load");
+        assert!(
+            h.await.unwrap().unwrap(),
+            "every request waited for the one load"
+        );
     }
     assert_eq!(backend.loads.load(Ordering::SeqCst), 1);
     let snap = pool.get("a").unwrap();
-    assert_eq!((snap.state, snap.in_flight, snap.loads_started), (SlotState::Ready, 0, 1));
+    assert_eq!(
+        (snap.state, snap.in_flight, snap.loads_started),
+        (SlotState::Ready, 0, 1)
+    );
     let warm = pool.acquire("a", None).await.unwrap();
     assert!(!warm.cold_start());
     assert_eq!(warm.load_wait(), Duration::ZERO);
@@ -174,7 +190,11 @@ async fn failed_load_reaches_every_waiter_and_can_be_retried() {
     assert!(matches!(r1, Err(PoolError::LoadFailed { .. })));
     assert!(matches!(r2, Err(PoolError::LoadFailed { .. })));
     assert_eq!(pool.get("a").unwrap().state, SlotState::Failed);
-    assert_eq!(pool.status().devices[0].reserved_bytes, 0, "a failed load releases its reservation");
+    assert_eq!(
+        pool.status().devices[0].reserved_bytes,
+        0,
+        "a failed load releases its reservation"
+    );
     backend.fail.store(false, Ordering::SeqCst);
     pool.acquire("a", None).await.unwrap();
     assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
@@ -190,12 +210,17 @@ async fn least_recently_used_idle_model_makes_room() {
     drop(pool.acquire("a", None).await.unwrap()); // b is now least recently used
     drop(pool.acquire("c", None).await.unwrap());
     settle().await;
-    let reason = EvictReason::MakeRoom { for_model: "c".into() };
+    let reason = EvictReason::MakeRoom {
+        for_model: "c".into(),
+    };
     assert_eq!(evictions(&mut events), vec![("b".to_string(), reason)]);
     assert_eq!(pool.get("b").unwrap().state, SlotState::Registered);
     assert!(!backend.over_budget.load(Ordering::SeqCst));
     let dev = &pool.status().devices[0];
-    assert_eq!((dev.used_bytes, dev.reserved_bytes, dev.free_bytes), (200, 0, 50));
+    assert_eq!(
+        (dev.used_bytes, dev.reserved_bytes, dev.free_bytes),
+        (200, 0, 50)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -230,7 +255,11 @@ async fn too_big_for_the_whole_budget_fails_at_once_evicting_nothing() {
     let started = Instant::now();
     let err = pool.acquire("huge", None).await.err().unwrap();
     assert!(started.elapsed() < Duration::from_millis(1));
-    assert!(err.to_string().contains("needs 9.8 KiB of cpu, budget is 250 B"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("needs 9.8 KiB of cpu, budget is 250 B"),
+        "{err}"
+    );
     assert!(evictions(&mut events).is_empty());
     assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
     assert_eq!(backend.loads.load(Ordering::SeqCst), 1);
@@ -244,7 +273,10 @@ async fn pinned_model_stays() {
     drop(pool.acquire("b", None).await.unwrap());
     drop(pool.acquire("c", None).await.unwrap());
     assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
-    assert!(matches!(pool.unload("a").await, Err(PoolError::Pinned { .. })));
+    assert!(matches!(
+        pool.unload("a").await,
+        Err(PoolError::Pinned { .. })
+    ));
     pool.set_pinned("a", false).unwrap();
     assert!(pool.unload("a").await.unwrap());
 }
@@ -258,13 +290,20 @@ async fn idle_ttl_unloads() {
     let mut events = pool.subscribe();
     let lease = pool.acquire("a", None).await.unwrap();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(pool.get("a").unwrap().state, SlotState::Ready, "leased models never expire");
+    assert_eq!(
+        pool.get("a").unwrap().state,
+        SlotState::Ready,
+        "leased models never expire"
+    );
     drop(lease);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(pool.get("a").unwrap().state, SlotState::Registered);
-    assert!(matches!(evictions(&mut events)[..], [(_, EvictReason::IdleTtl { .. })]));
+    assert!(matches!(
+        evictions(&mut events)[..],
+        [(_, EvictReason::IdleTtl { .. })]
+    ));
     assert!(backend.live_ids().is_empty());
 }
 
@@ -299,10 +338,15 @@ async fn concurrency_slots_queue_and_time_out() {
     let mut waiting = Vec::new();
     for _ in 0..3 {
         let pool = pool.clone();
-        waiting.push(tokio::spawn(async move { pool.acquire("a", None).await.map(|_| ()) }));
+        waiting.push(tokio::spawn(async move {
+            pool.acquire("a", None).await.map(|_| ())
+        }));
     }
     tokio::time::sleep(Duration::from_millis(10)).await;
-    assert!(matches!(pool.acquire("a", None).await, Err(PoolError::QueueFull { waiting: 3, .. })));
+    assert!(matches!(
+        pool.acquire("a", None).await,
+        Err(PoolError::QueueFull { waiting: 3, .. })
+    ));
     for w in waiting {
         w.abort();
     }
@@ -317,11 +361,16 @@ async fn memory_used_by_other_processes_counts() {
         headroom_bytes: 40,
         ..PoolConfig::default()
     };
-    let pool = Pool::new(Arc::clone(&backend), probe.clone(), config, [spec("a"), spec("b")]);
+    let pool = Pool::new(
+        Arc::clone(&backend),
+        probe.clone(),
+        config,
+        [spec("a"), spec("b")],
+    );
     // 150 available less 40 headroom leaves 110: one 100-byte model fits.
     drop(pool.acquire("a", None).await.unwrap());
     probe.0.store(50, Ordering::SeqCst); // a took its 100
-    // b fits only by evicting a, whose 100 bytes return to the machine.
+                                         // b fits only by evicting a, whose 100 bytes return to the machine.
     drop(pool.acquire("b", None).await.unwrap());
     assert_eq!(pool.get("a").unwrap().state, SlotState::Registered);
     assert!(pool.unload("b").await.unwrap());
@@ -334,14 +383,23 @@ async fn memory_used_by_other_processes_counts() {
 async fn register_and_unregister() {
     let backend = FakeBackend::with(0, &[]);
     let pool = pool_with(&backend, 1000, &["a"]);
-    assert!(matches!(pool.register(spec("a")), Err(PoolError::AlreadyExists { .. })));
+    assert!(matches!(
+        pool.register(spec("a")),
+        Err(PoolError::AlreadyExists { .. })
+    ));
     pool.register(spec("b")).unwrap();
     let lease = pool.acquire("b", None).await.unwrap();
-    assert!(matches!(pool.unregister("b").await, Err(PoolError::Busy { in_flight: 1, .. })));
+    assert!(matches!(
+        pool.unregister("b").await,
+        Err(PoolError::Busy { in_flight: 1, .. })
+    ));
     drop(lease);
     pool.unregister("b").await.unwrap();
     assert!(backend.live_ids().is_empty());
-    assert!(matches!(pool.acquire("b", None).await, Err(PoolError::NotFound { .. })));
+    assert!(matches!(
+        pool.acquire("b", None).await,
+        Err(PoolError::NotFound { .. })
+    ));
 }
 
 mod sequences {
@@ -380,27 +438,43 @@ mod sequences {
         let mut recency: Vec<usize> = Vec::new();
         for op in ops {
             let before: Vec<SlotState> = IDS.iter().map(|i| pool.get(i).unwrap().state).collect();
-            let pinned: Vec<bool> = IDS.iter().map(|i| pool.get(i).unwrap().spec.pinned).collect();
+            let pinned: Vec<bool> = IDS
+                .iter()
+                .map(|i| pool.get(i).unwrap().spec.pinned)
+                .collect();
             match op {
                 Op::Acquire(i) if leases[i].len() >= 4 => {}
                 Op::Acquire(i) => {
                     // Who may go, in LRU order, if room is needed for i.
                     let candidates: Vec<String> = recency
                         .iter()
-                        .filter(|&&m| m != i && before[m] == SlotState::Ready && leases[m].is_empty() && !pinned[m])
+                        .filter(|&&m| {
+                            m != i
+                                && before[m] == SlotState::Ready
+                                && leases[m].is_empty()
+                                && !pinned[m]
+                        })
                         .map(|&m| IDS[m].to_string())
                         .collect();
                     let result = pool.acquire(IDS[i], None).await;
                     settle().await;
-                    let evicted: Vec<String> = evictions(&mut events).into_iter().map(|(m, _)| m).collect();
-                    prop_assert!(candidates.starts_with(&evicted), "evicted {:?}, LRU order {:?}", evicted, candidates);
+                    let evicted: Vec<String> =
+                        evictions(&mut events).into_iter().map(|(m, _)| m).collect();
+                    prop_assert!(
+                        candidates.starts_with(&evicted),
+                        "evicted {:?}, LRU order {:?}",
+                        evicted,
+                        candidates
+                    );
                     match result {
                         Ok(lease) => {
                             leases[i].push(lease);
                             recency.retain(|&m| m != i);
                             recency.push(i);
                         }
-                        Err(PoolError::InsufficientMemory { .. }) => prop_assert!(evicted.is_empty()),
+                        Err(PoolError::InsufficientMemory { .. }) => {
+                            prop_assert!(evicted.is_empty())
+                        }
                         Err(e) => prop_assert!(false, "unexpected {}", e),
                     }
                 }
@@ -418,7 +492,10 @@ mod sequences {
                     let _ = evictions(&mut events);
                 }
             }
-            prop_assert!(!backend.over_budget.load(Ordering::SeqCst), "a load started over budget");
+            prop_assert!(
+                !backend.over_budget.load(Ordering::SeqCst),
+                "a load started over budget"
+            );
             let status = pool.status();
             let dev = &status.devices[0];
             prop_assert!(dev.used_bytes + dev.reserved_bytes <= budget);

@@ -1,0 +1,558 @@
+//! The operator's commands over `modelpool.v1.ModelControl`: `models`, `status`, `load`,
+//! `evict`, `pin`/`unpin`, `register`/`unregister` and `watch`. Each is one RPC (or one
+//! stream) rendered for people, or as JSON with `--json`.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use modelpool_proto::v1::model_control_client::ModelControlClient;
+use modelpool_proto::v1::pool_event::Kind;
+use modelpool_proto::v1::{
+    EvictModelRequest, GetPoolStatusRequest, ListModelsRequest, LoadModelRequest, ModelInfo,
+    PinModelRequest, PoolEvent, RegisterModelRequest, ReloadConfigRequest, UnpinModelRequest,
+    UnregisterModelRequest, WatchEventsRequest,
+};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+use super::format::{
+    bar, bytes, clock, is_resident, last_used, measured_bytes, mib, model_json, rfc3339, secs,
+    state_name, table, time, yes_no,
+};
+use super::{connect, say, say_json, Conn, Failure, RegisterArgs};
+
+/// Cells of the budget bar in `status`.
+const BAR_WIDTH: usize = 32;
+
+async fn client(conn: &Conn) -> Result<ModelControlClient<Channel>, Failure> {
+    Ok(ModelControlClient::new(connect(&conn.addr).await?))
+}
+
+pub(super) async fn models(conn: &Conn) -> Result<(), Failure> {
+    let list = client(conn)
+        .await?
+        .list_models(ListModelsRequest {})
+        .await?
+        .into_inner();
+    if conn.json {
+        let models: Vec<Value> = list.models.iter().map(model_json).collect();
+        return say_json(&json!({ "models": models }));
+    }
+    if list.models.is_empty() {
+        return say("no models registered");
+    }
+    let rows: Vec<Vec<String>> = list
+        .models
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.clone(),
+                state_name(m.state()),
+                m.device.clone(),
+                yes_no(m.pinned).into(),
+                mib(m.resident_bytes),
+                mib(m.charged_bytes),
+                m.in_flight_requests.to_string(),
+                m.waiting_requests.to_string(),
+                last_used(m),
+            ]
+        })
+        .collect();
+    say(table(
+        &[
+            "ID",
+            "STATE",
+            "DEVICE",
+            "PINNED",
+            "RESIDENT MiB",
+            "CHARGED MiB",
+            "IN FLIGHT",
+            "WAITING",
+            "LAST USED",
+        ],
+        &[false, false, false, false, true, true, true, true, false],
+        &rows,
+    ))
+}
+
+pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
+    let s = client(conn)
+        .await?
+        .get_pool_status(GetPoolStatusRequest {})
+        .await?
+        .into_inner();
+    if conn.json {
+        let devices: Vec<Value> = s
+            .devices
+            .iter()
+            .map(|d| {
+                json!({
+                    "device": d.device,
+                    "name": d.name,
+                    "total_bytes": d.total_bytes,
+                    "available_bytes": d.available_bytes,
+                    "budget_bytes": d.budget_bytes,
+                    "used_bytes": d.used_bytes,
+                    "reserved_bytes": d.reserved_bytes,
+                    "free_bytes": d.free_bytes,
+                })
+            })
+            .collect();
+        let models: Vec<Value> = s.models.iter().map(model_json).collect();
+        let reason = Some(s.gpu_absent_reason.as_str()).filter(|r| !r.is_empty());
+        return say_json(&json!({
+            "devices": devices,
+            "models": models,
+            "gpu_absent_reason": reason,
+        }));
+    }
+    let dev_width = s.devices.iter().map(|d| d.device.len()).max().unwrap_or(0);
+    let name_width = s
+        .devices
+        .iter()
+        .map(|d| d.name.chars().count())
+        .max()
+        .unwrap_or(0);
+    for d in &s.devices {
+        say(format!(
+            "{:dev_width$}  {:name_width$}  [{}] used {}  reserved {}  free {}  of budget {}",
+            d.device,
+            d.name,
+            bar(d.used_bytes, d.reserved_bytes, d.budget_bytes, BAR_WIDTH),
+            bytes(d.used_bytes),
+            bytes(d.reserved_bytes),
+            bytes(d.free_bytes),
+            bytes(d.budget_bytes),
+        ))?;
+    }
+    if !s.gpu_absent_reason.is_empty() {
+        say(format!("no GPU tier: {}", s.gpu_absent_reason))?;
+    }
+    let resident: Vec<&ModelInfo> = s.models.iter().filter(|m| is_resident(m)).collect();
+    if resident.is_empty() {
+        return say("no model resident");
+    }
+    let rows: Vec<Vec<String>> = resident
+        .iter()
+        .map(|m| {
+            vec![
+                m.id.clone(),
+                m.device.clone(),
+                state_name(m.state()),
+                mib(measured_bytes(m)),
+                mib(m.predicted.as_ref().map_or(0, |f| f.total_bytes)),
+                mib(m.charged_bytes),
+                last_used(m),
+                m.in_flight_requests.to_string(),
+            ]
+        })
+        .collect();
+    say("")?;
+    say(table(
+        &[
+            "RESIDENT",
+            "DEVICE",
+            "STATE",
+            "MEASURED MiB",
+            "PREDICTED MiB",
+            "CHARGED MiB",
+            "LAST USED",
+            "IN FLIGHT",
+        ],
+        &[false, false, false, true, true, true, false, true],
+        &rows,
+    ))
+}
+
+/// A one-line spinner with elapsed seconds on stderr while a call is pending; nothing
+/// at all when stderr is not a terminal.
+pub(super) struct Spinner {
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+fn draw(text: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "\r\x1b[2K{text}");
+    let _ = err.flush();
+}
+
+impl Spinner {
+    pub(super) fn start(label: String) -> Self {
+        if !std::io::stderr().is_terminal() {
+            return Self {
+                stop: None,
+                task: None,
+            };
+        }
+        const FRAMES: [char; 10] = ['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
+        let (tx, mut rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let started = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut frame = 0;
+            loop {
+                tokio::select! {
+                    _ = &mut rx => break,
+                    _ = tick.tick() => {}
+                }
+                let elapsed = started.elapsed().as_secs_f64();
+                draw(&format!(
+                    "{} {label} {elapsed:.1} s",
+                    FRAMES[frame % FRAMES.len()]
+                ));
+                frame += 1;
+            }
+            draw("");
+        });
+        Self {
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops and erases the line.
+    pub(super) async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+pub(super) async fn load(conn: &Conn, id: String, pin: bool) -> Result<(), Failure> {
+    let mut c = client(conn).await?;
+    let spinner = Spinner::start(format!("loading {id}"));
+    let result = c
+        .load_model(LoadModelRequest {
+            id: id.clone(),
+            pin,
+        })
+        .await;
+    spinner.stop().await;
+    let r = result?.into_inner();
+    let took = secs(r.load_time.as_ref());
+    let model = r.model.unwrap_or_default();
+    if conn.json {
+        return say_json(&json!({
+            "id": id,
+            "loaded": took > 0.0,
+            "load_time_s": took,
+            "pinned": model.pinned,
+            "model": model_json(&model),
+        }));
+    }
+    let what = format!(
+        "worker pid {}, {}",
+        model.worker_pid,
+        bytes(measured_bytes(&model))
+    );
+    let pinned = if pin { ", pinned" } else { "" };
+    if took > 0.0 {
+        say(format!("loaded {id} in {took:.2} s ({what}){pinned}"))
+    } else {
+        say(format!("{id} was resident already ({what}){pinned}"))
+    }
+}
+
+pub(super) async fn evict(conn: &Conn, id: String) -> Result<(), Failure> {
+    let r = client(conn)
+        .await?
+        .evict_model(EvictModelRequest { id: id.clone() })
+        .await?
+        .into_inner();
+    if conn.json {
+        return say_json(&json!({ "id": id, "evicted": r.evicted }));
+    }
+    if r.evicted {
+        say(format!("evicted {id}"))
+    } else {
+        say(format!("{id} was not resident"))
+    }
+}
+
+pub(super) async fn pin(conn: &Conn, id: String, pinned: bool) -> Result<(), Failure> {
+    let mut c = client(conn).await?;
+    let model = if pinned {
+        c.pin_model(PinModelRequest { id: id.clone() }).await?
+    } else {
+        c.unpin_model(UnpinModelRequest { id: id.clone() }).await?
+    }
+    .into_inner();
+    if conn.json {
+        return say_json(&model_json(&model));
+    }
+    say(format!(
+        "{} {id}",
+        if pinned { "pinned" } else { "unpinned" }
+    ))
+}
+
+pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
+    // The server resolves nothing against its own directory: send an absolute path.
+    let path = std::path::absolute(&args.path)
+        .map_err(|e| Failure::Message(format!("--path {}: {e}", args.path.display())))?;
+    let path = path
+        .to_str()
+        .ok_or_else(|| Failure::Message(format!("--path {}: not UTF-8", path.display())))?
+        .to_owned();
+    let idle_ttl = match args.idle_ttl {
+        Some(d) => Some(
+            prost_types::Duration::try_from(d)
+                .map_err(|e| Failure::Message(format!("--idle-ttl: {e}")))?,
+        ),
+        None => None,
+    };
+    let request = RegisterModelRequest {
+        id: args.id,
+        path,
+        format: String::new(),
+        device: args.device.unwrap_or_default(),
+        context_length: args.context_length,
+        max_sequences: args.max_sequences,
+        max_concurrency: args.max_concurrency,
+        pinned: args.pinned,
+        idle_ttl,
+    };
+    let model = client(&args.conn)
+        .await?
+        .register_model(request)
+        .await?
+        .into_inner();
+    if args.conn.json {
+        return say_json(&model_json(&model));
+    }
+    say(format!(
+        "registered {} ({}, {}, {} tokens of context{})",
+        model.id,
+        model.source,
+        model.device,
+        model.context_length,
+        if model.pinned { ", pinned" } else { "" }
+    ))
+}
+
+pub(super) async fn unregister(conn: &Conn, id: String) -> Result<(), Failure> {
+    client(conn)
+        .await?
+        .unregister_model(UnregisterModelRequest { id: id.clone() })
+        .await?;
+    if conn.json {
+        return say_json(&json!({ "id": id, "unregistered": true }));
+    }
+    say(format!("unregistered {id}"))
+}
+
+pub(super) async fn reload(conn: &Conn) -> Result<(), Failure> {
+    let r = client(conn)
+        .await?
+        .reload_config(ReloadConfigRequest {})
+        .await?
+        .into_inner();
+    if conn.json {
+        let budgets: Vec<Value> = r
+            .budgets
+            .iter()
+            .map(|b| json!({ "device": b.device, "budget_bytes": b.budget_bytes }))
+            .collect();
+        return say_json(&json!({
+            "added": r.added, "removed": r.removed, "changed": r.changed,
+            "unchanged": r.unchanged, "budgets": budgets, "restart_needed": r.restart_needed,
+        }));
+    }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    say(format!(
+        "reloaded: added {}; removed {}; changed {}; {} unchanged",
+        list(&r.added),
+        list(&r.removed),
+        list(&r.changed),
+        r.unchanged
+    ))?;
+    if !r.restart_needed.is_empty() {
+        say(format!(
+            "takes effect after a restart: {}",
+            r.restart_needed.join(", ")
+        ))?;
+    }
+    Ok(())
+}
+
+pub(super) async fn watch(conn: &Conn) -> Result<(), Failure> {
+    let mut stream = client(conn)
+        .await?
+        .watch_events(WatchEventsRequest {})
+        .await?
+        .into_inner();
+    // The server has subscribed by now: every event from here on is printed.
+    eprintln!(
+        "watching pool events at {} (Ctrl-C to stop)",
+        super::server_url(&conn.addr)
+    );
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let next = tokio::select! {
+            _ = &mut ctrl_c => return Ok(()),
+            next = stream.message() => next?,
+        };
+        let Some(event) = next else {
+            eprintln!("the server ended the event stream");
+            return Ok(());
+        };
+        if conn.json {
+            say(event_json(&event))?;
+        } else {
+            say(event_line(&event))?;
+        }
+    }
+}
+
+/// `12:00:01 load_finished smollm2 1.21 s predicted 350.1 MiB measured 345.8 MiB`.
+pub(super) fn event_line(e: &PoolEvent) -> String {
+    let at = time(e.time.as_ref()).map_or_else(|| "--:--:--".into(), clock);
+    let model = &e.model;
+    let what = match &e.kind {
+        None => format!("unknown {model}"),
+        Some(Kind::Registered(_)) => format!("registered {model}"),
+        Some(Kind::Unregistered(_)) => format!("unregistered {model}"),
+        Some(Kind::LoadStarted(k)) => {
+            format!(
+                "load_started {model} predicted {}",
+                bytes(k.predicted_bytes)
+            )
+        }
+        Some(Kind::LoadFinished(k)) => format!(
+            "load_finished {model} {:.2} s predicted {} measured {}",
+            secs(k.duration.as_ref()),
+            bytes(k.predicted_bytes),
+            bytes(k.measured_bytes)
+        ),
+        Some(Kind::LoadFailed(k)) => format!(
+            "load_failed {model} after {:.2} s: {}",
+            secs(k.duration.as_ref()),
+            k.error
+        ),
+        Some(Kind::Evicted(k)) => {
+            let why = if k.detail.is_empty() || k.detail == k.reason {
+                k.reason.clone()
+            } else {
+                format!("{}: {}", k.reason, k.detail)
+            };
+            format!("evicted {model} ({why}) freed {}", bytes(k.freed_bytes))
+        }
+        Some(Kind::Pinned(_)) => format!("pinned {model}"),
+        Some(Kind::Unpinned(_)) => format!("unpinned {model}"),
+        Some(Kind::BudgetChanged(k)) => {
+            format!(
+                "budget_changed {} budget {}",
+                k.device,
+                bytes(k.budget_bytes)
+            )
+        }
+        Some(Kind::Missed(n)) => format!("missed {n} events (this watcher fell behind)"),
+    };
+    format!("{at} {what}")
+}
+
+/// One event as a JSON object: `time`, `model`, `event` and the event's own fields.
+pub(super) fn event_json(e: &PoolEvent) -> Value {
+    let (name, fields) = match &e.kind {
+        None => ("unknown", json!({})),
+        Some(Kind::Registered(_)) => ("registered", json!({})),
+        Some(Kind::Unregistered(_)) => ("unregistered", json!({})),
+        Some(Kind::LoadStarted(k)) => (
+            "load_started",
+            json!({ "predicted_bytes": k.predicted_bytes }),
+        ),
+        Some(Kind::LoadFinished(k)) => (
+            "load_finished",
+            json!({
+                "duration_s": secs(k.duration.as_ref()),
+                "predicted_bytes": k.predicted_bytes,
+                "measured_bytes": k.measured_bytes,
+            }),
+        ),
+        Some(Kind::LoadFailed(k)) => (
+            "load_failed",
+            json!({ "duration_s": secs(k.duration.as_ref()), "error": k.error }),
+        ),
+        Some(Kind::Evicted(k)) => (
+            "evicted",
+            json!({ "reason": k.reason, "detail": k.detail, "freed_bytes": k.freed_bytes }),
+        ),
+        Some(Kind::Pinned(_)) => ("pinned", json!({})),
+        Some(Kind::Unpinned(_)) => ("unpinned", json!({})),
+        Some(Kind::BudgetChanged(k)) => (
+            "budget_changed",
+            json!({ "device": k.device, "budget_bytes": k.budget_bytes }),
+        ),
+        Some(Kind::Missed(n)) => ("missed", json!({ "missed": n })),
+    };
+    let mut out = json!({
+        "time": time(e.time.as_ref()).map(rfc3339),
+        "model": e.model,
+        "event": name,
+    });
+    if let (Value::Object(out), Value::Object(fields)) = (&mut out, fields) {
+        out.extend(fields);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use modelpool_proto::v1::pool_event;
+
+    fn ev(model: &str, kind: Kind) -> PoolEvent {
+        PoolEvent {
+            time: Some(prost_types::Timestamp::from(std::time::SystemTime::now())),
+            model: model.into(),
+            kind: Some(kind),
+        }
+    }
+
+    #[test]
+    fn events_read_as_one_line() {
+        let e = ev(
+            "b",
+            Kind::Evicted(pool_event::Evicted {
+                reason: "lru".into(),
+                detail: "making room for `c`".into(),
+                freed_bytes: 480 << 20,
+            }),
+        );
+        let line = event_line(&e);
+        assert!(
+            line.ends_with(" evicted b (lru: making room for `c`) freed 480.0 MiB"),
+            "{line}"
+        );
+        let e = ev(
+            "smollm2",
+            Kind::LoadFinished(pool_event::LoadFinished {
+                duration: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 210_000_000,
+                }),
+                predicted_bytes: 350 << 20,
+                measured_bytes: 345 << 20,
+            }),
+        );
+        assert!(event_line(&e)
+            .ends_with(" load_finished smollm2 1.21 s predicted 350.0 MiB measured 345.0 MiB"));
+        let j = event_json(&e);
+        assert_eq!(j["event"], "load_finished");
+        assert_eq!(j["model"], "smollm2");
+        assert_eq!(j["measured_bytes"], 345u64 << 20);
+    }
+}

@@ -1,0 +1,184 @@
+//! Live reload of the configuration (SIGHUP or the `ReloadConfig` RPC): the model list
+//! and the pool's budgets change without a restart. A new file is validated whole
+//! before anything changes; a removed or changed model is drained first.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use modelpool_engine::WorkerBackend;
+use modelpool_pool::{Device, ModelSpec, Pool, PoolError, SystemProbe};
+
+use crate::config::{ConfigError, Settings};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("the server was started without a configuration file; nothing to reload")]
+    NoFile,
+    #[error("new configuration rejected, the old one keeps serving: {0}")]
+    Invalid(ConfigError),
+    #[error("new configuration rejected, the old one keeps serving: `models`: id {id:?} is already registered through the API; unregister it first")]
+    Conflict { id: String },
+    #[error("applying the new configuration failed for model `{id}`: {source}")]
+    Apply { id: String, source: PoolError },
+}
+
+/// What a reload changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    pub unchanged: usize,
+    /// Budgets now in force, per device.
+    pub budgets: Vec<(Device, u64)>,
+    /// Settings that differ but only take effect after a restart.
+    pub restart_needed: Vec<String>,
+}
+
+/// Holds the settings in force and applies new ones, one reload at a time.
+pub struct Reloader {
+    pool: Pool<WorkerBackend>,
+    current: tokio::sync::Mutex<Settings>,
+}
+
+impl Reloader {
+    pub fn new(pool: Pool<WorkerBackend>, settings: Settings) -> Self {
+        Self {
+            pool,
+            current: tokio::sync::Mutex::new(settings),
+        }
+    }
+
+    /// Re-reads the file the server was started with (and the environment) and
+    /// applies it.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        let mut current = self.current.lock().await;
+        let path = current.source.clone().ok_or(ReloadError::NoFile)?;
+        let new = Settings::load(Some(&path)).map_err(ReloadError::Invalid)?;
+        self.apply(&mut current, new).await
+    }
+
+    async fn apply(
+        &self,
+        current: &mut Settings,
+        new: Settings,
+    ) -> Result<ReloadReport, ReloadError> {
+        let old: BTreeMap<&str, &ModelSpec> =
+            current.models.iter().map(|m| (m.id.as_str(), m)).collect();
+        let next: BTreeMap<&str, &ModelSpec> =
+            new.models.iter().map(|m| (m.id.as_str(), m)).collect();
+        let mut report = ReloadReport::default();
+        for (id, spec) in &next {
+            match old.get(id) {
+                None => report.added.push((*id).to_owned()),
+                Some(o) if *o != *spec => report.changed.push((*id).to_owned()),
+                Some(_) => report.unchanged += 1,
+            }
+        }
+        report.removed = old
+            .keys()
+            .filter(|id| !next.contains_key(*id))
+            .map(|id| (*id).to_owned())
+            .collect();
+        // Validate whole before touching anything: an added id must be free.
+        for id in &report.added {
+            if self.pool.get(id).is_ok() {
+                return Err(ReloadError::Conflict { id: id.clone() });
+            }
+        }
+        for (key, differs) in [
+            ("server.listen", current.listen != new.listen),
+            (
+                "server.metrics_listen",
+                current.metrics_listen != new.metrics_listen,
+            ),
+            (
+                "server.drain_timeout",
+                current.drain_timeout != new.drain_timeout,
+            ),
+            (
+                "workers.load_timeout",
+                current.load_timeout != new.load_timeout,
+            ),
+            (
+                "workers.runtime_dir",
+                current.runtime_dir != new.runtime_dir,
+            ),
+            ("workers.exe", current.worker_exe != new.worker_exe),
+            (
+                "pool.reserve",
+                current.pool.reserve_bytes != new.pool.reserve_bytes,
+            ),
+            (
+                "pool.queue_depth",
+                current.pool.queue_depth != new.pool.queue_depth,
+            ),
+            (
+                "pool.queue_timeout",
+                current.pool.queue_timeout != new.pool.queue_timeout,
+            ),
+        ] {
+            if differs {
+                tracing::warn!(
+                    key,
+                    "changed in the configuration; takes effect after a restart"
+                );
+                report.restart_needed.push(key.to_owned());
+            }
+        }
+        // Drain what goes away or changes, all at once, then register the new specs.
+        let drain = current.drain_timeout;
+        let leaving: Vec<&String> = report.removed.iter().chain(&report.changed).collect();
+        let results = futures::future::join_all(
+            leaving
+                .iter()
+                .map(|id| async move { (id, self.pool.retire(id, drain).await) }),
+        )
+        .await;
+        for (id, result) in results {
+            match result {
+                Ok(()) | Err(PoolError::NotFound { .. }) => {}
+                Err(source) => {
+                    return Err(ReloadError::Apply {
+                        id: (*id).clone(),
+                        source,
+                    })
+                }
+            }
+        }
+        for id in report.added.iter().chain(&report.changed) {
+            let spec = (*next[id.as_str()]).clone();
+            self.pool
+                .register(spec)
+                .map_err(|source| ReloadError::Apply {
+                    id: id.clone(),
+                    source,
+                })?;
+        }
+        let probe = SystemProbe::new();
+        let budgets = crate::app::pool_config(&new.pool, &probe).budgets;
+        for (device, bytes) in &budgets {
+            self.pool.set_budget(*device, *bytes);
+        }
+        report.budgets = budgets.into_iter().collect();
+        tracing::info!(
+            added = ?report.added, removed = ?report.removed, changed = ?report.changed,
+            unchanged = report.unchanged, "configuration reloaded"
+        );
+        *current = new;
+        Ok(report)
+    }
+}
+
+/// Reloads on every SIGHUP until the returned task is aborted.
+pub fn reload_on_sighup(reloader: Arc<Reloader>) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            if let Err(e) = reloader.reload().await {
+                tracing::error!("{e}");
+            }
+        }
+    }))
+}
