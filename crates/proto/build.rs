@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "modelpool/v1/inference.proto",
         "modelpool/v1/control.proto",
         "modelpool/worker/v1/worker.proto",
+        "mmesh/model_runtime.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={}", root.join(f).display());

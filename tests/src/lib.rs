@@ -149,6 +149,27 @@ impl TestServer {
         ModelControlClient::new(self.channel.clone())
     }
 
+    /// Asks `model` the France question (greedy, 12 tokens) and returns the answer.
+    pub async fn ask_capital(&self, model: &str) -> String {
+        let request = chat(model, "What is the capital of France?", greedy(12));
+        let stream = self
+            .inference()
+            .chat(request)
+            .await
+            .expect("chat starts")
+            .into_inner();
+        text_of(&collect(stream).await.expect("chat completes"))
+    }
+
+    /// The pool's status now.
+    pub async fn pool_status(&self) -> modelpool_proto::v1::PoolStatus {
+        self.control()
+            .get_pool_status(modelpool_proto::v1::GetPoolStatusRequest {})
+            .await
+            .expect("pool status")
+            .into_inner()
+    }
+
     pub async fn stop(self) {
         self.server.stop().await.expect("clean stop");
     }

@@ -5,8 +5,10 @@ mod e2e {
     mod cancel;
     mod chat;
     mod cli;
+    mod faults;
     mod grpcurl;
     mod invalid;
+    mod modelmesh;
     mod ops;
     mod pool;
     mod process;

@@ -9,15 +9,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use modelpool_pool::{Backend, BackendError, Footprint, Instance, ModelSpec};
+use modelpool_pool::{Backend, BackendError, Footprint, Instance, ModelSpec, Progress};
 use modelpool_proto::v1::GenerateChunk;
 use modelpool_proto::worker::v1::worker_client::WorkerClient;
 use modelpool_proto::worker::v1::{StatsRequest, StatsResponse, WorkerGenerateRequest};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, ChildStdin, Command};
+use tokio::process::{ChildStdin, Command};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::worker::{ReadyInfo, WorkerArgs, READY_PREFIX};
+use crate::worker::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
 
 /// Lines of a worker's stderr kept to explain a failed start.
 const STDERR_TAIL_LINES: usize = 12;
@@ -56,8 +56,13 @@ impl Backend for WorkerBackend {
         crate::footprint::predict(spec)
     }
 
-    async fn load(&self, spec: &ModelSpec) -> Result<WorkerProcess, BackendError> {
+    async fn load(
+        &self,
+        spec: &ModelSpec,
+        progress: Progress,
+    ) -> Result<WorkerProcess, BackendError> {
         check_gguf(&spec.source)?;
+        progress("starting worker process");
         let n = self.next_socket.fetch_add(1, Ordering::Relaxed);
         let safe_id: String = spec
             .id
@@ -73,7 +78,7 @@ impl Backend for WorkerBackend {
             max_sequences: spec.max_sequences,
             device: spec.device.to_string(),
         };
-        WorkerProcess::spawn(&self.config, &args).await
+        WorkerProcess::spawn(&self.config, &args, &progress).await
     }
 }
 
@@ -99,7 +104,10 @@ fn check_gguf(path: &Path) -> Result<(), BackendError> {
 /// One live worker process holding one model.
 pub struct WorkerProcess {
     pid: u32,
-    child: tokio::sync::Mutex<Option<Child>>,
+    /// Asks the task that owns the child process to kill it.
+    kill: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Set (once) to how the process ended, by the task that owns it.
+    exited: tokio::sync::watch::Receiver<Option<String>>,
     /// Held open for the worker's lifetime: the worker exits when it reads end-of-file.
     _stdin: ChildStdin,
     channel: Channel,
@@ -111,6 +119,7 @@ impl WorkerProcess {
     async fn spawn(
         config: &WorkerBackendConfig,
         args: &WorkerArgs,
+        progress: &Progress,
     ) -> Result<WorkerProcess, BackendError> {
         let _ = std::fs::remove_file(&args.socket);
         let mut cmd = Command::new(&config.worker_exe);
@@ -140,6 +149,9 @@ impl WorkerProcess {
         let mut lines = BufReader::new(stdout).lines();
         let wait_ready = async {
             while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(stage) = line.strip_prefix(STAGE_PREFIX) {
+                    progress(stage.trim());
+                }
                 if let Some(json) = line.strip_prefix(READY_PREFIX) {
                     return serde_json::from_str::<ReadyInfo>(json).ok();
                 }
@@ -172,6 +184,7 @@ impl WorkerProcess {
         // Keep draining stdout so the worker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
+        progress("connecting to the worker");
         let channel = match connect_unix(&args.socket).await {
             Ok(c) => c,
             Err(e) => {
@@ -183,9 +196,28 @@ impl WorkerProcess {
                 )));
             }
         };
+        // One task owns the child: it reaps it when it exits on its own (a crash) or
+        // kills it when asked (or when this WorkerProcess is dropped).
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+        let (exited_tx, exited) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                status = child.wait() => status,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let how = match status {
+                Ok(s) => describe_exit(s),
+                Err(e) => format!("cannot wait for it: {e}"),
+            };
+            let _ = exited_tx.send(Some(how));
+        });
         Ok(WorkerProcess {
             pid,
-            child: tokio::sync::Mutex::new(Some(child)),
+            kill: Mutex::new(Some(kill_tx)),
+            exited,
             _stdin: stdin,
             channel,
             socket: args.socket.clone(),
@@ -219,6 +251,17 @@ impl WorkerProcess {
     }
 }
 
+/// "killed by signal 9 (SIGKILL)", "exited with status 1".
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(9)) => "killed by signal 9 (SIGKILL)".into(),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => status.to_string(),
+    }
+}
+
 impl Instance for WorkerProcess {
     fn pid(&self) -> Option<u32> {
         Some(self.pid)
@@ -232,10 +275,20 @@ impl Instance for WorkerProcess {
         modelpool_pool::memory::process_rss(self.pid).1
     }
 
+    async fn exited(&self) -> String {
+        let mut rx = self.exited.clone();
+        let how = match rx.wait_for(Option::is_some).await {
+            Ok(how) => how.clone().unwrap_or_default(),
+            Err(_) => "its monitor ended".into(),
+        };
+        how
+    }
+
     async fn shutdown(&self) {
-        if let Some(mut child) = self.child.lock().await.take() {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+        let kill = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(kill) = kill {
+            let _ = kill.send(());
+            let _ = self.exited().await;
             tracing::info!(pid = self.pid, "worker stopped");
         }
         let _ = std::fs::remove_file(&self.socket);

@@ -28,6 +28,15 @@ use crate::EngineError;
 /// Prefix of the line a worker prints on stdout once it serves.
 pub const READY_PREFIX: &str = "MODELPOOL_WORKER_READY ";
 
+/// Prefix of the lines a worker prints on stdout as it reaches each load stage.
+pub const STAGE_PREFIX: &str = "MODELPOOL_WORKER_STAGE ";
+
+fn stage(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{STAGE_PREFIX}{text}");
+    let _ = out.flush();
+}
+
 /// Command-line arguments of `modelpool worker`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerArgs {
@@ -83,6 +92,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
     exit_when_parent_closes_stdin();
     let started = Instant::now();
     tracing::info!(model = %args.model_id, path = %args.model_path.display(), "worker loading");
+    stage("loading weights, tokenizer and chat template");
     let model = Arc::new(
         LoadedModel::load_gguf(
             &args.model_path,
@@ -92,6 +102,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
         )
         .await?,
     );
+    stage("weights loaded; releasing load buffers");
     release_freed_heap();
     let listener = tokio::net::UnixListener::bind(&args.socket)?;
     let ready = ReadyInfo {

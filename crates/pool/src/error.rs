@@ -34,6 +34,13 @@ pub enum PoolError {
     },
     #[error("model `{id}` is being removed; it takes no new requests")]
     Retiring { id: String },
+    #[error("model `{id}` is not loaded again yet: its worker failed {failures} times in the last minute (last: {last_error}); next try in {}s", retry_in.as_secs().max(1))]
+    CrashLoop {
+        id: String,
+        failures: usize,
+        last_error: String,
+        retry_in: Duration,
+    },
     #[error("the pool is shutting down")]
     ShuttingDown,
 }

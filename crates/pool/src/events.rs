@@ -16,6 +16,8 @@ pub enum EvictReason {
     Requested,
     /// The server is stopping.
     Shutdown,
+    /// The worker died on its own (killed, crashed); its memory is gone with it.
+    Crashed { detail: String },
 }
 
 impl std::fmt::Display for EvictReason {
@@ -25,6 +27,7 @@ impl std::fmt::Display for EvictReason {
             EvictReason::IdleTtl { idle } => write!(f, "idle for {}s", idle.as_secs()),
             EvictReason::Requested => f.write_str("requested"),
             EvictReason::Shutdown => f.write_str("shutdown"),
+            EvictReason::Crashed { detail } => write!(f, "worker crashed: {detail}"),
         }
     }
 }
@@ -35,6 +38,14 @@ pub enum EventKind {
     Unregistered,
     LoadStarted {
         predicted_bytes: u64,
+        /// How long the model's last successful load took, as a forecast.
+        expected: Option<Duration>,
+    },
+    /// A stage of a load in progress, as the backend reports it.
+    LoadProgress {
+        stage: String,
+        elapsed: Duration,
+        expected: Option<Duration>,
     },
     LoadFinished {
         duration: Duration,

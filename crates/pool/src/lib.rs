@@ -18,5 +18,5 @@ pub use events::{EventKind, EvictReason, PoolEvent};
 pub use memory::{DeviceMemory, MemoryProbe, SystemProbe};
 pub use pool::{DeviceStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState};
 pub use spec::{
-    Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec,
+    Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec, Progress,
 };

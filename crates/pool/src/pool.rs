@@ -493,6 +493,15 @@ impl<B: Backend> Pool<B> {
         footprint: Footprint,
         available: &[DeviceMemory],
     ) -> Result<watch::Receiver<LoadOutcome>, PoolError> {
+        let entry = st.entry(id)?;
+        if let Some((failures, retry_in)) = entry.backoff() {
+            return Err(PoolError::CrashLoop {
+                id: id.to_owned(),
+                failures,
+                last_error: entry.last_error.clone().unwrap_or_default(),
+                retry_in,
+            });
+        }
         let victims = st
             .admit(
                 id,
@@ -585,11 +594,34 @@ async fn run_load<B: Backend>(
 ) -> Result<(), PoolError> {
     let started = Instant::now();
     let predicted_bytes = footprint.total_bytes();
-    tracing::info!(model = %spec.id, predicted_bytes, "load started");
-    inner.emit(&spec.id, EventKind::LoadStarted { predicted_bytes });
-    let result = inner.backend.load(spec).await;
+    let expected = inner.lock().entry(&spec.id).ok().and_then(|e| e.last_load);
+    tracing::info!(model = %spec.id, predicted_bytes, ?expected, "load started");
+    inner.emit(
+        &spec.id,
+        EventKind::LoadStarted {
+            predicted_bytes,
+            expected,
+        },
+    );
+    let progress: crate::Progress = {
+        let inner = Arc::downgrade(inner);
+        let id = spec.id.clone();
+        Arc::new(move |stage: &str| {
+            if let Some(inner) = inner.upgrade() {
+                tracing::debug!(model = %id, stage, "load progress");
+                let kind = EventKind::LoadProgress {
+                    stage: stage.to_owned(),
+                    elapsed: started.elapsed(),
+                    expected,
+                };
+                inner.emit(&id, kind);
+            }
+        })
+    };
+    let result = inner.backend.load(spec, progress).await;
     let duration = started.elapsed();
     let mut orphan = None;
+    let mut watched = None;
     let outcome = {
         let mut st = inner.lock();
         let shutting_down = st.shutting_down;
@@ -609,14 +641,17 @@ async fn run_load<B: Backend>(
                 tracing::info!(model = %spec.id, pid = ?instance.pid(),
                     elapsed_ms = duration.as_millis() as u64, base_predicted, base_measured,
                     prediction_error_pct = format!("{error_pct:+.1}"), "load finished");
+                let instance = Arc::new(instance);
+                watched = Some(Arc::clone(&instance));
                 entry.slot = Slot::Ready {
-                    instance: Arc::new(instance),
+                    instance,
                     charge,
                     measured,
                     loaded_at: SystemTime::now(),
                 };
                 entry.base_measured_bytes = base_measured;
                 entry.last_error = None;
+                entry.last_load = Some(duration);
                 entry.touch();
                 st.lru.put(spec.id.clone(), ());
                 inner.emit(
@@ -636,6 +671,9 @@ async fn run_load<B: Backend>(
             }
             Err(source) => {
                 tracing::warn!(model = %spec.id, error = %source, "load failed");
+                if !matches!(source, BackendError::InvalidModel(_)) {
+                    entry.record_failure();
+                }
                 entry.slot = Slot::Absent;
                 entry.last_error = Some(source.to_string());
                 inner.emit(
@@ -655,7 +693,47 @@ async fn run_load<B: Backend>(
     if let Some(instance) = orphan {
         instance.shutdown().await;
     }
+    if let Some(instance) = watched {
+        watch_worker(inner, spec.id.clone(), instance);
+    }
     outcome
+}
+
+/// Notices a worker that dies on its own: its model becomes cold (the next request
+/// loads it afresh), its bytes are released, and the crash is recorded for back-off.
+fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::Instance>) {
+    let inner = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        let how = instance.exited().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let freed_bytes = {
+            let mut st = inner.lock();
+            let Ok(entry) = st.entry(&id) else { return };
+            let same =
+                matches!(&entry.slot, Slot::Ready { instance: i, .. } if Arc::ptr_eq(i, &instance));
+            if !same {
+                // Stopped by the pool (eviction, shutdown): not a crash.
+                return;
+            }
+            let Slot::Ready { charge, .. } = std::mem::replace(&mut entry.slot, Slot::Absent)
+            else {
+                return;
+            };
+            entry.last_error = Some(format!("worker exited unexpectedly: {how}"));
+            entry.record_failure();
+            st.lru.pop(&id);
+            charge.total()
+        };
+        tracing::warn!(model = %id, pid = ?instance.pid(), %how, "worker died; model is cold again");
+        let reason = EvictReason::Crashed { detail: how };
+        inner.emit(
+            &id,
+            EventKind::Evicted {
+                reason,
+                freed_bytes,
+            },
+        );
+    });
 }
 
 /// Every 250 ms, evicts models idle past their TTL. Ends when the pool is dropped or

@@ -162,6 +162,9 @@ pub trait Instance: Send + Sync + 'static {
     }
     /// Stops the worker and returns once its memory is released.
     fn shutdown(&self) -> impl Future<Output = ()> + Send;
+    /// Resolves when the worker has ended, for whatever reason, saying how ("killed by
+    /// signal 9"). The pool watches it to notice crashes.
+    fn exited(&self) -> impl Future<Output = String> + Send;
 }
 
 /// Makes models resident. The server implements it with worker processes; tests with
@@ -170,8 +173,14 @@ pub trait Backend: Send + Sync + 'static {
     type Instance: Instance;
     /// Predicts what loading `spec` will cost, before anything is loaded.
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError>;
+    /// Makes `spec` resident, reporting each stage it reaches ("starting worker",
+    /// "loading weights", ...) to `progress`.
     fn load(
         &self,
         spec: &ModelSpec,
+        progress: Progress,
     ) -> impl Future<Output = Result<Self::Instance, BackendError>> + Send;
 }
+
+/// Where a backend reports the stages of a load; the pool turns them into events.
+pub type Progress = std::sync::Arc<dyn Fn(&str) + Send + Sync>;

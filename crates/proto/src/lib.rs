@@ -8,6 +8,12 @@ pub mod v1 {
     tonic::include_proto!("modelpool.v1");
 }
 
+/// KServe ModelMesh's model-runtime API (`mmesh.ModelRuntime`), served when modelpool
+/// runs as a ModelMesh runtime.
+pub mod mmesh {
+    tonic::include_proto!("mmesh");
+}
+
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("modelpool.worker.v1");

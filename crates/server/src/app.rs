@@ -23,6 +23,7 @@ use crate::config::{PoolSettings, Settings};
 use crate::control::ControlService;
 use crate::inference::InferenceService;
 use crate::metrics::{self, Metrics};
+use crate::modelmesh::{self, ModelMeshRuntime};
 use crate::reload::Reloader;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,11 +51,14 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     /// Where `/metrics` is served, when enabled.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the ModelMesh runtime API is served, when enabled.
+    pub modelmesh_addr: Option<SocketAddr>,
     pub pool: Pool<WorkerBackend>,
     pub runtime_dir: PathBuf,
     /// Re-reads the configuration file and applies the model list (SIGHUP, RPC).
     pub reloader: Arc<Reloader>,
     metrics_task: Option<JoinHandle<()>>,
+    stop_modelmesh: tokio::sync::watch::Sender<bool>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), StartError>>,
 }
@@ -65,6 +69,7 @@ impl RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+        let _ = self.stop_modelmesh.send(true);
         let result = (&mut self.task)
             .await
             .map_err(|e| StartError::Serve(e.to_string()))?;
@@ -121,6 +126,34 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     };
     let (metrics_addr, metrics_task) = metrics_addr.unzip();
     let reloader = Arc::new(Reloader::new(pool.clone(), settings.clone()));
+    let (stop_modelmesh, modelmesh_stopped) = tokio::sync::watch::channel(false);
+    let modelmesh_addr = match &settings.modelmesh {
+        Some(mm) => {
+            let listener =
+                TcpListener::bind(mm.listen)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        addr: mm.listen,
+                        source,
+                    })?;
+            let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                addr: mm.listen,
+                source,
+            })?;
+            let runtime = Arc::new(ModelMeshRuntime::new(
+                pool.clone(),
+                mm.clone(),
+                settings.load_timeout,
+            ));
+            let mut stopped = modelmesh_stopped.clone();
+            tokio::spawn(modelmesh::serve(listener, runtime, async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            }));
+            tracing::info!(addr = %bound, "ModelMesh runtime API (mmesh.ModelRuntime)");
+            Some(bound)
+        }
+        None => None,
+    };
     let (tx, rx) = oneshot::channel();
     let task = tokio::spawn(serve(
         listener,
@@ -137,6 +170,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     Ok(RunningServer {
         local_addr,
         metrics_addr,
+        modelmesh_addr,
+        stop_modelmesh,
         metrics_task,
         reloader,
         pool,

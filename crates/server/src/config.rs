@@ -49,6 +49,8 @@ pub struct Settings {
     /// The binary that runs workers; the running executable when unset.
     pub worker_exe: Option<PathBuf>,
     pub pool: PoolSettings,
+    /// Off unless the file has a `[modelmesh]` section.
+    pub modelmesh: Option<ModelMeshSettings>,
     pub models: Vec<ModelSpec>,
 }
 
@@ -61,8 +63,32 @@ struct RawSettings {
     workers: RawWorkers,
     #[serde(default)]
     pool: RawPool,
+    modelmesh: Option<RawModelMesh>,
     #[serde(default)]
     models: Vec<RawModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawModelMesh {
+    listen: Option<String>,
+    model_roots: Option<Vec<PathBuf>>,
+    context_length: Option<u32>,
+    max_concurrency: Option<u32>,
+    default_model_size: Option<String>,
+}
+
+/// The `[modelmesh]` section: modelpool as a KServe ModelMesh model runtime.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelMeshSettings {
+    /// Where `mmesh.ModelRuntime` is served (ModelMesh's side of the pod).
+    pub listen: SocketAddr,
+    /// `modelPath` must resolve (symlinks followed) inside one of these.
+    pub model_roots: Vec<PathBuf>,
+    pub context_length: u32,
+    pub max_concurrency: u32,
+    /// What ModelMesh assumes for a model it has not sized yet.
+    pub default_model_size_bytes: u64,
 }
 
 #[derive(Deserialize, Default)]
@@ -207,6 +233,10 @@ impl Settings {
             return Err(invalid("workers.load_timeout", "must be above zero"));
         }
         let pool = pool_settings(raw.pool)?;
+        let modelmesh = raw
+            .modelmesh
+            .map(|m| modelmesh_settings(m, base))
+            .transpose()?;
         let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.models.len());
         for (i, m) in raw.models.into_iter().enumerate() {
             let spec = model_spec(m, base)
@@ -228,9 +258,69 @@ impl Settings {
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),
             worker_exe: raw.workers.exe,
             pool,
+            modelmesh,
             models,
         })
     }
+}
+
+fn modelmesh_settings(raw: RawModelMesh, base: &Path) -> Result<ModelMeshSettings, ConfigError> {
+    let listen = raw
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:8085")
+        .parse()
+        .map_err(|e| {
+            invalid(
+                "modelmesh.listen",
+                format!("not an address like 127.0.0.1:8085 ({e})"),
+            )
+        })?;
+    let roots = raw.model_roots.unwrap_or_default();
+    if roots.is_empty() {
+        return Err(invalid(
+            "modelmesh.model_roots",
+            "required: the directories ModelMesh may load models from",
+        ));
+    }
+    let mut model_roots = Vec::with_capacity(roots.len());
+    for (i, root) in roots.into_iter().enumerate() {
+        let root = if root.is_absolute() {
+            root
+        } else {
+            base.join(root)
+        };
+        let resolved = root.canonicalize().map_err(|e| {
+            invalid(
+                format!("modelmesh.model_roots[{i}]"),
+                format!("{}: {e}", root.display()),
+            )
+        })?;
+        model_roots.push(resolved);
+    }
+    let context_length = raw.context_length.unwrap_or(4096);
+    if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
+        return Err(invalid(
+            "modelmesh.context_length",
+            format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}"),
+        ));
+    }
+    let max_concurrency = raw.max_concurrency.unwrap_or(4);
+    if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
+        return Err(invalid(
+            "modelmesh.max_concurrency",
+            format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}"),
+        ));
+    }
+    let default_model_size_bytes = parse_bytes(raw.default_model_size.as_deref().unwrap_or("1GiB"))
+        .map_err(|e| invalid("modelmesh.default_model_size", e))?;
+    Ok(ModelMeshSettings {
+        listen,
+        model_roots,
+        context_length,
+        max_concurrency,
+        default_model_size_bytes,
+    })
 }
 
 fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {

@@ -120,9 +120,22 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
     let kind = match ev.kind {
         EventKind::Registered => Kind::Registered(pool_event::Registered {}),
         EventKind::Unregistered => Kind::Unregistered(pool_event::Unregistered {}),
-        EventKind::LoadStarted { predicted_bytes } => {
-            Kind::LoadStarted(pool_event::LoadStarted { predicted_bytes })
-        }
+        EventKind::LoadStarted {
+            predicted_bytes,
+            expected,
+        } => Kind::LoadStarted(pool_event::LoadStarted {
+            predicted_bytes,
+            expected_duration: expected.and_then(proto_duration),
+        }),
+        EventKind::LoadProgress {
+            stage,
+            elapsed,
+            expected,
+        } => Kind::LoadProgress(pool_event::LoadProgress {
+            stage,
+            elapsed: proto_duration(elapsed),
+            expected_duration: expected.and_then(proto_duration),
+        }),
         EventKind::LoadFinished {
             duration,
             predicted_bytes,
@@ -145,6 +158,7 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
                 EvictReason::IdleTtl { .. } => "idle_ttl",
                 EvictReason::Requested => "requested",
                 EvictReason::Shutdown => "shutdown",
+                EvictReason::Crashed { .. } => "crashed",
             }
             .into(),
             detail: reason.to_string(),

@@ -35,7 +35,7 @@ impl From<ServerError> for Status {
                     Status::unavailable(e.to_string())
                 }
                 PoolError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-                PoolError::Busy { .. } | PoolError::Pinned { .. } => {
+                PoolError::Busy { .. } | PoolError::Pinned { .. } | PoolError::CrashLoop { .. } => {
                     Status::failed_precondition(e.to_string())
                 }
                 PoolError::InsufficientMemory { .. } | PoolError::QueueFull { .. } => {

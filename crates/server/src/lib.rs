@@ -10,6 +10,7 @@ pub mod control;
 pub mod error;
 pub mod inference;
 pub mod metrics;
+pub mod modelmesh;
 pub mod reload;
 
 pub use app::{start, RunningServer, StartError};

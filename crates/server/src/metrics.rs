@@ -301,6 +301,7 @@ impl Metrics {
                     EvictReason::IdleTtl { .. } => "idle_ttl",
                     EvictReason::Requested => "requested",
                     EvictReason::Shutdown => "shutdown",
+                    EvictReason::Crashed { .. } => "crashed",
                 };
                 self.evictions.add(&[model, reason], 1.0);
             }

@@ -8,7 +8,7 @@ use modelpool_proto::v1::{GenerateRequest, ListModelsRequest, ModelState, Reload
 use modelpool_server::Settings;
 use modelpool_tests::{
     chat, collect, greedy, model_path, modelpool_exe, parse_prometheus, sample_value, scrape,
-    text_of, TestServer,
+    TestServer,
 };
 use tonic::Code;
 
@@ -184,16 +184,7 @@ async fn reload_adds_removes_and_drains() {
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
-    let answer = collect(
-        t.inference()
-            .chat(chat("c", "What is the capital of France?", greedy(12)))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await
-    .unwrap();
-    assert!(text_of(&answer).contains("Paris"));
+    assert!(t.ask_capital("c").await.contains("Paris"));
 
     // An invalid file is rejected whole; the old configuration keeps serving.
     std::fs::write(
@@ -292,7 +283,11 @@ async fn sighup_reloads_the_real_binary() {
 async fn json_logs_carry_the_request_span_and_trace_context() {
     let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let config = dir.path().join("modelpool.toml");
     std::fs::write(
         &config,
@@ -329,10 +324,18 @@ async fn json_logs_carry_the_request_span_and_trace_context() {
         format!("00-{trace}-00f067aa0ba902b7-01").parse().unwrap(),
     );
     let mut client = modelpool_proto::v1::inference_client::InferenceClient::new(channel);
-    collect(client.chat(request).await.unwrap().into_inner()).await.unwrap();
+    collect(client.chat(request).await.unwrap().into_inner())
+        .await
+        .unwrap();
     // SAFETY: signalling our own child.
-    assert_eq!(unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) }, 0);
-    tokio::time::timeout(Duration::from_secs(30), child.wait()).await.unwrap().unwrap();
+    assert_eq!(
+        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) },
+        0
+    );
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
 
     let text = std::fs::read_to_string(&log).unwrap();
     let finished: Vec<serde_json::Value> = text
@@ -347,6 +350,14 @@ async fn json_logs_carry_the_request_span_and_trace_context() {
     assert_eq!(span["trace_id"], trace, "{span}");
     assert_eq!(span["parent_span_id"], "00f067aa0ba902b7", "{span}");
     let id = span["request_id"].as_str().unwrap_or("");
-    assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{span}");
-    assert!(finished[0]["fields"]["completion_tokens"].as_u64().unwrap_or(0) > 0);
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{span}"
+    );
+    assert!(
+        finished[0]["fields"]["completion_tokens"]
+            .as_u64()
+            .unwrap_or(0)
+            > 0
+    );
 }

@@ -75,19 +75,6 @@ fn loads_started(events: &Mutex<Vec<PoolEvent>>, model: &str) -> usize {
         .count()
 }
 
-async fn ask(t: &TestServer, model: &str) -> String {
-    let chunks = collect(
-        t.inference()
-            .chat(chat(model, "What is the capital of France?", greedy(12)))
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await
-    .unwrap();
-    modelpool_tests::text_of(&chunks)
-}
-
 async fn state(t: &TestServer, id: &str) -> (ModelState, u32) {
     let m = t
         .control()
@@ -102,11 +89,11 @@ async fn state(t: &TestServer, id: &str) -> (ModelState, u32) {
 async fn third_model_evicts_the_least_recently_used() {
     let t = server(&["a", "b", "c"], 2.5).await;
     let events = watch(&t).await;
-    ask(&t, "a").await;
-    ask(&t, "b").await;
+    t.ask_capital("a").await;
+    t.ask_capital("b").await;
     let (_, pid_b) = state(&t, "b").await;
-    ask(&t, "a").await; // b is now the least recently used
-    assert!(ask(&t, "c").await.contains("Paris"));
+    t.ask_capital("a").await; // b is now the least recently used
+    assert!(t.ask_capital("c").await.contains("Paris"));
     assert!(eventually(Duration::from_secs(2), || !evictions(&events).is_empty()).await);
     assert_eq!(
         evictions(&events),
@@ -120,12 +107,7 @@ async fn third_model_evicts_the_least_recently_used() {
     assert!(!process_alive(pid_b), "the evicted worker is gone");
     assert_eq!(state(&t, "a").await.0, ModelState::Ready);
     // The budget still holds: two residents, nothing reserved.
-    let status = t
-        .control()
-        .get_pool_status(GetPoolStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let status = t.pool_status().await;
     let ram = &status.devices[0];
     assert_eq!(ram.device, "cpu");
     assert!(ram.used_bytes <= ram.budget_bytes, "{ram:?}");
@@ -147,8 +129,8 @@ async fn a_model_generating_is_never_the_victim() {
     };
     let mut a_stream = t.inference().chat(long()).await.unwrap().into_inner();
     a_stream.message().await.unwrap().expect("a is generating");
-    ask(&t, "b").await;
-    ask(&t, "c").await;
+    t.ask_capital("b").await;
+    t.ask_capital("c").await;
     assert!(eventually(Duration::from_secs(2), || !evictions(&events).is_empty()).await);
     assert_eq!(
         evictions(&events)[0].0,
@@ -200,6 +182,25 @@ async fn ten_concurrent_requests_start_one_load() {
         assert!(chunks.last().unwrap().usage.is_some());
     }
     assert_eq!(loads_started(&events, "cold"), 1);
+    // The load reported its stages as it went.
+    let stages: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Some(Kind::LoadProgress(p)) => Some(p.stage.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            "starting worker process",
+            "loading weights, tokenizer and chat template",
+            "weights loaded; releasing load buffers",
+            "connecting to the worker"
+        ],
+    );
     t.stop().await;
 }
 
@@ -207,7 +208,7 @@ async fn ten_concurrent_requests_start_one_load() {
 async fn a_model_bigger_than_the_budget_fails_at_once() {
     let t = server(&["a"], 2.5).await;
     let events = watch(&t).await;
-    ask(&t, "a").await;
+    t.ask_capital("a").await;
     // 64 sequences of 8192 tokens: gigabytes of KV cache.
     t.control()
         .register_model(RegisterModelRequest {

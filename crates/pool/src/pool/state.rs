@@ -53,6 +53,40 @@ pub(super) struct Entry<I> {
     pub base_measured_bytes: u64,
     /// Being removed: new requests are refused while the ones in flight finish.
     pub retiring: bool,
+    /// Duration of the last successful load: the forecast for the next.
+    pub last_load: Option<std::time::Duration>,
+    /// When its worker recently crashed or failed to start (newest last).
+    pub failures: Vec<Instant>,
+}
+
+/// Worker failures within this window count towards a crash loop...
+const FAILURE_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// ...this many of them stop further loads...
+const FAILURES_TO_BACK_OFF: usize = 3;
+/// ...until this long after the last one.
+const BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl<I> Entry<I> {
+    /// Records a crash or failed start.
+    pub fn record_failure(&mut self) {
+        let now = Instant::now();
+        self.failures
+            .retain(|t| now.duration_since(*t) < FAILURE_WINDOW);
+        self.failures.push(now);
+    }
+
+    /// When the worker keeps failing, how long until the next load may start.
+    pub fn backoff(&self) -> Option<(usize, std::time::Duration)> {
+        let now = Instant::now();
+        let recent = self
+            .failures
+            .iter()
+            .filter(|t| now.duration_since(**t) < FAILURE_WINDOW)
+            .count();
+        let last = *self.failures.last()?;
+        let wait = BACKOFF.saturating_sub(now.duration_since(last));
+        (recent >= FAILURES_TO_BACK_OFF && !wait.is_zero()).then_some((recent, wait))
+    }
 }
 
 impl<I> Entry<I> {
@@ -71,6 +105,8 @@ impl<I> Entry<I> {
             prediction: None,
             base_measured_bytes: 0,
             retiring: false,
+            last_load: None,
+            failures: Vec::new(),
         }
     }
 

@@ -16,6 +16,8 @@ struct FakeBackend {
     /// Set when a load started while live bytes plus its own exceeded `budget`.
     over_budget: AtomicBool,
     budget: u64,
+    /// Per live instance, a switch that makes it "crash".
+    crash: Mutex<HashMap<String, watch::Sender<bool>>>,
 }
 
 impl FakeBackend {
@@ -29,6 +31,15 @@ impl FakeBackend {
     fn size(&self, id: &str) -> u64 {
         self.sizes.get(id).copied().unwrap_or(100)
     }
+    /// Kills `id`'s instance as a signal would: it leaves the live list and its
+    /// `exited` resolves.
+    fn crash(&self, id: &str) {
+        self.live.lock().unwrap().retain(|(i, _)| i != id);
+        if let Some(tx) = self.crash.lock().unwrap().get(id) {
+            let _ = tx.send(true);
+        }
+    }
+
     fn live_ids(&self) -> Vec<String> {
         self.live
             .lock()
@@ -43,6 +54,7 @@ struct FakeInstance {
     id: String,
     bytes: u64,
     backend: Arc<FakeBackend>,
+    crashed: watch::Receiver<bool>,
 }
 
 impl Instance for FakeInstance {
@@ -61,6 +73,11 @@ impl Instance for FakeInstance {
             .expect("shut down twice");
         live.remove(at);
     }
+    async fn exited(&self) -> String {
+        let mut rx = self.crashed.clone();
+        let _ = rx.wait_for(|c| *c).await;
+        "killed by signal 9 (SIGKILL)".into()
+    }
 }
 
 impl Backend for Arc<FakeBackend> {
@@ -75,7 +92,12 @@ impl Backend for Arc<FakeBackend> {
             charge: Charge::on(Device::Cpu, bytes),
         })
     }
-    async fn load(&self, spec: &ModelSpec) -> Result<FakeInstance, BackendError> {
+    async fn load(
+        &self,
+        spec: &ModelSpec,
+        progress: crate::Progress,
+    ) -> Result<FakeInstance, BackendError> {
+        progress("starting");
         self.loads.fetch_add(1, Ordering::SeqCst);
         let bytes = self.size(&spec.id);
         {
@@ -91,10 +113,13 @@ impl Backend for Arc<FakeBackend> {
             self.live.lock().unwrap().retain(|(i, _)| *i != spec.id);
             return Err(BackendError::InvalidModel("not a gguf file".into()));
         }
+        let (tx, crashed) = watch::channel(false);
+        self.crash.lock().unwrap().insert(spec.id.clone(), tx);
         Ok(FakeInstance {
             id: spec.id.clone(),
             bytes,
             backend: Arc::clone(self),
+            crashed,
         })
     }
 }
@@ -179,6 +204,72 @@ async fn concurrent_acquires_share_one_load() {
     let warm = pool.acquire("a", None).await.unwrap();
     assert!(!warm.cold_start());
     assert_eq!(warm.load_wait(), Duration::ZERO);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_worker_frees_its_bytes_and_repeated_crashes_back_off() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let mut events = pool.subscribe();
+    for round in 1..=3 {
+        drop(pool.acquire("a", None).await.unwrap());
+        backend.crash("a");
+        settle().await;
+        let snap = pool.get("a").unwrap();
+        assert_eq!(snap.state, SlotState::Failed, "round {round}");
+        assert!(snap.last_error.unwrap().contains("SIGKILL"));
+        assert_eq!(pool.status().devices[0].used_bytes, 0);
+    }
+    let crashed = evictions(&mut events)
+        .into_iter()
+        .filter(|(_, r)| matches!(r, EvictReason::Crashed { .. }))
+        .count();
+    assert_eq!(crashed, 3);
+    // Three crashes within a minute: no fourth load for now, and the reason says why.
+    let err = pool.acquire("a", None).await.err().unwrap();
+    assert!(
+        matches!(err, PoolError::CrashLoop { failures: 3, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("SIGKILL"), "{err}");
+    assert_eq!(backend.loads.load(Ordering::SeqCst), 3);
+    // After the back-off the model loads again.
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    drop(pool.acquire("a", None).await.unwrap());
+    assert_eq!(backend.loads.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test(start_paused = true)]
+async fn loads_report_stages_and_forecast_from_the_last_load() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let mut events = pool.subscribe();
+    drop(pool.acquire("a", None).await.unwrap());
+    pool.unload("a").await.unwrap();
+    drop(pool.acquire("a", None).await.unwrap());
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        match ev.kind {
+            EventKind::LoadStarted { expected, .. } => seen.push(("started", expected)),
+            EventKind::LoadProgress {
+                stage, expected, ..
+            } => {
+                assert_eq!(stage, "starting");
+                seen.push(("progress", expected));
+            }
+            _ => {}
+        }
+    }
+    let last = Some(Duration::from_millis(50));
+    assert_eq!(
+        seen,
+        vec![
+            ("started", None),
+            ("progress", None),
+            ("started", last),
+            ("progress", last)
+        ]
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -166,6 +166,86 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
     ))
 }
 
+/// A progress bar for one load on stderr, fed by the pool's `load_progress` events:
+/// the stage as its message, and elapsed time against the model's last load time
+/// (the forecast the server sends) as its position. Nothing is drawn when stderr is
+/// not a terminal or output is JSON.
+pub(super) struct LoadBar {
+    task: Option<JoinHandle<()>>,
+}
+
+impl LoadBar {
+    /// Subscribes to the pool's events before the load is requested, so no stage is
+    /// missed.
+    pub(super) async fn start(conn: &Conn, id: &str) -> Self {
+        if conn.json || !std::io::stderr().is_terminal() {
+            return Self { task: None };
+        }
+        let Ok(mut c) = client(conn).await else {
+            return Self { task: None };
+        };
+        let Ok(stream) = c.watch_events(WatchEventsRequest {}).await else {
+            return Self { task: None };
+        };
+        let mut stream = stream.into_inner();
+        let id = id.to_owned();
+        let task = tokio::spawn(async move {
+            let bar = indicatif::ProgressBar::new(1000);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {prefix} [{bar:30}] {elapsed_precise} {msg}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_prefix(format!("loading {id}"));
+            bar.enable_steady_tick(Duration::from_millis(100));
+            let started = Instant::now();
+            let mut expected: Option<Duration> = None;
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    msg = stream.message() => {
+                        let Ok(Some(ev)) = msg else { break };
+                        if ev.model != id {
+                            continue;
+                        }
+                        match ev.kind {
+                            Some(Kind::LoadStarted(k)) => {
+                                expected = k.expected_duration.and_then(|d| Duration::try_from(d).ok());
+                                bar.set_message("admitted");
+                            }
+                            Some(Kind::LoadProgress(k)) => {
+                                expected = expected.or(k.expected_duration.and_then(|d| Duration::try_from(d).ok()));
+                                bar.set_message(k.stage);
+                            }
+                            Some(Kind::LoadFinished(_)) | Some(Kind::LoadFailed(_)) => break,
+                            _ => {}
+                        }
+                    }
+                    _ = tick.tick() => {}
+                }
+                // Without a forecast the bar creeps towards the middle; with one it
+                // follows elapsed / expected, never claiming done before the end.
+                let expected = expected.unwrap_or(Duration::from_secs(4));
+                let fraction = (started.elapsed().as_secs_f64() / expected.as_secs_f64()).min(0.95);
+                bar.set_position((fraction * 1000.0) as u64);
+            }
+            bar.finish_and_clear();
+        });
+        Self { task: Some(task) }
+    }
+
+    /// Lets the bar see the load's last event (briefly), then erases it.
+    pub(super) async fn stop(mut self) {
+        if let Some(mut task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), &mut task).await;
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
 /// A one-line spinner with elapsed seconds on stderr while a call is pending; nothing
 /// at all when stderr is not a terminal.
 pub(super) struct Spinner {
@@ -226,14 +306,14 @@ impl Spinner {
 
 pub(super) async fn load(conn: &Conn, id: String, pin: bool) -> Result<(), Failure> {
     let mut c = client(conn).await?;
-    let spinner = Spinner::start(format!("loading {id}"));
+    let bar = LoadBar::start(conn, &id).await;
     let result = c
         .load_model(LoadModelRequest {
             id: id.clone(),
             pin,
         })
         .await;
-    spinner.stop().await;
+    bar.stop().await;
     let r = result?.into_inner();
     let took = secs(r.load_time.as_ref());
     let model = r.model.unwrap_or_default();
@@ -431,6 +511,11 @@ pub(super) fn event_line(e: &PoolEvent) -> String {
                 bytes(k.predicted_bytes)
             )
         }
+        Some(Kind::LoadProgress(k)) => format!(
+            "load_progress {model} {:.2} s: {}",
+            secs(k.elapsed.as_ref()),
+            k.stage
+        ),
         Some(Kind::LoadFinished(k)) => format!(
             "load_finished {model} {:.2} s predicted {} measured {}",
             secs(k.duration.as_ref()),
@@ -473,6 +558,14 @@ pub(super) fn event_json(e: &PoolEvent) -> Value {
         Some(Kind::LoadStarted(k)) => (
             "load_started",
             json!({ "predicted_bytes": k.predicted_bytes }),
+        ),
+        Some(Kind::LoadProgress(k)) => (
+            "load_progress",
+            json!({
+                "stage": k.stage,
+                "elapsed_s": secs(k.elapsed.as_ref()),
+                "expected_s": k.expected_duration.as_ref().map(|d| secs(Some(d))),
+            }),
         ),
         Some(Kind::LoadFinished(k)) => (
             "load_finished",

@@ -1,0 +1,81 @@
+//! Faults injected for real: a worker killed with SIGKILL in the middle of a stream.
+
+use std::time::{Duration, Instant};
+
+use modelpool_proto::v1::{GetModelRequest, ModelState};
+use modelpool_tests::{chat, eventually, greedy, model_toml, settings_toml, TestServer};
+use tonic::Code;
+
+async fn model(t: &TestServer, id: &str) -> modelpool_proto::v1::ModelInfo {
+    t.control()
+        .get_model(GetModelRequest { id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
+    let models =
+        model_toml("a", "context_length = 1024\n") + &model_toml("b", "context_length = 1024\n");
+    let t = TestServer::start_with(|runtime| settings_toml("", &models, runtime)).await;
+    assert!(t.ask_capital("b").await.contains("Paris"));
+    let b_before = model(&t, "b").await;
+
+    let long = chat(
+        "a",
+        "Write a long story about a dragon and a knight.",
+        greedy(300),
+    );
+    let mut stream = t.inference().chat(long).await.unwrap().into_inner();
+    stream.message().await.unwrap().expect("a is generating");
+    let victim = model(&t, "a").await.worker_pid;
+    // SAFETY: kill(2) on a worker process this test's server started.
+    assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
+    let killed_at = Instant::now();
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the stream ended cleanly after its worker was killed"),
+            Err(status) => break status,
+        }
+    };
+    let waited = killed_at.elapsed();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        waited < Duration::from_secs(1),
+        "the client learned after {waited:?}"
+    );
+
+    // The pool notices: a is cold again with the reason, its bytes are released.
+    let mut a = model(&t, "a").await;
+    for _ in 0..100 {
+        if a.state() == ModelState::Failed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        a = model(&t, "a").await;
+    }
+    assert_eq!(a.state(), ModelState::Failed);
+    assert!(a.last_error.contains("SIGKILL"), "{}", a.last_error);
+    let status = t.pool_status().await;
+    let b_now = status.models.iter().find(|m| m.id == "b").unwrap();
+    assert_eq!(
+        status.devices[0].used_bytes, b_now.charged_bytes,
+        "only b is charged"
+    );
+
+    // b never noticed; a's next request starts a fresh worker and answers.
+    assert_eq!(model(&t, "b").await.worker_pid, b_before.worker_pid);
+    assert!(t.ask_capital("b").await.contains("Paris"));
+    assert!(t.ask_capital("a").await.contains("Paris"));
+    let fresh = model(&t, "a").await.worker_pid;
+    assert!(fresh != 0 && fresh != victim);
+    assert!(
+        eventually(Duration::from_secs(1), || !modelpool_tests::process_alive(
+            victim
+        ))
+        .await
+    );
+    t.stop().await;
+}
