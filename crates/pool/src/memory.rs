@@ -64,14 +64,25 @@ impl SystemProbe {
         }
     }
 
+    /// Host RAM, or the container's share of it: inside a cgroup with a memory limit
+    /// (a Kubernetes pod), total and available are the limit's, not the node's.
     fn ram(&self) -> DeviceMemory {
         let mut sys = self.system.lock().unwrap_or_else(|e| e.into_inner());
         sys.refresh_memory_specifics(sysinfo::MemoryRefreshKind::nothing().with_ram());
+        let (mut total, mut available) = (sys.total_memory(), sys.available_memory());
+        let mut name = "host RAM".to_owned();
+        if let Some(limits) = sys.cgroup_limits() {
+            if limits.total_memory > 0 && limits.total_memory < total {
+                total = limits.total_memory;
+                available = available.min(limits.free_memory);
+                name = "host RAM (cgroup limit)".to_owned();
+            }
+        }
         DeviceMemory {
             device: Device::Cpu,
-            name: "host RAM".into(),
-            total_bytes: sys.total_memory(),
-            available_bytes: sys.available_memory(),
+            name,
+            total_bytes: total,
+            available_bytes: available,
         }
     }
 

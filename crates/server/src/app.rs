@@ -285,11 +285,17 @@ pub(crate) fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> P
         .devices()
         .iter()
         .map(|d| {
-            let setting = match d.device {
-                Device::Cpu => settings.ram_budget,
-                Device::Cuda(_) => settings.vram_budget,
+            let (setting, total) = match d.device {
+                // A container limit (Downward API) caps what "auto" may take.
+                Device::Cpu => (
+                    settings.ram_budget,
+                    settings
+                        .memory_limit_bytes
+                        .map_or(d.total_bytes, |l| l.min(d.total_bytes)),
+                ),
+                Device::Cuda(_) => (settings.vram_budget, d.total_bytes),
             };
-            (d.device, setting.resolve(d.total_bytes, settings))
+            (d.device, setting.resolve(total, settings))
         })
         .collect();
     if let Some(reason) = probe.gpu_absent_reason() {

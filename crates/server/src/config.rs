@@ -94,6 +94,8 @@ pub struct ModelMeshSettings {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
+    /// The container's memory limit (Kubernetes Downward API: `limits.memory` in bytes).
+    memory_limit: Option<RawSize>,
     ram_budget: Option<String>,
     vram_budget: Option<String>,
     auto_fraction: Option<f64>,
@@ -133,6 +135,14 @@ pub struct RawModel {
     pub idle_ttl: Option<String>,
 }
 
+/// A size given as text ("8GiB") or, from the environment, a plain number of bytes.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
 /// A budget as configured: absolute bytes, or `auto`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum BudgetSetting {
@@ -155,6 +165,8 @@ impl BudgetSetting {
 /// The `[pool]` section, validated.
 #[derive(Clone, Debug)]
 pub struct PoolSettings {
+    /// RAM this process tree may use (a container limit); `auto` budgets follow it.
+    pub memory_limit_bytes: Option<u64>,
     pub ram_budget: BudgetSetting,
     /// Per GPU.
     pub vram_budget: BudgetSetting,
@@ -352,7 +364,17 @@ fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
     if queue_timeout.is_zero() {
         return Err(invalid("pool.queue_timeout", "must be above zero"));
     }
+    let memory_limit_bytes = match raw.memory_limit {
+        None => None,
+        Some(RawSize::Bytes(0)) => None,
+        Some(RawSize::Bytes(b)) => Some(b),
+        Some(RawSize::Text(t)) if t.trim().is_empty() => None,
+        Some(RawSize::Text(t)) => {
+            Some(parse_bytes(&t).map_err(|e| invalid("pool.memory_limit", e))?)
+        }
+    };
     Ok(PoolSettings {
+        memory_limit_bytes,
         ram_budget: budget("pool.ram_budget", raw.ram_budget)?,
         vram_budget: budget("pool.vram_budget", raw.vram_budget)?,
         auto_fraction,
@@ -501,6 +523,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.pool.ram_budget, BudgetSetting::Bytes(6 << 30));
+        let limited =
+            Settings::from_toml("[pool]\nmemory_limit = 4294967296\n", Path::new("/")).unwrap();
+        assert_eq!(limited.pool.memory_limit_bytes, Some(4 << 30));
         assert_eq!(BudgetSetting::Auto.resolve(16 << 30, &s.pool), 7 << 30);
         let m = &s.models[0];
         assert!(m.pinned);

@@ -13,5 +13,8 @@ pub mod metrics;
 pub mod modelmesh;
 pub mod reload;
 
+/// Whether this build has mistral.rs' CUDA kernels (the `cuda` feature).
+pub const CUDA_BUILD: bool = cfg!(feature = "cuda");
+
 pub use app::{start, RunningServer, StartError};
 pub use config::{ConfigError, Settings, EXIT_CONFIG};
