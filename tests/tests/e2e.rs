@@ -12,4 +12,5 @@ mod e2e {
     mod ops;
     mod pool;
     mod process;
+    mod security;
 }

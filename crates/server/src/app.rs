@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::auth::{AuthSettings, Scope};
 use crate::config::{PoolSettings, Settings};
 use crate::control::ControlService;
 use crate::inference::InferenceService;
@@ -155,11 +156,15 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         None => None,
     };
     let (tx, rx) = oneshot::channel();
+    let parts = Parts {
+        pool: pool.clone(),
+        metrics,
+        reloader: Arc::clone(&reloader),
+        auth: settings.auth.clone(),
+    };
     let task = tokio::spawn(serve(
         listener,
-        pool.clone(),
-        metrics,
-        Arc::clone(&reloader),
+        parts,
         runtime_dir.clone(),
         settings.drain_timeout,
         async {
@@ -181,15 +186,27 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     })
 }
 
-async fn serve(
-    listener: TcpListener,
+/// What the gRPC services are built from.
+struct Parts {
     pool: Pool<WorkerBackend>,
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
+    auth: AuthSettings,
+}
+
+async fn serve(
+    listener: TcpListener,
+    parts: Parts,
     runtime_dir: PathBuf,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
+    let Parts {
+        pool,
+        metrics,
+        reloader,
+        auth,
+    } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<InferenceServer<InferenceService>>()
@@ -250,16 +267,14 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InferenceServer::new(InferenceService::new(
-            pool.clone(),
-            metrics,
-            draining_rx.clone(),
-        )))
-        .add_service(ModelControlServer::new(ControlService::new(
-            pool.clone(),
-            reloader,
-            draining_rx,
-        )));
+        .add_service(InferenceServer::with_interceptor(
+            InferenceService::new(pool.clone(), metrics, draining_rx.clone()),
+            auth.interceptor(Scope::Inference),
+        ))
+        .add_service(ModelControlServer::with_interceptor(
+            ControlService::new(pool.clone(), reloader, draining_rx),
+            auth.interceptor(Scope::Control),
+        ));
     let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
     tokio::pin!(server);
     let result = tokio::select! {

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use modelpool_pool::budget::parse_bytes;
+
+use crate::auth::{AuthSettings, Secret};
 use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec};
 use serde::Deserialize;
 
@@ -51,6 +53,8 @@ pub struct Settings {
     pub pool: PoolSettings,
     /// Off unless the file has a `[modelmesh]` section.
     pub modelmesh: Option<ModelMeshSettings>,
+    /// Bearer tokens; none by default (a loopback sidecar).
+    pub auth: AuthSettings,
     pub models: Vec<ModelSpec>,
 }
 
@@ -65,7 +69,16 @@ struct RawSettings {
     pool: RawPool,
     modelmesh: Option<RawModelMesh>,
     #[serde(default)]
+    auth: RawAuth,
+    #[serde(default)]
     models: Vec<RawModel>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    inference_token: Option<String>,
+    control_token: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -249,6 +262,20 @@ impl Settings {
             .modelmesh
             .map(|m| modelmesh_settings(m, base))
             .transpose()?;
+        let token = |key: &str, v: Option<String>| -> Result<Option<Secret>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some(t) if t.trim().len() < 16 => Err(invalid(
+                    key,
+                    "too short: use at least 16 characters (the value is not shown)",
+                )),
+                Some(t) => Ok(Some(Secret::new(t.trim().to_owned()))),
+            }
+        };
+        let auth = AuthSettings {
+            inference_token: token("auth.inference_token", raw.auth.inference_token)?,
+            control_token: token("auth.control_token", raw.auth.control_token)?,
+        };
         let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.models.len());
         for (i, m) in raw.models.into_iter().enumerate() {
             let spec = model_spec(m, base)
@@ -271,6 +298,7 @@ impl Settings {
             worker_exe: raw.workers.exe,
             pool,
             modelmesh,
+            auth,
             models,
         })
     }

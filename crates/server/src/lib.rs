@@ -3,6 +3,7 @@
 //! the integration tests start the same server in-process.
 
 pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -117,6 +117,7 @@ impl Reloader {
                 "pool.queue_timeout",
                 current.pool.queue_timeout != new.pool.queue_timeout,
             ),
+            ("auth", current.auth != new.auth),
         ] {
             if differs {
                 tracing::warn!(
