@@ -46,7 +46,27 @@ pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
     predict_from(&info, spec)
 }
 
+/// GGUF architectures mistral.rs 0.8 loads (its GGUF pipeline's model match).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama",
+    "mistral3",
+    "phi2",
+    "phi3",
+    "starcoder2",
+    "qwen2",
+    "qwen3",
+    "qwen3moe",
+];
+
 pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, BackendError> {
+    if !SUPPORTED_ARCHITECTURES.contains(&info.architecture.to_ascii_lowercase().as_str()) {
+        return Err(BackendError::InvalidModel(format!(
+            "{}: architecture {:?} is not supported (supported: {})",
+            spec.source.display(),
+            info.architecture,
+            SUPPORTED_ARCHITECTURES.join(", ")
+        )));
+    }
     let shape = info
         .kv_shape()
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", spec.source.display())))?;

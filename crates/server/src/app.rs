@@ -161,6 +161,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         metrics,
         reloader: Arc::clone(&reloader),
         auth: settings.auth.clone(),
+        model_roots: settings.model_roots.clone(),
     };
     let task = tokio::spawn(serve(
         listener,
@@ -192,6 +193,7 @@ struct Parts {
     metrics: Arc<Metrics>,
     reloader: Arc<Reloader>,
     auth: AuthSettings,
+    model_roots: Option<Vec<PathBuf>>,
 }
 
 async fn serve(
@@ -206,6 +208,7 @@ async fn serve(
         metrics,
         reloader,
         auth,
+        model_roots,
     } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -272,7 +275,7 @@ async fn serve(
             auth.interceptor(Scope::Inference),
         ))
         .add_service(ModelControlServer::with_interceptor(
-            ControlService::new(pool.clone(), reloader, draining_rx),
+            ControlService::new(pool.clone(), reloader, draining_rx, model_roots),
             auth.interceptor(Scope::Control),
         ));
     let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);

@@ -42,6 +42,8 @@ pub struct Settings {
     pub metrics_listen: Option<SocketAddr>,
     /// The file these settings came from, re-read on reload.
     pub source: Option<PathBuf>,
+    /// When set, models registered through the API must lie inside these.
+    pub model_roots: Option<Vec<PathBuf>>,
     /// How long in-flight streams may run after SIGTERM before they are cut.
     pub drain_timeout: Duration,
     /// A worker not ready after this long is killed.
@@ -121,6 +123,7 @@ struct RawPool {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
+    model_roots: Option<Vec<PathBuf>>,
     metrics_listen: Option<String>,
     drain_timeout: Option<String>,
 }
@@ -253,6 +256,24 @@ impl Settings {
             })?),
         };
         let drain_timeout = duration("server.drain_timeout", raw.server.drain_timeout, "30s")?;
+        let model_roots = match raw.server.model_roots {
+            None => None,
+            Some(roots) => Some(
+                roots
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        let r = if r.is_absolute() { r } else { base.join(r) };
+                        r.canonicalize().map_err(|e| {
+                            invalid(
+                                format!("server.model_roots[{i}]"),
+                                format!("{}: {e}", r.display()),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
         let load_timeout = duration("workers.load_timeout", raw.workers.load_timeout, "120s")?;
         if load_timeout.is_zero() {
             return Err(invalid("workers.load_timeout", "must be above zero"));
@@ -292,6 +313,7 @@ impl Settings {
             listen,
             metrics_listen,
             source: None,
+            model_roots,
             drain_timeout,
             load_timeout,
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),

@@ -31,6 +31,8 @@ use std::sync::Arc;
 
 pub struct ControlService {
     pool: Pool<WorkerBackend>,
+    /// When set, `RegisterModel` paths must resolve inside one of these.
+    model_roots: Option<Vec<std::path::PathBuf>>,
     reloader: Arc<Reloader>,
     /// Turns true when the server starts draining; event streams end then.
     draining: watch::Receiver<bool>,
@@ -41,9 +43,11 @@ impl ControlService {
         pool: Pool<WorkerBackend>,
         reloader: Arc<Reloader>,
         draining: watch::Receiver<bool>,
+        model_roots: Option<Vec<std::path::PathBuf>>,
     ) -> Self {
         Self {
             pool,
+            model_roots,
             reloader,
             draining,
         }
@@ -237,6 +241,17 @@ impl ModelControl for ControlService {
             )
             .into());
         }
+        let mut spec = spec;
+        if let Some(roots) = &self.model_roots {
+            spec.source = crate::modelmesh::confine(roots, &spec.source.to_string_lossy())
+                .map_err(|s| {
+                    Status::invalid_argument(s.message().replacen("modelPath", "path", 1))
+                })?;
+        }
+        // Refuse what cannot load now (not a GGUF, truncated, unsupported
+        // architecture), not at the first request.
+        modelpool_engine::footprint::predict(&spec)
+            .map_err(|e| ServerError::invalid("path", e.to_string()))?;
         let id = spec.id.clone();
         self.pool.register(spec).map_err(ServerError::from)?;
         tracing::info!(model = %id, "registered");

@@ -80,7 +80,7 @@ impl ModelMeshRuntime {
 }
 
 /// Resolves `path` (following symlinks) and accepts it only inside one of `roots`.
-fn confine(roots: &[PathBuf], path: &str) -> Result<PathBuf, Status> {
+pub(crate) fn confine(roots: &[PathBuf], path: &str) -> Result<PathBuf, Status> {
     if path.is_empty() {
         return Err(ServerError::invalid("modelPath", "required").into());
     }

@@ -79,3 +79,116 @@ async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
     );
     t.stop().await;
 }
+
+/// A server whose "worker" is the shell script `body`.
+async fn server_with_worker_script(
+    body: &str,
+    load_timeout: Duration,
+) -> (TestServer, tempfile::TempDir) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("worker.sh");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let models = model_toml("m", "context_length = 1024\n");
+    let t = TestServer::start_with(|runtime| {
+        let mut s = settings_toml("", &models, runtime);
+        s.worker_exe = Some(script);
+        s.load_timeout = load_timeout;
+        s
+    })
+    .await;
+    (t, dir)
+}
+
+/// Children of this process named `comm`.
+fn children_named(comm: &str) -> Vec<u32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let (name, rest) = stat.split_once(") ")?;
+            let ppid = rest.split_whitespace().nth(1)?;
+            let state = rest.split_whitespace().next()?;
+            (name.ends_with(&format!("({comm}")) && ppid == me && state != "Z")
+                .then(|| e.file_name().to_string_lossy().parse().ok())
+                .flatten()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_hangs_while_loading_is_killed_at_the_load_timeout() {
+    let (t, _dir) = server_with_worker_script("exec sleep 300", Duration::from_secs(1)).await;
+    let err = t
+        .inference()
+        .chat(chat("m", "Hi", greedy(4)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        err.message().contains("not ready after 1s"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        children_named("sleep").is_empty(),
+        "the hung worker is still running"
+    );
+    let status = t.pool_status().await;
+    assert_eq!(
+        (
+            status.devices[0].used_bytes,
+            status.devices[0].reserved_bytes
+        ),
+        (0, 0)
+    );
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_keeps_crashing_is_backed_off_with_its_last_error() {
+    let (t, _dir) = server_with_worker_script(
+        "echo 'boom: cannot map weights' >&2; exit 3",
+        Duration::from_secs(10),
+    )
+    .await;
+    for _ in 0..3 {
+        let err = t
+            .inference()
+            .chat(chat("m", "Hi", greedy(4)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+        assert!(
+            err.message().contains("boom: cannot map weights"),
+            "{}",
+            err.message()
+        );
+    }
+    let err = t
+        .inference()
+        .chat(chat("m", "Hi", greedy(4)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(
+        err.message().contains("failed 3 times"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("boom: cannot map weights"),
+        "{}",
+        err.message()
+    );
+    let status = t.pool_status().await;
+    assert_eq!(
+        status.models[0].loads_started, 3,
+        "no fourth start while backing off"
+    );
+    assert_eq!(status.devices[0].reserved_bytes, 0);
+    t.stop().await;
+}

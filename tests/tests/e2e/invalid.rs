@@ -100,3 +100,90 @@ async fn bad_requests_name_the_field() {
     assert_eq!(err.code(), Code::NotFound);
     t.stop().await;
 }
+
+/// A minimal GGUF v3 header: no tensors, one key, `general.architecture`.
+fn gguf_with_architecture(arch: &str) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata entries
+    let key = "general.architecture";
+    b.extend((key.len() as u64).to_le_bytes());
+    b.extend(key.as_bytes());
+    b.extend(8u32.to_le_bytes()); // string
+    b.extend((arch.len() as u64).to_le_bytes());
+    b.extend(arch.as_bytes());
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_files_that_cannot_load_and_paths_outside_the_roots() {
+    use modelpool_proto::v1::{ListModelsRequest, RegisterModelRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let models_dir = modelpool_tests::model_path()
+        .parent()
+        .unwrap()
+        .canonicalize()
+        .unwrap();
+    let roots = vec![root.clone(), models_dir];
+    let t = TestServer::start_with(move |runtime| {
+        let mut s = modelpool_tests::settings(&["smollm2"], runtime);
+        s.model_roots = Some(roots);
+        s
+    })
+    .await;
+    std::fs::write(root.join("notes.gguf"), "not a model").unwrap();
+    let real = std::fs::read(modelpool_tests::model_path()).unwrap();
+    std::fs::write(root.join("truncated.gguf"), &real[..4096]).unwrap();
+    std::fs::write(root.join("mamba.gguf"), gguf_with_architecture("mamba")).unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("x.gguf"), &real[..4096]).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("x.gguf"), root.join("link.gguf")).unwrap();
+
+    let cases = [
+        (root.join("missing.gguf"), "not a file"),
+        (root.join("notes.gguf"), "not a gguf"),
+        (root.join("truncated.gguf"), "truncated.gguf"),
+        (
+            root.join("mamba.gguf"),
+            "architecture \"mamba\" is not supported",
+        ),
+        (outside.path().join("x.gguf"), "outside the model roots"),
+        (root.join("link.gguf"), "outside the model roots"),
+    ];
+    for (i, (path, why)) in cases.iter().enumerate() {
+        let err = t
+            .control()
+            .register_model(RegisterModelRequest {
+                id: format!("bad-{i}"),
+                path: path.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("refused");
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{path:?}: {err:?}"
+        );
+        assert!(err.message().starts_with("path:"), "{}", err.message());
+        assert!(err.message().contains(why), "{path:?}: {}", err.message());
+    }
+    let listed = t
+        .control()
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.models.len(), 1, "nothing was registered");
+    let status = t.pool_status().await;
+    assert_eq!(
+        (
+            status.devices[0].used_bytes,
+            status.devices[0].reserved_bytes
+        ),
+        (0, 0)
+    );
+    t.stop().await;
+}
