@@ -170,6 +170,19 @@ impl TestServer {
             .into_inner()
     }
 
+    /// No bytes are charged or reserved on any device: nothing resident, no load
+    /// in progress.
+    pub async fn assert_nothing_charged(&self) {
+        for d in self.pool_status().await.devices {
+            assert_eq!(
+                (d.used_bytes, d.reserved_bytes),
+                (0, 0),
+                "{}: {d:?}",
+                d.device
+            );
+        }
+    }
+
     pub async fn stop(self) {
         self.server.stop().await.expect("clean stop");
     }

@@ -137,14 +137,7 @@ async fn a_worker_that_hangs_while_loading_is_killed_at_the_load_timeout() {
         children_named("sleep").is_empty(),
         "the hung worker is still running"
     );
-    let status = t.pool_status().await;
-    assert_eq!(
-        (
-            status.devices[0].used_bytes,
-            status.devices[0].reserved_bytes
-        ),
-        (0, 0)
-    );
+    t.assert_nothing_charged().await;
     t.stop().await;
 }
 

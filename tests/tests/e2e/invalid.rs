@@ -177,13 +177,6 @@ async fn register_refuses_files_that_cannot_load_and_paths_outside_the_roots() {
         .unwrap()
         .into_inner();
     assert_eq!(listed.models.len(), 1, "nothing was registered");
-    let status = t.pool_status().await;
-    assert_eq!(
-        (
-            status.devices[0].used_bytes,
-            status.devices[0].reserved_bytes
-        ),
-        (0, 0)
-    );
+    t.assert_nothing_charged().await;
     t.stop().await;
 }
