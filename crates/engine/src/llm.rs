@@ -111,11 +111,6 @@ impl LoadedModel {
     ) -> Result<ChunkStream, EngineError> {
         sampling::validate(params)?;
         let started = Instant::now();
-        let (sampling_params, counter) = sampling::to_mistral(
-            params,
-            self.context_length,
-            Arc::clone(&self.counters.generated_tokens_total),
-        );
         let (is_chat, messages) = match prompt {
             Prompt::Chat(turns) => (
                 true,
@@ -134,6 +129,25 @@ impl LoadedModel {
                 },
             ),
         };
+        // The configured context bounds prompt and answer together (it is what the
+        // pool budgeted the KV cache for): refuse a prompt that fills it, and cap the
+        // answer to what is left.
+        let prompt_tokens = self.count_tokens(&messages).await?;
+        if prompt_tokens >= self.context_length as usize {
+            return Err(EngineError::InvalidArgument {
+                field: if is_chat { "messages" } else { "prompt" },
+                reason: format!(
+                    "the prompt is {prompt_tokens} tokens; the model's context is {} tokens (prompt and answer together)",
+                    self.context_length
+                ),
+            });
+        }
+        let room = self.context_length - prompt_tokens as u32;
+        let (sampling_params, counter) = sampling::to_mistral(
+            params,
+            room,
+            Arc::clone(&self.counters.generated_tokens_total),
+        );
         // Capacity 1: mistral.rs waits for us, and a dropped receiver cancels the sequence.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let request = Request::Normal(Box::new(NormalRequest {
@@ -317,6 +331,43 @@ fn chat_messages(turns: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>>
             ])
         })
         .collect()
+}
+
+impl LoadedModel {
+    /// Tokens `messages` take once rendered (chat template included), counted by the
+    /// model's own tokenizer.
+    async fn count_tokens(&self, messages: &RequestMessage) -> Result<usize, EngineError> {
+        let (text, is_chat) = match messages {
+            RequestMessage::Chat { messages, .. } => (either::Either::Left(messages.clone()), true),
+            RequestMessage::Completion { text, .. } => (either::Either::Right(text.clone()), false),
+            _ => return Ok(0),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let request = Request::Tokenize(mistralrs::core::TokenizationRequest {
+            text,
+            tools: None,
+            add_generation_prompt: is_chat,
+            add_special_tokens: !is_chat,
+            enable_thinking: None,
+            reasoning_effort: None,
+            response: tx,
+        });
+        let sender = self
+            .model
+            .inner()
+            .get_sender(None)
+            .map_err(|e| EngineError::Generation(e.to_string()))?;
+        sender
+            .send(request)
+            .await
+            .map_err(|e| EngineError::Generation(format!("tokenizer request: {e}")))?;
+        let tokens = rx
+            .recv()
+            .await
+            .ok_or_else(|| EngineError::Generation("tokenizer did not answer".into()))?
+            .map_err(|e| EngineError::Generation(format!("tokenizing the prompt: {e}")))?;
+        Ok(tokens.len())
+    }
 }
 
 /// Puts every layer on `device`. mistral.rs' GGUF loader ignores `with_device` and

@@ -180,3 +180,26 @@ async fn register_refuses_files_that_cannot_load_and_paths_outside_the_roots() {
     t.assert_nothing_charged().await;
     t.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_than_the_context_is_refused_naming_it() {
+    let models = modelpool_tests::model_toml("m", "context_length = 256\n");
+    let t = TestServer::start_with(|runtime| modelpool_tests::settings_toml("", &models, runtime))
+        .await;
+    let request = GenerateRequest {
+        model: "m".into(),
+        prompt: " the".repeat(400),
+        sampling: Some(greedy(8)),
+    };
+    let result = match t.inference().generate(request).await {
+        Ok(stream) => modelpool_tests::collect(stream.into_inner())
+            .await
+            .map(|_| ()),
+        Err(status) => Err(status),
+    };
+    let err = result.expect_err("400 tokens do not fit a 256-token context");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("prompt"), "{}", err.message());
+    assert!(err.message().contains("256"), "{}", err.message());
+    t.stop().await;
+}
