@@ -167,15 +167,7 @@ impl LoadedModel {
             model_id: None,
             truncate_sequence: false,
         }));
-        let sender = self
-            .model
-            .inner()
-            .get_sender(None)
-            .map_err(|e| EngineError::Generation(e.to_string()))?;
-        sender
-            .send(request)
-            .await
-            .map_err(|_| EngineError::Generation("the engine stopped".into()))?;
+        self.submit(request).await?;
         self.counters
             .active_sequences
             .fetch_add(1, Ordering::Relaxed);
@@ -334,6 +326,19 @@ fn chat_messages(turns: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>>
 }
 
 impl LoadedModel {
+    /// Hands a request to mistral.rs' engine.
+    async fn submit(&self, request: Request) -> Result<(), EngineError> {
+        let sender = self
+            .model
+            .inner()
+            .get_sender(None)
+            .map_err(|e| EngineError::Generation(e.to_string()))?;
+        sender
+            .send(request)
+            .await
+            .map_err(|_| EngineError::Generation("the engine stopped".into()))
+    }
+
     /// Tokens `messages` take once rendered (chat template included), counted by the
     /// model's own tokenizer.
     async fn count_tokens(&self, messages: &RequestMessage) -> Result<usize, EngineError> {
@@ -352,15 +357,7 @@ impl LoadedModel {
             reasoning_effort: None,
             response: tx,
         });
-        let sender = self
-            .model
-            .inner()
-            .get_sender(None)
-            .map_err(|e| EngineError::Generation(e.to_string()))?;
-        sender
-            .send(request)
-            .await
-            .map_err(|e| EngineError::Generation(format!("tokenizer request: {e}")))?;
+        self.submit(request).await?;
         let tokens = rx
             .recv()
             .await
