@@ -22,6 +22,10 @@ bench-footprint: fetch-models
 soak cycles="500": fetch-models
     cargo run -p modelpool-benches --bin load_cycles -- --cycles {{cycles}}
 
+# A synthetic llama GGUF (random weights, real shape: 1b or 7b) for benchmarks.
+synth-model shape="1b" out="models/synth-llama-1b-q4_0.gguf": fetch-models
+    cargo run -p modelpool-benches --bin synth_gguf -- --shape {{shape}} --out {{out}}
+
 fmt:
     cargo fmt --all
 

@@ -4,6 +4,8 @@
 
 use std::path::Path;
 
+pub mod synth;
+
 use modelpool_server::{RunningServer, Settings};
 
 /// When this process was started as a worker, runs it and exits; otherwise returns.

@@ -13,4 +13,5 @@ mod e2e {
     mod pool;
     mod process;
     mod security;
+    mod synth;
 }
