@@ -32,7 +32,47 @@ pub struct Conn {
     /// Machine-readable output: one JSON document (streams: one JSON object per line).
     #[arg(long)]
     pub json: bool,
+    /// Bearer token for a server with `[auth]` (the control token for control commands).
+    #[arg(
+        long,
+        env = "MODELPOOL_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub token: Option<String>,
 }
+
+/// Adds `authorization: Bearer <token>` to every call when a token was given.
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Bearer {
+    pub(crate) fn new(token: Option<&str>) -> Result<Self, Failure> {
+        let value = token
+            .map(|t| {
+                format!("Bearer {t}")
+                    .parse()
+                    .map_err(|_| Failure::Message("--token: not a valid header value".into()))
+            })
+            .transpose()?;
+        Ok(Self(value))
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            request.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel whose calls carry the bearer token.
+pub(crate) type Authed = tonic::service::interceptor::InterceptedService<Channel, Bearer>;
 
 /// The client subcommands; `cli.rs` flattens them into the binary's command list.
 #[derive(Subcommand, Debug)]

@@ -114,3 +114,41 @@ fn short_tokens_are_refused_without_showing_them() {
     assert!(err.contains("auth.control_token"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_sends_its_token() {
+    let models = model_toml("m", "context_length = 1024\n");
+    let t = TestServer::start_with(|runtime| {
+        let mut s = settings_toml("", &models, runtime);
+        let auth = format!("[auth]\ncontrol_token = \"{CONTROL}\"\n");
+        s.auth = modelpool_server::Settings::from_toml(&auth, std::path::Path::new("/"))
+            .unwrap()
+            .auth;
+        s
+    })
+    .await;
+    let addr = format!("http://{}", t.server.local_addr);
+    let run = |token: Option<&'static str>| {
+        let addr = addr.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut cmd = std::process::Command::new(modelpool_tests::modelpool_exe());
+            cmd.args(["models", "--json", "--addr", &addr])
+                .env_remove("MODELPOOL_TOKEN");
+            if let Some(t) = token {
+                cmd.env("MODELPOOL_TOKEN", t);
+            }
+            cmd.output().unwrap()
+        })
+    };
+    let refused = run(None).await.unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("UNAUTHENTICATED"));
+    let ok = run(Some(CONTROL)).await.unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("\"m\""));
+    t.stop().await;
+}

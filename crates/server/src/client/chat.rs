@@ -8,11 +8,10 @@ use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::{ChatMessage, ChatRequest, GenerateChunk, Role, SamplingParams};
 use serde_json::{json, Value};
 use tokio::io::AsyncBufReadExt;
-use tonic::transport::Channel;
 
 use super::control::Spinner;
 use super::format::{enum_name, secs};
-use super::{connect, say, status_text, ChatArgs, Failure};
+use super::{connect, say, status_text, Authed, Bearer, ChatArgs, Failure};
 
 fn message(role: Role, content: &str) -> ChatMessage {
     ChatMessage {
@@ -22,7 +21,8 @@ fn message(role: Role, content: &str) -> ChatMessage {
 }
 
 pub(super) async fn run(args: ChatArgs) -> Result<(), Failure> {
-    let mut client = InferenceClient::new(connect(&args.conn.addr).await?);
+    let bearer = Bearer::new(args.conn.token.as_deref())?;
+    let mut client = InferenceClient::with_interceptor(connect(&args.conn.addr).await?, bearer);
     let mut messages = Vec::new();
     if !args.system.is_empty() {
         messages.push(message(Role::System, &args.system));
@@ -83,7 +83,7 @@ pub(super) async fn run(args: ChatArgs) -> Result<(), Failure> {
 /// Streams one answer to stdout and returns its text. With `--json` each chunk is one
 /// JSON line (`turn` numbers them in a conversation).
 async fn turn(
-    client: &mut InferenceClient<Channel>,
+    client: &mut InferenceClient<Authed>,
     args: &ChatArgs,
     messages: Vec<ChatMessage>,
     turn: Option<u32>,

@@ -15,19 +15,22 @@ use modelpool_proto::v1::{
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 use super::format::{
     bar, bytes, clock, is_resident, last_used, measured_bytes, mib, model_json, rfc3339, secs,
     state_name, table, time, yes_no,
 };
-use super::{connect, say, say_json, Conn, Failure, RegisterArgs};
+use super::{connect, say, say_json, Authed, Bearer, Conn, Failure, RegisterArgs};
 
 /// Cells of the budget bar in `status`.
 const BAR_WIDTH: usize = 32;
 
-async fn client(conn: &Conn) -> Result<ModelControlClient<Channel>, Failure> {
-    Ok(ModelControlClient::new(connect(&conn.addr).await?))
+async fn client(conn: &Conn) -> Result<ModelControlClient<Authed>, Failure> {
+    let bearer = Bearer::new(conn.token.as_deref())?;
+    Ok(ModelControlClient::with_interceptor(
+        connect(&conn.addr).await?,
+        bearer,
+    ))
 }
 
 pub(super) async fn models(conn: &Conn) -> Result<(), Failure> {
