@@ -9,8 +9,8 @@
 //! evicted, and budget bytes are released only once a worker has exited.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use lru::LruCache;
 use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
@@ -20,6 +20,7 @@ use crate::events::{EventKind, EvictReason, PoolEvent};
 use crate::memory::{DeviceMemory, MemoryProbe};
 use crate::{Backend, BackendError, Device, Footprint, Instance, ModelSpec, PoolError};
 
+mod lifecycle;
 mod state;
 mod status;
 
@@ -138,7 +139,7 @@ impl<B: Backend> Pool<B> {
             config,
             events,
         });
-        tokio::spawn(reap_idle(Arc::downgrade(&inner)));
+        tokio::spawn(lifecycle::reap_idle(Arc::downgrade(&inner)));
         Self { inner }
     }
 
@@ -536,7 +537,7 @@ impl<B: Backend> Pool<B> {
                 };
                 inner.stop_worker(&victim, &instance, reason).await;
             }
-            let outcome = run_load(&inner, &spec, footprint).await;
+            let outcome = lifecycle::run_load(&inner, &spec, footprint).await;
             let _ = tx.send(Some(outcome));
         });
         Ok(rx)
@@ -584,190 +585,6 @@ fn busy<I>(id: &str, entry: &Entry<I>) -> PoolError {
 fn permits_total<B: Backend>(inner: &Inner<B>, id: &str) -> u32 {
     let mut st = inner.lock();
     st.entry(id).map_or(0, |e| e.spec.max_concurrency)
-}
-
-/// Runs one load and records its result; returns what waiters should see.
-async fn run_load<B: Backend>(
-    inner: &Arc<Inner<B>>,
-    spec: &ModelSpec,
-    footprint: Footprint,
-) -> Result<(), PoolError> {
-    let started = Instant::now();
-    let predicted_bytes = footprint.total_bytes();
-    let expected = inner.lock().entry(&spec.id).ok().and_then(|e| e.last_load);
-    tracing::info!(model = %spec.id, predicted_bytes, ?expected, "load started");
-    inner.emit(
-        &spec.id,
-        EventKind::LoadStarted {
-            predicted_bytes,
-            expected,
-        },
-    );
-    let progress: crate::Progress = {
-        let inner = Arc::downgrade(inner);
-        let id = spec.id.clone();
-        Arc::new(move |stage: &str| {
-            if let Some(inner) = inner.upgrade() {
-                tracing::debug!(model = %id, stage, "load progress");
-                let kind = EventKind::LoadProgress {
-                    stage: stage.to_owned(),
-                    elapsed: started.elapsed(),
-                    expected,
-                };
-                inner.emit(&id, kind);
-            }
-        })
-    };
-    let result = inner.backend.load(spec, progress).await;
-    let duration = started.elapsed();
-    let mut orphan = None;
-    let mut watched = None;
-    let outcome = {
-        let mut st = inner.lock();
-        let shutting_down = st.shutting_down;
-        let Ok(entry) = st.entry(&spec.id) else {
-            return Err(PoolError::NotFound {
-                id: spec.id.clone(),
-                known: String::new(),
-            });
-        };
-        match result {
-            Ok(instance) if !shutting_down => {
-                let measured = state::measure(inner.probe.as_ref(), &instance, spec.device);
-                let charge = state::charge_after_load(&footprint, &measured, spec.device);
-                let base_predicted = footprint.weights_bytes + footprint.overhead_bytes;
-                let base_measured = measured.get(spec.device);
-                let error_pct = state::error_pct(base_predicted, base_measured);
-                tracing::info!(model = %spec.id, pid = ?instance.pid(),
-                    elapsed_ms = duration.as_millis() as u64, base_predicted, base_measured,
-                    prediction_error_pct = format!("{error_pct:+.1}"), "load finished");
-                let instance = Arc::new(instance);
-                watched = Some(Arc::clone(&instance));
-                entry.slot = Slot::Ready {
-                    instance,
-                    charge,
-                    measured,
-                    loaded_at: SystemTime::now(),
-                };
-                entry.base_measured_bytes = base_measured;
-                entry.last_error = None;
-                entry.last_load = Some(duration);
-                entry.touch();
-                st.lru.put(spec.id.clone(), ());
-                inner.emit(
-                    &spec.id,
-                    EventKind::LoadFinished {
-                        duration,
-                        predicted_bytes,
-                        measured_bytes: base_measured,
-                    },
-                );
-                Ok(())
-            }
-            Ok(instance) => {
-                orphan = Some(instance);
-                entry.slot = Slot::Absent;
-                Err(PoolError::ShuttingDown)
-            }
-            Err(source) => {
-                tracing::warn!(model = %spec.id, error = %source, "load failed");
-                if !matches!(source, BackendError::InvalidModel(_)) {
-                    entry.record_failure();
-                }
-                entry.slot = Slot::Absent;
-                entry.last_error = Some(source.to_string());
-                inner.emit(
-                    &spec.id,
-                    EventKind::LoadFailed {
-                        duration,
-                        error: source.to_string(),
-                    },
-                );
-                Err(PoolError::LoadFailed {
-                    id: spec.id.clone(),
-                    source,
-                })
-            }
-        }
-    };
-    if let Some(instance) = orphan {
-        instance.shutdown().await;
-    }
-    if let Some(instance) = watched {
-        watch_worker(inner, spec.id.clone(), instance);
-    }
-    outcome
-}
-
-/// Notices a worker that dies on its own: its model becomes cold (the next request
-/// loads it afresh), its bytes are released, and the crash is recorded for back-off.
-fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::Instance>) {
-    let inner = Arc::downgrade(inner);
-    tokio::spawn(async move {
-        let how = instance.exited().await;
-        let Some(inner) = inner.upgrade() else { return };
-        let freed_bytes = {
-            let mut st = inner.lock();
-            let Ok(entry) = st.entry(&id) else { return };
-            let same =
-                matches!(&entry.slot, Slot::Ready { instance: i, .. } if Arc::ptr_eq(i, &instance));
-            if !same {
-                // Stopped by the pool (eviction, shutdown): not a crash.
-                return;
-            }
-            let Slot::Ready { charge, .. } = std::mem::replace(&mut entry.slot, Slot::Absent)
-            else {
-                return;
-            };
-            entry.last_error = Some(format!("worker exited unexpectedly: {how}"));
-            entry.record_failure();
-            st.lru.pop(&id);
-            charge.total()
-        };
-        tracing::warn!(model = %id, pid = ?instance.pid(), %how, "worker died; model is cold again");
-        let reason = EvictReason::Crashed { detail: how };
-        inner.emit(
-            &id,
-            EventKind::Evicted {
-                reason,
-                freed_bytes,
-            },
-        );
-    });
-}
-
-/// Every 250 ms, evicts models idle past their TTL. Ends when the pool is dropped or
-/// shuts down.
-async fn reap_idle<B: Backend>(inner: Weak<Inner<B>>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let Some(inner) = inner.upgrade() else { return };
-        let expired: Vec<(String, Duration)> = {
-            let st = inner.lock();
-            if st.shutting_down {
-                return;
-            }
-            st.models
-                .iter()
-                .filter_map(|(id, e)| {
-                    let ttl = e.spec.idle_ttl?;
-                    let idle = e.last_used.elapsed();
-                    let idle_ready = matches!(e.slot, Slot::Ready { .. })
-                        && e.in_flight == 0
-                        && e.interest == 0
-                        && !e.spec.pinned;
-                    (idle_ready && idle >= ttl).then(|| (id.clone(), idle))
-                })
-                .collect()
-        };
-        let pool = Pool { inner };
-        for (id, idle) in expired {
-            // A request may have arrived since; then `stop` refuses and that is right.
-            let _ = pool.stop(&id, EvictReason::IdleTtl { idle }, false).await;
-        }
-    }
 }
 
 /// A caller waiting for a model. While it exists the model is not evicted, so a load
