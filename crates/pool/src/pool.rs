@@ -505,7 +505,6 @@ impl<B: Backend> Pool<B> {
         }
         let victims = st
             .admit(
-                id,
                 &footprint.charge,
                 available,
                 self.inner.config.headroom_bytes,

@@ -190,7 +190,7 @@ impl<I: Instance> State<I> {
     }
 
     /// Ready models from least to most recently used, with their current charge.
-    fn residents(&self) -> Vec<Resident> {
+    pub fn residents(&self) -> Vec<Resident> {
         self.lru
             .iter()
             .rev()
@@ -218,9 +218,13 @@ impl<I: Instance> State<I> {
     /// The machine cap makes memory that other processes use count: free room is at
     /// most what is available now, less the headroom, less the growth our models were
     /// promised but have not allocated yet (charged bytes above measured bytes).
-    pub fn rooms(&self, available: &[DeviceMemory], headroom_bytes: u64) -> BTreeMap<Device, Room> {
+    pub fn rooms(
+        &self,
+        residents: &[Resident],
+        available: &[DeviceMemory],
+        headroom_bytes: u64,
+    ) -> BTreeMap<Device, Room> {
         let reserved = self.reserved();
-        let residents = self.residents();
         self.budgets
             .iter()
             .map(|(&device, &budget)| {
@@ -264,13 +268,13 @@ impl<I: Instance> State<I> {
     /// Decides whether `needed` fits, returning the victims to evict first.
     pub fn admit(
         &self,
-        _id: &str,
         needed: &Charge,
         available: &[DeviceMemory],
         headroom_bytes: u64,
     ) -> Result<Vec<String>, Shortfall> {
-        let rooms = self.rooms(available, headroom_bytes);
-        choose_victims(&rooms, &self.residents(), needed)
+        let residents = self.residents();
+        let rooms = self.rooms(&residents, available, headroom_bytes);
+        choose_victims(&rooms, &residents, needed)
     }
 }
 

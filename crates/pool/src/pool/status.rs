@@ -169,25 +169,14 @@ impl<B: Backend> Pool<B> {
         let machine = self.inner.probe.devices();
         let devices = {
             let st = self.inner.lock();
-            let rooms = st.rooms(&machine, self.inner.config.headroom_bytes);
+            let residents = st.residents();
+            let rooms = st.rooms(&residents, &machine, self.inner.config.headroom_bytes);
             st.budgets
                 .iter()
                 .map(|(&device, &budget_bytes)| {
                     let mem = machine.iter().find(|m| m.device == device);
                     let room = rooms.get(&device).copied().unwrap_or_default();
-                    let used_bytes: u64 = st
-                        .models
-                        .values()
-                        .filter_map(|e| match &e.slot {
-                            Slot::Ready {
-                                charge, instance, ..
-                            } => Some(
-                                effective_charge(charge, instance.as_ref(), e.spec.device)
-                                    .get(device),
-                            ),
-                            _ => None,
-                        })
-                        .sum();
+                    let used_bytes: u64 = residents.iter().map(|r| r.charge.get(device)).sum();
                     DeviceStatus {
                         device,
                         name: mem.map_or_else(|| "not found".into(), |m| m.name.clone()),
