@@ -170,6 +170,17 @@ impl TestServer {
             .into_inner()
     }
 
+    /// Ids of the registered models, sorted.
+    pub async fn model_ids(&self) -> Vec<String> {
+        let list = self
+            .control()
+            .list_models(modelpool_proto::v1::ListModelsRequest {})
+            .await
+            .expect("list models")
+            .into_inner();
+        list.models.into_iter().map(|m| m.id).collect()
+    }
+
     /// No bytes are charged or reserved on any device: nothing resident, no load
     /// in progress.
     pub async fn assert_nothing_charged(&self) {
@@ -335,4 +346,28 @@ pub fn sample_value(
         .flatten()
         .find(|(l, _)| labels.iter().all(|(k, v)| l[*k] == *v))
         .map_or(0.0, |(_, v)| *v)
+}
+
+/// A TCP port free on loopback right now, for a server started as a child process.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Connects to a server on loopback `port`, retrying while it starts (up to 10 s).
+pub async fn connect_when_up(port: u16) -> Channel {
+    for _ in 0..200 {
+        if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            return c;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("server on port {port} never came up");
 }

@@ -8,7 +8,7 @@ use modelpool_proto::mmesh::{
     LoadModelRequest, ModelSizeRequest, PredictModelSizeRequest, RuntimeStatusRequest,
     UnloadModelRequest,
 };
-use modelpool_proto::v1::{GetModelRequest, ListModelsRequest};
+use modelpool_proto::v1::GetModelRequest;
 use modelpool_tests::{
     eventually, model_path, predicted_bytes, process_alive, settings_toml, TestServer,
 };
@@ -120,13 +120,8 @@ async fn modelmesh_loads_routes_sizes_and_unloads() {
         eventually(Duration::from_secs(2), || !process_alive(pid)).await,
         "worker gone"
     );
-    let list = t
-        .control()
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(list.models.is_empty(), "{list:?}");
+    let ids = t.model_ids().await;
+    assert!(ids.is_empty(), "{ids:?}");
     // Unloading an unknown model is fine, as ModelMesh expects.
     mm.unload_model(UnloadModelRequest {
         model_id: "never".into(),
@@ -140,14 +135,7 @@ async fn modelmesh_loads_routes_sizes_and_unloads() {
         assert_eq!(err.code(), Code::InvalidArgument, "{bad}: {err:?}");
         assert!(err.message().starts_with("modelPath:"), "{}", err.message());
     }
-    assert!(t
-        .control()
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .is_empty());
+    assert!(t.model_ids().await.is_empty());
     t.stop().await;
 }
 

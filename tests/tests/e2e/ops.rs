@@ -117,16 +117,6 @@ fn write_models(path: &Path, runtime: &Path, models: &[(&str, u32)]) {
     std::fs::write(path, text).unwrap();
 }
 
-async fn model_ids(t: &TestServer) -> Vec<String> {
-    let list = t
-        .control()
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    list.models.into_iter().map(|m| m.id).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_adds_removes_and_drains() {
     let dir = tempfile::tempdir().unwrap();
@@ -177,7 +167,7 @@ async fn reload_adds_removes_and_drains() {
     assert_eq!(report.added, vec!["c".to_string()]);
     assert_eq!(report.removed, vec!["b".to_string()]);
     assert_eq!(report.changed, vec!["a".to_string()]);
-    assert_eq!(model_ids(&t).await, vec!["a".to_string(), "c".to_string()]);
+    assert_eq!(t.model_ids().await, vec!["a".to_string(), "c".to_string()]);
     let gone = t
         .inference()
         .chat(chat("b", "Hi", greedy(4)))
@@ -203,7 +193,7 @@ async fn reload_adds_removes_and_drains() {
         "{}",
         err.message()
     );
-    assert_eq!(model_ids(&t).await, vec!["a".to_string(), "c".to_string()]);
+    assert_eq!(t.model_ids().await, vec!["a".to_string(), "c".to_string()]);
     t.stop().await;
 }
 
@@ -211,11 +201,7 @@ async fn reload_adds_removes_and_drains() {
 async fn sighup_reloads_the_real_binary() {
     let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = modelpool_tests::free_port();
     let config = dir.path().join("modelpool.toml");
     let write = |ids: &[&str]| {
         let mut text = format!(
@@ -237,16 +223,7 @@ async fn sighup_reloads_the_real_binary() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let channel = loop {
-        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let channel = modelpool_tests::connect_when_up(port).await;
     let mut control = modelpool_proto::v1::model_control_client::ModelControlClient::new(channel);
     write(&["a", "added"]);
     let pid = child.id().unwrap() as i32;
@@ -283,11 +260,7 @@ async fn sighup_reloads_the_real_binary() {
 async fn json_logs_carry_the_request_span_and_trace_context() {
     let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = modelpool_tests::free_port();
     let config = dir.path().join("modelpool.toml");
     std::fs::write(
         &config,
@@ -307,16 +280,7 @@ async fn json_logs_carry_the_request_span_and_trace_context() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let channel = loop {
-        match tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            Ok(c) => break c,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let channel = modelpool_tests::connect_when_up(port).await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(chat("smollm2", "Hi", greedy(4)));
     request.metadata_mut().insert(

@@ -8,7 +8,8 @@ use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::model_control_client::ModelControlClient;
 use modelpool_proto::v1::{GetModelRequest, ModelState};
 use modelpool_tests::{
-    chat, collect, eventually, greedy, model_path, modelpool_exe, process_alive, TestServer,
+    chat, collect, connect_when_up, eventually, free_port, greedy, model_path, modelpool_exe,
+    process_alive, TestServer,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,14 +50,6 @@ async fn stopping_the_server_ends_its_workers() {
     assert!(!runtime_dir.exists(), "runtime dir left behind");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn write_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     let path = dir.join("modelpool.toml");
     let mut f = std::fs::File::create(&path).unwrap();
@@ -72,20 +65,6 @@ fn write_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     path
 }
 
-async fn connect(port: u16) -> tonic::transport::Channel {
-    for _ in 0..200 {
-        if let Ok(c) = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("server on port {port} never came up");
-}
-
 /// Starts `modelpool serve` on a fresh port with its runtime dir in `dir`, as a real
 /// child process, and connects to it.
 async fn spawn_server(dir: &std::path::Path) -> (std::process::Child, tonic::transport::Channel) {
@@ -98,7 +77,7 @@ async fn spawn_server(dir: &std::path::Path) -> (std::process::Child, tonic::tra
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    (server, connect(port).await)
+    (server, connect_when_up(port).await)
 }
 
 /// Starts `modelpool serve` as a real child process and makes it load the model.
