@@ -7,6 +7,7 @@ use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context};
+use modelpool_engine::sampling::SplitMix64;
 
 /// A llama-architecture shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,19 +66,6 @@ impl Quant {
 
 const GGML_F32: u32 = 0;
 const ALIGNMENT: u64 = 32;
-
-/// SplitMix64: fast, deterministic filler for weights.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-}
 
 struct Tensor {
     name: String,
@@ -302,7 +290,7 @@ pub fn write_llama(
     let file = std::fs::File::create(&tmp).with_context(|| tmp.display().to_string())?;
     let mut w = BufWriter::with_capacity(8 << 20, file);
     w.write_all(&head)?;
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64(seed);
     let mut written = head.len() as u64;
     for t in &tensors {
         write_tensor(&mut w, t, &mut rng)?;
@@ -318,7 +306,7 @@ pub fn write_llama(
 
 /// Norm weights are 1.0; quantized blocks get a small scale and random codes, so
 /// activations stay finite through any number of layers.
-fn write_tensor(w: &mut impl Write, t: &Tensor, rng: &mut Rng) -> anyhow::Result<()> {
+fn write_tensor(w: &mut impl Write, t: &Tensor, rng: &mut SplitMix64) -> anyhow::Result<()> {
     if t.ggml_type == GGML_F32 {
         let ones: Vec<u8> = (0..t.bytes / 4)
             .flat_map(|_| 1.0f32.to_le_bytes())
@@ -343,7 +331,7 @@ fn write_tensor(w: &mut impl Write, t: &Tensor, rng: &mut Rng) -> anyhow::Result
             chunk.extend_from_slice(&scale);
             let mut left = code_bytes;
             while left > 0 {
-                let r = rng.next().to_le_bytes();
+                let r = rng.next_u64().to_le_bytes();
                 let take = left.min(8);
                 chunk.extend_from_slice(&r[..take]);
                 left -= take;

@@ -199,11 +199,12 @@ impl SeededSampler {
     }
 }
 
-/// A tiny, well-mixed deterministic generator (SplitMix64); enough for sampling.
-struct SplitMix64(u64);
+/// A tiny, well-mixed deterministic generator (SplitMix64): enough for sampling, and
+/// used elsewhere for request ids and synthetic weights.
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);

@@ -87,11 +87,9 @@ fn next_request_id() -> String {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    // SplitMix64 of (time, counter): distinct per request, spread over all digits.
-    let mut z = seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    format!("{:016x}", z ^ (z >> 31))
+    // Mixed (time, counter): distinct per request, spread over all digits.
+    let mut mix = sampling::SplitMix64(seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    format!("{:016x}", mix.next_u64())
 }
 
 impl InferenceService {
