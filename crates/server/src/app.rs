@@ -81,23 +81,31 @@ impl RunningServer {
     }
 }
 
+/// Binds `addr`, returning the listener and the address it got (port 0 resolved).
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
 /// Binds, spawns the server task and returns at once.
 pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
-    let listener = TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| StartError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
-    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
-        addr: settings.listen,
-        source,
-    })?;
-    let runtime_dir = prepare_runtime_dir(&settings.runtime_dir)?;
+    // Every port first: a port in use fails the start before anything is created.
+    let (listener, local_addr) = bind(settings.listen).await?;
+    let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let modelmesh_listener = match &settings.modelmesh {
+        Some(mm) => Some((bind(mm.listen).await?, mm.clone())),
+        None => None,
+    };
     let worker_exe = match &settings.worker_exe {
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(StartError::WorkerExe)?,
     };
+    let runtime_dir = prepare_runtime_dir(&settings.runtime_dir)?;
     let backend = WorkerBackend::new(WorkerBackendConfig {
         worker_exe,
         runtime_dir: runtime_dir.clone(),
@@ -111,14 +119,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let pool = Pool::new(backend, probe, pool_config, settings.models.clone());
     let metrics = Arc::new(Metrics::new());
     metrics::follow_pool(Arc::clone(&metrics), &pool);
-    let metrics_addr = match settings.metrics_listen {
-        Some(addr) => {
-            let listener = metrics::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, source })?;
-            let bound = listener
-                .local_addr()
-                .map_err(|source| StartError::Bind { addr, source })?;
+    let metrics_addr = match metrics_listener {
+        Some((listener, bound)) => {
             let task = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), pool.clone()));
             tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
             Some((bound, task))
@@ -128,22 +130,11 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let (metrics_addr, metrics_task) = metrics_addr.unzip();
     let reloader = Arc::new(Reloader::new(pool.clone(), settings.clone()));
     let (stop_modelmesh, modelmesh_stopped) = tokio::sync::watch::channel(false);
-    let modelmesh_addr = match &settings.modelmesh {
-        Some(mm) => {
-            let listener =
-                TcpListener::bind(mm.listen)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        addr: mm.listen,
-                        source,
-                    })?;
-            let bound = listener.local_addr().map_err(|source| StartError::Bind {
-                addr: mm.listen,
-                source,
-            })?;
+    let modelmesh_addr = match modelmesh_listener {
+        Some(((listener, bound), mm)) => {
             let runtime = Arc::new(ModelMeshRuntime::new(
                 pool.clone(),
-                mm.clone(),
+                mm,
                 settings.load_timeout,
             ));
             let mut stopped = modelmesh_stopped.clone();

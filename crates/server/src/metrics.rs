@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -489,11 +488,6 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, pool: Pool<Work
             let _ = socket.shutdown().await;
         });
     }
-}
-
-/// Binds the metrics port.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 #[cfg(test)]
