@@ -371,8 +371,8 @@ mod tests {
 
     /// The real model, whose tokenizer the synthetic ones borrow.
     fn real_model() -> std::path::PathBuf {
-        let p =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let p = Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap())
+            .join("../models/SmolLM2-135M-Instruct.Q4_1.gguf");
         assert!(
             p.is_file(),
             "{} is missing: run `just fetch-models`",

@@ -16,8 +16,12 @@ use tonic::transport::Channel;
 /// The real model every test uses.
 pub const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The checkout under test. Read at run time (cargo sets it for test processes): a
+/// test binary reused from a shared target directory may have been compiled in
+/// another clone.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from)
         .parent()
         .expect("tests/ has a parent")
         .to_path_buf()
@@ -151,14 +155,7 @@ impl TestServer {
 
     /// Asks `model` the France question (greedy, 12 tokens) and returns the answer.
     pub async fn ask_capital(&self, model: &str) -> String {
-        let request = chat(model, "What is the capital of France?", greedy(12));
-        let stream = self
-            .inference()
-            .chat(request)
-            .await
-            .expect("chat starts")
-            .into_inner();
-        text_of(&collect(stream).await.expect("chat completes"))
+        ask_capital(self.channel.clone(), model).await
     }
 
     /// The pool's status now.
@@ -197,6 +194,17 @@ impl TestServer {
     pub async fn stop(self) {
         self.server.stop().await.expect("clean stop");
     }
+}
+
+/// Asks `model` the France question (greedy, 12 tokens) over `channel`; the answer.
+pub async fn ask_capital(channel: Channel, model: &str) -> String {
+    let request = chat(model, "What is the capital of France?", greedy(12));
+    let stream = InferenceClient::new(channel)
+        .chat(request)
+        .await
+        .expect("chat starts")
+        .into_inner();
+    text_of(&collect(stream).await.expect("chat completes"))
 }
 
 /// System prompt of every test chat. Without one, SmolLM2's chat template inserts its

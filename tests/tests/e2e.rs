@@ -13,5 +13,6 @@ mod e2e {
     mod pool;
     mod process;
     mod security;
+    mod storage;
     mod synth;
 }

@@ -41,8 +41,9 @@ pub const ACTIVATION_BYTES_PER_TOKEN_SQ: u64 = 4;
 
 /// The footprint of `spec`, from its file header.
 pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
-    let info = gguf::read_header(&spec.source)
-        .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", spec.source.display())))?;
+    let file = spec.local_file()?;
+    let info = gguf::read_header(file)
+        .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", file.display())))?;
     predict_from(&info, spec)
 }
 
@@ -62,14 +63,14 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
     if !SUPPORTED_ARCHITECTURES.contains(&info.architecture.to_ascii_lowercase().as_str()) {
         return Err(BackendError::InvalidModel(format!(
             "{}: architecture {:?} is not supported (supported: {})",
-            spec.source.display(),
+            spec.source,
             info.architecture,
             SUPPORTED_ARCHITECTURES.join(", ")
         )));
     }
     let shape = info
         .kv_shape()
-        .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", spec.source.display())))?;
+        .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", spec.source)))?;
     let context = u64::from(spec.context_length).min(shape.max_context.unwrap_or(u64::MAX));
     let blocks = context.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
     let per_sequence = shape.kv_bytes(blocks, KV_ELEMENT_BYTES) * KV_HALVES / 2;

@@ -52,7 +52,7 @@ impl Backend for WorkerBackend {
     type Instance = WorkerProcess;
 
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
-        check_gguf(&spec.source)?;
+        check_gguf(spec.local_file()?)?;
         crate::footprint::predict(spec)
     }
 
@@ -61,7 +61,8 @@ impl Backend for WorkerBackend {
         spec: &ModelSpec,
         progress: Progress,
     ) -> Result<WorkerProcess, BackendError> {
-        check_gguf(&spec.source)?;
+        let file = spec.local_file()?;
+        check_gguf(file)?;
         progress("starting worker process");
         let n = self.next_socket.fetch_add(1, Ordering::Relaxed);
         let safe_id: String = spec
@@ -72,7 +73,7 @@ impl Backend for WorkerBackend {
             .collect();
         let args = WorkerArgs {
             socket: self.config.runtime_dir.join(format!("{safe_id}-{n}.sock")),
-            model_path: spec.source.clone(),
+            model_path: file.to_path_buf(),
             model_id: spec.id.clone(),
             context_length: spec.context_length,
             max_sequences: spec.max_sequences,

@@ -41,6 +41,11 @@ pub enum PoolError {
         last_error: String,
         retry_in: Duration,
     },
+    #[error("model `{id}`: {source}")]
+    Storage {
+        id: String,
+        source: crate::store::StoreError,
+    },
     #[error("the pool is shutting down")]
     ShuttingDown,
 }

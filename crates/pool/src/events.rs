@@ -62,6 +62,22 @@ pub enum EventKind {
     },
     Pinned,
     Unpinned,
+    /// A URL source was downloaded into the spill directory.
+    Fetched {
+        bytes: u64,
+        duration: Duration,
+    },
+    /// The model's file now has a ready-to-load copy in the spill directory
+    /// (`how`: linked, copied or downloaded).
+    Spilled {
+        bytes: u64,
+        duration: Duration,
+        how: &'static str,
+    },
+    /// Spilling failed; the model keeps loading from its source.
+    SpillFailed {
+        error: String,
+    },
     BudgetChanged {
         device: Device,
         budget_bytes: u64,

@@ -12,11 +12,14 @@ pub mod gguf;
 pub mod memory;
 mod pool;
 mod spec;
+pub mod store;
 
 pub use error::PoolError;
 pub use events::{EventKind, EvictReason, PoolEvent};
 pub use memory::{DeviceMemory, MemoryProbe, SystemProbe};
-pub use pool::{DeviceStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState};
+pub use pool::{DeviceStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState, Tier};
 pub use spec::{
     Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec, Progress,
+    Source,
 };
+pub use store::{Store, StoreError, StoreUsage};

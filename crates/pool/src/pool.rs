@@ -18,13 +18,16 @@ use tokio::time::Instant;
 
 use crate::events::{EventKind, EvictReason, PoolEvent};
 use crate::memory::{DeviceMemory, MemoryProbe};
-use crate::{Backend, BackendError, Device, Footprint, Instance, ModelSpec, PoolError};
+use crate::store::Store;
+use crate::{Backend, BackendError, Device, Footprint, Instance, ModelSpec, PoolError, Source};
 
 mod lifecycle;
 mod state;
 mod status;
+mod tiers;
 
 pub use status::{DeviceStatus, ModelSnapshot, PoolStatus, SlotState};
+pub use tiers::Tier;
 
 use state::{Entry, Slot, State};
 
@@ -40,6 +43,8 @@ pub struct PoolConfig {
     pub queue_depth: u32,
     /// Longest a request waits for its model when the client set no deadline.
     pub queue_timeout: Duration,
+    /// The spill directory, when one is configured (URL sources need it).
+    pub store: Option<Arc<Store>>,
 }
 
 impl Default for PoolConfig {
@@ -49,6 +54,7 @@ impl Default for PoolConfig {
             headroom_bytes: 0,
             queue_depth: 64,
             queue_timeout: Duration::from_secs(60),
+            store: None,
         }
     }
 }
@@ -79,7 +85,12 @@ impl<B: Backend> Inner<B> {
     /// exited, and reports the eviction.
     async fn stop_worker(&self, id: &str, instance: &B::Instance, reason: EvictReason) {
         instance.shutdown().await;
-        let freed = self.lock().finish_unload(id);
+        let (freed, resolved) = {
+            let mut st = self.lock();
+            let resolved = st.models.get(id).and_then(|e| e.resolved.clone());
+            (st.finish_unload(id), resolved)
+        };
+        tiers::stopped(self, resolved.as_ref(), &reason);
         tracing::info!(model = %id, %reason, freed_bytes = freed, "evicted");
         let freed_bytes = freed;
         self.emit(
@@ -377,7 +388,7 @@ impl<B: Backend> Pool<B> {
                     reason: "its previous worker was still stopping".into(),
                 });
             }
-            let footprint = self.prediction(id)?;
+            let footprint = self.prediction(id).await?;
             let available = match footprint {
                 Some(_) => self.inner.probe.devices(),
                 None => Vec::new(),
@@ -452,21 +463,31 @@ impl<B: Backend> Pool<B> {
         }
     }
 
-    /// The model's predicted footprint, read from its file once and cached; `None`
-    /// when it is resident or loading (no prediction needed).
-    fn prediction(&self, id: &str) -> Result<Option<Footprint>, PoolError> {
+    /// The model's predicted footprint, read from the file its next load reads (found
+    /// or fetched first) and cached per file; `None` when it is resident or loading (no
+    /// prediction needed).
+    async fn prediction(&self, id: &str) -> Result<Option<Footprint>, PoolError> {
         let spec = {
             let mut st = self.inner.lock();
             let entry = st.entry(id)?;
             if !matches!(entry.slot, Slot::Absent) {
                 return Ok(None);
             }
-            if let Some(fp) = &entry.prediction {
-                return Ok(Some(fp.clone()));
-            }
             entry.spec.clone()
         };
-        let fp = self.inner.backend.footprint(&spec).map_err(|source| {
+        let resolved = tiers::resolve(&self.inner, &spec).await?;
+        {
+            let mut st = self.inner.lock();
+            let entry = st.entry(id)?;
+            if entry.spec == spec && entry.resolved.as_ref() == Some(&resolved) {
+                if let Some(fp) = &entry.prediction {
+                    return Ok(Some(fp.clone()));
+                }
+            }
+        }
+        let mut local = spec.clone();
+        local.source = Source::Path(resolved.file.clone());
+        let fp = self.inner.backend.footprint(&local).map_err(|source| {
             let mut st = self.inner.lock();
             if let Ok(e) = st.entry(id) {
                 e.last_error = Some(source.to_string());
@@ -480,6 +501,7 @@ impl<B: Backend> Pool<B> {
         if let Ok(e) = st.entry(id) {
             if e.spec == spec {
                 e.prediction = Some(fp.clone());
+                e.resolved = Some(resolved);
             }
         }
         Ok(Some(fp))
@@ -527,16 +549,28 @@ impl<B: Backend> Pool<B> {
             charge: footprint.charge.clone(),
         };
         entry.loads_started += 1;
-        let spec = entry.spec.clone();
+        let mut spec = entry.spec.clone();
+        let resolved = entry.resolved.clone();
+        if let Some(r) = &resolved {
+            spec.source = Source::Path(r.file.clone());
+        }
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
+            // The model is expected next: read its file while the victims stop.
+            let warming = match (&resolved, evicted.is_empty()) {
+                (Some(r), false) => Some(tokio::spawn(tiers::warm(r.file.clone()))),
+                _ => None,
+            };
             for (victim, instance) in evicted {
                 let reason = EvictReason::MakeRoom {
                     for_model: spec.id.clone(),
                 };
                 inner.stop_worker(&victim, &instance, reason).await;
             }
-            let outcome = lifecycle::run_load(&inner, &spec, footprint).await;
+            if let Some(w) = warming {
+                let _ = w.await;
+            }
+            let outcome = lifecycle::run_load(&inner, &spec, footprint, resolved).await;
             let _ = tx.send(Some(outcome));
         });
         Ok(rx)

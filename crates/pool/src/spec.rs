@@ -96,13 +96,49 @@ impl Footprint {
     }
 }
 
+/// Where a model's file comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A file on this machine (local disk or a mounted network share).
+    Path(PathBuf),
+    /// An `http(s)://` URL, downloaded into the spill directory and kept only when its
+    /// sha256 matches.
+    Url { url: String, sha256: String },
+}
+
+impl Source {
+    /// The local path, for a path source.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Source::Path(p) => Some(p),
+            Source::Url { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Path(p) => write!(f, "{}", p.display()),
+            Source::Url { url, .. } => f.write_str(url),
+        }
+    }
+}
+
+impl From<PathBuf> for Source {
+    fn from(p: PathBuf) -> Self {
+        Source::Path(p)
+    }
+}
+
 /// A registered model: everything needed to load it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelSpec {
     /// The id clients name in requests.
     pub id: String,
-    /// Path of the weights file.
-    pub source: PathBuf,
+    /// Where the weights file comes from. A [`Backend`] always sees a
+    /// [`Source::Path`]: the pool resolves URLs and spilled copies before a load.
+    pub source: Source,
     pub format: ModelFormat,
     /// Where its weights and KV cache live; `auto` is resolved before the pool sees it.
     pub device: Device,
@@ -119,11 +155,21 @@ pub struct ModelSpec {
 }
 
 impl ModelSpec {
+    /// The local file a backend loads (see [`ModelSpec::source`]).
+    pub fn local_file(&self) -> Result<&std::path::Path, BackendError> {
+        self.source.path().ok_or_else(|| {
+            BackendError::InvalidModel(format!(
+                "model `{}`: {} has not been fetched to a local file",
+                self.id, self.source
+            ))
+        })
+    }
+
     /// A spec with the defaults the server uses for fields a config leaves out.
     pub fn new(id: impl Into<String>, source: impl Into<PathBuf>) -> Self {
         Self {
             id: id.into(),
-            source: source.into(),
+            source: Source::Path(source.into()),
             format: ModelFormat::Gguf,
             device: Device::Cpu,
             context_length: 4096,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use modelpool_engine::{WorkerBackend, WorkerBackendConfig};
 use modelpool_pool::budget::human_bytes;
-use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, SystemProbe};
+use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, Store, SystemProbe};
 use modelpool_proto::v1::inference_server::InferenceServer;
 use modelpool_proto::v1::model_control_server::ModelControlServer;
 use tokio::net::TcpListener;
@@ -43,6 +43,8 @@ pub enum StartError {
     WorkerExe(std::io::Error),
     #[error("reflection service: {0}")]
     Reflection(String),
+    #[error(transparent)]
+    Spill(#[from] modelpool_pool::StoreError),
     #[error("grpc server: {0}")]
     Serve(String),
 }
@@ -112,7 +114,19 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         load_timeout: settings.load_timeout,
     });
     let probe = Arc::new(SystemProbe::new());
-    let pool_config = pool_config(&settings.pool, probe.as_ref());
+    let mut pool_config = pool_config(&settings.pool, probe.as_ref());
+    if let Some(storage) = settings.storage.clone() {
+        // Verifying every artifact's checksum reads the directory once: off the
+        // async threads.
+        let (store, _report) = tokio::task::spawn_blocking(move || {
+            Store::open(&storage.spill_dir, storage.spill_budget_bytes)
+        })
+        .await
+        .map_err(|e| StartError::Serve(format!("spill directory scan: {e}")))??;
+        tracing::info!(dir = %store.dir().display(), budget = %human_bytes(store.budget_bytes()),
+            used = %human_bytes(store.usage().used_bytes), "spill directory");
+        pool_config.store = Some(Arc::new(store));
+    }
     for (device, bytes) in &pool_config.budgets {
         tracing::info!(%device, budget = %human_bytes(*bytes), "budget");
     }
@@ -153,6 +167,11 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         reloader: Arc::clone(&reloader),
         auth: settings.auth.clone(),
         model_roots: settings.model_roots.clone(),
+        spill_dir: settings
+            .storage
+            .as_ref()
+            .map(|s| s.spill_dir.display().to_string())
+            .unwrap_or_default(),
     };
     let task = tokio::spawn(serve(
         listener,
@@ -185,6 +204,7 @@ struct Parts {
     reloader: Arc<Reloader>,
     auth: AuthSettings,
     model_roots: Option<Vec<PathBuf>>,
+    spill_dir: String,
 }
 
 async fn serve(
@@ -200,6 +220,7 @@ async fn serve(
         reloader,
         auth,
         model_roots,
+        spill_dir,
     } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -266,7 +287,7 @@ async fn serve(
             auth.interceptor(Scope::Inference),
         ))
         .add_service(ModelControlServer::with_interceptor(
-            ControlService::new(pool.clone(), reloader, draining_rx, model_roots),
+            ControlService::new(pool.clone(), reloader, draining_rx, model_roots, spill_dir),
             auth.interceptor(Scope::Control),
         ));
     let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
@@ -315,6 +336,7 @@ pub(crate) fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> P
         headroom_bytes: settings.reserve_bytes,
         queue_depth: settings.queue_depth,
         queue_timeout: settings.queue_timeout,
+        store: None,
     }
 }
 

@@ -92,8 +92,11 @@ pub enum ClientCommand {
         /// Model id.
         id: String,
         /// Pin it as well: never evicted until unpinned.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "prefetch")]
         pin: bool,
+        /// Only read its file into the page cache (no worker), so a later load is fast.
+        #[arg(long)]
+        prefetch: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -149,8 +152,14 @@ pub struct RegisterArgs {
     #[arg(long)]
     pub id: String,
     /// The GGUF weights file (a relative path is taken from the current directory).
+    #[arg(long, required_unless_present = "url", conflicts_with = "url")]
+    pub path: Option<PathBuf>,
+    /// Instead of --path: an http(s) URL the server downloads into its spill directory.
+    #[arg(long, requires = "sha256")]
+    pub url: Option<String>,
+    /// The sha256 of the file at --url (64 hex digits).
     #[arg(long)]
-    pub path: PathBuf,
+    pub sha256: Option<String>,
     /// "cpu" (server default), "cuda:N" or "auto".
     #[arg(long)]
     pub device: Option<String>,
@@ -371,7 +380,12 @@ async fn run_remote(command: ClientCommand) -> Result<(), Failure> {
     match command {
         ClientCommand::Models { conn } => control::models(&conn).await,
         ClientCommand::Status { conn } => control::status(&conn).await,
-        ClientCommand::Load { id, pin, conn } => control::load(&conn, id, pin).await,
+        ClientCommand::Load {
+            id,
+            pin,
+            prefetch,
+            conn,
+        } => control::load(&conn, id, pin, prefetch).await,
         ClientCommand::Evict { id, conn } => control::evict(&conn, id).await,
         ClientCommand::Pin { id, conn } => control::pin(&conn, id, true).await,
         ClientCommand::Unpin { id, conn } => control::pin(&conn, id, false).await,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use modelpool_pool::budget::parse_bytes;
 
 use crate::auth::{AuthSettings, Secret};
-use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec};
+use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec, Source};
 use serde::Deserialize;
 
 /// Exit code for an unusable configuration (EX_USAGE).
@@ -57,7 +57,24 @@ pub struct Settings {
     pub modelmesh: Option<ModelMeshSettings>,
     /// Bearer tokens; none by default (a loopback sidecar).
     pub auth: AuthSettings,
+    /// The spill directory; off unless `[storage] spill_dir` is set.
+    pub storage: Option<StorageSettings>,
     pub models: Vec<ModelSpec>,
+}
+
+/// The `[storage]` section: the NVMe spill directory under resident models.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StorageSettings {
+    pub spill_dir: PathBuf,
+    /// Bytes the directory may hold; least recently used artifacts go first.
+    pub spill_budget_bytes: u64,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStorage {
+    spill_dir: Option<PathBuf>,
+    spill_budget: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -72,6 +89,8 @@ struct RawSettings {
     modelmesh: Option<RawModelMesh>,
     #[serde(default)]
     auth: RawAuth,
+    #[serde(default)]
+    storage: RawStorage,
     #[serde(default)]
     models: Vec<RawModel>,
 }
@@ -141,7 +160,13 @@ struct RawWorkers {
 #[serde(deny_unknown_fields)]
 pub struct RawModel {
     pub id: String,
+    #[serde(default)]
     pub path: PathBuf,
+    /// Instead of `path`: an http(s) URL with its sha256.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub sha256: Option<String>,
     pub format: Option<String>,
     pub device: Option<String>,
     pub context_length: Option<u32>,
@@ -297,6 +322,23 @@ impl Settings {
             inference_token: token("auth.inference_token", raw.auth.inference_token)?,
             control_token: token("auth.control_token", raw.auth.control_token)?,
         };
+        let storage = match raw.storage.spill_dir {
+            None => None,
+            Some(d) if d.as_os_str().is_empty() => None,
+            Some(d) => {
+                let spill_dir = if d.is_absolute() { d } else { base.join(d) };
+                let spill_budget_bytes =
+                    parse_bytes(raw.storage.spill_budget.as_deref().unwrap_or("20GiB"))
+                        .map_err(|e| invalid("storage.spill_budget", e))?;
+                if spill_budget_bytes == 0 {
+                    return Err(invalid("storage.spill_budget", "must be above zero"));
+                }
+                Some(StorageSettings {
+                    spill_dir,
+                    spill_budget_bytes,
+                })
+            }
+        };
         let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.models.len());
         for (i, m) in raw.models.into_iter().enumerate() {
             let spec = model_spec(m, base)
@@ -305,6 +347,12 @@ impl Settings {
                 return Err(invalid(
                     format!("models[{i}].id"),
                     format!("duplicate id {:?}", spec.id),
+                ));
+            }
+            if storage.is_none() && spec.source.path().is_none() {
+                return Err(invalid(
+                    format!("models[{i}].url"),
+                    "a URL source needs a spill directory to download into ([storage] spill_dir)",
                 ));
             }
             models.push(spec);
@@ -321,6 +369,7 @@ impl Settings {
             pool,
             modelmesh,
             auth,
+            storage,
             models,
         })
     }
@@ -451,9 +500,31 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
             ),
         ));
     }
-    if m.path.as_os_str().is_empty() {
-        return Err(("path", "required".into()));
-    }
+    let source = match (m.path.as_os_str().is_empty(), m.url) {
+        (true, None) => return Err(("path", "required (or `url` with `sha256`)".into())),
+        (false, Some(_)) => return Err(("url", "give `path` or `url`, not both".into())),
+        (false, None) => Source::Path(if m.path.is_absolute() {
+            m.path
+        } else {
+            base.join(m.path)
+        }),
+        (true, Some(url)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+                return Err((
+                    "url",
+                    format!("must be an http:// or https:// URL, got {url:?}"),
+                ));
+            }
+            let sha256 = m.sha256.unwrap_or_default().to_ascii_lowercase();
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    "sha256",
+                    format!("required with `url`: 64 hex digits, got {sha256:?}"),
+                ));
+            }
+            Source::Url { url, sha256 }
+        }
+    };
     let format = match m.format.as_deref().unwrap_or("gguf") {
         "gguf" | "" => ModelFormat::Gguf,
         other => {
@@ -505,11 +576,6 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         })?)
         .filter(|d| !d.is_zero()),
     };
-    let source = if m.path.is_absolute() {
-        m.path
-    } else {
-        base.join(m.path)
-    };
     Ok(ModelSpec {
         id: m.id,
         source,
@@ -549,6 +615,8 @@ fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration,
 mod tests {
     use super::*;
 
+    const URL_WITHOUT_SPILL: &str = "[[models]]\nid = \"a\"\nurl = \"http://h/m\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"";
+
     #[test]
     fn defaults_and_relative_paths() {
         let s = Settings::from_toml(
@@ -558,7 +626,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(s.drain_timeout, Duration::from_secs(30));
-        assert_eq!(s.models[0].source, PathBuf::from("/etc/modelpool/x.gguf"));
+        assert_eq!(
+            s.models[0].source,
+            Source::Path(PathBuf::from("/etc/modelpool/x.gguf"))
+        );
         assert_eq!(s.models[0].context_length, 4096);
         assert_eq!(s.models[0].device, Device::Cpu);
         assert_eq!(s.pool.ram_budget, BudgetSetting::Auto);
@@ -622,6 +693,27 @@ mod tests {
             ("[pool]\nram_budget = \"6 parsecs\"", "pool.ram_budget"),
             ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
             ("[pool]\nqueue_depth = 0", "pool.queue_depth"),
+            (
+                "[storage]\nspill_dir = \"/s\"\nspill_budget = \"0\"",
+                "storage.spill_budget",
+            ),
+            (
+                "[[models]]\nid = \"a\"\nurl = \"http://h/m.gguf\"\nsha256 = \"00\"",
+                "models[0].sha256",
+            ),
+            (
+                "[storage]\nspill_dir = \"/s\"\n[[models]]\nid = \"a\"\nurl = \"ftp://h/m\"",
+                "models[0].url",
+            ),
+            (
+                "[[models]]\nid = \"a\"\npath = \"a\"\nurl = \"http://h/m\"",
+                "models[0].url",
+            ),
+            (
+                // A URL source needs somewhere to download to.
+                URL_WITHOUT_SPILL,
+                "models[0].url",
+            ),
         ];
         for (toml, key) in cases {
             let err = Settings::from_toml(toml, Path::new("/"))

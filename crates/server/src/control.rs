@@ -9,6 +9,7 @@ use futures::Stream;
 use modelpool_engine::WorkerBackend;
 use modelpool_pool::{
     EventKind, EvictReason, ModelFormat as PoolFormat, ModelSnapshot, Pool, PoolEvent, SlotState,
+    Source,
 };
 use modelpool_proto::v1::model_control_server::ModelControl;
 use modelpool_proto::v1::pool_event::{self, Kind};
@@ -16,8 +17,8 @@ use modelpool_proto::v1::{
     DeviceBudget, DeviceStatus, EvictModelRequest, EvictModelResponse, Footprint, GetModelRequest,
     GetPoolStatusRequest, ListModelsRequest, ListModelsResponse, LoadModelRequest,
     LoadModelResponse, ModelFormat, ModelInfo, ModelState, PinModelRequest, PoolStatus,
-    RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse, UnpinModelRequest,
-    UnregisterModelRequest, UnregisterModelResponse, WatchEventsRequest,
+    RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse, SpillStatus,
+    UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse, WatchEventsRequest,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
@@ -36,6 +37,8 @@ pub struct ControlService {
     reloader: Arc<Reloader>,
     /// Turns true when the server starts draining; event streams end then.
     draining: watch::Receiver<bool>,
+    /// Shown in status; empty without a spill directory.
+    spill_dir: String,
 }
 
 impl ControlService {
@@ -44,12 +47,14 @@ impl ControlService {
         reloader: Arc<Reloader>,
         draining: watch::Receiver<bool>,
         model_roots: Option<Vec<std::path::PathBuf>>,
+        spill_dir: String,
     ) -> Self {
         Self {
             pool,
             model_roots,
             reloader,
             draining,
+            spill_dir,
         }
     }
 
@@ -78,7 +83,12 @@ fn info(s: ModelSnapshot) -> ModelInfo {
     let error_pct = s.prediction_error_pct().unwrap_or(0.0);
     let mut out = ModelInfo {
         id: s.spec.id,
-        source: s.spec.source.display().to_string(),
+        source: s.spec.source.to_string(),
+        tier: s.tier.as_str().into(),
+        file: s.file.map(|f| f.display().to_string()).unwrap_or_default(),
+        page_cache_bytes: s.page_cache_bytes,
+        file_bytes: s.file_bytes,
+        spilled_bytes: s.spilled_bytes,
         context_length: s.spec.context_length,
         worker_pid: s.worker_pid.unwrap_or(0),
         resident_bytes: s.resident_bytes,
@@ -168,6 +178,20 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
             detail: reason.to_string(),
             freed_bytes,
         }),
+        EventKind::Fetched { bytes, duration } => Kind::Fetched(pool_event::Fetched {
+            bytes,
+            duration: proto_duration(duration),
+        }),
+        EventKind::Spilled {
+            bytes,
+            duration,
+            how,
+        } => Kind::Spilled(pool_event::Spilled {
+            bytes,
+            duration: proto_duration(duration),
+            how: how.into(),
+        }),
+        EventKind::SpillFailed { error } => Kind::SpillFailed(pool_event::SpillFailed { error }),
         EventKind::Pinned => Kind::Pinned(pool_event::Pinned {}),
         EventKind::Unpinned => Kind::Unpinned(pool_event::Unpinned {}),
         EventKind::BudgetChanged {
@@ -221,6 +245,8 @@ impl ModelControl for ControlService {
         let raw = RawModel {
             id: r.id,
             path: r.path.into(),
+            url: Some(r.url).filter(|u| !u.is_empty()),
+            sha256: Some(r.sha256).filter(|h| !h.is_empty()),
             format: Some(r.format).filter(|f| !f.is_empty()),
             device: Some(r.device).filter(|d| !d.is_empty()),
             context_length: r.context_length,
@@ -229,29 +255,42 @@ impl ModelControl for ControlService {
             pinned: Some(r.pinned),
             idle_ttl,
         };
-        let spec = model_spec(raw, Path::new("/"))
+        let mut spec = model_spec(raw, Path::new("/"))
             .map_err(|(field, reason)| ServerError::invalid(field, reason))?;
-        if !spec.source.is_absolute() {
-            return Err(ServerError::invalid("path", "must be absolute").into());
+        match &spec.source {
+            Source::Path(path) => {
+                if !path.is_absolute() {
+                    return Err(ServerError::invalid("path", "must be absolute").into());
+                }
+                if !path.is_file() {
+                    return Err(ServerError::invalid(
+                        "path",
+                        format!("{} is not a file on the server", path.display()),
+                    )
+                    .into());
+                }
+                if let Some(roots) = &self.model_roots {
+                    let confined = crate::modelmesh::confine(roots, &path.to_string_lossy())
+                        .map_err(|s| {
+                            Status::invalid_argument(s.message().replacen("modelPath", "path", 1))
+                        })?;
+                    spec.source = Source::Path(confined);
+                }
+                // Refuse what cannot load now (not a GGUF, truncated, unsupported
+                // architecture), not at the first request.
+                modelpool_engine::footprint::predict(&spec)
+                    .map_err(|e| ServerError::invalid("path", e.to_string()))?;
+            }
+            // Checked once downloaded: the checksum, then the header.
+            Source::Url { .. } if self.pool.store_usage().is_none() => {
+                return Err(ServerError::invalid(
+                    "url",
+                    "this server has no spill directory to download into ([storage] spill_dir)",
+                )
+                .into());
+            }
+            Source::Url { .. } => {}
         }
-        if !spec.source.is_file() {
-            return Err(ServerError::invalid(
-                "path",
-                format!("{} is not a file on the server", spec.source.display()),
-            )
-            .into());
-        }
-        let mut spec = spec;
-        if let Some(roots) = &self.model_roots {
-            spec.source = crate::modelmesh::confine(roots, &spec.source.to_string_lossy())
-                .map_err(|s| {
-                    Status::invalid_argument(s.message().replacen("modelPath", "path", 1))
-                })?;
-        }
-        // Refuse what cannot load now (not a GGUF, truncated, unsupported
-        // architecture), not at the first request.
-        modelpool_engine::footprint::predict(&spec)
-            .map_err(|e| ServerError::invalid("path", e.to_string()))?;
         let id = spec.id.clone();
         self.pool.register(spec).map_err(ServerError::from)?;
         tracing::info!(model = %id, "registered");
@@ -275,11 +314,19 @@ impl ModelControl for ControlService {
         let deadline = deadline_of(request.metadata());
         let r = request.into_inner();
         let id = required_id(r.id)?;
-        let took = self
-            .pool
-            .load(&id, r.pin, deadline)
-            .await
-            .map_err(ServerError::from)?;
+        let took = if r.prefetch {
+            if r.pin {
+                return Err(ServerError::invalid("pin", "cannot be combined with prefetch").into());
+            }
+            let (cached, len, took) = self.pool.prefetch(&id).await.map_err(ServerError::from)?;
+            tracing::info!(model = %id, cached_bytes = cached, file_bytes = len, ms = took.as_millis() as u64, "prefetched");
+            took
+        } else {
+            self.pool
+                .load(&id, r.pin, deadline)
+                .await
+                .map_err(ServerError::from)?
+        };
         let model = self.pool.get(&id).map_err(ServerError::from)?;
         Ok(Response::new(LoadModelResponse {
             model: Some(info(model)),
@@ -321,10 +368,11 @@ impl ModelControl for ControlService {
         _: Request<GetPoolStatusRequest>,
     ) -> Result<Response<PoolStatus>, Status> {
         let pool = self.pool.clone();
-        // /proc and NVML reads: off the async threads.
-        let status = tokio::task::spawn_blocking(move || pool.status())
+        // /proc, NVML and mincore reads: off the async threads.
+        let status = tokio::task::spawn_blocking(move || (pool.status(), pool.store_usage()))
             .await
             .map_err(|e| Status::internal(format!("status task failed: {e}")))?;
+        let (status, spill) = status;
         let devices = status
             .devices
             .into_iter()
@@ -343,6 +391,13 @@ impl ModelControl for ControlService {
             devices,
             models: status.models.into_iter().map(info).collect(),
             gpu_absent_reason: status.gpu_absent_reason.unwrap_or_default(),
+            spill: spill.map(|u| SpillStatus {
+                dir: self.spill_dir.clone(),
+                budget_bytes: u.budget_bytes,
+                used_bytes: u.used_bytes,
+                artifacts: u.artifacts,
+                held_bytes: u.held_bytes,
+            }),
         }))
     }
 

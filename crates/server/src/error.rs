@@ -1,6 +1,6 @@
 //! The one place where errors of the layers below become gRPC statuses.
 
-use modelpool_pool::{BackendError, PoolError};
+use modelpool_pool::{BackendError, PoolError, StoreError};
 use tonic::Status;
 
 /// Errors of the server's own request handling.
@@ -46,6 +46,15 @@ impl From<ServerError> for Status {
                     BackendError::InvalidModel(_) => Status::failed_precondition(e.to_string()),
                     BackendError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
                     BackendError::Failed(_) => Status::unavailable(e.to_string()),
+                },
+                PoolError::Storage { source, .. } => match source {
+                    StoreError::NoSpace { .. } | StoreError::TooLarge { .. } => {
+                        Status::resource_exhausted(e.to_string())
+                    }
+                    // The bytes arrived but are not the model that was asked for.
+                    StoreError::Checksum { .. } => Status::data_loss(e.to_string()),
+                    StoreError::Fetch { .. } => Status::unavailable(e.to_string()),
+                    StoreError::Dir { .. } | StoreError::Io(_) => Status::internal(e.to_string()),
                 },
             },
             ServerError::Engine(inner) => match inner {

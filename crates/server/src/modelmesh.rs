@@ -155,7 +155,7 @@ impl ModelRuntime for ModelMeshRuntime {
                 self.managed().insert(id.clone());
             }
         }
-        tracing::info!(model = %id, path = %spec.source.display(), "modelmesh: loadModel");
+        tracing::info!(model = %id, path = %spec.source, "modelmesh: loadModel");
         if let Err(e) = self.pool.load(&id, true, None).await {
             // Nothing of a failed load stays behind.
             let _ = self.remove(&id).await;

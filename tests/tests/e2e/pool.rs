@@ -224,7 +224,7 @@ async fn a_model_bigger_than_the_budget_fails_at_once() {
         .control()
         .load_model(LoadModelRequest {
             id: "huge".into(),
-            pin: false,
+            ..Default::default()
         })
         .await
         .expect_err("huge does not fit");
@@ -252,7 +252,7 @@ async fn twenty_load_evict_cycles_return_memory() {
     let mut control = t.control();
     let load = LoadModelRequest {
         id: "m".into(),
-        pin: false,
+        ..Default::default()
     };
     // One warm-up cycle so lazily initialised client and server state exists.
     control.load_model(load.clone()).await.unwrap();

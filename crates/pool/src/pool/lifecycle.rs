@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
 use super::state::{self, Slot};
+use super::tiers;
 use super::{Inner, Pool};
 use crate::events::{EventKind, EvictReason};
 use crate::{Backend, BackendError, Footprint, Instance, ModelSpec, PoolError};
@@ -16,6 +17,7 @@ pub(super) async fn run_load<B: Backend>(
     inner: &Arc<Inner<B>>,
     spec: &ModelSpec,
     footprint: Footprint,
+    resolved: Option<tiers::Resolved>,
 ) -> Result<(), PoolError> {
     let started = Instant::now();
     let predicted_bytes = footprint.total_bytes();
@@ -119,6 +121,9 @@ pub(super) async fn run_load<B: Backend>(
         instance.shutdown().await;
     }
     if let Some(instance) = watched {
+        if let Some(resolved) = &resolved {
+            tiers::loaded(inner, &spec.id, resolved);
+        }
         watch_worker(inner, spec.id.clone(), instance);
     }
     outcome
@@ -146,11 +151,14 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
             };
             entry.last_error = Some(format!("worker exited unexpectedly: {how}"));
             entry.record_failure();
+            let resolved = entry.resolved.clone();
             st.lru.pop(&id);
-            charge.total()
+            (charge.total(), resolved)
         };
+        let (freed_bytes, resolved) = freed_bytes;
         tracing::warn!(model = %id, pid = ?instance.pid(), %how, "worker died; model is cold again");
         let reason = EvictReason::Crashed { detail: how };
+        tiers::stopped(&inner, resolved.as_ref(), &reason);
         inner.emit(
             &id,
             EventKind::Evicted {

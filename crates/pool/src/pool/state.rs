@@ -57,6 +57,8 @@ pub(super) struct Entry<I> {
     pub last_load: Option<std::time::Duration>,
     /// When its worker recently crashed or failed to start (newest last).
     pub failures: Vec<Instant>,
+    /// The file its last prediction and load used, and that file's tier.
+    pub resolved: Option<super::tiers::Resolved>,
 }
 
 /// Worker failures within this window count towards a crash loop...
@@ -107,6 +109,7 @@ impl<I> Entry<I> {
             retiring: false,
             last_load: None,
             failures: Vec::new(),
+            resolved: None,
         }
     }
 

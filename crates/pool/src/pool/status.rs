@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::state::{effective_charge, Slot};
-use super::{Pool, State};
+use super::tiers::{self, Resolved, Tier};
+use super::{Inner, Pool, State};
 use crate::{Backend, Device, Footprint, Instance, ModelSpec, PoolError};
 
 /// Where a model is in its life cycle.
@@ -43,6 +44,16 @@ pub struct ModelSnapshot {
     pub loaded_at: Option<SystemTime>,
     /// Loads started for this model since it was registered.
     pub loads_started: u64,
+    /// Where it is now: resident, warm (page cache), spilled or only at its source.
+    pub tier: Tier,
+    /// The file its next load reads (the spilled copy when there is one); `None` for
+    /// a URL source not downloaded yet.
+    pub file: Option<std::path::PathBuf>,
+    /// Bytes of that file in the page cache, and its length.
+    pub page_cache_bytes: u64,
+    pub file_bytes: u64,
+    /// Bytes of its copy in the spill directory (zero when it has none).
+    pub spilled_bytes: u64,
 }
 
 impl ModelSnapshot {
@@ -85,7 +96,7 @@ pub struct PoolStatus {
     pub gpu_absent_reason: Option<String>,
 }
 
-type Row<I> = (ModelSnapshot, Option<Arc<I>>);
+type Row<I> = (ModelSnapshot, Option<Arc<I>>, Option<Resolved>);
 
 fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
     let e = st.models.get(id)?;
@@ -126,16 +137,46 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
         idle_for: e.last_used.elapsed(),
         loaded_at,
         loads_started: e.loads_started,
+        tier: Tier::Source,
+        file: None,
+        page_cache_bytes: 0,
+        file_bytes: 0,
+        spilled_bytes: 0,
     };
-    Some((snap, instance))
+    Some((snap, instance, e.resolved.clone()))
 }
 
-fn finish_row<I: Instance>((mut snap, instance): Row<I>) -> ModelSnapshot {
+/// Fills in what needs `/proc`, `mincore` or the spill index, outside the lock.
+fn finish_row<B: Backend>(
+    inner: &Inner<B>,
+    (mut snap, instance, resolved): Row<B::Instance>,
+) -> ModelSnapshot {
     if let Some(inst) = instance {
         snap.worker_pid = inst.pid();
         snap.resident_bytes = inst.resident_bytes();
         snap.peak_bytes = inst.peak_bytes();
     }
+    let view = tiers::view(inner, &snap.spec, resolved.as_ref());
+    if let Some(file) = &view.file {
+        (snap.page_cache_bytes, snap.file_bytes) = tiers::cache_residency(file);
+    }
+    snap.spilled_bytes = view.spilled_bytes;
+    snap.file = view.file;
+    let resident = matches!(
+        snap.state,
+        SlotState::Ready | SlotState::Loading | SlotState::Unloading
+    );
+    // "Warm": at least 90% of the file is in the page cache.
+    let warm = snap.file_bytes > 0 && snap.page_cache_bytes * 10 >= snap.file_bytes * 9;
+    snap.tier = if resident {
+        Tier::Resident
+    } else if warm {
+        Tier::Warm
+    } else if snap.spilled_bytes > 0 {
+        Tier::Spilled
+    } else {
+        Tier::Source
+    };
     snap
 }
 
@@ -149,7 +190,9 @@ impl<B: Backend> Pool<B> {
                 .filter_map(|id| snapshot_row(&st, id))
                 .collect()
         };
-        rows.into_iter().map(finish_row).collect()
+        rows.into_iter()
+            .map(|row| finish_row(&self.inner, row))
+            .collect()
     }
 
     /// One model by id.
@@ -161,7 +204,7 @@ impl<B: Backend> Pool<B> {
                 known: st.known_ids(),
             })?
         };
-        Ok(finish_row(row))
+        Ok(finish_row(&self.inner, row))
     }
 
     /// Budgets, usage and free room per device, and every model.

@@ -53,9 +53,11 @@ pub(super) async fn models(conn: &Conn) -> Result<(), Failure> {
             vec![
                 m.id.clone(),
                 state_name(m.state()),
+                m.tier.clone(),
                 m.device.clone(),
                 yes_no(m.pinned).into(),
                 mib(m.resident_bytes),
+                mib(m.page_cache_bytes),
                 mib(m.charged_bytes),
                 m.in_flight_requests.to_string(),
                 m.waiting_requests.to_string(),
@@ -67,15 +69,19 @@ pub(super) async fn models(conn: &Conn) -> Result<(), Failure> {
         &[
             "ID",
             "STATE",
+            "TIER",
             "DEVICE",
             "PINNED",
             "RESIDENT MiB",
+            "PAGE CACHE MiB",
             "CHARGED MiB",
             "IN FLIGHT",
             "WAITING",
             "LAST USED",
         ],
-        &[false, false, false, false, true, true, true, true, false],
+        &[
+            false, false, false, false, false, true, true, true, true, true, false,
+        ],
         &rows,
     ))
 }
@@ -105,10 +111,20 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
             .collect();
         let models: Vec<Value> = s.models.iter().map(model_json).collect();
         let reason = Some(s.gpu_absent_reason.as_str()).filter(|r| !r.is_empty());
+        let spill = s.spill.as_ref().map(|p| {
+            json!({
+                "dir": p.dir,
+                "budget_bytes": p.budget_bytes,
+                "used_bytes": p.used_bytes,
+                "artifacts": p.artifacts,
+                "held_bytes": p.held_bytes,
+            })
+        });
         return say_json(&json!({
             "devices": devices,
             "models": models,
             "gpu_absent_reason": reason,
+            "spill": spill,
         }));
     }
     let dev_width = s.devices.iter().map(|d| d.device.len()).max().unwrap_or(0);
@@ -132,6 +148,24 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
     }
     if !s.gpu_absent_reason.is_empty() {
         say(format!("no GPU tier: {}", s.gpu_absent_reason))?;
+    }
+    if let Some(p) = &s.spill {
+        say(format!(
+            "spill  {}  [{}] {} artifact(s), {} of budget {}{}",
+            p.dir,
+            bar(p.used_bytes, 0, p.budget_bytes, BAR_WIDTH),
+            p.artifacts,
+            bytes(p.used_bytes),
+            bytes(p.budget_bytes),
+            if p.held_bytes > 0 {
+                format!(
+                    " ({} held past it for resident models)",
+                    bytes(p.held_bytes)
+                )
+            } else {
+                String::new()
+            }
+        ))?;
     }
     let resident: Vec<&ModelInfo> = s.models.iter().filter(|m| is_resident(m)).collect();
     if resident.is_empty() {
@@ -307,19 +341,41 @@ impl Spinner {
     }
 }
 
-pub(super) async fn load(conn: &Conn, id: String, pin: bool) -> Result<(), Failure> {
+pub(super) async fn load(
+    conn: &Conn,
+    id: String,
+    pin: bool,
+    prefetch: bool,
+) -> Result<(), Failure> {
     let mut c = client(conn).await?;
     let bar = LoadBar::start(conn, &id).await;
     let result = c
         .load_model(LoadModelRequest {
             id: id.clone(),
             pin,
+            prefetch,
         })
         .await;
     bar.stop().await;
     let r = result?.into_inner();
     let took = secs(r.load_time.as_ref());
     let model = r.model.unwrap_or_default();
+    if prefetch {
+        if conn.json {
+            return say_json(&json!({
+                "id": id,
+                "prefetched": true,
+                "prefetch_time_s": took,
+                "model": model_json(&model),
+            }));
+        }
+        return say(format!(
+            "prefetched {id} in {took:.2} s: {} of {} in the page cache (tier {})",
+            bytes(model.page_cache_bytes),
+            bytes(model.file_bytes),
+            model.tier
+        ));
+    }
     if conn.json {
         return say_json(&json!({
             "id": id,
@@ -377,12 +433,16 @@ pub(super) async fn pin(conn: &Conn, id: String, pinned: bool) -> Result<(), Fai
 
 pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
     // The server resolves nothing against its own directory: send an absolute path.
-    let path = std::path::absolute(&args.path)
-        .map_err(|e| Failure::Message(format!("--path {}: {e}", args.path.display())))?;
-    let path = path
-        .to_str()
-        .ok_or_else(|| Failure::Message(format!("--path {}: not UTF-8", path.display())))?
-        .to_owned();
+    let path = match &args.path {
+        Some(p) => {
+            let path = std::path::absolute(p)
+                .map_err(|e| Failure::Message(format!("--path {}: {e}", p.display())))?;
+            path.to_str()
+                .ok_or_else(|| Failure::Message(format!("--path {}: not UTF-8", path.display())))?
+                .to_owned()
+        }
+        None => String::new(),
+    };
     let idle_ttl = match args.idle_ttl {
         Some(d) => Some(
             prost_types::Duration::try_from(d)
@@ -400,6 +460,8 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         max_concurrency: args.max_concurrency,
         pinned: args.pinned,
         idle_ttl,
+        url: args.url.unwrap_or_default(),
+        sha256: args.sha256.unwrap_or_default(),
     };
     let model = client(&args.conn)
         .await?
@@ -547,6 +609,18 @@ pub(super) fn event_line(e: &PoolEvent) -> String {
                 bytes(k.budget_bytes)
             )
         }
+        Some(Kind::Fetched(k)) => format!(
+            "fetched {model} {} in {:.2} s",
+            bytes(k.bytes),
+            secs(k.duration.as_ref())
+        ),
+        Some(Kind::Spilled(k)) => format!(
+            "spilled {model} {} ({}) in {:.2} s",
+            bytes(k.bytes),
+            k.how,
+            secs(k.duration.as_ref())
+        ),
+        Some(Kind::SpillFailed(k)) => format!("spill_failed {model}: {}", k.error),
         Some(Kind::Missed(n)) => format!("missed {n} events (this watcher fell behind)"),
     };
     format!("{at} {what}")
@@ -592,6 +666,15 @@ pub(super) fn event_json(e: &PoolEvent) -> Value {
             "budget_changed",
             json!({ "device": k.device, "budget_bytes": k.budget_bytes }),
         ),
+        Some(Kind::Fetched(k)) => (
+            "fetched",
+            json!({ "bytes": k.bytes, "duration_s": secs(k.duration.as_ref()) }),
+        ),
+        Some(Kind::Spilled(k)) => (
+            "spilled",
+            json!({ "bytes": k.bytes, "how": k.how, "duration_s": secs(k.duration.as_ref()) }),
+        ),
+        Some(Kind::SpillFailed(k)) => ("spill_failed", json!({ "error": k.error })),
         Some(Kind::Missed(n)) => ("missed", json!({ "missed": n })),
     };
     let mut out = json!({

@@ -293,7 +293,7 @@ impl View<'_> {
                     .collect();
                 json!({
                     "id": s.id,
-                    "path": s.source.display().to_string(),
+                    "path": s.source.to_string(),
                     "device": s.device.to_string(),
                     "pinned": s.pinned,
                     "context_length": s.context_length,
@@ -314,7 +314,7 @@ impl View<'_> {
         models.extend(self.failed.iter().map(|(s, e)| {
             json!({
                 "id": s.id,
-                "path": s.source.display().to_string(),
+                "path": s.source.to_string(),
                 "device": s.device.to_string(),
                 "pinned": s.pinned,
                 "error": e,
