@@ -207,6 +207,18 @@ pub async fn ask_capital(channel: Channel, model: &str) -> String {
     text_of(&collect(stream).await.expect("chat completes"))
 }
 
+/// The next pool event from a `WatchEvents` stream; panics after `limit` without one.
+pub async fn next_event(
+    events: &mut tonic::Streaming<modelpool_proto::v1::PoolEvent>,
+    limit: Duration,
+) -> modelpool_proto::v1::PoolEvent {
+    tokio::time::timeout(limit, events.message())
+        .await
+        .expect("an event in time")
+        .expect("the event stream is healthy")
+        .expect("the event stream is open")
+}
+
 /// System prompt of every test chat. Without one, SmolLM2's chat template inserts its
 /// own ("You are a helpful AI assistant named SmolLM, ..."), under which this 135M Q4_1
 /// model answers the France question in rambling French; with this one it says

@@ -14,5 +14,6 @@ mod e2e {
     mod process;
     mod security;
     mod storage;
+    mod swap;
     mod synth;
 }

@@ -290,6 +290,7 @@ async fn next_chunk(mut st: GenState) -> Option<(Result<GenerateChunk, EngineErr
             total_time: duration(now - st.started),
             load_wait: None,
             cold_start: false,
+            swap_wait: None,
         });
     }
     chunk.text = text;

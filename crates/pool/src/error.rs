@@ -46,6 +46,10 @@ pub enum PoolError {
         id: String,
         source: crate::store::StoreError,
     },
+    #[error("model `{id}` is being swapped out of its group for `{incoming}`; it takes no new requests until it is back")]
+    SwappingOut { id: String, incoming: String },
+    #[error("model `{id}` cannot be loaded: {reason}")]
+    GroupFull { id: String, reason: String },
     #[error("the pool is shutting down")]
     ShuttingDown,
 }

@@ -18,6 +18,8 @@ pub enum EvictReason {
     Shutdown,
     /// The worker died on its own (killed, crashed); its memory is gone with it.
     Crashed { detail: String },
+    /// Its group's slot was given to `for_model`.
+    Swap { for_model: String },
 }
 
 impl std::fmt::Display for EvictReason {
@@ -28,6 +30,7 @@ impl std::fmt::Display for EvictReason {
             EvictReason::Requested => f.write_str("requested"),
             EvictReason::Shutdown => f.write_str("shutdown"),
             EvictReason::Crashed { detail } => write!(f, "worker crashed: {detail}"),
+            EvictReason::Swap { for_model } => write!(f, "swapped out for `{for_model}`"),
         }
     }
 }
@@ -73,6 +76,17 @@ pub enum EventKind {
         bytes: u64,
         duration: Duration,
         how: &'static str,
+    },
+    /// A swap into this model began in `group`; `outgoing` leave (or are leaving).
+    SwapStarted {
+        group: String,
+        outgoing: Vec<String>,
+    },
+    /// The swap into this model finished: it is ready, `duration` after the swap began.
+    SwapFinished {
+        group: String,
+        duration: Duration,
+        bytes: u64,
     },
     /// Spilling failed; the model keeps loading from its source.
     SpillFailed {

@@ -9,6 +9,7 @@ pub mod budget;
 mod error;
 pub mod events;
 pub mod gguf;
+pub mod groups;
 pub mod memory;
 mod pool;
 mod spec;
@@ -16,8 +17,11 @@ pub mod store;
 
 pub use error::PoolError;
 pub use events::{EventKind, EvictReason, PoolEvent};
+pub use groups::GroupSpec;
 pub use memory::{DeviceMemory, MemoryProbe, SystemProbe};
-pub use pool::{DeviceStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState, Tier};
+pub use pool::{
+    DeviceStatus, GroupStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState, Tier,
+};
 pub use spec::{
     Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec, Progress,
     Source,

@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::events::{EventKind, EvictReason, PoolEvent};
+use crate::groups::SwapPlan;
 use crate::memory::{DeviceMemory, MemoryProbe};
 use crate::store::Store;
 use crate::{Backend, BackendError, Device, Footprint, Instance, ModelSpec, PoolError, Source};
@@ -24,9 +25,11 @@ use crate::{Backend, BackendError, Device, Footprint, Instance, ModelSpec, PoolE
 mod lifecycle;
 mod state;
 mod status;
+mod swap;
 mod tiers;
 
 pub use status::{DeviceStatus, ModelSnapshot, PoolStatus, SlotState};
+pub use swap::GroupStatus;
 pub use tiers::Tier;
 
 use state::{Entry, Slot, State};
@@ -45,6 +48,10 @@ pub struct PoolConfig {
     pub queue_timeout: Duration,
     /// The spill directory, when one is configured (URL sources need it).
     pub store: Option<Arc<Store>>,
+    /// Groups of models with a cap on how many are resident (swap slots).
+    pub groups: Vec<crate::GroupSpec>,
+    /// Loads (worker starts) running at once; more wait their turn.
+    pub max_loads_in_flight: usize,
 }
 
 impl Default for PoolConfig {
@@ -55,6 +62,8 @@ impl Default for PoolConfig {
             queue_depth: 64,
             queue_timeout: Duration::from_secs(60),
             store: None,
+            groups: Vec::new(),
+            max_loads_in_flight: 2,
         }
     }
 }
@@ -68,6 +77,8 @@ struct Inner<B: Backend> {
     config: PoolConfig,
     state: Mutex<State<B::Instance>>,
     events: broadcast::Sender<PoolEvent>,
+    /// `max_loads_in_flight` permits.
+    load_permits: Arc<Semaphore>,
 }
 
 impl<B: Backend> Inner<B> {
@@ -146,7 +157,14 @@ impl<B: Backend> Pool<B> {
                 lru: LruCache::unbounded(),
                 budgets: config.budgets.clone(),
                 shutting_down: false,
+                groups: config
+                    .groups
+                    .iter()
+                    .cloned()
+                    .map(swap::GroupState::new)
+                    .collect(),
             }),
+            load_permits: Arc::new(Semaphore::new(config.max_loads_in_flight.max(1))),
             config,
             events,
         });
@@ -385,7 +403,7 @@ impl<B: Backend> Pool<B> {
                 return Err(PoolError::QueueTimeout {
                     id: id.to_owned(),
                     waited: started.elapsed(),
-                    reason: "its previous worker was still stopping".into(),
+                    reason: "there was no room yet: its group's slot was busy or its previous worker was still stopping".into(),
                 });
             }
             let footprint = self.prediction(id).await?;
@@ -400,6 +418,21 @@ impl<B: Backend> Pool<B> {
                 }
                 let entry = st.entry(id)?;
                 match &entry.slot {
+                    Slot::Ready { .. } if entry.swap_out.is_some() => {
+                        let incoming = entry.swap_out.clone().unwrap_or_default();
+                        let refuse = st
+                            .group_of(id)
+                            .is_some_and(|g| st.groups[g].spec.refuse_during_swap);
+                        if refuse {
+                            return Err(PoolError::SwappingOut {
+                                id: id.to_owned(),
+                                incoming,
+                            });
+                        }
+                        // Wait for it to leave; the next round loads it back.
+                        waited = true;
+                        None
+                    }
                     Slot::Ready { instance, .. } => {
                         let instance = Arc::clone(instance);
                         entry.in_flight += 1;
@@ -419,7 +452,12 @@ impl<B: Backend> Pool<B> {
                     }
                     Slot::Loading { done, .. } => Some(done.clone()),
                     Slot::Absent => match footprint {
-                        Some(fp) => Some(self.start_load(&mut st, id, fp, &available)?),
+                        Some(fp) => {
+                            let started = self.start_load(&mut st, id, fp, &available)?;
+                            // `None`: its group has no room yet; poll.
+                            waited |= started.is_none();
+                            started
+                        }
                         // Predicted in the next round, outside the lock.
                         None => None,
                     },
@@ -515,7 +553,7 @@ impl<B: Backend> Pool<B> {
         id: &str,
         footprint: Footprint,
         available: &[DeviceMemory],
-    ) -> Result<watch::Receiver<LoadOutcome>, PoolError> {
+    ) -> Result<Option<watch::Receiver<LoadOutcome>>, PoolError> {
         let entry = st.entry(id)?;
         if let Some((failures, retry_in)) = entry.backoff() {
             return Err(PoolError::CrashLoop {
@@ -525,11 +563,37 @@ impl<B: Backend> Pool<B> {
                 retry_in,
             });
         }
+        let mut forced = Vec::new();
+        let mut swapping = None;
+        if let Some((group, plan)) = st.plan_in_group(id, footprint.total_bytes()) {
+            match plan {
+                SwapPlan::Fits => {}
+                SwapPlan::Evict(victims) => {
+                    forced = victims;
+                    swapping = Some(group);
+                }
+                SwapPlan::Drain(victims) => {
+                    swap::begin_drain(&self.inner, st, group, victims, id);
+                    return Ok(None);
+                }
+                SwapPlan::Wait(reason) => {
+                    tracing::trace!(model = %id, %reason, "waiting for the group");
+                    return Ok(None);
+                }
+                SwapPlan::Never(reason) => {
+                    return Err(PoolError::GroupFull {
+                        id: id.to_owned(),
+                        reason,
+                    })
+                }
+            }
+        }
         let victims = st
             .admit(
                 &footprint.charge,
                 available,
                 self.inner.config.headroom_bytes,
+                &forced,
             )
             .map_err(|shortfall| {
                 tracing::warn!(model = %id, %shortfall, "model does not fit");
@@ -538,9 +602,23 @@ impl<B: Backend> Pool<B> {
                     shortfall,
                 }
             })?;
+        if let Some(group) = swapping {
+            swap::start_swap(&self.inner, st, group, id);
+        }
         let evicted: Vec<_> = victims
             .into_iter()
-            .filter_map(|v| st.take_ready(&v).map(|(inst, _)| (v, inst)))
+            .filter_map(|v| {
+                let reason = if forced.contains(&v) {
+                    EvictReason::Swap {
+                        for_model: id.to_owned(),
+                    }
+                } else {
+                    EvictReason::MakeRoom {
+                        for_model: id.to_owned(),
+                    }
+                };
+                st.take_ready(&v).map(|(inst, _)| (v, inst, reason))
+            })
             .collect();
         let (tx, rx) = watch::channel(None);
         let entry = st.entry(id)?;
@@ -549,6 +627,7 @@ impl<B: Backend> Pool<B> {
             charge: footprint.charge.clone(),
         };
         entry.loads_started += 1;
+        entry.cut_reason = None;
         let mut spec = entry.spec.clone();
         let resolved = entry.resolved.clone();
         if let Some(r) = &resolved {
@@ -561,19 +640,19 @@ impl<B: Backend> Pool<B> {
                 (Some(r), false) => Some(tokio::spawn(tiers::warm(r.file.clone()))),
                 _ => None,
             };
-            for (victim, instance) in evicted {
-                let reason = EvictReason::MakeRoom {
-                    for_model: spec.id.clone(),
-                };
+            for (victim, instance, reason) in evicted {
                 inner.stop_worker(&victim, &instance, reason).await;
             }
             if let Some(w) = warming {
                 let _ = w.await;
             }
+            // At most `max_loads_in_flight` workers start at once; the semaphore
+            // lives as long as the pool.
+            let _permit = Arc::clone(&inner.load_permits).acquire_owned().await;
             let outcome = lifecycle::run_load(&inner, &spec, footprint, resolved).await;
             let _ = tx.send(Some(outcome));
         });
-        Ok(rx)
+        Ok(Some(rx))
     }
 
     /// Stops a ready model unless something holds it; `force_pinned` lets unregister
@@ -661,6 +740,25 @@ impl<B: Backend> Lease<B> {
     /// True when this request found its model cold and waited for a load.
     pub fn cold_start(&self) -> bool {
         self.cold_start
+    }
+    /// How long this request waited for its group's slot to swap its model in; zero
+    /// when no swap was involved.
+    pub fn swap_wait(&self) -> Duration {
+        let swapped = self.cold_start && {
+            let mut st = self.pool.lock();
+            st.entry(&self.id).is_ok_and(|e| e.swapped_in)
+        };
+        if swapped {
+            self.load_wait
+        } else {
+            Duration::ZERO
+        }
+    }
+    /// Why the pool stopped this model's worker under running requests (a swap past
+    /// its drain timeout), for the error those requests get.
+    pub fn cut_reason(&self) -> Option<String> {
+        let mut st = self.pool.lock();
+        st.entry(&self.id).ok().and_then(|e| e.cut_reason.clone())
     }
 }
 

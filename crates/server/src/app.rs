@@ -115,6 +115,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     });
     let probe = Arc::new(SystemProbe::new());
     let mut pool_config = pool_config(&settings.pool, probe.as_ref());
+    pool_config.groups = settings.groups.clone();
     if let Some(storage) = settings.storage.clone() {
         // Verifying every artifact's checksum reads the directory once: off the
         // async threads.
@@ -337,6 +338,8 @@ pub(crate) fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> P
         queue_depth: settings.queue_depth,
         queue_timeout: settings.queue_timeout,
         store: None,
+        groups: Vec::new(),
+        max_loads_in_flight: settings.max_loads_in_flight as usize,
     }
 }
 

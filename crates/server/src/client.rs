@@ -9,6 +9,7 @@
 
 mod chat;
 mod control;
+mod events;
 mod format;
 mod plan;
 

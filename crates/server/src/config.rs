@@ -8,7 +8,7 @@ use std::time::Duration;
 use modelpool_pool::budget::parse_bytes;
 
 use crate::auth::{AuthSettings, Secret};
-use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec, Source};
+use modelpool_pool::{Device, GroupSpec, MemoryProbe, ModelFormat, ModelSpec, Source};
 use serde::Deserialize;
 
 /// Exit code for an unusable configuration (EX_USAGE).
@@ -60,6 +60,8 @@ pub struct Settings {
     /// The spill directory; off unless `[storage] spill_dir` is set.
     pub storage: Option<StorageSettings>,
     pub models: Vec<ModelSpec>,
+    /// `[[groups]]`: models of which at most `max_resident` are resident at once.
+    pub groups: Vec<GroupSpec>,
 }
 
 /// The `[storage]` section: the NVMe spill directory under resident models.
@@ -93,6 +95,8 @@ struct RawSettings {
     storage: RawStorage,
     #[serde(default)]
     models: Vec<RawModel>,
+    #[serde(default)]
+    groups: Vec<RawGroup>,
 }
 
 #[derive(Deserialize, Default)]
@@ -136,6 +140,20 @@ struct RawPool {
     reserve: Option<String>,
     queue_depth: Option<u32>,
     queue_timeout: Option<String>,
+    max_loads_in_flight: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawGroup {
+    name: String,
+    members: Vec<String>,
+    max_resident: Option<u32>,
+    budget: Option<String>,
+    drain_timeout: Option<String>,
+    min_residency: Option<String>,
+    /// "wait" (default) or "refuse".
+    on_swap: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -217,6 +235,8 @@ pub struct PoolSettings {
     pub reserve_bytes: u64,
     pub queue_depth: u32,
     pub queue_timeout: Duration,
+    /// Worker starts running at once.
+    pub max_loads_in_flight: u32,
 }
 
 impl Settings {
@@ -357,7 +377,9 @@ impl Settings {
             }
             models.push(spec);
         }
+        let groups = groups(raw.groups, &models)?;
         Ok(Settings {
+            groups,
             listen,
             metrics_listen,
             source: None,
@@ -373,6 +395,69 @@ impl Settings {
             models,
         })
     }
+}
+
+fn groups(raw: Vec<RawGroup>, models: &[ModelSpec]) -> Result<Vec<GroupSpec>, ConfigError> {
+    let mut out: Vec<GroupSpec> = Vec::with_capacity(raw.len());
+    for (i, g) in raw.into_iter().enumerate() {
+        let key = |k: &str| format!("groups[{i}].{k}");
+        if g.name.trim().is_empty() || out.iter().any(|o| o.name == g.name) {
+            return Err(invalid(
+                key("name"),
+                format!("must be non-empty and unique, got {:?}", g.name),
+            ));
+        }
+        if g.members.is_empty() {
+            return Err(invalid(key("members"), "list at least one model id"));
+        }
+        for m in &g.members {
+            if !models.iter().any(|s| &s.id == m) {
+                return Err(invalid(
+                    key("members"),
+                    format!("{m:?} is not a configured model"),
+                ));
+            }
+            if let Some(other) = out.iter().find(|o| o.members.contains(m)) {
+                return Err(invalid(
+                    key("members"),
+                    format!(
+                        "{m:?} is already in group {:?}; a model belongs to one group",
+                        other.name
+                    ),
+                ));
+            }
+        }
+        let max_resident = g.max_resident.unwrap_or(1);
+        if max_resident == 0 {
+            return Err(invalid(key("max_resident"), "must be at least 1"));
+        }
+        let budget_bytes = g
+            .budget
+            .as_deref()
+            .map(parse_bytes)
+            .transpose()
+            .map_err(|e| invalid(key("budget"), e))?;
+        let refuse_during_swap = match g.on_swap.as_deref().unwrap_or("wait") {
+            "wait" => false,
+            "refuse" => true,
+            other => {
+                return Err(invalid(
+                    key("on_swap"),
+                    format!("\"wait\" or \"refuse\", got {other:?}"),
+                ))
+            }
+        };
+        out.push(GroupSpec {
+            name: g.name,
+            members: g.members,
+            max_resident,
+            budget_bytes,
+            drain_timeout: duration(&key("drain_timeout"), g.drain_timeout, "30s")?,
+            min_residency: duration(&key("min_residency"), g.min_residency, "10s")?,
+            refuse_during_swap,
+        });
+    }
+    Ok(out)
 }
 
 fn modelmesh_settings(raw: RawModelMesh, base: &Path) -> Result<ModelMeshSettings, ConfigError> {
@@ -472,7 +557,15 @@ fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
             Some(parse_bytes(&t).map_err(|e| invalid("pool.memory_limit", e))?)
         }
     };
+    let max_loads_in_flight = raw.max_loads_in_flight.unwrap_or(2);
+    if !(1..=64).contains(&max_loads_in_flight) {
+        return Err(invalid(
+            "pool.max_loads_in_flight",
+            format!("must be 1..=64, got {max_loads_in_flight}"),
+        ));
+    }
     Ok(PoolSettings {
+        max_loads_in_flight,
         memory_limit_bytes,
         ram_budget: budget("pool.ram_budget", raw.ram_budget)?,
         vram_budget: budget("pool.vram_budget", raw.vram_budget)?,

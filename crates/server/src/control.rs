@@ -15,7 +15,7 @@ use modelpool_proto::v1::model_control_server::ModelControl;
 use modelpool_proto::v1::pool_event::{self, Kind};
 use modelpool_proto::v1::{
     DeviceBudget, DeviceStatus, EvictModelRequest, EvictModelResponse, Footprint, GetModelRequest,
-    GetPoolStatusRequest, ListModelsRequest, ListModelsResponse, LoadModelRequest,
+    GetPoolStatusRequest, GroupStatus, ListModelsRequest, ListModelsResponse, LoadModelRequest,
     LoadModelResponse, ModelFormat, ModelInfo, ModelState, PinModelRequest, PoolStatus,
     RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse, SpillStatus,
     UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse, WatchEventsRequest,
@@ -173,6 +173,7 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
                 EvictReason::Requested => "requested",
                 EvictReason::Shutdown => "shutdown",
                 EvictReason::Crashed { .. } => "crashed",
+                EvictReason::Swap { .. } => "swap",
             }
             .into(),
             detail: reason.to_string(),
@@ -192,6 +193,18 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
             how: how.into(),
         }),
         EventKind::SpillFailed { error } => Kind::SpillFailed(pool_event::SpillFailed { error }),
+        EventKind::SwapStarted { group, outgoing } => {
+            Kind::SwapStarted(pool_event::SwapStarted { group, outgoing })
+        }
+        EventKind::SwapFinished {
+            group,
+            duration,
+            bytes,
+        } => Kind::SwapFinished(pool_event::SwapFinished {
+            group,
+            duration: proto_duration(duration),
+            bytes,
+        }),
         EventKind::Pinned => Kind::Pinned(pool_event::Pinned {}),
         EventKind::Unpinned => Kind::Unpinned(pool_event::Unpinned {}),
         EventKind::BudgetChanged {
@@ -391,6 +404,22 @@ impl ModelControl for ControlService {
             devices,
             models: status.models.into_iter().map(info).collect(),
             gpu_absent_reason: status.gpu_absent_reason.unwrap_or_default(),
+            groups: status
+                .groups
+                .into_iter()
+                .map(|g| GroupStatus {
+                    name: g.spec.name,
+                    members: g.spec.members,
+                    max_resident: g.spec.max_resident,
+                    resident: g.resident,
+                    resident_bytes: g.resident_bytes,
+                    budget_bytes: g.spec.budget_bytes.unwrap_or(0),
+                    swaps_total: g.swaps_total,
+                    swaps_last_minute: g.swaps_last_minute,
+                    min_residency: proto_duration(g.spec.min_residency),
+                    drain_timeout: proto_duration(g.spec.drain_timeout),
+                })
+                .collect(),
             spill: spill.map(|u| SpillStatus {
                 dir: self.spill_dir.clone(),
                 budget_bytes: u.budget_bytes,

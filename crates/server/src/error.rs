@@ -31,13 +31,14 @@ impl From<ServerError> for Status {
             ServerError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             ServerError::Pool(p) => match p {
                 PoolError::NotFound { .. } => Status::not_found(e.to_string()),
-                PoolError::ShuttingDown | PoolError::Retiring { .. } => {
-                    Status::unavailable(e.to_string())
-                }
+                PoolError::ShuttingDown
+                | PoolError::Retiring { .. }
+                | PoolError::SwappingOut { .. } => Status::unavailable(e.to_string()),
                 PoolError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-                PoolError::Busy { .. } | PoolError::Pinned { .. } | PoolError::CrashLoop { .. } => {
-                    Status::failed_precondition(e.to_string())
-                }
+                PoolError::Busy { .. }
+                | PoolError::Pinned { .. }
+                | PoolError::CrashLoop { .. }
+                | PoolError::GroupFull { .. } => Status::failed_precondition(e.to_string()),
                 PoolError::InsufficientMemory { .. } | PoolError::QueueFull { .. } => {
                     Status::resource_exhausted(e.to_string())
                 }

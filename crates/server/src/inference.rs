@@ -214,6 +214,7 @@ impl Relay {
                     usage.total_time = duration(now - self.arrived);
                     usage.load_wait = duration(self.lease.load_wait());
                     usage.cold_start = self.lease.cold_start();
+                    usage.swap_wait = duration(self.lease.swap_wait());
                     tokens = u64::from(usage.completion_tokens);
                     self.metrics.request_done(&self.model, tonic::Code::Ok);
                     let _entered = self.span.enter();
@@ -252,7 +253,12 @@ impl Relay {
     }
 
     fn fail(&self, err: ServerError) -> Status {
-        let status = Status::from(err);
+        // A worker stopped by the pool under this request (a swap past its drain
+        // timeout) says so, rather than looking like a crash.
+        let status = match (&err, self.lease.cut_reason()) {
+            (ServerError::Worker { .. }, Some(reason)) => Status::unavailable(reason),
+            _ => Status::from(err),
+        };
         self.metrics.request_done(&self.model, status.code());
         let _entered = self.span.enter();
         tracing::warn!(code = ?status.code(), "request failed: {}", status.message());

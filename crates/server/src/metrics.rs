@@ -301,6 +301,7 @@ impl Metrics {
                     EvictReason::Requested => "requested",
                     EvictReason::Shutdown => "shutdown",
                     EvictReason::Crashed { .. } => "crashed",
+                    EvictReason::Swap { .. } => "swap",
                 };
                 self.evictions.add(&[model, reason], 1.0);
             }

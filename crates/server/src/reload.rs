@@ -118,6 +118,12 @@ impl Reloader {
                 current.pool.queue_timeout != new.pool.queue_timeout,
             ),
             ("auth", current.auth != new.auth),
+            ("groups", current.groups != new.groups),
+            ("storage", current.storage != new.storage),
+            (
+                "pool.max_loads_in_flight",
+                current.pool.max_loads_in_flight != new.pool.max_loads_in_flight,
+            ),
         ] {
             if differs {
                 tracing::warn!(

@@ -15,7 +15,7 @@ use modelpool_proto::v1::{
 };
 use modelpool_tests::{
     ask_capital, chat, connect_when_up, free_port, greedy, model_path, model_toml, modelpool_exe,
-    serial, settings_toml, TestServer,
+    next_event, serial, settings_toml, TestServer,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
@@ -156,11 +156,7 @@ async fn a_url_model_is_downloaded_once_and_reloads_from_the_spill_dir() {
     let mut fetched = 0;
     let mut loads = 0;
     while loads < 2 {
-        let e = tokio::time::timeout(Duration::from_secs(5), events.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let e = next_event(&mut events, Duration::from_secs(5)).await;
         match e.kind {
             Some(Kind::Fetched(f)) => {
                 assert_eq!(f.bytes, 98_362_432);

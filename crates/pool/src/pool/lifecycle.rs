@@ -78,9 +78,21 @@ pub(super) async fn run_load<B: Backend>(
                 };
                 entry.base_measured_bytes = base_measured;
                 entry.last_error = None;
+                let swap = entry.swap_in.take();
+                entry.swapped_in = swap.is_some();
                 entry.last_load = Some(duration);
                 entry.touch();
                 st.lru.put(spec.id.clone(), ());
+                if let (Some(since), Some(g)) = (swap, st.group_of(&spec.id)) {
+                    inner.emit(
+                        &spec.id,
+                        EventKind::SwapFinished {
+                            group: st.groups[g].spec.name.clone(),
+                            duration: since.elapsed(),
+                            bytes: base_measured,
+                        },
+                    );
+                }
                 inner.emit(
                     &spec.id,
                     EventKind::LoadFinished {
@@ -102,6 +114,7 @@ pub(super) async fn run_load<B: Backend>(
                     entry.record_failure();
                 }
                 entry.slot = Slot::Absent;
+                entry.swap_in = None;
                 entry.last_error = Some(source.to_string());
                 inner.emit(
                     &spec.id,

@@ -59,6 +59,14 @@ pub(super) struct Entry<I> {
     pub failures: Vec<Instant>,
     /// The file its last prediction and load used, and that file's tier.
     pub resolved: Option<super::tiers::Resolved>,
+    /// Being drained out of its group's slot for this model.
+    pub swap_out: Option<String>,
+    /// When the swap that is bringing this model in began.
+    pub swap_in: Option<Instant>,
+    /// Whether its current worker came in by a swap.
+    pub swapped_in: bool,
+    /// Why its worker was stopped under running requests, for those requests.
+    pub cut_reason: Option<String>,
 }
 
 /// Worker failures within this window count towards a crash loop...
@@ -110,6 +118,10 @@ impl<I> Entry<I> {
             last_load: None,
             failures: Vec::new(),
             resolved: None,
+            swap_out: None,
+            swap_in: None,
+            swapped_in: false,
+            cut_reason: None,
         }
     }
 
@@ -125,6 +137,7 @@ pub(super) struct State<I> {
     pub lru: LruCache<String, ()>,
     pub budgets: BTreeMap<Device, u64>,
     pub shutting_down: bool,
+    pub groups: Vec<super::swap::GroupState>,
 }
 
 impl<I: Instance> State<I> {
@@ -208,7 +221,8 @@ impl<I: Instance> State<I> {
                 Some(Resident {
                     id: id.clone(),
                     charge: effective_charge(charge, instance.as_ref(), e.spec.device),
-                    leases: e.in_flight + e.interest,
+                    // Requests queued for a model being swapped out do not hold it.
+                    leases: e.in_flight + if e.swap_out.is_some() { 0 } else { e.interest },
                     pinned: e.spec.pinned,
                 })
             })
@@ -268,16 +282,24 @@ impl<I: Instance> State<I> {
             .sum()
     }
 
-    /// Decides whether `needed` fits, returning the victims to evict first.
+    /// Decides whether `needed` fits once `forced` (victims chosen by the model's
+    /// group) are gone, returning every victim to evict first, `forced` leading.
     pub fn admit(
         &self,
         needed: &Charge,
         available: &[DeviceMemory],
         headroom_bytes: u64,
+        forced: &[String],
     ) -> Result<Vec<String>, Shortfall> {
         let residents = self.residents();
         let rooms = self.rooms(&residents, available, headroom_bytes);
-        choose_victims(&rooms, &residents, needed)
+        let rest: Vec<Resident> = residents
+            .into_iter()
+            .filter(|r| !forced.contains(&r.id))
+            .collect();
+        let mut victims = forced.to_vec();
+        victims.extend(choose_victims(&rooms, &rest, needed)?);
+        Ok(victims)
     }
 }
 

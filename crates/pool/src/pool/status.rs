@@ -94,6 +94,7 @@ pub struct PoolStatus {
     pub models: Vec<ModelSnapshot>,
     /// Why there is no GPU tier, when there is none.
     pub gpu_absent_reason: Option<String>,
+    pub groups: Vec<super::GroupStatus>,
 }
 
 type Row<I> = (ModelSnapshot, Option<Arc<I>>, Option<Resolved>);
@@ -235,7 +236,9 @@ impl<B: Backend> Pool<B> {
                 })
                 .collect()
         };
+        let groups = self.inner.lock().group_status();
         PoolStatus {
+            groups,
             devices,
             models: self.snapshot(),
             gpu_absent_reason: self.inner.probe.gpu_absent_reason(),
