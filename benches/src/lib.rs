@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+pub mod svg;
 pub mod synth;
 
 use modelpool_server::{RunningServer, Settings};

@@ -158,6 +158,15 @@ impl TestServer {
         ask_capital(self.channel.clone(), model).await
     }
 
+    /// One model as `GetModel` shows it.
+    pub async fn model(&self, id: &str) -> modelpool_proto::v1::ModelInfo {
+        self.control()
+            .get_model(modelpool_proto::v1::GetModelRequest { id: id.into() })
+            .await
+            .expect("get model")
+            .into_inner()
+    }
+
     /// The pool's status now.
     pub async fn pool_status(&self) -> modelpool_proto::v1::PoolStatus {
         self.control()

@@ -20,7 +20,9 @@ use crate::events::{EventKind, EvictReason, PoolEvent};
 use crate::groups::SwapPlan;
 use crate::memory::{DeviceMemory, MemoryProbe};
 use crate::store::Store;
-use crate::{Backend, BackendError, Device, Footprint, Instance, ModelSpec, PoolError, Source};
+use crate::{
+    Backend, BackendError, Charge, Device, Footprint, Instance, ModelSpec, PoolError, Source,
+};
 
 mod lifecycle;
 mod state;
@@ -157,6 +159,7 @@ impl<B: Backend> Pool<B> {
                 lru: LruCache::unbounded(),
                 budgets: config.budgets.clone(),
                 shutting_down: false,
+                handoffs: BTreeMap::new(),
                 groups: config
                     .groups
                     .iter()
@@ -617,14 +620,28 @@ impl<B: Backend> Pool<B> {
                         for_model: id.to_owned(),
                     }
                 };
-                st.take_ready(&v).map(|(inst, _)| (v, inst, reason))
+                st.take_ready(&v)
+                    .map(|(inst, charge)| (v, inst, reason, charge))
             })
+            .collect();
+        // The victims stay charged until their workers exit; the load is charged only
+        // what they do not cover, and takes over their bytes as each exits (see
+        // `finish_unload`), so the books never count the same room twice.
+        let mut covered = Charge::default();
+        for (victim, _, _, charge) in &evicted {
+            covered.add(charge);
+            st.handoffs
+                .insert(victim.clone(), (id.to_owned(), footprint.charge.clone()));
+        }
+        let evicted: Vec<_> = evicted
+            .into_iter()
+            .map(|(v, inst, reason, _)| (v, inst, reason))
             .collect();
         let (tx, rx) = watch::channel(None);
         let entry = st.entry(id)?;
         entry.slot = Slot::Loading {
             done: rx.clone(),
-            charge: footprint.charge.clone(),
+            charge: footprint.charge.saturating_sub(&covered),
         };
         entry.loads_started += 1;
         entry.cut_reason = None;

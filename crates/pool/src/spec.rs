@@ -72,6 +72,15 @@ impl Charge {
     pub fn total(&self) -> u64 {
         self.0.values().sum()
     }
+    /// `self - other` per device, never below zero.
+    pub fn saturating_sub(&self, other: &Charge) -> Charge {
+        Charge(
+            self.0
+                .iter()
+                .map(|(d, b)| (*d, b.saturating_sub(other.get(*d))))
+                .collect(),
+        )
+    }
 }
 
 /// A model's predicted memory, from its file header and the engine's measured overhead.

@@ -173,6 +173,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             .as_ref()
             .map(|s| s.spill_dir.display().to_string())
             .unwrap_or_default(),
+        max_concurrent_streams: settings.max_concurrent_streams,
     };
     let task = tokio::spawn(serve(
         listener,
@@ -206,6 +207,7 @@ struct Parts {
     auth: AuthSettings,
     model_roots: Option<Vec<PathBuf>>,
     spill_dir: String,
+    max_concurrent_streams: u32,
 }
 
 async fn serve(
@@ -222,6 +224,7 @@ async fn serve(
         auth,
         model_roots,
         spill_dir,
+        max_concurrent_streams,
     } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -280,11 +283,19 @@ async fn serve(
     };
 
     let router = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            oversized_is_resource_exhausted::<tonic::body::Body>,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(InferenceServer::with_interceptor(
-            InferenceService::new(pool.clone(), metrics, draining_rx.clone()),
+            InferenceService::new(
+                pool.clone(),
+                metrics,
+                draining_rx.clone(),
+                max_concurrent_streams,
+            ),
             auth.interceptor(Scope::Inference),
         ))
         .add_service(ModelControlServer::with_interceptor(
@@ -378,4 +389,28 @@ fn prepare_runtime_dir(base: &Path) -> Result<PathBuf, StartError> {
         .create(&dir)
         .map_err(err(&dir))?;
     Ok(dir)
+}
+
+/// tonic answers a request above the maximum message size with `OUT_OF_RANGE`; gRPC's
+/// own servers (and clients that retry on it) expect `RESOURCE_EXHAUSTED`. Rewrites that
+/// one status, which tonic sends in the response headers, before it leaves.
+fn oversized_is_resource_exhausted<B>(
+    mut res: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
+    let headers = res.headers_mut();
+    let oversized = headers.get("grpc-status").is_some_and(|v| v == "11")
+        && headers
+            .get("grpc-message")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|m| {
+                m.contains("message%20length%20too%20large")
+                    || m.contains("message length too large")
+            });
+    if oversized {
+        headers.insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("8"),
+        );
+    }
+    res
 }

@@ -46,6 +46,8 @@ pub struct Settings {
     pub model_roots: Option<Vec<PathBuf>>,
     /// How long in-flight streams may run after SIGTERM before they are cut.
     pub drain_timeout: Duration,
+    /// Generation streams open at once, over all clients; more get RESOURCE_EXHAUSTED.
+    pub max_concurrent_streams: u32,
     /// A worker not ready after this long is killed.
     pub load_timeout: Duration,
     /// Where the private socket directory is created.
@@ -163,6 +165,7 @@ struct RawServer {
     model_roots: Option<Vec<PathBuf>>,
     metrics_listen: Option<String>,
     drain_timeout: Option<String>,
+    max_concurrent_streams: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -301,6 +304,13 @@ impl Settings {
             })?),
         };
         let drain_timeout = duration("server.drain_timeout", raw.server.drain_timeout, "30s")?;
+        let max_concurrent_streams = raw.server.max_concurrent_streams.unwrap_or(256);
+        if !(1..=100_000).contains(&max_concurrent_streams) {
+            return Err(invalid(
+                "server.max_concurrent_streams",
+                format!("must be 1..=100000, got {max_concurrent_streams}"),
+            ));
+        }
         let model_roots = match raw.server.model_roots {
             None => None,
             Some(roots) => Some(
@@ -385,6 +395,7 @@ impl Settings {
             source: None,
             model_roots,
             drain_timeout,
+            max_concurrent_streams,
             load_timeout,
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),
             worker_exe: raw.workers.exe,

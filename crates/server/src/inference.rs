@@ -29,6 +29,9 @@ pub struct InferenceService {
     metrics: Arc<Metrics>,
     /// True once shutdown began: new requests are refused with UNAVAILABLE.
     draining: tokio::sync::watch::Receiver<bool>,
+    /// One permit per open generation stream (`server.max_concurrent_streams`).
+    streams: Arc<tokio::sync::Semaphore>,
+    max_streams: u32,
 }
 
 /// What every request carries besides its payload.
@@ -97,11 +100,14 @@ impl InferenceService {
         pool: Pool<WorkerBackend>,
         metrics: Arc<Metrics>,
         draining: tokio::sync::watch::Receiver<bool>,
+        max_streams: u32,
     ) -> Self {
         Self {
             pool,
             metrics,
             draining,
+            streams: Arc::new(tokio::sync::Semaphore::new(max_streams as usize)),
+            max_streams,
         }
     }
 
@@ -118,6 +124,16 @@ impl InferenceService {
                 "modelpool is shutting down and takes no new requests; retry on another instance",
             ));
         }
+        // Held by the relay for the whole stream, so it bounds open streams (not
+        // just their start), and a refused request costs nothing downstream.
+        let Ok(stream_permit) = Arc::clone(&self.streams).try_acquire_owned() else {
+            self.metrics
+                .request_done(&model, tonic::Code::ResourceExhausted);
+            return Err(Status::resource_exhausted(format!(
+                "too many concurrent streams: all {} allowed (server.max_concurrent_streams) are open; retry later",
+                self.max_streams
+            )));
+        };
         let started = self
             .start(&model, prompt, sampling, &ctx)
             .instrument(ctx.span.clone())
@@ -142,6 +158,7 @@ impl InferenceService {
             model,
             metrics: Arc::clone(&self.metrics),
             span: ctx.span,
+            _stream_permit: stream_permit,
         };
         Ok(Box::pin(futures::stream::unfold(relay, Relay::next)))
     }
@@ -189,6 +206,7 @@ struct Relay {
     model: String,
     metrics: Arc<Metrics>,
     span: tracing::Span,
+    _stream_permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Relay {
@@ -346,7 +364,11 @@ pub(crate) fn deadline_of(meta: &tonic::metadata::MetadataMap) -> Option<tokio::
         "n" => std::time::Duration::from_nanos(n),
         _ => return None,
     };
-    tokio::time::Instant::now().checked_add(timeout)
+    // Give up a little before the client does: tonic's own timer ends the call at the
+    // deadline with a bare CANCELLED, while the pool's error says DEADLINE_EXCEEDED and
+    // what the request was waiting for.
+    let margin = (timeout / 10).min(std::time::Duration::from_millis(50));
+    tokio::time::Instant::now().checked_add(timeout - margin)
 }
 
 #[tonic::async_trait]

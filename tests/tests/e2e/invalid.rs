@@ -83,14 +83,7 @@ async fn bad_requests_name_the_field() {
     assert!(err.message().starts_with("prompt:"));
 
     // Validation happens before any load: the model is still cold.
-    let info = t
-        .control()
-        .get_model(GetModelRequest {
-            id: "smollm2".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = t.model("smollm2").await;
     assert_eq!(info.worker_pid, 0);
     let err = t
         .control()
@@ -195,5 +188,89 @@ async fn a_prompt_longer_than_the_context_is_refused_naming_it() {
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().contains("prompt"), "{}", err.message());
     assert!(err.message().contains("256"), "{}", err.message());
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_above_the_max_message_size_is_resource_exhausted() {
+    let t = TestServer::start(&["smollm2"]).await;
+    // tonic's default limit is 4 MiB per message.
+    let huge = "x".repeat(5 << 20);
+    let err = t
+        .inference()
+        .chat(chat("smollm2", &huge, greedy(4)))
+        .await
+        .expect_err("above the message size limit");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("message length too large"),
+        "{}",
+        err.message()
+    );
+    t.assert_nothing_charged().await;
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_past_the_limit_are_refused_until_one_ends() {
+    let t = TestServer::start_with(|rt| {
+        let mut s = modelpool_tests::settings(&["smollm2"], rt);
+        s.max_concurrent_streams = 2;
+        s
+    })
+    .await;
+    let open = |n: u32| {
+        let mut c = t.inference();
+        async move {
+            c.chat(chat("smollm2", "Tell me a long story.", greedy(n)))
+                .await
+        }
+    };
+    let first = open(500).await.expect("first stream").into_inner();
+    let second = open(500).await.expect("second stream").into_inner();
+    let err = open(4).await.expect_err("a third stream is one too many");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("server.max_concurrent_streams"),
+        "{}",
+        err.message()
+    );
+    // A client that goes away frees its stream.
+    drop(first);
+    let mut third = None;
+    for _ in 0..50 {
+        if let Ok(s) = open(4).await {
+            third = Some(s.into_inner());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let third = third.expect("a stream slot came free");
+    modelpool_tests::collect(third)
+        .await
+        .expect("the third stream completes");
+    drop(second);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_expires_while_the_model_loads_is_deadline_exceeded() {
+    let t = TestServer::start(&["smollm2"]).await;
+    let mut request = tonic::Request::new(chat("smollm2", "Hi", greedy(4)));
+    // The header alone (a client-side timer would answer for the server).
+    request
+        .metadata_mut()
+        .insert("grpc-timeout", "100m".parse().unwrap());
+    let err = t
+        .inference()
+        .chat(request)
+        .await
+        .expect_err("a cold model does not load in 100 ms");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("still loading"), "{}", err.message());
+    // Nothing is left waiting, and the load it started serves the next request.
+    let m = t.model("smollm2").await;
+    assert_eq!((m.in_flight_requests, m.waiting_requests), (0, 0), "{m:?}");
+    assert!(t.ask_capital("smollm2").await.contains("Paris"));
     t.stop().await;
 }

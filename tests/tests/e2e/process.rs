@@ -24,14 +24,7 @@ async fn stopping_the_server_ends_its_workers() {
     )
     .await
     .unwrap();
-    let info = t
-        .control()
-        .get_model(GetModelRequest {
-            id: "smollm2".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let info = t.model("smollm2").await;
     assert_eq!(info.state, ModelState::Ready as i32);
     let pid = info.worker_pid;
     assert!(pid > 0 && process_alive(pid));

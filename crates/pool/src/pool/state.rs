@@ -138,6 +138,9 @@ pub(super) struct State<I> {
     pub budgets: BTreeMap<Device, u64>,
     pub shutting_down: bool,
     pub groups: Vec<super::swap::GroupState>,
+    /// A stopping victim's bytes pass to the load it made room for: victim id ->
+    /// (loading model, the load's full charge).
+    pub handoffs: BTreeMap<String, (String, Charge)>,
 }
 
 impl<I: Instance> State<I> {
@@ -178,18 +181,30 @@ impl<I: Instance> State<I> {
         Some((instance, charge))
     }
 
-    /// The worker has exited: release its bytes. Returns how many were charged.
+    /// The worker has exited: release its bytes (to the load it made room for, if
+    /// any). Returns how many were charged.
     pub fn finish_unload(&mut self, id: &str) -> u64 {
         let Some(entry) = self.models.get_mut(id) else {
             return 0;
         };
-        match std::mem::replace(&mut entry.slot, Slot::Absent) {
-            Slot::Unloading { charge } => charge.total(),
+        let released = match std::mem::replace(&mut entry.slot, Slot::Absent) {
+            Slot::Unloading { charge } => charge,
             other => {
                 entry.slot = other;
-                0
+                return 0;
+            }
+        };
+        if let Some((incoming, target)) = self.handoffs.remove(id) {
+            if let Some(Slot::Loading { charge, .. }) =
+                self.models.get_mut(&incoming).map(|e| &mut e.slot)
+            {
+                for (device, want) in &target.0 {
+                    let now = charge.0.entry(*device).or_default();
+                    *now = (*now + released.get(*device)).min(*want);
+                }
             }
         }
+        released.total()
     }
 
     /// Bytes charged per device by models that are not candidates for eviction:
