@@ -16,4 +16,5 @@ mod e2e {
     mod storage;
     mod swap;
     mod synth;
+    mod tls;
 }

@@ -51,7 +51,7 @@ struct Args {
     /// RAM budget; default: what the models need (each small, one large) plus 10%.
     #[arg(long)]
     budget: Option<String>,
-    #[arg(long, default_value = "BENCHMARKS-swap.svg")]
+    #[arg(long, default_value = "benches/swap_scenario.svg")]
     svg: PathBuf,
 }
 

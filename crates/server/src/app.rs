@@ -45,6 +45,8 @@ pub enum StartError {
     Reflection(String),
     #[error(transparent)]
     Spill(#[from] modelpool_pool::StoreError),
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("grpc server: {0}")]
     Serve(String),
 }
@@ -107,6 +109,9 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         Some(p) => p.clone(),
         None => std::env::current_exe().map_err(StartError::WorkerExe)?,
     };
+    let tls = settings.tls.as_ref().map(tls_config).transpose()?;
+    // Refuse a bad certificate or key now, not at the first connection.
+    grpc_server(tls.as_ref())?;
     let runtime_dir = prepare_runtime_dir(&settings.runtime_dir)?;
     let backend = WorkerBackend::new(WorkerBackendConfig {
         worker_exe,
@@ -153,7 +158,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
                 settings.load_timeout,
             ));
             let mut stopped = modelmesh_stopped.clone();
-            tokio::spawn(modelmesh::serve(listener, runtime, async move {
+            let builder = grpc_server(tls.as_ref())?;
+            tokio::spawn(modelmesh::serve(listener, builder, runtime, async move {
                 let _ = stopped.wait_for(|s| *s).await;
             }));
             tracing::info!(addr = %bound, "ModelMesh runtime API (mmesh.ModelRuntime)");
@@ -174,6 +180,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
             .map(|s| s.spill_dir.display().to_string())
             .unwrap_or_default(),
         max_concurrent_streams: settings.max_concurrent_streams,
+        tls,
     };
     let task = tokio::spawn(serve(
         listener,
@@ -208,6 +215,7 @@ struct Parts {
     model_roots: Option<Vec<PathBuf>>,
     spill_dir: String,
     max_concurrent_streams: u32,
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 async fn serve(
@@ -225,6 +233,7 @@ async fn serve(
         model_roots,
         spill_dir,
         max_concurrent_streams,
+        tls,
     } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -282,7 +291,7 @@ async fn serve(
         }
     };
 
-    let router = tonic::transport::Server::builder()
+    let router = grpc_server(tls.as_ref())?
         .layer(tower::util::MapResponseLayer::new(
             oversized_is_resource_exhausted::<tonic::body::Body>,
         ))
@@ -389,6 +398,42 @@ fn prepare_runtime_dir(base: &Path) -> Result<PathBuf, StartError> {
         .create(&dir)
         .map_err(err(&dir))?;
     Ok(dir)
+}
+
+/// Both of rustls' crypto providers are compiled in (tonic uses ring, the HTTP client
+/// of the spill directory aws-lc-rs), so rustls cannot pick one by itself: choose ring
+/// for the process, once, before any TLS configuration is built.
+pub(crate) fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The server certificate and key, and for mutual TLS the CA that signs clients.
+fn tls_config(
+    t: &crate::config::TlsSettings,
+) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+    install_crypto_provider();
+    let read = |p: &Path| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+    };
+    let identity = tonic::transport::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
+    let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &t.client_ca {
+        config = config.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(config)
+}
+
+/// A gRPC server builder, with TLS when configured.
+fn grpc_server(
+    tls: Option<&tonic::transport::ServerTlsConfig>,
+) -> Result<tonic::transport::Server, StartError> {
+    let builder = tonic::transport::Server::builder();
+    match tls {
+        Some(config) => builder
+            .tls_config(config.clone())
+            .map_err(|e| StartError::Tls(format!("{e}: {:?}", std::error::Error::source(&e)))),
+        None => Ok(builder),
+    }
 }
 
 /// tonic answers a request above the maximum message size with `OUT_OF_RANGE`; gRPC's

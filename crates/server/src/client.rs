@@ -41,6 +41,24 @@ pub struct Conn {
         value_name = "TOKEN"
     )]
     pub token: Option<String>,
+    /// CA certificate (PEM) to verify a server with `[server.tls]`; implies https.
+    #[arg(long, env = "MODELPOOL_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a server that requires mutual TLS.
+    #[arg(
+        long,
+        env = "MODELPOOL_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "MODELPOOL_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Adds `authorization: Bearer <token>` to every call when a token was given.
@@ -322,18 +340,25 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 
 /// `127.0.0.1:50051` means `http://127.0.0.1:50051`.
 fn server_url(addr: &str) -> String {
+    server_url_with(addr, false)
+}
+
+fn server_url_with(addr: &str, tls: bool) -> String {
     let addr = addr.trim();
     if addr.contains("://") {
         addr.to_owned()
+    } else if tls {
+        format!("https://{addr}")
     } else {
         format!("http://{addr}")
     }
 }
 
 /// Connects now, so that an unreachable server is one clear message naming it.
-pub(crate) async fn connect(addr: &str) -> Result<Channel, Failure> {
-    let url = server_url(addr);
-    let endpoint = Endpoint::from_shared(url.clone())
+pub(crate) async fn connect(conn: &Conn) -> Result<Channel, Failure> {
+    let addr = &conn.addr;
+    let url = server_url_with(addr, conn.tls_ca.is_some());
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| {
             Failure::Message(format!(
                 "invalid server address {addr:?} (--addr or MODELPOOL_ADDR): {}",
@@ -341,6 +366,23 @@ pub(crate) async fn connect(addr: &str) -> Result<Channel, Failure> {
             ))
         })?
         .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &conn.tls_ca {
+        crate::app::install_crypto_provider();
+        let read = |p: &PathBuf| {
+            std::fs::read(p).map_err(|e| Failure::Message(format!("{}: {e}", p.display())))
+        };
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+        if let (Some(cert), Some(key)) = (&conn.tls_cert, &conn.tls_key) {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| Failure::Message(format!("tls: {}", error_chain(&e))))?;
+    }
     endpoint.connect().await.map_err(|e| {
         Failure::Message(format!(
             "cannot reach the modelpool server at {url}: {}",

@@ -48,6 +48,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Generation streams open at once, over all clients; more get RESOURCE_EXHAUSTED.
     pub max_concurrent_streams: u32,
+    /// TLS (and mutual TLS) on the gRPC ports; plaintext when `None`.
+    pub tls: Option<TlsSettings>,
     /// A worker not ready after this long is killed.
     pub load_timeout: Duration,
     /// Where the private socket directory is created.
@@ -166,6 +168,25 @@ struct RawServer {
     metrics_listen: Option<String>,
     drain_timeout: Option<String>,
     max_concurrent_streams: Option<u32>,
+    tls: Option<RawTls>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+}
+
+/// `[server.tls]`: TLS on the gRPC ports (API and ModelMesh), mutual TLS with
+/// `client_ca`. PEM files, read at start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate this CA signed.
+    pub client_ca: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -304,6 +325,32 @@ impl Settings {
             })?),
         };
         let drain_timeout = duration("server.drain_timeout", raw.server.drain_timeout, "30s")?;
+        let tls = match raw.server.tls.clone() {
+            None => None,
+            Some(t) => {
+                let file = |k: &str, p: Option<PathBuf>| -> Result<PathBuf, ConfigError> {
+                    let p = p.ok_or_else(|| {
+                        invalid(format!("server.tls.{k}"), "required with [server.tls]")
+                    })?;
+                    let p = if p.is_absolute() { p } else { base.join(p) };
+                    if !p.is_file() {
+                        return Err(invalid(
+                            format!("server.tls.{k}"),
+                            format!("{} is not a readable file", p.display()),
+                        ));
+                    }
+                    Ok(p)
+                };
+                Some(TlsSettings {
+                    cert: file("cert", t.cert)?,
+                    key: file("key", t.key)?,
+                    client_ca: t
+                        .client_ca
+                        .map(|c| file("client_ca", Some(c)))
+                        .transpose()?,
+                })
+            }
+        };
         let max_concurrent_streams = raw.server.max_concurrent_streams.unwrap_or(256);
         if !(1..=100_000).contains(&max_concurrent_streams) {
             return Err(invalid(
@@ -396,6 +443,7 @@ impl Settings {
             model_roots,
             drain_timeout,
             max_concurrent_streams,
+            tls,
             load_timeout,
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),
             worker_exe: raw.workers.exe,

@@ -253,13 +253,14 @@ impl ModelRuntime for ModelMeshRuntime {
 /// Serves the runtime API on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    mut builder: tonic::transport::Server,
     runtime: Arc<ModelMeshRuntime>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let service =
         modelpool_proto::mmesh::model_runtime_server::ModelRuntimeServer::from_arc(runtime);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    if let Err(e) = tonic::transport::Server::builder()
+    if let Err(e) = builder
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await

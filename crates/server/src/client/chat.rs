@@ -22,7 +22,7 @@ fn message(role: Role, content: &str) -> ChatMessage {
 
 pub(super) async fn run(args: ChatArgs) -> Result<(), Failure> {
     let bearer = Bearer::new(args.conn.token.as_deref())?;
-    let mut client = InferenceClient::with_interceptor(connect(&args.conn.addr).await?, bearer);
+    let mut client = InferenceClient::with_interceptor(connect(&args.conn).await?, bearer);
     let mut messages = Vec::new();
     if !args.system.is_empty() {
         messages.push(message(Role::System, &args.system));

@@ -29,7 +29,7 @@ const BAR_WIDTH: usize = 32;
 async fn client(conn: &Conn) -> Result<ModelControlClient<Authed>, Failure> {
     let bearer = Bearer::new(conn.token.as_deref())?;
     Ok(ModelControlClient::with_interceptor(
-        connect(&conn.addr).await?,
+        connect(conn).await?,
         bearer,
     ))
 }
