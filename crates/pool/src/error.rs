@@ -26,9 +26,11 @@ pub enum PoolError {
     Pinned { id: String },
     #[error("model `{id}` has {waiting} requests waiting already; try again later")]
     QueueFull { id: String, waiting: u32 },
-    #[error("gave up on model `{id}` after {:.1}s: {reason}", waited.as_secs_f64())]
+    #[error("gave up on model `{id}` after {:.1}s ({}): {reason}", waited.as_secs_f64(), if *by_client { "the request's deadline" } else { "pool.queue_timeout" })]
     QueueTimeout {
         id: String,
+        /// The client's deadline ran out (else the pool's own queue timeout).
+        by_client: bool,
         waited: Duration,
         reason: String,
     },

@@ -70,6 +70,14 @@ impl Default for PoolConfig {
     }
 }
 
+/// When a waiting request gives up, and whether that is the client's deadline (else
+/// the pool's own `queue_timeout`).
+#[derive(Clone, Copy, Debug)]
+struct Deadline {
+    at: Instant,
+    by_client: bool,
+}
+
 /// Outcome of one load, broadcast to every request waiting for it.
 type LoadOutcome = Option<Result<(), PoolError>>;
 
@@ -225,12 +233,13 @@ impl<B: Backend> Pool<B> {
         let started = Instant::now();
         let deadline = self.deadline(started, deadline);
         let (interest, permits) = self.enter_queue(id)?;
-        let permit = match tokio::time::timeout_at(deadline, permits.acquire_owned()).await {
+        let permit = match tokio::time::timeout_at(deadline.at, permits.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) => return Err(self.not_found(id)),
             Err(_) => {
                 return Err(PoolError::QueueTimeout {
                     id: id.to_owned(),
+                    by_client: deadline.by_client,
                     waited: started.elapsed(),
                     reason: format!(
                         "all {} concurrency slots stayed busy",
@@ -353,9 +362,18 @@ impl<B: Backend> Pool<B> {
         }
     }
 
-    fn deadline(&self, started: Instant, deadline: Option<Instant>) -> Instant {
+    fn deadline(&self, started: Instant, deadline: Option<Instant>) -> Deadline {
         let own = started + self.inner.config.queue_timeout;
-        deadline.map_or(own, |d| d.min(own))
+        match deadline {
+            Some(d) if d < own => Deadline {
+                at: d,
+                by_client: true,
+            },
+            _ => Deadline {
+                at: own,
+                by_client: false,
+            },
+        }
     }
 
     fn not_found(&self, id: &str) -> PoolError {
@@ -397,14 +415,15 @@ impl<B: Backend> Pool<B> {
         &self,
         id: &str,
         started: Instant,
-        deadline: Instant,
+        deadline: Deadline,
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<Lease<B>, PoolError> {
         let mut waited = false;
         loop {
-            if Instant::now() >= deadline {
+            if Instant::now() >= deadline.at {
                 return Err(PoolError::QueueTimeout {
                     id: id.to_owned(),
+                    by_client: deadline.by_client,
                     waited: started.elapsed(),
                     reason: "there was no room yet: its group's slot was busy or its previous worker was still stopping".into(),
                 });
@@ -483,7 +502,7 @@ impl<B: Backend> Pool<B> {
                 if let Some(outcome) = done.borrow_and_update().clone() {
                     break outcome;
                 }
-                match tokio::time::timeout_at(deadline, done.changed()).await {
+                match tokio::time::timeout_at(deadline.at, done.changed()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => {
                         break Err(PoolError::LoadFailed {
@@ -494,6 +513,7 @@ impl<B: Backend> Pool<B> {
                     Err(_) => {
                         return Err(PoolError::QueueTimeout {
                             id: id.to_owned(),
+                            by_client: deadline.by_client,
                             waited: started.elapsed(),
                             reason: "the model was still loading".into(),
                         })

@@ -42,7 +42,11 @@ impl From<ServerError> for Status {
                 PoolError::InsufficientMemory { .. } | PoolError::QueueFull { .. } => {
                     Status::resource_exhausted(e.to_string())
                 }
-                PoolError::QueueTimeout { .. } => Status::deadline_exceeded(e.to_string()),
+                // The client's own deadline, or the server giving up under load.
+                PoolError::QueueTimeout {
+                    by_client: true, ..
+                } => Status::deadline_exceeded(e.to_string()),
+                PoolError::QueueTimeout { .. } => Status::resource_exhausted(e.to_string()),
                 PoolError::LoadFailed { source, .. } => match source {
                     BackendError::InvalidModel(_) => Status::failed_precondition(e.to_string()),
                     BackendError::Timeout(_) => Status::deadline_exceeded(e.to_string()),

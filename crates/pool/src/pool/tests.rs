@@ -423,8 +423,30 @@ async fn concurrency_slots_queue_and_time_out() {
     let _l3 = pool.acquire("a", None).await.unwrap();
     let deadline = Instant::now() + Duration::from_millis(200);
     let err = pool.acquire("a", Some(deadline)).await.err().unwrap();
-    assert!(matches!(err, PoolError::QueueTimeout { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PoolError::QueueTimeout {
+                by_client: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("all 2 concurrency slots"), "{err}");
+    // Without a deadline of its own, the pool's queue timeout (60 s) ends the wait.
+    let err = pool.acquire("a", None).await.err().unwrap();
+    assert!(
+        matches!(
+            err,
+            PoolError::QueueTimeout {
+                by_client: false,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("pool.queue_timeout"), "{err}");
     // A full queue refuses at once.
     let mut waiting = Vec::new();
     for _ in 0..3 {

@@ -1,0 +1,218 @@
+//! Load generator: many concurrent generation streams across several models, with a
+//! RAM budget that cannot hold them all, so the pool must evict, queue and refuse.
+//!
+//! Reports requests/s, every error by gRPC code with a sample message (only the
+//! intended RESOURCE_EXHAUSTED and UNAVAILABLE should appear, each with its reason),
+//! p50/p99 latency of the successful requests, and the RSS of the server process and
+//! of its workers over time.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use modelpool_benches::{median, mib, percentile};
+use modelpool_proto::v1::inference_client::InferenceClient;
+use modelpool_proto::v1::model_control_client::ModelControlClient;
+use modelpool_proto::v1::{GenerateRequest, GetPoolStatusRequest, SamplingParams};
+use modelpool_server::Settings;
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    model: std::path::PathBuf,
+    /// Concurrent streams (client tasks, each sending requests back to back).
+    #[arg(long, default_value_t = 200)]
+    streams: usize,
+    /// Models (the same file under different ids).
+    #[arg(long, default_value_t = 5)]
+    models: usize,
+    /// How many of them the RAM budget holds at once.
+    #[arg(long, default_value_t = 3)]
+    fit: u64,
+    #[arg(long, default_value_t = 60)]
+    secs: u64,
+    /// Tokens per request.
+    #[arg(long, default_value_t = 8)]
+    tokens: u32,
+}
+
+fn main() -> anyhow::Result<()> {
+    modelpool_benches::run_as_worker_if_asked();
+    let args = Args::parse();
+    tokio::runtime::Runtime::new()?.block_on(run(args))
+}
+
+/// (seconds, server RSS, workers' RSS, live workers).
+type RssSample = (f64, u64, u64, usize);
+
+#[derive(Default)]
+struct Tally {
+    latency_ms: Vec<f64>,
+    /// Code -> (count, a sample message).
+    errors: BTreeMap<String, (u64, String)>,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let model = std::fs::canonicalize(&args.model)
+        .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
+    let mut spec = modelpool_pool::ModelSpec::new("p", &model);
+    spec.context_length = 1024;
+    let one = modelpool_engine::footprint::predict(&spec)?.total_bytes();
+    let budget = one * args.fit + one / 2;
+    let mut models = String::new();
+    for i in 1..=args.models {
+        models += &format!(
+            "[[models]]\nid = \"m{i}\"\npath = \"{}\"\ncontext_length = 1024\nmax_concurrency = 4\n",
+            model.display()
+        );
+    }
+    let runtime = tempfile::tempdir()?;
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\nmax_concurrent_streams = {}\n\
+         [workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
+         [pool]\nram_budget = \"{budget}\"\nreserve = \"0\"\nqueue_depth = 100\nqueue_timeout = \"30s\"\n{models}",
+        args.streams * 2,
+        runtime.path().display(),
+        std::env::current_exe()?.display(),
+    );
+    let server = modelpool_server::start(Settings::from_toml(&toml, Path::new("/"))?).await?;
+    let channel = Channel::from_shared(format!("http://{}", server.local_addr))?
+        .connect()
+        .await?;
+    let started = Instant::now();
+    let until = started + Duration::from_secs(args.secs);
+    let tally: Arc<Mutex<Tally>> = Arc::default();
+    let rss: Arc<Mutex<Vec<RssSample>>> = Arc::default();
+    let sampler = tokio::spawn({
+        let rss = Arc::clone(&rss);
+        let mut control = ModelControlClient::new(channel.clone());
+        async move {
+            while Instant::now() < until {
+                let me = modelpool_pool::memory::process_rss(std::process::id()).0;
+                let (workers, resident) =
+                    match control.get_pool_status(GetPoolStatusRequest {}).await {
+                        Ok(s) => {
+                            let s = s.into_inner();
+                            let live: Vec<_> =
+                                s.models.iter().filter(|m| m.worker_pid != 0).collect();
+                            (live.iter().map(|m| m.resident_bytes).sum(), live.len())
+                        }
+                        Err(_) => (0, 0),
+                    };
+                rss.lock()
+                    .unwrap()
+                    .push((started.elapsed().as_secs_f64(), me, workers, resident));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    });
+    let clients: Vec<_> = (0..args.streams)
+        .map(|i| {
+            let mut c = InferenceClient::new(channel.clone());
+            let tally = Arc::clone(&tally);
+            let n = args.models;
+            let tokens = args.tokens;
+            tokio::spawn(async move {
+                let mut k = i;
+                while Instant::now() < until {
+                    // Spread over the models, each client moving on after every request.
+                    let id = format!("m{}", k % n + 1);
+                    k += 7;
+                    let t0 = Instant::now();
+                    let req = GenerateRequest {
+                        model: id,
+                        prompt: "The quick brown fox".into(),
+                        sampling: Some(SamplingParams {
+                            max_tokens: Some(tokens),
+                            ..Default::default()
+                        }),
+                    };
+                    let outcome = match c.generate(req).await {
+                        Ok(s) => {
+                            let mut s = s.into_inner();
+                            loop {
+                                match s.message().await {
+                                    Ok(Some(_)) => {}
+                                    Ok(None) => break Ok(()),
+                                    Err(e) => break Err(e),
+                                }
+                            }
+                        }
+                        Err(e) => Err(e),
+                    };
+                    {
+                        let mut t = tally.lock().unwrap();
+                        match outcome {
+                            Ok(()) => t.latency_ms.push(t0.elapsed().as_secs_f64() * 1e3),
+                            Err(e) => {
+                                let entry = t
+                                    .errors
+                                    .entry(format!("{:?}", e.code()))
+                                    .or_insert((0, e.message().to_owned()));
+                                entry.0 += 1;
+                            }
+                        }
+                    }
+                    if Instant::now() < until {
+                        // A refused client backs off briefly instead of spinning.
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.await?;
+    }
+    sampler.await?;
+    let status = ModelControlClient::new(channel.clone())
+        .get_pool_status(GetPoolStatusRequest {})
+        .await?
+        .into_inner();
+    let loads: u64 = status.models.iter().map(|m| m.loads_started).sum();
+    server.stop().await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let t = tally.lock().unwrap();
+    let errors: u64 = t.errors.values().map(|(n, _)| n).sum();
+    println!(
+        "{} streams over {} models for {:.0} s; budget {:.0} MiB ({} of the {:.0} MiB models fit)\n",
+        args.streams,
+        args.models,
+        elapsed,
+        mib(budget),
+        args.fit,
+        mib(one)
+    );
+    println!("| | value |\n|---|---|");
+    println!(
+        "| requests ok | {} ({:.1}/s) |",
+        t.latency_ms.len(),
+        t.latency_ms.len() as f64 / elapsed
+    );
+    println!("| requests refused or failed | {errors} |");
+    if !t.latency_ms.is_empty() {
+        println!(
+            "| latency p50 / p99 (ms) | {:.0} / {:.0} |",
+            median(&t.latency_ms),
+            percentile(&t.latency_ms, 0.99)
+        );
+    }
+    println!("| loads started (all models) | {loads} |");
+    println!("\n| code | count | sample message |\n|---|---|---|");
+    for (code, (n, msg)) in &t.errors {
+        println!("| {code} | {n} | {} |", msg.replace('|', "/"));
+    }
+    println!("\n| t (s) | server RSS (MiB) | workers RSS (MiB) | workers |\n|---|---|---|---|");
+    let rss = rss.lock().unwrap();
+    let step = (rss.len() / 8).max(1);
+    for (i, (ts, me, w, n)) in rss.iter().enumerate() {
+        if i % step == 0 || i + 1 == rss.len() {
+            println!("| {ts:.0} | {:.0} | {:.0} | {n} |", mib(*me), mib(*w));
+        }
+    }
+    Ok(())
+}
