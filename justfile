@@ -22,6 +22,16 @@ bench-footprint: fetch-models
 soak cycles="500": fetch-models
     cargo run -p modelpool-benches --bin load_cycles -- --cycles {{cycles}}
 
+# The seed scenario: small models under load while a swap slot alternates between two
+# 7B-shaped synthetic models (make them first with `just synth-model 7b ...`); writes
+# benches/swap_scenario.svg.
+bench-swap phase="90": fetch-models
+    cargo run -p modelpool-benches --bin swap_scenario -- --phase-secs {{phase}}
+
+# 200 streams across 5 models for 60 s under a budget that holds 3.
+loadgen secs="60": fetch-models
+    cargo run -p modelpool-benches --bin loadgen -- --secs {{secs}}
+
 # A synthetic llama GGUF (random weights, real shape: 1b or 7b) for benchmarks.
 synth-model shape="1b" out="models/synth-llama-1b-q4_0.gguf": fetch-models
     cargo run -p modelpool-benches --bin synth_gguf -- --shape {{shape}} --out {{out}}

@@ -138,7 +138,7 @@ pub fn memory_plot(
         TOP,
         H - BOTTOM,
         x(phase_boundary) + 4.0,
-        TOP - 8.0
+        TOP + 12.0
     );
     // Axes.
     let _ = writeln!(
