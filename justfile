@@ -53,3 +53,17 @@ fetch-tools:
     scripts/fetch-tools.sh
     scripts/fetch-prom-parser.sh
     scripts/fetch-k8s-tools.sh
+
+# cargo-fuzz passes nightly-only flags (-Zsanitizer=address), so RUSTC_BOOTSTRAP=1 lets
+# the stable toolchain take them; --debug-assertions turns overflow into a crash, as in
+# the dev builds the server runs as. Corpora grow in fuzz/corpus (ignored); the checked-in
+# seeds stay in fuzz/seeds; crashes land in fuzz/artifacts.
+# Fuzz the GGUF header parser and size parsing, 60 s each (cargo-fuzz, libFuzzer).
+fuzz secs="60":
+    cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --version 0.13.2 --locked
+    for target in gguf_header parse_bytes; do \
+        mkdir -p fuzz/corpus/$target; \
+        RUSTC_BOOTSTRAP=1 cargo fuzz run --debug-assertions $target \
+            fuzz/corpus/$target fuzz/seeds/$target \
+            -- -max_total_time={{secs}} -malloc_limit_mb=64; \
+    done

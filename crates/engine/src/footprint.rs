@@ -71,19 +71,46 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
     let shape = info
         .kv_shape()
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", spec.source)))?;
+    // A hostile header can claim any shape: every product is checked, and one that
+    // overflows is an invalid model, not a panic or a wrapped small number.
+    let implausible = || {
+        BackendError::InvalidModel(format!(
+            "{}: implausible shape (layers {}, kv heads {}, head size {}): its footprint overflows 64 bits",
+            spec.source, shape.layers, shape.kv_heads, shape.head_dim
+        ))
+    };
     let context = u64::from(spec.context_length).min(shape.max_context.unwrap_or(u64::MAX));
     let blocks = context.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
-    let per_sequence = shape.kv_bytes(blocks, KV_ELEMENT_BYTES) * KV_HALVES / 2;
-    let kv_bytes = per_sequence * u64::from(spec.max_sequences.max(1));
-    let activation_bytes = ACTIVATION_BYTES_PER_TOKEN_SQ * context * context;
-    let weights_bytes = info.weight_bytes + embedding_table_bytes(info);
+    let one = shape.kv_bytes(blocks, KV_ELEMENT_BYTES);
+    let per_sequence = (one != u64::MAX)
+        .then(|| one.checked_mul(KV_HALVES))
+        .flatten()
+        .ok_or_else(implausible)?
+        / 2;
+    let kv_bytes = per_sequence
+        .checked_mul(u64::from(spec.max_sequences.max(1)))
+        .ok_or_else(implausible)?;
+    let activation_bytes = ACTIVATION_BYTES_PER_TOKEN_SQ
+        .checked_mul(context)
+        .and_then(|b| b.checked_mul(context))
+        .ok_or_else(implausible)?;
+    let weights_bytes = embedding_table_bytes(info)
+        .and_then(|e| e.checked_add(info.weight_bytes))
+        .ok_or_else(implausible)?;
+    let sum = |overhead: u64| {
+        weights_bytes
+            .checked_add(kv_bytes)
+            .and_then(|b| b.checked_add(activation_bytes))
+            .and_then(|b| b.checked_add(overhead))
+            .ok_or_else(implausible)
+    };
     let (overhead_bytes, charge) = match spec.device {
         Device::Cpu => {
-            let total = weights_bytes + kv_bytes + activation_bytes + CPU_OVERHEAD_BYTES;
+            let total = sum(CPU_OVERHEAD_BYTES)?;
             (CPU_OVERHEAD_BYTES, Charge::on(Device::Cpu, total))
         }
         gpu @ Device::Cuda(_) => {
-            let on_gpu = weights_bytes + kv_bytes + activation_bytes + GPU_OVERHEAD_BYTES;
+            let on_gpu = sum(GPU_OVERHEAD_BYTES)?;
             let mut charge = Charge::on(gpu, on_gpu);
             charge.0.insert(Device::Cpu, GPU_HOST_OVERHEAD_BYTES);
             (GPU_OVERHEAD_BYTES + GPU_HOST_OVERHEAD_BYTES, charge)
@@ -98,12 +125,53 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
     })
 }
 
-/// Bytes of the token embedding as a dense f32 table (vocabulary x hidden size).
-fn embedding_table_bytes(info: &GgufInfo) -> u64 {
+/// Bytes of the token embedding as a dense f32 table (vocabulary x hidden size);
+/// `None` when the header's numbers overflow.
+fn embedding_table_bytes(info: &GgufInfo) -> Option<u64> {
     let hidden = info.arch_u64("embedding_length").unwrap_or(0);
     let vocab = match info.metadata.get("tokenizer.ggml.tokens") {
         Some(gguf::Value::Array(n)) => *n,
         _ => 0,
     };
-    vocab * hidden * 4
+    vocab.checked_mul(hidden)?.checked_mul(4)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn info(layers: i128, hidden: i128, vocab: u64) -> GgufInfo {
+        let int = |v: i128| gguf::Value::Int(v);
+        GgufInfo {
+            version: 3,
+            architecture: "llama".into(),
+            metadata: BTreeMap::from([
+                ("llama.block_count".to_owned(), int(layers)),
+                ("llama.attention.head_count".to_owned(), int(32)),
+                ("llama.attention.head_count_kv".to_owned(), int(8)),
+                ("llama.embedding_length".to_owned(), int(hidden)),
+                (
+                    "tokenizer.ggml.tokens".to_owned(),
+                    gguf::Value::Array(vocab),
+                ),
+            ]),
+            tensor_count: 0,
+            weight_bytes: 1 << 30,
+        }
+    }
+
+    #[test]
+    fn hostile_shapes_are_invalid_models_not_panics() {
+        let spec = ModelSpec::new("m", "/m.gguf");
+        assert!(predict_from(&info(32, 4096, 32000), &spec).is_ok());
+        for bad in [
+            info(0xa900_0000_0002, 4096, 32000),
+            info(32, 1 << 60, 32000),
+            info(32, 4096, u64::MAX / 2),
+        ] {
+            let err = predict_from(&bad, &spec).unwrap_err();
+            assert!(err.to_string().contains("implausible shape"), "{err}");
+        }
+    }
 }

@@ -99,9 +99,18 @@ pub struct KvShape {
 }
 
 impl KvShape {
-    /// Bytes of keys and values for `tokens` tokens at `bytes_per_element`.
+    /// Bytes of keys and values for `tokens` tokens at `bytes_per_element`. A shape from
+    /// a hostile header saturates at `u64::MAX`, which no budget admits, not overflows.
     pub fn kv_bytes(&self, tokens: u64, bytes_per_element: u64) -> u64 {
-        2 * self.layers * self.kv_heads * self.head_dim * tokens * bytes_per_element
+        [
+            self.layers,
+            self.kv_heads,
+            self.head_dim,
+            tokens,
+            bytes_per_element,
+        ]
+        .into_iter()
+        .fold(2, u64::saturating_mul)
     }
 }
 
@@ -365,6 +374,20 @@ mod tests {
         // Claim a 2^40-byte key: refused before any allocation.
         h[24..32].copy_from_slice(&(1u64 << 40).to_le_bytes());
         assert!(matches!(parse(&h[..]), Err(GgufError::Corrupt(_))));
+    }
+
+    #[test]
+    fn huge_kv_shape_saturates_instead_of_overflowing() {
+        // Found by `just fuzz` (gguf_header): llama with 0xa900_0000_0002 layers, in u64.
+        let hostile = b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\x04\0\0\0\0\0\0\0\
+            \x14\0\0\0\0\0\0\0general.architecture\x08\0\0\0\x05\0\0\0\0\0\0\0llama\
+            \x11\0\0\0\0\0\0\0llama.block_count\x0a\0\0\0\x02\0\0\0\0\xa9\0\0\
+            \x1a\0\0\0\0\0\0\0llama.attention.head_count\x04\0\0\0\x04\0\0\0\
+            \x16\0\0\0\0\0\0\0llama.embedding_length\x04\0\0\0\x40\0\0\0";
+        let shape = parse(&hostile[..]).unwrap().kv_shape().unwrap();
+        assert_eq!(shape.layers, 0xa900_0000_0002);
+        assert_eq!(shape.kv_bytes(4096, 2), u64::MAX);
+        assert_eq!(shape.kv_bytes(0, 2), 0);
     }
 
     #[test]
