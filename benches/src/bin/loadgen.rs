@@ -46,6 +46,26 @@ fn main() -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(run(args))
 }
 
+/// Errors grouped by code and reason: the message up to its first colon, with model
+/// ids and numbers blanked ("ResourceExhausted: model `mN` does not fit").
+fn reason_key(code: tonic::Code, message: &str) -> String {
+    let head = message.split(':').next().unwrap_or("");
+    let mut out = String::new();
+    let mut last_digit = false;
+    for c in head.chars() {
+        if c.is_ascii_digit() || c == '.' && last_digit {
+            if !last_digit {
+                out.push('N');
+            }
+            last_digit = true;
+        } else {
+            out.push(c);
+            last_digit = false;
+        }
+    }
+    format!("{code:?}: {out}")
+}
+
 /// (seconds, server RSS, workers' RSS, live workers).
 type RssSample = (f64, u64, u64, usize);
 
@@ -151,7 +171,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             Err(e) => {
                                 let entry = t
                                     .errors
-                                    .entry(format!("{:?}", e.code()))
+                                    .entry(reason_key(e.code(), e.message()))
                                     .or_insert((0, e.message().to_owned()));
                                 entry.0 += 1;
                             }
@@ -202,7 +222,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!("| loads started (all models) | {loads} |");
-    println!("\n| code | count | sample message |\n|---|---|---|");
+    println!("\n| code: reason | count | sample message |\n|---|---|---|");
     for (code, (n, msg)) in &t.errors {
         println!("| {code} | {n} | {} |", msg.replace('|', "/"));
     }
