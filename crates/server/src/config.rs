@@ -169,6 +169,8 @@ struct RawServer {
     drain_timeout: Option<String>,
     max_concurrent_streams: Option<u32>,
     tls: Option<RawTls>,
+    /// Listening beyond loopback is an explicit choice.
+    allow_remote: Option<bool>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -435,6 +437,26 @@ impl Settings {
             models.push(spec);
         }
         let groups = groups(raw.groups, &models)?;
+        // A sidecar listens on loopback. Anything else must be asked for, so a typo or
+        // a stray environment variable cannot expose the API (or its metrics) to the
+        // network.
+        if raw.server.allow_remote != Some(true) {
+            let mm = modelmesh.as_ref().map(|m| m.listen);
+            for (key, addr) in [
+                ("server.listen", Some(listen)),
+                ("server.metrics_listen", metrics_listen),
+                ("modelmesh.listen", mm),
+            ] {
+                if let Some(addr) = addr.filter(|a: &SocketAddr| !a.ip().is_loopback()) {
+                    return Err(invalid(
+                        key,
+                        format!(
+                            "{addr} is reachable from other hosts; set server.allow_remote = true to serve them (and consider [auth] tokens and [server.tls])"
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(Settings {
             groups,
             listen,
@@ -845,6 +867,11 @@ mod tests {
             ("[pool]\nram_budget = \"6 parsecs\"", "pool.ram_budget"),
             ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
             ("[pool]\nqueue_depth = 0", "pool.queue_depth"),
+            ("[server]\nlisten = \"0.0.0.0:50051\"", "server.listen"),
+            (
+                "[server]\nmetrics_listen = \"10.0.0.1:9464\"",
+                "server.metrics_listen",
+            ),
             (
                 "[storage]\nspill_dir = \"/s\"\nspill_budget = \"0\"",
                 "storage.spill_budget",

@@ -259,7 +259,8 @@ async fn garbage_in_the_spill_dir_is_discarded_at_startup() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefetch_warms_the_page_cache_and_eviction_for_room_drops_it() {
     // Two distinct files (hard links would share pages) on the real disk.
-    let dir = tempfile::tempdir_in(modelpool_tests::repo_root().join("target")).unwrap();
+    // (tmpfs pages cannot be dropped, and /tmp may be tmpfs: use the checkout's disk.)
+    let dir = tempfile::tempdir_in(modelpool_tests::repo_root()).unwrap();
     let a = dir.path().join("a.gguf");
     let b = dir.path().join("b.gguf");
     std::fs::copy(model_path(), &a).unwrap();
