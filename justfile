@@ -58,10 +58,10 @@ fetch-tools:
 # the stable toolchain take them; --debug-assertions turns overflow into a crash, as in
 # the dev builds the server runs as. Corpora grow in fuzz/corpus (ignored); the checked-in
 # seeds stay in fuzz/seeds; crashes land in fuzz/artifacts.
-# Fuzz the GGUF header parser and size parsing, 60 s each (cargo-fuzz, libFuzzer).
+# Fuzz the GGUF header parser, size parsing and the configuration parser, 60 s each.
 fuzz secs="60":
     cargo fuzz --version >/dev/null 2>&1 || cargo install cargo-fuzz --version 0.13.2 --locked
-    for target in gguf_header parse_bytes; do \
+    for target in gguf_header parse_bytes config_toml; do \
         mkdir -p fuzz/corpus/$target; \
         RUSTC_BOOTSTRAP=1 cargo fuzz run --debug-assertions $target \
             fuzz/corpus/$target fuzz/seeds/$target \
