@@ -51,6 +51,9 @@ struct Args {
     /// RAM budget; default: what the models need (each small, one large) plus 10%.
     #[arg(long)]
     budget: Option<String>,
+    /// `workers.load_nice`: the CPU priority a loading worker yields (0: none).
+    #[arg(long, default_value_t = 10)]
+    load_nice: i32,
     #[arg(long, default_value = "benches/swap_scenario.svg")]
     svg: PathBuf,
 }
@@ -137,10 +140,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let runtime = tempfile::tempdir()?;
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\nload_timeout = \"600s\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\nload_timeout = \"600s\"\nload_nice = {}\n\
          [pool]\nram_budget = \"{budget}\"\nreserve = \"0\"\nqueue_timeout = \"600s\"\n{models}",
         runtime.path().display(),
         std::env::current_exe()?.display(),
+        args.load_nice,
     );
     let server = modelpool_server::start(Settings::from_toml(&toml, Path::new("/"))?).await?;
     let channel = Channel::from_shared(format!("http://{}", server.local_addr))?

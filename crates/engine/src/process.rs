@@ -31,6 +31,10 @@ pub struct WorkerBackendConfig {
     pub runtime_dir: PathBuf,
     /// A worker not ready after this long is killed and the load fails.
     pub load_timeout: Duration,
+    /// Nice value a worker loads at (0: none), so a load, which keeps every core busy
+    /// for seconds, yields the CPU to the models already serving. Set back to 0 once
+    /// ready where the process may raise priority (root or CAP_SYS_NICE).
+    pub load_nice: i32,
 }
 
 /// Starts one worker process per resident model.
@@ -135,6 +139,7 @@ impl WorkerProcess {
             cmd.env("CUDA_VISIBLE_DEVICES", ordinal);
         }
         die_with_parent(&mut cmd);
+        load_at_low_priority(&mut cmd, config.load_nice);
         let mut child = cmd.spawn().map_err(|e| {
             BackendError::Failed(format!(
                 "cannot start worker {}: {e}",
@@ -182,6 +187,9 @@ impl WorkerProcess {
                 )));
             }
         };
+        if config.load_nice > 0 {
+            restore_priority(pid);
+        }
         // Keep draining stdout so the worker never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
@@ -314,6 +322,51 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
 
 /// Asks the kernel to SIGKILL the child when the server dies (Linux), in addition to
 /// the stdin end-of-file the worker watches for.
+/// Starts the worker at nice `nice`; every thread it creates inherits it.
+fn load_at_low_priority(cmd: &mut Command, nice: i32) {
+    if nice <= 0 {
+        return;
+    }
+    // SAFETY: setpriority is a plain syscall, async-signal-safe between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setpriority(libc::PRIO_PROCESS, 0, nice);
+            Ok(())
+        });
+    }
+}
+
+/// Puts every thread of a worker that finished loading back at nice 0. Lowering a nice
+/// value needs privilege; without it the worker keeps its load priority (logged once).
+fn restore_priority(pid: u32) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    let mut refused = false;
+    for task in tasks.flatten() {
+        let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<libc::id_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: plain syscall on a thread id of our own child.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) } != 0 {
+            refused = true;
+        }
+    }
+    if refused {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            tracing::info!(
+                pid,
+                "workers keep their load priority (raising it back needs CAP_SYS_NICE)"
+            );
+        });
+    }
+}
+
 fn die_with_parent(cmd: &mut Command) {
     #[cfg(target_os = "linux")]
     {

@@ -117,6 +117,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         worker_exe,
         runtime_dir: runtime_dir.clone(),
         load_timeout: settings.load_timeout,
+        load_nice: settings.load_nice,
     });
     let probe = Arc::new(SystemProbe::new());
     let mut pool_config = pool_config(&settings.pool, probe.as_ref());

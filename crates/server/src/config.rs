@@ -52,6 +52,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// A worker not ready after this long is killed.
     pub load_timeout: Duration,
+    /// Nice value of a loading worker (0: off); see `WorkerBackendConfig::load_nice`.
+    pub load_nice: i32,
     /// Where the private socket directory is created.
     pub runtime_dir: PathBuf,
     /// The binary that runs workers; the running executable when unset.
@@ -195,6 +197,7 @@ pub struct TlsSettings {
 #[serde(deny_unknown_fields)]
 struct RawWorkers {
     load_timeout: Option<String>,
+    load_nice: Option<i32>,
     runtime_dir: Option<PathBuf>,
     exe: Option<PathBuf>,
 }
@@ -382,6 +385,13 @@ impl Settings {
         if load_timeout.is_zero() {
             return Err(invalid("workers.load_timeout", "must be above zero"));
         }
+        let load_nice = raw.workers.load_nice.unwrap_or(10);
+        if !(0..=19).contains(&load_nice) {
+            return Err(invalid(
+                "workers.load_nice",
+                format!("must be 0..=19 (0 turns it off), got {load_nice}"),
+            ));
+        }
         let pool = pool_settings(raw.pool)?;
         let modelmesh = raw
             .modelmesh
@@ -467,6 +477,7 @@ impl Settings {
             max_concurrent_streams,
             tls,
             load_timeout,
+            load_nice,
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),
             worker_exe: raw.workers.exe,
             pool,
@@ -868,6 +879,7 @@ mod tests {
             ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
             ("[pool]\nqueue_depth = 0", "pool.queue_depth"),
             ("[server]\nlisten = \"0.0.0.0:50051\"", "server.listen"),
+            ("[workers]\nload_nice = 20", "workers.load_nice"),
             (
                 "[server]\nmetrics_listen = \"10.0.0.1:9464\"",
                 "server.metrics_listen",

@@ -105,6 +105,7 @@ impl Reloader {
                 current.runtime_dir != new.runtime_dir,
             ),
             ("workers.exe", current.worker_exe != new.worker_exe),
+            ("workers.load_nice", current.load_nice != new.load_nice),
             (
                 "pool.reserve",
                 current.pool.reserve_bytes != new.pool.reserve_bytes,
