@@ -35,6 +35,9 @@ pub const MARKER: &str = "MODELPOOL_SPILL_DIR";
 const DATA_EXT: &str = "gguf";
 const META_EXT: &str = "json";
 const TMP_EXT: &str = "tmp";
+/// After a failed spill (a full disk, an I/O error), the same file is not tried again
+/// for this long.
+const SPILL_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -138,6 +141,9 @@ pub struct Store {
     shared: Arc<Shared>,
     /// One download at a time per key.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Keys whose last spill failed, and when: not retried for [`SPILL_RETRY_AFTER`], so
+    /// a full disk does not cost a failed copy at every load.
+    failed: Mutex<HashMap<String, Instant>>,
     client: reqwest::Client,
 }
 
@@ -302,6 +308,7 @@ impl Store {
             index,
             shared,
             fetching: Mutex::new(HashMap::new()),
+            failed: Mutex::new(HashMap::new()),
             client: reqwest::Client::builder()
                 .connect_timeout(Duration::from_secs(10))
                 .build()
@@ -504,9 +511,31 @@ impl Store {
         Ok(())
     }
 
+    /// Whether spilling `key` is worth trying now (no recent failure).
+    pub fn should_spill(&self, key: &str) -> bool {
+        lock(&self.failed)
+            .get(key)
+            .is_none_or(|t| t.elapsed() >= SPILL_RETRY_AFTER)
+    }
+
     /// Puts a local model file into the directory under `key` (a hard link when it is
-    /// on the same file system, else a copy), unless it is there already. Blocking.
+    /// on the same file system, else a copy), unless it is there already. Blocking. A
+    /// failure is remembered (see [`should_spill`](Self::should_spill)).
     pub fn spill_file(
+        &self,
+        key: &str,
+        src: &Path,
+    ) -> Result<(Arc<Artifact>, SpillHow), StoreError> {
+        let outcome = self.spill_file_once(key, src);
+        let mut failed = lock(&self.failed);
+        match &outcome {
+            Ok(_) => failed.remove(key),
+            Err(_) => failed.insert(key.to_owned(), Instant::now()),
+        };
+        outcome
+    }
+
+    fn spill_file_once(
         &self,
         key: &str,
         src: &Path,

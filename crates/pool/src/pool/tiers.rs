@@ -149,7 +149,7 @@ pub(super) fn loaded<B: Backend>(inner: &Arc<Inner<B>>, id: &str, resolved: &Res
         return;
     };
     store.protect(&key);
-    if resolved.from_spill || store.lookup(&key).is_some() {
+    if resolved.from_spill || store.lookup(&key).is_some() || !store.should_spill(&key) {
         return;
     }
     let store = Arc::clone(store);

@@ -115,10 +115,14 @@ fn a_file_larger_than_the_budget_is_not_spilled_and_leaves_nothing() {
     let spill = root.path().join("spill");
     let (store, _) = Store::open(&spill, 1000).unwrap();
     let src = source(root.path(), "big", 5000);
-    let err = store
-        .spill_file(&path_key(&src).unwrap(), &src)
-        .unwrap_err();
+    let key = path_key(&src).unwrap();
+    assert!(store.should_spill(&key));
+    let err = store.spill_file(&key, &src).unwrap_err();
     assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+    assert!(
+        !store.should_spill(&key),
+        "a failed spill is not retried at once"
+    );
     assert_eq!(names(&spill), vec![MARKER.to_owned()]);
 }
 
