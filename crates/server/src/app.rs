@@ -283,11 +283,7 @@ async fn serve(
         health_for_shutdown
             .set_not_serving::<ModelControlServer<ControlService>>()
             .await;
-        while pool_for_drain
-            .snapshot()
-            .iter()
-            .any(|m| m.in_flight > 0 || m.waiting > 0)
-        {
+        while pool_for_drain.has_requests() {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     };

@@ -2,17 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use modelpool_proto::v1::{GetModelRequest, ModelState};
+use modelpool_proto::v1::ModelState;
 use modelpool_tests::{chat, eventually, greedy, model_toml, settings_toml, TestServer};
 use tonic::Code;
-
-async fn model(t: &TestServer, id: &str) -> modelpool_proto::v1::ModelInfo {
-    t.control()
-        .get_model(GetModelRequest { id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
@@ -20,7 +12,7 @@ async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
         model_toml("a", "context_length = 1024\n") + &model_toml("b", "context_length = 1024\n");
     let t = TestServer::start_with(|runtime| settings_toml("", &models, runtime)).await;
     assert!(t.ask_capital("b").await.contains("Paris"));
-    let b_before = model(&t, "b").await;
+    let b_before = t.model("b").await;
 
     let long = chat(
         "a",
@@ -29,7 +21,7 @@ async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
     );
     let mut stream = t.inference().chat(long).await.unwrap().into_inner();
     stream.message().await.unwrap().expect("a is generating");
-    let victim = model(&t, "a").await.worker_pid;
+    let victim = t.model("a").await.worker_pid;
     // SAFETY: kill(2) on a worker process this test's server started.
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
     let killed_at = Instant::now();
@@ -48,13 +40,13 @@ async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
     );
 
     // The pool notices: a is cold again with the reason, its bytes are released.
-    let mut a = model(&t, "a").await;
+    let mut a = t.model("a").await;
     for _ in 0..100 {
         if a.state() == ModelState::Failed {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        a = model(&t, "a").await;
+        a = t.model("a").await;
     }
     assert_eq!(a.state(), ModelState::Failed);
     assert!(a.last_error.contains("SIGKILL"), "{}", a.last_error);
@@ -66,10 +58,10 @@ async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
     );
 
     // b never noticed; a's next request starts a fresh worker and answers.
-    assert_eq!(model(&t, "b").await.worker_pid, b_before.worker_pid);
+    assert_eq!(t.model("b").await.worker_pid, b_before.worker_pid);
     assert!(t.ask_capital("b").await.contains("Paris"));
     assert!(t.ask_capital("a").await.contains("Paris"));
-    let fresh = model(&t, "a").await.worker_pid;
+    let fresh = t.model("a").await.worker_pid;
     assert!(fresh != 0 && fresh != victim);
     assert!(
         eventually(Duration::from_secs(1), || !modelpool_tests::process_alive(

@@ -10,8 +10,7 @@ use std::time::Duration;
 use modelpool_proto::v1::model_control_client::ModelControlClient;
 use modelpool_proto::v1::pool_event::Kind;
 use modelpool_proto::v1::{
-    EvictModelRequest, GetModelRequest, GetPoolStatusRequest, LoadModelRequest, ModelInfo,
-    ModelState, WatchEventsRequest,
+    EvictModelRequest, GetPoolStatusRequest, LoadModelRequest, ModelState, WatchEventsRequest,
 };
 use modelpool_tests::{
     ask_capital, chat, connect_when_up, free_port, greedy, model_path, model_toml, modelpool_exe,
@@ -97,14 +96,6 @@ fn storage(spill: &Path, budget: &str) -> String {
     )
 }
 
-async fn model(control: &mut ModelControlClient<tonic::transport::Channel>, id: &str) -> ModelInfo {
-    control
-        .get_model(GetModelRequest { id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 fn listing(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
@@ -127,11 +118,11 @@ async fn a_url_model_is_downloaded_once_and_reloads_from_the_spill_dir() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(model(&mut control, "remote").await.tier, "source");
+    assert_eq!(t.model("remote").await.tier, "source");
 
     assert!(t.ask_capital("remote").await.contains("Paris"));
     assert_eq!(source.requests(), 1);
-    let m = model(&mut control, "remote").await;
+    let m = t.model("remote").await;
     assert_eq!((m.tier.as_str(), m.spilled_bytes), ("resident", 98_362_432));
     assert!(
         m.file.starts_with(&spill.path().display().to_string()),
@@ -148,7 +139,7 @@ async fn a_url_model_is_downloaded_once_and_reloads_from_the_spill_dir() {
         })
         .await
         .unwrap();
-    let m = model(&mut control, "remote").await;
+    let m = t.model("remote").await;
     assert!(m.tier == "warm" || m.tier == "spilled", "{}", m.tier);
     assert!(t.ask_capital("remote").await.contains("Paris"));
     assert_eq!(source.requests(), 1, "the reload read the spill directory");
@@ -172,10 +163,7 @@ async fn a_url_model_is_downloaded_once_and_reloads_from_the_spill_dir() {
     // A new server over the same directory verifies the artifact and uses it.
     let t = TestServer::start_with(|rt| settings_toml(&storage(spill.path(), "1GiB"), &models, rt))
         .await;
-    assert_eq!(
-        model(&mut t.control(), "remote").await.spilled_bytes,
-        98_362_432
-    );
+    assert_eq!(t.model("remote").await.spilled_bytes, 98_362_432);
     assert!(t.ask_capital("remote").await.contains("Paris"));
     assert_eq!(source.requests(), 1, "after a restart too");
     t.stop().await;
@@ -203,7 +191,7 @@ async fn a_download_with_the_wrong_checksum_is_refused_and_leaves_nothing() {
         err.message()
     );
     assert_eq!(listing(spill.path()), vec!["MODELPOOL_SPILL_DIR"]);
-    let m = model(&mut t.control(), "remote").await;
+    let m = t.model("remote").await;
     assert_eq!((m.state(), m.worker_pid), (ModelState::Failed, 0));
     assert!(
         m.last_error.contains("checksum mismatch"),
@@ -243,10 +231,9 @@ async fn garbage_in_the_spill_dir_is_discarded_at_startup() {
     assert_eq!((usage.artifacts, usage.used_bytes), (0, 0));
     // The path model still serves, and its file is spilled (hard-linked) after load.
     assert!(t.ask_capital("smollm2").await.contains("Paris"));
-    let mut control = t.control();
     let mut spilled = false;
     for _ in 0..100 {
-        if model(&mut control, "smollm2").await.spilled_bytes == 98_362_432 {
+        if t.model("smollm2").await.spilled_bytes == 98_362_432 {
             spilled = true;
             break;
         }
@@ -283,7 +270,7 @@ async fn prefetch_warms_the_page_cache_and_eviction_for_room_drops_it() {
         std::fs::File::open(f).unwrap().sync_all().unwrap();
         modelpool_pool::store::pagecache::drop_cached(f).unwrap();
     }
-    assert!(model(&mut control, "a").await.page_cache_bytes < 10 << 20);
+    assert!(t.model("a").await.page_cache_bytes < 10 << 20);
     let r = control
         .load_model(LoadModelRequest {
             id: "a".into(),
@@ -307,7 +294,7 @@ async fn prefetch_warms_the_page_cache_and_eviction_for_room_drops_it() {
     assert!(t.ask_capital("a").await.contains("Paris"));
     // `b` needs the room: `a` is evicted for it, and its pages go with it.
     assert!(t.ask_capital("b").await.contains("Paris"));
-    let m = model(&mut control, "a").await;
+    let m = t.model("a").await;
     assert_eq!(m.state(), ModelState::Registered);
     assert!(
         m.page_cache_bytes < m.file_bytes / 10,

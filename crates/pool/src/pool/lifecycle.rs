@@ -149,7 +149,7 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
     tokio::spawn(async move {
         let how = instance.exited().await;
         let Some(inner) = inner.upgrade() else { return };
-        let freed_bytes = {
+        let (freed_bytes, resolved) = {
             let mut st = inner.lock();
             let Ok(entry) = st.entry(&id) else { return };
             let same =
@@ -168,7 +168,6 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
             st.lru.pop(&id);
             (charge.total(), resolved)
         };
-        let (freed_bytes, resolved) = freed_bytes;
         tracing::warn!(model = %id, pid = ?instance.pid(), %how, "worker died; model is cold again");
         let reason = EvictReason::Crashed { detail: how };
         tiers::stopped(&inner, resolved.as_ref(), &reason);

@@ -208,6 +208,16 @@ impl<B: Backend> Pool<B> {
         Ok(finish_row(&self.inner, row))
     }
 
+    /// Whether any request holds or waits for a model: what a drain polls. Reads only
+    /// the table, unlike [`snapshot`](Self::snapshot), which also reads `/proc`, the
+    /// page cache and the spill index.
+    pub fn has_requests(&self) -> bool {
+        let st = self.inner.lock();
+        st.models
+            .values()
+            .any(|e| e.in_flight > 0 || e.interest > 0)
+    }
+
     /// Budgets, usage and free room per device, and every model.
     pub fn status(&self) -> PoolStatus {
         let machine = self.inner.probe.devices();
