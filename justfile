@@ -36,6 +36,12 @@ loadgen secs="60": fetch-models
 synth-model shape="1b" out="models/synth-llama-1b-q4_0.gguf": fetch-models
     cargo run -p modelpool-benches --bin synth_gguf -- --shape {{shape}} --out {{out}}
 
+# For mistral.rs' normal (non-GGUF) pipeline and ISQ: BF16 weights, config, tokenizer
+# and chat template; `cargo run -p modelpool-benches --bin st_check` checks it.
+# SmolLM2 dequantized into a safetensors model directory, models/smollm2-135m-st.
+st-model: fetch-models
+    cargo run -p modelpool-benches --bin gguf_to_safetensors -- --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2-135m-st
+
 fmt:
     cargo fmt --all
 

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+pub mod dequant;
 pub mod svg;
 pub mod synth;
 

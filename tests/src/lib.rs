@@ -27,6 +27,34 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// A safetensors model directory with SmolLM2's real weights (dequantized from its
+/// GGUF by `modelpool_benches::dequant`), made once per checkout under `target/`
+/// and reused: written into a temporary directory and renamed into place, so
+/// concurrent test processes never see half of one.
+pub fn safetensors_model_dir() -> PathBuf {
+    static MADE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = repo_root()
+        .join("target")
+        .join("test-models")
+        .join("smollm2-135m-st");
+    if dir.join("config.json").is_file() {
+        return dir;
+    }
+    let parent = dir.parent().expect("has a parent");
+    std::fs::create_dir_all(parent).expect("creating target/test-models");
+    let tmp = tempfile::tempdir_in(parent).expect("tempdir");
+    modelpool_benches::dequant::gguf_to_safetensors(&model_path(), tmp.path())
+        .expect("dequantizing SmolLM2 into a safetensors directory");
+    match std::fs::rename(tmp.path(), &dir) {
+        Ok(()) => std::mem::forget(tmp),
+        // Another process made it first; ours is removed with `tmp`.
+        Err(_) if dir.join("config.json").is_file() => {}
+        Err(e) => panic!("moving the safetensors model into {}: {e}", dir.display()),
+    }
+    dir
+}
+
 /// Path of the SmolLM2 GGUF; panics with the fix when it is missing.
 pub fn model_path() -> PathBuf {
     let p = repo_root().join("models").join(MODEL_FILE);
@@ -168,6 +196,15 @@ impl TestServer {
     }
 
     /// The pool's status now.
+    /// The pool's event stream, from now on.
+    pub async fn events(&self) -> tonic::Streaming<modelpool_proto::v1::PoolEvent> {
+        self.control()
+            .watch_events(modelpool_proto::v1::WatchEventsRequest {})
+            .await
+            .expect("watch_events")
+            .into_inner()
+    }
+
     pub async fn pool_status(&self) -> modelpool_proto::v1::PoolStatus {
         self.control()
             .get_pool_status(modelpool_proto::v1::GetPoolStatusRequest {})

@@ -12,6 +12,7 @@ mod e2e {
     mod ops;
     mod pool;
     mod process;
+    mod quantized;
     mod security;
     mod storage;
     mod swap;

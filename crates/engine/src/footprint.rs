@@ -12,11 +12,12 @@
 //! - a fixed runtime overhead (binary, tokenizer, thread pools).
 
 use modelpool_pool::gguf::{self, GgufInfo};
-use modelpool_pool::{BackendError, Charge, Device, Footprint, ModelSpec};
+use modelpool_pool::{BackendError, Charge, Device, Footprint, ModelFormat, ModelSpec};
 
 /// Fixed resident bytes of a CPU worker besides weights: measured with SmolLM2-135M as
-/// RSS after load less the file's tensors and the f32 embedding table.
-pub const CPU_OVERHEAD_BYTES: u64 = 150 << 20;
+/// RSS after load less the file's tensors and the f32 embedding table (workers skip
+/// mistral.rs' warm-up pass and library backtraces; both were once ~80 MiB of this).
+pub const CPU_OVERHEAD_BYTES: u64 = 71 << 20;
 
 /// Host memory of a GPU worker (runtime, tokenizer, CUDA context); its weights and KV
 /// cache are charged to the GPU. Not measured here (no GPU): an estimate.
@@ -41,6 +42,9 @@ pub const ACTIVATION_BYTES_PER_TOKEN_SQ: u64 = 4;
 
 /// The footprint of `spec`, from its file header.
 pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
+    if spec.format == ModelFormat::Safetensors {
+        return crate::hf::predict(spec);
+    }
     let file = spec.local_file()?;
     let info = gguf::read_header(file)
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", file.display())))?;
@@ -58,6 +62,54 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "qwen3",
     "qwen3moe",
 ];
+
+/// KV cache bytes for `spec`'s context and sequences, and the prefill scratch, for a
+/// model of `shape`; `None` when the numbers overflow.
+pub(crate) fn kv_and_activation(shape: &gguf::KvShape, spec: &ModelSpec) -> Option<(u64, u64)> {
+    let context = u64::from(spec.context_length).min(shape.max_context.unwrap_or(u64::MAX));
+    let blocks = context.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
+    let one = shape.kv_bytes(blocks, KV_ELEMENT_BYTES);
+    let per_sequence = (one != u64::MAX).then(|| one.checked_mul(KV_HALVES))?? / 2;
+    let kv = per_sequence.checked_mul(u64::from(spec.max_sequences.max(1)))?;
+    let activation = ACTIVATION_BYTES_PER_TOKEN_SQ
+        .checked_mul(context)?
+        .checked_mul(context)?;
+    Some((kv, activation))
+}
+
+/// Puts a footprint together: the charge per device for weights, KV cache, scratch
+/// and the engine's overhead on `spec`'s device.
+pub(crate) fn assemble(
+    spec: &ModelSpec,
+    weights_bytes: u64,
+    kv_bytes: u64,
+    activation_bytes: u64,
+) -> Option<Footprint> {
+    let sum = |overhead: u64| {
+        weights_bytes
+            .checked_add(kv_bytes)?
+            .checked_add(activation_bytes)?
+            .checked_add(overhead)
+    };
+    let (overhead_bytes, charge) = match spec.device {
+        Device::Cpu => (
+            CPU_OVERHEAD_BYTES,
+            Charge::on(Device::Cpu, sum(CPU_OVERHEAD_BYTES)?),
+        ),
+        gpu @ Device::Cuda(_) => {
+            let mut charge = Charge::on(gpu, sum(GPU_OVERHEAD_BYTES)?);
+            charge.0.insert(Device::Cpu, GPU_HOST_OVERHEAD_BYTES);
+            (GPU_OVERHEAD_BYTES + GPU_HOST_OVERHEAD_BYTES, charge)
+        }
+    };
+    Some(Footprint {
+        weights_bytes,
+        kv_bytes,
+        overhead_bytes,
+        activation_bytes,
+        charge,
+    })
+}
 
 pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, BackendError> {
     if !SUPPORTED_ARCHITECTURES.contains(&info.architecture.to_ascii_lowercase().as_str()) {
@@ -79,50 +131,11 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
             spec.source, shape.layers, shape.kv_heads, shape.head_dim
         ))
     };
-    let context = u64::from(spec.context_length).min(shape.max_context.unwrap_or(u64::MAX));
-    let blocks = context.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
-    let one = shape.kv_bytes(blocks, KV_ELEMENT_BYTES);
-    let per_sequence = (one != u64::MAX)
-        .then(|| one.checked_mul(KV_HALVES))
-        .flatten()
-        .ok_or_else(implausible)?
-        / 2;
-    let kv_bytes = per_sequence
-        .checked_mul(u64::from(spec.max_sequences.max(1)))
-        .ok_or_else(implausible)?;
-    let activation_bytes = ACTIVATION_BYTES_PER_TOKEN_SQ
-        .checked_mul(context)
-        .and_then(|b| b.checked_mul(context))
-        .ok_or_else(implausible)?;
+    let (kv_bytes, activation_bytes) = kv_and_activation(&shape, spec).ok_or_else(implausible)?;
     let weights_bytes = embedding_table_bytes(info)
         .and_then(|e| e.checked_add(info.weight_bytes))
         .ok_or_else(implausible)?;
-    let sum = |overhead: u64| {
-        weights_bytes
-            .checked_add(kv_bytes)
-            .and_then(|b| b.checked_add(activation_bytes))
-            .and_then(|b| b.checked_add(overhead))
-            .ok_or_else(implausible)
-    };
-    let (overhead_bytes, charge) = match spec.device {
-        Device::Cpu => {
-            let total = sum(CPU_OVERHEAD_BYTES)?;
-            (CPU_OVERHEAD_BYTES, Charge::on(Device::Cpu, total))
-        }
-        gpu @ Device::Cuda(_) => {
-            let on_gpu = sum(GPU_OVERHEAD_BYTES)?;
-            let mut charge = Charge::on(gpu, on_gpu);
-            charge.0.insert(Device::Cpu, GPU_HOST_OVERHEAD_BYTES);
-            (GPU_OVERHEAD_BYTES + GPU_HOST_OVERHEAD_BYTES, charge)
-        }
-    };
-    Ok(Footprint {
-        weights_bytes,
-        kv_bytes,
-        overhead_bytes,
-        activation_bytes,
-        charge,
-    })
+    assemble(spec, weights_bytes, kv_bytes, activation_bytes).ok_or_else(implausible)
 }
 
 /// Bytes of the token embedding as a dense f32 table (vocabulary x hidden size);

@@ -8,6 +8,7 @@
 
 mod error;
 pub mod footprint;
+pub mod hf;
 pub mod llm;
 pub mod process;
 pub mod sampling;

@@ -13,8 +13,9 @@ use futures::Stream;
 use indexmap::IndexMap;
 use mistralrs::{
     GgufModelBuilder, MessageContent, NormalRequest, Request, RequestMessage, Response,
+    TextModelBuilder, UqffTextModelBuilder,
 };
-use modelpool_pool::Device;
+use modelpool_pool::{Device, Quantized, NATIVE_PRECISION};
 use modelpool_proto::v1::{ChatMessage, FinishReason, GenerateChunk, Role, SamplingParams, Usage};
 
 use crate::sampling::{self, StopMatcher, TokenCounter};
@@ -77,21 +78,79 @@ impl LoadedModel {
         // Everything on the one device: the automatic mapper would move layers to the
         // CPU when a GPU is short of memory, with only a log line.
         .with_device_mapping(mistralrs::DeviceMapSetting::dummy());
-        let builder = place(builder, device)?;
+        let builder = if on_cpu(device)? {
+            builder.with_force_cpu()
+        } else {
+            builder
+        };
         let model = builder
             .build()
             .await
             .map_err(|e| EngineError::Load(format!("{e:#}")))?;
+        Ok(Self::new(model, context_length))
+    }
+
+    /// Loads a Hugging Face model directory (config.json, tokenizer.json, safetensors),
+    /// quantized at load to `precision` (mistral.rs ISQ) unless it is `none`. With
+    /// `quantized`, reuses the UQFF a previous load wrote, or writes one for the next.
+    pub async fn load_safetensors(
+        dir: &Path,
+        precision: Option<&str>,
+        quantized: Option<&Quantized>,
+        context_length: u32,
+        max_sequences: u32,
+        device: Device,
+    ) -> Result<Self, EngineError> {
+        let isq = match precision.filter(|p| *p != NATIVE_PRECISION) {
+            Some(p) => Some(
+                mistralrs::core::parse_isq_value(p, None)
+                    .map_err(|e| EngineError::Load(format!("precision {p:?}: {e}")))?,
+            ),
+            None => None,
+        };
+        let model_id = dir.to_string_lossy();
+        let base = match (isq, quantized) {
+            (Some(_), Some(Quantized::Reuse(uqff))) => {
+                UqffTextModelBuilder::new(model_id, vec![uqff.clone()]).into_inner()
+            }
+            _ => TextModelBuilder::new(model_id),
+        };
+        let mut builder = base
+            .with_token_source(mistralrs::TokenSource::None)
+            .with_max_num_seqs(max_sequences.max(1) as usize)
+            .with_prefix_cache_n(None)
+            .with_device_mapping(mistralrs::DeviceMapSetting::dummy());
+        if on_cpu(device)? {
+            builder = builder.with_force_cpu();
+        }
+        match (isq, quantized) {
+            (Some(_), Some(Quantized::Reuse(_))) | (None, _) => {}
+            (Some(isq), Some(Quantized::Write(uqff))) => {
+                if let Some(parent) = uqff.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                builder = builder.with_isq(isq).write_uqff(uqff.clone());
+            }
+            (Some(isq), None) => builder = builder.with_isq(isq),
+        }
+        let model = builder
+            .build()
+            .await
+            .map_err(|e| EngineError::Load(format!("{e:#}")))?;
+        Ok(Self::new(model, context_length))
+    }
+
+    fn new(model: mistralrs::Model, context_length: u32) -> Self {
         let model_max = model
             .max_sequence_length()
             .ok()
             .flatten()
             .map_or(u32::MAX, |n| n.min(u32::MAX as usize) as u32);
-        Ok(Self {
+        Self {
             model,
             context_length: context_length.min(model_max),
             counters: Arc::new(Counters::default()),
-        })
+        }
     }
 
     /// The context length in force: the configured one, capped by the model's own.
@@ -368,15 +427,16 @@ impl LoadedModel {
     }
 }
 
-/// Puts every layer on `device`. mistral.rs' GGUF loader ignores `with_device` and
-/// always takes the first visible GPU, so the server starts a GPU worker with
+/// Whether `device` is the CPU (the builder is then forced there); a GPU this build
+/// cannot drive is an error. mistral.rs' loaders ignore `with_device` and always take
+/// the first visible GPU, so the server starts a GPU worker with
 /// `CUDA_VISIBLE_DEVICES=N`: "the first visible GPU" is then GPU N and no other GPU
 /// gets a CUDA context.
-fn place(builder: GgufModelBuilder, device: Device) -> Result<GgufModelBuilder, EngineError> {
+fn on_cpu(device: Device) -> Result<bool, EngineError> {
     match device {
-        Device::Cpu => Ok(builder.with_force_cpu()),
+        Device::Cpu => Ok(true),
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(builder),
+        Device::Cuda(_) => Ok(false),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => Err(EngineError::Load(format!(
             "{device} requested, but this modelpool was built without the `cuda` feature"

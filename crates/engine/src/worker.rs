@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status};
 
 use crate::llm::{LoadedModel, Prompt};
 use crate::EngineError;
+use modelpool_pool::Quantized;
 
 /// Prefix of the line a worker prints on stdout once it serves.
 pub const READY_PREFIX: &str = "MODELPOOL_WORKER_READY ";
@@ -58,12 +59,24 @@ pub struct WorkerArgs {
     /// "cpu" or "cuda:N"; a GPU model loads entirely on that GPU or fails.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// "gguf" (a file) or "safetensors" (a model directory).
+    #[arg(long, default_value = "gguf")]
+    pub format: String,
+    /// Safetensors: quantize to this precision at load ("none" keeps the files' own).
+    #[arg(long)]
+    pub precision: Option<String>,
+    /// Safetensors: load these already-quantized weights (UQFF) instead of quantizing.
+    #[arg(long, conflicts_with = "write_quantized")]
+    pub reuse_quantized: Option<PathBuf>,
+    /// Safetensors: write the quantized weights here (UQFF) for the next load.
+    #[arg(long)]
+    pub write_quantized: Option<PathBuf>,
 }
 
 impl WorkerArgs {
     /// The same arguments as a command line, after the `worker` subcommand.
     pub fn to_args(&self) -> Vec<OsString> {
-        vec![
+        let mut args: Vec<OsString> = vec![
             "--socket".into(),
             self.socket.clone().into(),
             "--model-path".into(),
@@ -76,7 +89,27 @@ impl WorkerArgs {
             self.max_sequences.to_string().into(),
             "--device".into(),
             self.device.clone().into(),
-        ]
+            "--format".into(),
+            self.format.clone().into(),
+        ];
+        let optional = [
+            ("--precision", self.precision.clone().map(OsString::from)),
+            (
+                "--reuse-quantized",
+                self.reuse_quantized.clone().map(OsString::from),
+            ),
+            (
+                "--write-quantized",
+                self.write_quantized.clone().map(OsString::from),
+            ),
+        ];
+        for (flag, value) in optional {
+            if let Some(v) = value {
+                args.push(flag.into());
+                args.push(v);
+            }
+        }
+        args
     }
 }
 
@@ -93,15 +126,34 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
     let started = Instant::now();
     tracing::info!(model = %args.model_id, path = %args.model_path.display(), "worker loading");
     stage("loading weights, tokenizer and chat template");
-    let model = Arc::new(
-        LoadedModel::load_gguf(
-            &args.model_path,
-            args.context_length,
-            args.max_sequences,
-            args.device.parse().map_err(EngineError::Load)?,
-        )
-        .await?,
-    );
+    let device = args.device.parse().map_err(EngineError::Load)?;
+    let model = Arc::new(match args.format.as_str() {
+        "safetensors" => {
+            let quantized = match (&args.reuse_quantized, &args.write_quantized) {
+                (Some(p), _) => Some(Quantized::Reuse(p.clone())),
+                (None, Some(p)) => Some(Quantized::Write(p.clone())),
+                (None, None) => None,
+            };
+            LoadedModel::load_safetensors(
+                &args.model_path,
+                args.precision.as_deref(),
+                quantized.as_ref(),
+                args.context_length,
+                args.max_sequences,
+                device,
+            )
+            .await?
+        }
+        _ => {
+            LoadedModel::load_gguf(
+                &args.model_path,
+                args.context_length,
+                args.max_sequences,
+                device,
+            )
+            .await?
+        }
+    });
     stage("weights loaded; releasing load buffers");
     release_freed_heap();
     let listener = tokio::net::UnixListener::bind(&args.socket)?;

@@ -41,6 +41,8 @@ pub enum EventKind {
     Unregistered,
     LoadStarted {
         predicted_bytes: u64,
+        /// The weight precision chosen, for a model quantized at load.
+        precision: Option<String>,
         /// How long the model's last successful load took, as a forecast.
         expected: Option<Duration>,
     },

@@ -24,6 +24,6 @@ pub use pool::{
 };
 pub use spec::{
     Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec, Progress,
-    Source,
+    Quantized, Source, NATIVE_PRECISION, PRECISIONS,
 };
 pub use store::{Store, StoreError, StoreUsage};

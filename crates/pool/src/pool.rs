@@ -13,17 +13,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lru::LruCache;
-use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::events::{EventKind, EvictReason, PoolEvent};
-use crate::groups::SwapPlan;
-use crate::memory::{DeviceMemory, MemoryProbe};
+use crate::memory::MemoryProbe;
 use crate::store::Store;
-use crate::{
-    Backend, BackendError, Charge, Device, Footprint, Instance, ModelSpec, PoolError, Source,
-};
+use crate::{Backend, BackendError, Device, Instance, ModelSpec, PoolError};
 
+mod admission;
 mod lifecycle;
 mod state;
 mod status;
@@ -108,10 +106,14 @@ impl<B: Backend> Inner<B> {
         instance.shutdown().await;
         let (freed, resolved) = {
             let mut st = self.lock();
-            let resolved = st.models.get(id).and_then(|e| e.resolved.clone());
+            let resolved = st
+                .models
+                .get(id)
+                .map(|e| (e.resolved.clone(), e.quantized_key.clone()))
+                .unwrap_or_default();
             (st.finish_unload(id), resolved)
         };
-        tiers::stopped(self, resolved.as_ref(), &reason);
+        tiers::stopped(self, resolved.0.as_ref(), resolved.1.as_deref(), &reason);
         tracing::info!(model = %id, %reason, freed_bytes = freed, "evicted");
         let freed_bytes = freed;
         self.emit(
@@ -428,8 +430,8 @@ impl<B: Backend> Pool<B> {
                     reason: "there was no room yet: its group's slot was busy or its previous worker was still stopping".into(),
                 });
             }
-            let footprint = self.prediction(id).await?;
-            let available = match footprint {
+            let candidates = self.prediction(id).await?;
+            let available = match candidates {
                 Some(_) => self.inner.probe.devices(),
                 None => Vec::new(),
             };
@@ -473,9 +475,9 @@ impl<B: Backend> Pool<B> {
                         });
                     }
                     Slot::Loading { done, .. } => Some(done.clone()),
-                    Slot::Absent => match footprint {
-                        Some(fp) => {
-                            let started = self.start_load(&mut st, id, fp, &available)?;
+                    Slot::Absent => match candidates {
+                        Some(candidates) => {
+                            let started = self.start_load(&mut st, id, candidates, &available)?;
                             // `None`: its group has no room yet; poll.
                             waited |= started.is_none();
                             started
@@ -522,174 +524,6 @@ impl<B: Backend> Pool<B> {
             };
             outcome?;
         }
-    }
-
-    /// The model's predicted footprint, read from the file its next load reads (found
-    /// or fetched first) and cached per file; `None` when it is resident or loading (no
-    /// prediction needed).
-    async fn prediction(&self, id: &str) -> Result<Option<Footprint>, PoolError> {
-        let spec = {
-            let mut st = self.inner.lock();
-            let entry = st.entry(id)?;
-            if !matches!(entry.slot, Slot::Absent) {
-                return Ok(None);
-            }
-            entry.spec.clone()
-        };
-        let resolved = tiers::resolve(&self.inner, &spec).await?;
-        {
-            let mut st = self.inner.lock();
-            let entry = st.entry(id)?;
-            if entry.spec == spec && entry.resolved.as_ref() == Some(&resolved) {
-                if let Some(fp) = &entry.prediction {
-                    return Ok(Some(fp.clone()));
-                }
-            }
-        }
-        let mut local = spec.clone();
-        local.source = Source::Path(resolved.file.clone());
-        let fp = self.inner.backend.footprint(&local).map_err(|source| {
-            let mut st = self.inner.lock();
-            if let Ok(e) = st.entry(id) {
-                e.last_error = Some(source.to_string());
-            }
-            PoolError::LoadFailed {
-                id: id.to_owned(),
-                source,
-            }
-        })?;
-        let mut st = self.inner.lock();
-        if let Ok(e) = st.entry(id) {
-            if e.spec == spec {
-                e.prediction = Some(fp.clone());
-                e.resolved = Some(resolved);
-            }
-        }
-        Ok(Some(fp))
-    }
-
-    /// Admits `id` (evicting LRU victims if needed), marks it loading and spawns the
-    /// load. Fails at once, evicting nothing, when the model cannot fit.
-    fn start_load(
-        &self,
-        st: &mut State<B::Instance>,
-        id: &str,
-        footprint: Footprint,
-        available: &[DeviceMemory],
-    ) -> Result<Option<watch::Receiver<LoadOutcome>>, PoolError> {
-        let entry = st.entry(id)?;
-        if let Some((failures, retry_in)) = entry.backoff() {
-            return Err(PoolError::CrashLoop {
-                id: id.to_owned(),
-                failures,
-                last_error: entry.last_error.clone().unwrap_or_default(),
-                retry_in,
-            });
-        }
-        let mut forced = Vec::new();
-        let mut swapping = None;
-        if let Some((group, plan)) = st.plan_in_group(id, footprint.total_bytes()) {
-            match plan {
-                SwapPlan::Fits => {}
-                SwapPlan::Evict(victims) => {
-                    forced = victims;
-                    swapping = Some(group);
-                }
-                SwapPlan::Drain(victims) => {
-                    swap::begin_drain(&self.inner, st, group, victims, id);
-                    return Ok(None);
-                }
-                SwapPlan::Wait(reason) => {
-                    tracing::trace!(model = %id, %reason, "waiting for the group");
-                    return Ok(None);
-                }
-                SwapPlan::Never(reason) => {
-                    return Err(PoolError::GroupFull {
-                        id: id.to_owned(),
-                        reason,
-                    })
-                }
-            }
-        }
-        let victims = st
-            .admit(
-                &footprint.charge,
-                available,
-                self.inner.config.headroom_bytes,
-                &forced,
-            )
-            .map_err(|shortfall| {
-                tracing::warn!(model = %id, %shortfall, "model does not fit");
-                PoolError::InsufficientMemory {
-                    id: id.to_owned(),
-                    shortfall,
-                }
-            })?;
-        if let Some(group) = swapping {
-            swap::start_swap(&self.inner, st, group, id);
-        }
-        let evicted: Vec<_> = victims
-            .into_iter()
-            .filter_map(|v| {
-                let reason = if forced.contains(&v) {
-                    EvictReason::Swap {
-                        for_model: id.to_owned(),
-                    }
-                } else {
-                    EvictReason::MakeRoom {
-                        for_model: id.to_owned(),
-                    }
-                };
-                st.take_ready(&v)
-                    .map(|(inst, charge)| (v, inst, reason, charge))
-            })
-            .collect();
-        // The victims stay charged until their workers exit; the load is charged only
-        // what they do not cover, and takes over their bytes as each exits (see
-        // `finish_unload`), so the books never count the same room twice.
-        let mut covered = Charge::default();
-        for (victim, _, _, charge) in &evicted {
-            covered.add(charge);
-            st.handoffs
-                .insert(victim.clone(), (id.to_owned(), footprint.charge.clone()));
-        }
-        let evicted: Vec<_> = evicted
-            .into_iter()
-            .map(|(v, inst, reason, _)| (v, inst, reason))
-            .collect();
-        let (tx, rx) = watch::channel(None);
-        let entry = st.entry(id)?;
-        entry.slot = Slot::Loading {
-            done: rx.clone(),
-            charge: footprint.charge.saturating_sub(&covered),
-        };
-        entry.loads_started += 1;
-        entry.cut_reason = None;
-        let mut spec = entry.spec.clone();
-        let resolved = entry.resolved.clone();
-        if let Some(r) = &resolved {
-            spec.source = Source::Path(r.file.clone());
-        }
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            // The model is expected next: read its file while the victims stop.
-            let warming = match (&resolved, evicted.is_empty()) {
-                (Some(r), false) => Some(tokio::spawn(tiers::warm(r.file.clone()))),
-                _ => None,
-            };
-            for (victim, instance, reason) in evicted {
-                inner.stop_worker(&victim, &instance, reason).await;
-            }
-            if let Some(w) = warming {
-                let _ = w.await;
-            }
-            // At most `max_loads_in_flight` workers start at once; the semaphore
-            // lives as long as the pool.
-            let _permit = Arc::clone(&inner.load_permits).acquire_owned().await;
-            let outcome = lifecycle::run_load(&inner, &spec, footprint, resolved).await;
-            let _ = tx.send(Some(outcome));
-        });
-        Ok(Some(rx))
     }
 
     /// Stops a ready model unless something holds it; `force_pinned` lets unregister

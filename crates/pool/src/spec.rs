@@ -10,15 +10,51 @@ use std::time::Duration;
 /// File format of a model's weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ModelFormat {
+    /// One GGUF file, quantized ahead of time.
     Gguf,
+    /// A Hugging Face model directory (config.json, tokenizer.json, *.safetensors),
+    /// optionally quantized at load (see [`ModelSpec::precisions`]).
+    Safetensors,
 }
 
 impl ModelFormat {
     pub fn as_str(self) -> &'static str {
         match self {
             ModelFormat::Gguf => "gguf",
+            ModelFormat::Safetensors => "safetensors",
         }
     }
+}
+
+/// The precision that keeps a model's weights as its files store them.
+pub const NATIVE_PRECISION: &str = "none";
+
+/// Precisions a model quantized at load may list: [`NATIVE_PRECISION`] and the
+/// quantization types mistral.rs applies on the CPU (its ISQ types, lowercased).
+pub const PRECISIONS: &[&str] = &[
+    NATIVE_PRECISION,
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q8_0",
+    "q8_1",
+    "q2k",
+    "q3k",
+    "q4k",
+    "q5k",
+    "q6k",
+    "q8k",
+];
+
+/// Quantized weights for a load quantized at load time (the pool decides which,
+/// from the spill directory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Quantized {
+    /// Load these already-quantized weights instead of quantizing again.
+    Reuse(PathBuf),
+    /// Quantize, and write the result here for the next load.
+    Write(PathBuf),
 }
 
 /// A memory tier the pool budgets: host RAM or one GPU's VRAM.
@@ -161,6 +197,15 @@ pub struct ModelSpec {
     pub pinned: bool,
     /// Unload after this long without requests.
     pub idle_ttl: Option<Duration>,
+    /// Weight precisions to try, best first, for a model quantized at load
+    /// ([`NATIVE_PRECISION`], "q8_0", "q4k", ...): the pool loads the first that fits.
+    /// Empty: the precision of the file (GGUF).
+    pub precisions: Vec<String>,
+    /// The precision of this load: set by the pool on the spec it hands a backend (and
+    /// on the one it asks for a footprint), from [`ModelSpec::precisions`].
+    pub precision: Option<String>,
+    /// Quantized weights to reuse or write: set by the pool like `precision`.
+    pub quantized: Option<Quantized>,
 }
 
 impl ModelSpec {
@@ -172,6 +217,16 @@ impl ModelSpec {
                 self.id, self.source
             ))
         })
+    }
+
+    /// The precisions a load may use, best first; `[None]` for a model whose files fix
+    /// it.
+    pub fn candidate_precisions(&self) -> Vec<Option<String>> {
+        if self.precisions.is_empty() {
+            vec![None]
+        } else {
+            self.precisions.iter().cloned().map(Some).collect()
+        }
     }
 
     /// A spec with the defaults the server uses for fields a config leaves out.
@@ -186,6 +241,9 @@ impl ModelSpec {
             max_concurrency: 4,
             pinned: false,
             idle_ttl: None,
+            precisions: Vec::new(),
+            precision: None,
+            quantized: None,
         }
     }
 }

@@ -33,6 +33,8 @@ pub mod pagecache;
 /// The file that marks a directory as modelpool's own; nothing else is ever deleted.
 pub const MARKER: &str = "MODELPOOL_SPILL_DIR";
 const DATA_EXT: &str = "gguf";
+/// Quantized weights a load wrote (mistral.rs' UQFF), named as mistral.rs expects.
+const QUANTIZED_EXT: &str = "uqff";
 const META_EXT: &str = "json";
 const TMP_EXT: &str = "tmp";
 /// After a failed spill (a full disk, an I/O error), the same file is not tried again
@@ -188,8 +190,26 @@ pub fn path_key(path: &Path) -> io::Result<String> {
     Ok(format!("p-{}", &hex(&h.finalize())[..32]))
 }
 
+/// The key of the quantized weights of the model at `source_key` at `precision`.
+pub fn quantized_key(source_key: &str, precision: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(source_key.as_bytes());
+    h.update([0]);
+    h.update(precision.to_ascii_lowercase().as_bytes());
+    format!("q-{}", &hex(&h.finalize())[..32])
+}
+
+/// The extension of an artifact's data file.
+fn data_ext(key: &str) -> &'static str {
+    if key.starts_with("q-") {
+        QUANTIZED_EXT
+    } else {
+        DATA_EXT
+    }
+}
+
 fn valid_key(key: &str) -> bool {
-    (key.starts_with("u-") || key.starts_with("p-"))
+    (key.starts_with("u-") || key.starts_with("p-") || key.starts_with("q-"))
         && key.len() <= 66
         && key[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -344,7 +364,9 @@ impl Store {
                     report.partial += 1;
                     let _ = fs::remove_file(&path);
                 }
-                DATA_EXT if is_file && valid_key(stem) => data.push((stem.to_owned(), path)),
+                DATA_EXT | QUANTIZED_EXT if is_file && valid_key(stem) && ext == data_ext(stem) => {
+                    data.push((stem.to_owned(), path))
+                }
                 META_EXT if is_file && valid_key(stem) => {
                     records.insert(stem.to_owned());
                 }
@@ -407,6 +429,19 @@ impl Store {
             bytes: len,
             sha256,
         })
+    }
+
+    /// A fresh scratch directory name for a worker to write `key`'s quantized weights
+    /// into, and the file in it to write; [`Store::spill_file`] takes the file in, and
+    /// a crash leaves only a directory the next startup scan removes.
+    pub fn scratch_path(&self, key: &str) -> PathBuf {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        self.dir
+            .join(format!(".{key}.{}-{nanos}.{TMP_EXT}", std::process::id()))
+            .join(format!("model.{QUANTIZED_EXT}"))
     }
 
     pub fn dir(&self) -> &Path {
@@ -602,7 +637,7 @@ impl Store {
         sha256: String,
         origin: &str,
     ) -> Result<Arc<Artifact>, StoreError> {
-        let path = self.dir.join(format!("{key}.{DATA_EXT}"));
+        let path = self.dir.join(format!("{key}.{}", data_ext(key)));
         let record = Record {
             version: 1,
             key: key.to_owned(),

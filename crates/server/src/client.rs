@@ -170,7 +170,8 @@ pub struct RegisterArgs {
     /// Id that clients will name in requests.
     #[arg(long)]
     pub id: String,
-    /// The GGUF weights file (a relative path is taken from the current directory).
+    /// The GGUF weights file, or a safetensors model directory (a relative path is
+    /// taken from the current directory).
     #[arg(long, required_unless_present = "url", conflicts_with = "url")]
     pub path: Option<PathBuf>,
     /// Instead of --path: an http(s) URL the server downloads into its spill directory.
@@ -197,6 +198,10 @@ pub struct RegisterArgs {
     /// Unload it after this long without requests, like "10m".
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub idle_ttl: Option<Duration>,
+    /// Safetensors models: precisions to quantize to at load, best first, comma
+    /// separated ("none,q8_0,q4k"); the server loads the first that fits.
+    #[arg(long, value_delimiter = ',')]
+    pub precisions: Vec<String>,
     #[command(flatten)]
     pub conn: Conn,
 }

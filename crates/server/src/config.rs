@@ -221,6 +221,10 @@ pub struct RawModel {
     pub max_concurrency: Option<u32>,
     pub pinned: Option<bool>,
     pub idle_ttl: Option<String>,
+    /// Safetensors models: precisions to quantize to at load, best first ("none",
+    /// "q8_0", "q4k", ...); the pool loads the first that fits.
+    #[serde(default)]
+    pub precisions: Vec<String>,
 }
 
 /// A size given as text ("8GiB") or, from the environment, a plain number of bytes.
@@ -710,15 +714,49 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
             Source::Url { url, sha256 }
         }
     };
-    let format = match m.format.as_deref().unwrap_or("gguf") {
+    // A directory is a Hugging Face model (safetensors); a file is a GGUF.
+    let is_dir = source.path().is_some_and(Path::is_dir);
+    let format = match m.format.as_deref().unwrap_or("") {
+        "" if is_dir => ModelFormat::Safetensors,
         "gguf" | "" => ModelFormat::Gguf,
+        "safetensors" => ModelFormat::Safetensors,
         other => {
             return Err((
                 "format",
-                format!("unsupported format {other:?}; supported: gguf"),
+                format!("unsupported format {other:?}; supported: gguf, safetensors"),
             ))
         }
     };
+    if format == ModelFormat::Safetensors && source.path().is_none() {
+        return Err((
+            "url",
+            "a safetensors model is a directory: give its `path`".into(),
+        ));
+    }
+    let mut precisions = Vec::new();
+    for p in &m.precisions {
+        let p = p.to_ascii_lowercase();
+        if !modelpool_pool::PRECISIONS.contains(&p.as_str()) {
+            return Err((
+                "precisions",
+                format!(
+                    "unknown precision {p:?}; known: {}",
+                    modelpool_pool::PRECISIONS.join(", ")
+                ),
+            ));
+        }
+        if precisions.contains(&p) {
+            return Err(("precisions", format!("{p:?} is listed twice")));
+        }
+        precisions.push(p);
+    }
+    if !precisions.is_empty() && format != ModelFormat::Safetensors {
+        return Err((
+            "precisions",
+            "only a safetensors model is quantized at load; a GGUF file keeps its own precision"
+                .into(),
+        ));
+    }
     let device = match m.device.as_deref().unwrap_or("cpu") {
         "auto" => auto_device(),
         "" => Device::Cpu,
@@ -771,6 +809,9 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         max_concurrency,
         pinned: m.pinned.unwrap_or(false),
         idle_ttl,
+        precisions,
+        precision: None,
+        quantized: None,
     })
 }
 

@@ -114,10 +114,13 @@ fn info(s: ModelSnapshot) -> ModelInfo {
         last_used: Some(timestamp(s.last_used)),
         loaded_at: s.loaded_at.map(timestamp),
         loads_started: s.loads_started,
+        precision: s.precision.unwrap_or_default(),
+        precisions: s.spec.precisions,
         ..Default::default()
     };
     out.set_format(match s.spec.format {
         PoolFormat::Gguf => ModelFormat::Gguf,
+        PoolFormat::Safetensors => ModelFormat::Safetensors,
     });
     out.set_state(match s.state {
         SlotState::Registered => ModelState::Registered,
@@ -137,7 +140,9 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
         EventKind::LoadStarted {
             predicted_bytes,
             expected,
+            precision,
         } => Kind::LoadStarted(pool_event::LoadStarted {
+            precision: precision.unwrap_or_default(),
             predicted_bytes,
             expected_duration: expected.and_then(proto_duration),
         }),
@@ -267,6 +272,7 @@ impl ModelControl for ControlService {
             max_concurrency: r.max_concurrency,
             pinned: Some(r.pinned),
             idle_ttl,
+            precisions: r.precisions,
         };
         let mut spec = model_spec(raw, Path::new("/"))
             .map_err(|(field, reason)| ServerError::invalid(field, reason))?;
@@ -275,10 +281,15 @@ impl ModelControl for ControlService {
                 if !path.is_absolute() {
                     return Err(ServerError::invalid("path", "must be absolute").into());
                 }
-                if !path.is_file() {
+                let is_dir = spec.format == modelpool_pool::ModelFormat::Safetensors;
+                if (is_dir && !path.is_dir()) || (!is_dir && !path.is_file()) {
                     return Err(ServerError::invalid(
                         "path",
-                        format!("{} is not a file on the server", path.display()),
+                        format!(
+                            "{} is not a {} on the server",
+                            path.display(),
+                            if is_dir { "directory" } else { "file" }
+                        ),
                     )
                     .into());
                 }

@@ -113,11 +113,7 @@ async fn a_url_model_is_downloaded_once_and_reloads_from_the_spill_dir() {
     let t = TestServer::start_with(|rt| settings_toml(&storage(spill.path(), "1GiB"), &models, rt))
         .await;
     let mut control = t.control();
-    let mut events = control
-        .watch_events(WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = t.events().await;
     assert_eq!(t.model("remote").await.tier, "source");
 
     assert!(t.ask_capital("remote").await.contains("Paris"));

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use modelpool_benches::synth::{write_llama, Quant, Shape};
 use modelpool_proto::v1::pool_event::Kind;
-use modelpool_proto::v1::{GenerateRequest, ModelState, WatchEventsRequest};
+use modelpool_proto::v1::{GenerateRequest, ModelState};
 use modelpool_tests::{
     chat, collect, greedy, model_path, model_toml, next_event, settings_toml, TestServer,
 };
@@ -70,12 +70,7 @@ async fn small_models_keep_serving_while_the_large_slot_swaps() {
     models += &synthetic_large(dir.path(), "big-b", 2);
     models += &group(&["big-a", "big-b"], "min_residency = \"0s\"");
     let t = Arc::new(TestServer::start_with(|rt| settings_toml("", &models, rt)).await);
-    let mut events = t
-        .control()
-        .watch_events(WatchEventsRequest {})
-        .await
-        .unwrap()
-        .into_inner();
+    let mut events = t.events().await;
     for id in ["s1", "s2", "s3"] {
         generate(&t, id, 2).await.unwrap();
     }

@@ -22,11 +22,12 @@ pub(super) async fn run_load<B: Backend>(
     let started = Instant::now();
     let predicted_bytes = footprint.total_bytes();
     let expected = inner.lock().entry(&spec.id).ok().and_then(|e| e.last_load);
-    tracing::info!(model = %spec.id, predicted_bytes, ?expected, "load started");
+    tracing::info!(model = %spec.id, predicted_bytes, ?expected, precision = ?spec.precision, "load started");
     inner.emit(
         &spec.id,
         EventKind::LoadStarted {
             predicted_bytes,
+            precision: spec.precision.clone(),
             expected,
         },
     );
@@ -133,12 +134,14 @@ pub(super) async fn run_load<B: Backend>(
     if let Some(instance) = orphan {
         instance.shutdown().await;
     }
+    let loaded = watched.is_some();
     if let Some(instance) = watched {
         if let Some(resolved) = &resolved {
             tiers::loaded(inner, &spec.id, resolved);
         }
         watch_worker(inner, spec.id.clone(), instance);
     }
+    tiers::after_quantized_load(inner, spec, loaded);
     outcome
 }
 
@@ -164,13 +167,13 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
             };
             entry.last_error = Some(format!("worker exited unexpectedly: {how}"));
             entry.record_failure();
-            let resolved = entry.resolved.clone();
+            let resolved = (entry.resolved.clone(), entry.quantized_key.clone());
             st.lru.pop(&id);
             (charge.total(), resolved)
         };
         tracing::warn!(model = %id, pid = ?instance.pid(), %how, "worker died; model is cold again");
         let reason = EvictReason::Crashed { detail: how };
-        tiers::stopped(&inner, resolved.as_ref(), &reason);
+        tiers::stopped(&inner, resolved.0.as_ref(), resolved.1.as_deref(), &reason);
         inner.emit(
             &id,
             EventKind::Evicted {

@@ -48,7 +48,15 @@ pub(super) struct Entry<I> {
     pub interest: u32,
     /// `max_concurrency` slots.
     pub permits: Arc<Semaphore>,
+    /// The footprint of the precision last admitted (the first candidate before any
+    /// load).
     pub prediction: Option<Footprint>,
+    /// Footprints of every precision a load may use, best first.
+    pub candidates: Vec<(Option<String>, Footprint)>,
+    /// The precision of the current or last load, when the model is quantized at load.
+    pub precision: Option<String>,
+    /// The spill directory's key for the quantized weights of the current load.
+    pub quantized_key: Option<String>,
     /// Bytes measured on the model's device right after its last load.
     pub base_measured_bytes: u64,
     /// Being removed: new requests are refused while the ones in flight finish.
@@ -113,6 +121,9 @@ impl<I> Entry<I> {
             interest: 0,
             permits,
             prediction: None,
+            candidates: Vec::new(),
+            precision: None,
+            quantized_key: None,
             base_measured_bytes: 0,
             retiring: false,
             last_load: None,

@@ -54,6 +54,9 @@ pub struct ModelSnapshot {
     pub file_bytes: u64,
     /// Bytes of its copy in the spill directory (zero when it has none).
     pub spilled_bytes: u64,
+    /// The weight precision of its current or last load, for a model quantized at
+    /// load (the first of its precisions that fitted).
+    pub precision: Option<String>,
 }
 
 impl ModelSnapshot {
@@ -143,6 +146,7 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
         page_cache_bytes: 0,
         file_bytes: 0,
         spilled_bytes: 0,
+        precision: e.precision.clone(),
     };
     Some((snap, instance, e.resolved.clone()))
 }

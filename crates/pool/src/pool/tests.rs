@@ -2,8 +2,10 @@
 
 use super::*;
 use crate::memory::DeviceMemory;
+use crate::{Charge, Footprint};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use tokio::sync::watch;
 
 /// Loads take 50 ms; each model's footprint is its entry in `sizes` (100 by default).
 #[derive(Default)]
@@ -80,10 +82,19 @@ impl Instance for FakeInstance {
     }
 }
 
+/// The fake's quantization: 8-bit halves a model, 4-bit quarters it.
+fn precision_divisor(spec: &ModelSpec) -> u64 {
+    match spec.precision.as_deref() {
+        Some("q8_0") => 2,
+        Some("q4_0") => 4,
+        _ => 1,
+    }
+}
+
 impl Backend for Arc<FakeBackend> {
     type Instance = FakeInstance;
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
-        let bytes = self.size(&spec.id);
+        let bytes = self.size(&spec.id) / precision_divisor(spec);
         Ok(Footprint {
             weights_bytes: bytes,
             kv_bytes: 0,
@@ -99,7 +110,7 @@ impl Backend for Arc<FakeBackend> {
     ) -> Result<FakeInstance, BackendError> {
         progress("starting");
         self.loads.fetch_add(1, Ordering::SeqCst);
-        let bytes = self.size(&spec.id);
+        let bytes = self.size(&spec.id) / precision_divisor(spec);
         {
             let mut live = self.live.lock().unwrap();
             let total: u64 = live.iter().map(|(_, b)| b).sum::<u64>() + bytes;
@@ -123,8 +134,6 @@ impl Backend for Arc<FakeBackend> {
         })
     }
 }
-
-use crate::Charge;
 
 /// A machine with `available` bytes of RAM free.
 struct FakeProbe(AtomicU64);
@@ -644,4 +653,64 @@ mod sequences {
             rt.block_on(run(sizes, budget, ops))?;
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_that_does_not_fit_at_its_best_precision_loads_at_the_next_that_fits() {
+    // 400 bytes at full precision, 200 at 8-bit, 100 at 4-bit; the budget is 250 and
+    // `small` (100) is pinned, so 150 is the most room there can be.
+    let backend = FakeBackend::with(250, &[("big", 400), ("small", 100)]);
+    let mut big = spec("big");
+    big.format = crate::ModelFormat::Safetensors;
+    big.precisions = vec!["none".into(), "q8_0".into(), "q4_0".into()];
+    let mut small = spec("small");
+    small.pinned = true;
+    let config = PoolConfig {
+        budgets: BTreeMap::from([(Device::Cpu, 250)]),
+        ..PoolConfig::default()
+    };
+    let pool = pool_of(&backend, config, [big, small]);
+    let mut events = pool.subscribe();
+    drop(pool.acquire("small", None).await.unwrap());
+    drop(pool.acquire("big", None).await.unwrap());
+    let snap = pool.get("big").unwrap();
+    assert_eq!(snap.precision.as_deref(), Some("q4_0"));
+    assert_eq!(snap.predicted.unwrap().total_bytes(), 100);
+    assert_eq!(pool.get("small").unwrap().state, SlotState::Ready);
+    assert!(!backend.over_budget.load(Ordering::SeqCst));
+    let mut started = None;
+    while let Ok(ev) = events.try_recv() {
+        if let EventKind::LoadStarted { precision, .. } = ev.kind {
+            if ev.model == "big" {
+                started = precision;
+            }
+        }
+    }
+    assert_eq!(started.as_deref(), Some("q4_0"));
+
+    // With the pin gone, 8-bit fits by evicting `small`: the best precision that can
+    // fit is preferred over keeping an idle model.
+    pool.set_pinned("small", false).unwrap();
+    pool.unload("big").await.unwrap();
+    drop(pool.acquire("big", None).await.unwrap());
+    assert_eq!(pool.get("big").unwrap().precision.as_deref(), Some("q8_0"));
+    assert_eq!(pool.get("small").unwrap().state, SlotState::Registered);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_model_that_fits_at_no_precision_is_refused_with_the_smallest_numbers() {
+    let backend = FakeBackend::with(250, &[("big", 2000)]);
+    let mut big = spec("big");
+    big.format = crate::ModelFormat::Safetensors;
+    big.precisions = vec!["none".into(), "q8_0".into(), "q4_0".into()];
+    let config = PoolConfig {
+        budgets: BTreeMap::from([(Device::Cpu, 250)]),
+        ..PoolConfig::default()
+    };
+    let pool = pool_of(&backend, config, [big]);
+    let err = pool.acquire("big", None).await.err().unwrap();
+    assert!(matches!(err, PoolError::InsufficientMemory { .. }), "{err}");
+    // The last (smallest) precision's need is what is reported: 500 bytes.
+    assert!(err.to_string().contains("500 B"), "{err}");
+    assert_eq!(backend.loads.load(Ordering::SeqCst), 0);
 }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::{Inner, Pool};
 use crate::events::{EventKind, EvictReason};
 use crate::store::{pagecache, path_key, url_key, SpillHow, Store};
-use crate::{Backend, BackendError, ModelSpec, PoolError, Source};
+use crate::{Backend, BackendError, ModelSpec, PoolError, Quantized, Source};
 
 /// Where a model is, top tier first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,7 +149,9 @@ pub(super) fn loaded<B: Backend>(inner: &Arc<Inner<B>>, id: &str, resolved: &Res
         return;
     };
     store.protect(&key);
-    if resolved.from_spill || store.lookup(&key).is_some() || !store.should_spill(&key) {
+    // A model directory (safetensors) is not copied; its quantized weights are.
+    let is_dir = resolved.file.is_dir();
+    if is_dir || resolved.from_spill || store.lookup(&key).is_some() || !store.should_spill(&key) {
         return;
     }
     let store = Arc::clone(store);
@@ -185,13 +187,120 @@ pub(super) fn loaded<B: Backend>(inner: &Arc<Inner<B>>, id: &str, resolved: &Res
     });
 }
 
+/// After a load quantized at load time: the quantized weights it wrote move into the
+/// spill directory (and stay while the model is resident), so the next load skips
+/// quantizing; a failed load's scratch directory is removed.
+pub(super) fn after_quantized_load<B: Backend>(
+    inner: &Arc<Inner<B>>,
+    spec: &ModelSpec,
+    loaded: bool,
+) {
+    let Some(store) = store(inner) else { return };
+    let key = inner
+        .lock()
+        .entry(&spec.id)
+        .ok()
+        .and_then(|e| e.quantized_key.clone());
+    let Some(key) = key else { return };
+    if loaded {
+        store.protect(&key);
+    }
+    let Some(Quantized::Write(file)) = &spec.quantized else {
+        return;
+    };
+    let scratch = file.parent().map(Path::to_path_buf);
+    let remove_scratch = move || {
+        if let Some(dir) = &scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    };
+    let written = if loaded {
+        written_shards(file)
+    } else {
+        Vec::new()
+    };
+    let [file] = written.as_slice() else {
+        if loaded {
+            tracing::warn!(model = %spec.id, file = %file.display(), shards = written.len(),
+                "quantized weights not kept: the worker wrote none, or more than one shard");
+        }
+        remove_scratch();
+        return;
+    };
+    let store = Arc::clone(store);
+    let weak = Arc::downgrade(inner);
+    let (id, file) = (spec.id.clone(), file.clone());
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let outcome = store.spill_file(&key, &file);
+        remove_scratch();
+        let Some(inner) = weak.upgrade() else { return };
+        match outcome {
+            Ok((art, _)) => {
+                tracing::info!(model = %id, bytes = art.bytes, "quantized weights kept for the next load");
+                inner.emit(
+                    &id,
+                    EventKind::Spilled {
+                        bytes: art.bytes,
+                        duration: started.elapsed(),
+                        how: "quantized",
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::warn!(model = %id, error = %e, "could not keep the quantized weights");
+                inner.emit(
+                    &id,
+                    EventKind::SpillFailed {
+                        error: e.to_string(),
+                    },
+                );
+            }
+        }
+    });
+}
+
+/// The files mistral.rs wrote for a UQFF named `file`: it numbers shards
+/// (`model-0.uqff`, `model-1.uqff`, ...) beside the name it was given.
+fn written_shards(file: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(stem), Some(ext)) = (
+        file.parent(),
+        file.file_stem().and_then(|s| s.to_str()),
+        file.extension().and_then(|s| s.to_str()),
+    ) else {
+        return Vec::new();
+    };
+    let prefix = format!("{stem}-");
+    let suffix = format!(".{ext}");
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name == format!("{stem}{suffix}")
+                || name
+                    .strip_prefix(&prefix)
+                    .and_then(|r| r.strip_suffix(&suffix))
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .map(|e| e.path())
+        .collect();
+    shards.sort();
+    shards
+}
+
 /// After a worker stopped: its artifact may be evicted again, and when it was stopped
 /// for memory, its file's pages leave the page cache too.
 pub(super) fn stopped<B: Backend>(
     inner: &Inner<B>,
     resolved: Option<&Resolved>,
+    quantized_key: Option<&str>,
     reason: &EvictReason,
 ) {
+    if let (Some(store), Some(key)) = (store(inner), quantized_key) {
+        store.release(key);
+    }
     let Some(resolved) = resolved else { return };
     if let (Some(store), Some(key)) = (store(inner), &resolved.key) {
         store.release(key);

@@ -55,7 +55,12 @@ pub(super) async fn models(conn: &Conn) -> Result<(), Failure> {
                 m.id.clone(),
                 state_name(m.state()),
                 m.tier.clone(),
-                m.device.clone(),
+                // A model quantized at load shows its precision beside its device.
+                if m.precision.is_empty() {
+                    m.device.clone()
+                } else {
+                    format!("{} {}", m.device, m.precision)
+                },
                 yes_no(m.pinned).into(),
                 mib(m.resident_bytes),
                 mib(m.page_cache_bytes),
@@ -485,6 +490,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         idle_ttl,
         url: args.url.unwrap_or_default(),
         sha256: args.sha256.unwrap_or_default(),
+        precisions: args.precisions,
     };
     let model = client(&args.conn)
         .await?

@@ -188,6 +188,8 @@ pub(crate) fn model_json(m: &ModelInfo) -> Value {
         "state": state_name(m.state()),
         "resident": is_resident(m),
         "tier": m.tier,
+        "precision": if m.precision.is_empty() { Value::Null } else { json!(m.precision) },
+        "precisions": m.precisions,
         "file": m.file,
         "file_bytes": m.file_bytes,
         "page_cache_bytes": m.page_cache_bytes,

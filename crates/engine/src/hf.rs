@@ -1,0 +1,194 @@
+//! Footprint prediction for a Hugging Face model directory (config.json plus
+//! safetensors files) loaded through mistral.rs' normal pipeline, at each precision it
+//! may be quantized to at load (ISQ).
+//!
+//! What such a worker holds, from reading mistral.rs and measuring it on the CPU: the
+//! weights in f16 (mistral.rs' dtype on a CPU), except the linear layers that ISQ
+//! quantizes (attention and MLP projections, and the output head, which for tied
+//! embeddings becomes a quantized copy of the embedding table); the same KV cache,
+//! prefill scratch and overhead as a GGUF worker.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use modelpool_pool::gguf::KvShape;
+use modelpool_pool::{BackendError, Footprint, ModelSpec, NATIVE_PRECISION};
+use serde::Deserialize;
+
+use crate::footprint::{assemble, kv_and_activation};
+
+/// Bytes per element of unquantized weights: mistral.rs loads f16 on the CPU.
+const NATIVE_ELEMENT_BYTES: u64 = 2;
+
+/// Largest safetensors header accepted (the format's own limit is 100 MB).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Bytes per block and weights per block of each ISQ type (ggml's block layouts).
+pub fn block_layout(precision: &str) -> Option<(u64, u64)> {
+    Some(match precision {
+        "q4_0" => (18, 32),
+        "q4_1" => (20, 32),
+        "q5_0" => (22, 32),
+        "q5_1" => (24, 32),
+        "q8_0" => (34, 32),
+        "q8_1" => (36, 32),
+        "q2k" => (84, 256),
+        "q3k" => (110, 256),
+        "q4k" => (144, 256),
+        "q5k" => (176, 256),
+        "q6k" => (210, 256),
+        "q8k" => (292, 256),
+        _ => return None,
+    })
+}
+
+/// The fields of config.json the prediction needs.
+#[derive(Deserialize)]
+struct Config {
+    hidden_size: u64,
+    num_hidden_layers: u64,
+    num_attention_heads: u64,
+    num_key_value_heads: Option<u64>,
+    head_dim: Option<u64>,
+    max_position_embeddings: Option<u64>,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+}
+
+/// One tensor of a safetensors header.
+#[derive(Deserialize)]
+struct TensorInfo {
+    shape: Vec<u64>,
+}
+
+/// Linear layers mistral.rs quantizes at load (ISQ).
+fn quantized_at_load(name: &str) -> bool {
+    const LINEAR: &[&str] = &[
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "lm_head",
+    ];
+    name.ends_with(".weight") && LINEAR.iter().any(|l| name.contains(l))
+}
+
+fn invalid(dir: &Path, reason: impl std::fmt::Display) -> BackendError {
+    BackendError::InvalidModel(format!("{}: {reason}", dir.display()))
+}
+
+/// Element counts of every tensor in the directory's safetensors files, by name.
+fn tensors(dir: &Path) -> Result<Vec<(String, u64)>, BackendError> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| invalid(dir, format!("cannot read the directory: {e}")))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(invalid(dir, "no .safetensors files"));
+    }
+    let mut out = Vec::new();
+    for file in files {
+        let mut f = File::open(&file).map_err(|e| invalid(&file, e))?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len)
+            .map_err(|_| invalid(&file, "too short to be a safetensors file"))?;
+        let len = u64::from_le_bytes(len);
+        if len > MAX_HEADER_BYTES {
+            return Err(invalid(
+                &file,
+                format!("header of {len} bytes is implausible"),
+            ));
+        }
+        let mut header = vec![0u8; len as usize];
+        f.read_exact(&mut header)
+            .map_err(|_| invalid(&file, "truncated header"))?;
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| invalid(&file, format!("unreadable header: {e}")))?;
+        for (name, value) in map {
+            if name == "__metadata__" {
+                continue;
+            }
+            let info: TensorInfo = serde_json::from_value(value)
+                .map_err(|e| invalid(&file, format!("tensor {name}: {e}")))?;
+            let elements = info
+                .shape
+                .iter()
+                .try_fold(1u64, |a, d| a.checked_mul(*d))
+                .ok_or_else(|| invalid(&file, format!("tensor {name}: implausible shape")))?;
+            out.push((name, elements));
+        }
+    }
+    Ok(out)
+}
+
+/// Bytes of `elements` weights at `precision` (`None`: unquantized).
+fn bytes_at(elements: u64, layout: Option<(u64, u64)>) -> Option<u64> {
+    match layout {
+        Some((block_bytes, block_weights)) => {
+            elements.div_ceil(block_weights).checked_mul(block_bytes)
+        }
+        None => elements.checked_mul(NATIVE_ELEMENT_BYTES),
+    }
+}
+
+/// The footprint of the model directory `spec` names, at `spec.precision`.
+pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
+    let dir = spec.local_file()?;
+    let text = std::fs::read_to_string(dir.join("config.json"))
+        .map_err(|e| invalid(dir, format!("config.json: {e}")))?;
+    let config: Config =
+        serde_json::from_str(&text).map_err(|e| invalid(dir, format!("config.json: {e}")))?;
+    if !dir.join("tokenizer.json").is_file() {
+        return Err(invalid(dir, "no tokenizer.json"));
+    }
+    let precision = spec.precision.as_deref().filter(|p| *p != NATIVE_PRECISION);
+    let layout = match precision {
+        Some(p) => Some(block_layout(p).ok_or_else(|| {
+            invalid(
+                dir,
+                format!("precision {p:?} is not one modelpool can predict"),
+            )
+        })?),
+        None => None,
+    };
+    let implausible = || invalid(dir, "implausible shape: its footprint overflows 64 bits");
+    let tensors = tensors(dir)?;
+    let mut weights_bytes = 0u64;
+    let mut has_head = false;
+    let mut embedding = 0u64;
+    for (name, elements) in &tensors {
+        has_head |= name.contains("lm_head");
+        if name.contains("embed_tokens") {
+            embedding = *elements;
+        }
+        let at = if quantized_at_load(name) {
+            layout
+        } else {
+            None
+        };
+        weights_bytes = bytes_at(*elements, at)
+            .and_then(|b| weights_bytes.checked_add(b))
+            .ok_or_else(implausible)?;
+    }
+    // Tied embeddings: quantizing the head makes a quantized copy of the table.
+    if config.tie_word_embeddings && !has_head && layout.is_some() {
+        weights_bytes = bytes_at(embedding, layout)
+            .and_then(|b| weights_bytes.checked_add(b))
+            .ok_or_else(implausible)?;
+    }
+    let heads = config.num_attention_heads.max(1);
+    let shape = KvShape {
+        layers: config.num_hidden_layers,
+        kv_heads: config.num_key_value_heads.unwrap_or(heads),
+        head_dim: config.head_dim.unwrap_or(config.hidden_size / heads),
+        max_context: config.max_position_embeddings,
+    };
+    let (kv_bytes, activation_bytes) = kv_and_activation(&shape, spec).ok_or_else(implausible)?;
+    assemble(spec, weights_bytes, kv_bytes, activation_bytes).ok_or_else(implausible)
+}

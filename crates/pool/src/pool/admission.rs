@@ -1,0 +1,281 @@
+//! Admission: predicting what a load will cost at each precision it may use, and
+//! admitting it at the first one that fits (evicting LRU victims, or swapping within
+//! its group), then spawning the load.
+//!
+//! A model quantized at load lists precisions best first; when the best does not fit
+//! even with every evictable model gone, the next one is tried, as an operator would
+//! drop to 8-bit when memory is short. The chosen precision is reported in status and
+//! in the load's events.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::state::{Slot, State};
+use super::{lifecycle, swap, tiers, LoadOutcome, Pool};
+use crate::events::EvictReason;
+use crate::groups::SwapPlan;
+use crate::memory::DeviceMemory;
+use crate::spec::NATIVE_PRECISION;
+use crate::{Backend, Charge, Footprint, ModelFormat, PoolError, Quantized, Source};
+
+/// A precision a load may use and what the load would cost at it.
+pub(super) type Candidate = (Option<String>, Footprint);
+
+/// What admission decided for one candidate.
+enum Decision {
+    /// Start now, after stopping these victims (`forced` ones make room in a group).
+    Start {
+        victims: Vec<String>,
+        forced: Vec<String>,
+        swapping: Option<usize>,
+    },
+    /// Drain these members of its group first.
+    Drain { group: usize, victims: Vec<String> },
+    /// Its group has no room yet; poll.
+    Wait,
+}
+
+impl<B: Backend> Pool<B> {
+    /// The model's predicted footprint at each precision it may use (best first), read
+    /// from the file its next load reads (found or fetched first) and cached per file;
+    /// `None` when it is resident or loading (no prediction needed).
+    pub(super) async fn prediction(&self, id: &str) -> Result<Option<Vec<Candidate>>, PoolError> {
+        let spec = {
+            let mut st = self.inner.lock();
+            let entry = st.entry(id)?;
+            if !matches!(entry.slot, Slot::Absent) {
+                return Ok(None);
+            }
+            entry.spec.clone()
+        };
+        let resolved = tiers::resolve(&self.inner, &spec).await?;
+        {
+            let mut st = self.inner.lock();
+            let entry = st.entry(id)?;
+            if entry.spec == spec
+                && entry.resolved.as_ref() == Some(&resolved)
+                && !entry.candidates.is_empty()
+            {
+                return Ok(Some(entry.candidates.clone()));
+            }
+        }
+        let mut candidates = Vec::new();
+        for precision in spec.candidate_precisions() {
+            let mut local = spec.clone();
+            local.source = Source::Path(resolved.file.clone());
+            local.precision = precision.clone();
+            let fp = self.inner.backend.footprint(&local).map_err(|source| {
+                let mut st = self.inner.lock();
+                if let Ok(e) = st.entry(id) {
+                    e.last_error = Some(source.to_string());
+                }
+                PoolError::LoadFailed {
+                    id: id.to_owned(),
+                    source,
+                }
+            })?;
+            candidates.push((precision, fp));
+        }
+        let mut st = self.inner.lock();
+        if let Ok(e) = st.entry(id) {
+            if e.spec == spec {
+                e.prediction = candidates.first().map(|(_, fp)| fp.clone());
+                e.candidates = candidates.clone();
+                e.resolved = Some(resolved);
+            }
+        }
+        Ok(Some(candidates))
+    }
+
+    /// What admitting `id` at `footprint` takes; an error when it cannot fit.
+    fn decide(
+        &self,
+        st: &State<B::Instance>,
+        id: &str,
+        footprint: &Footprint,
+        available: &[DeviceMemory],
+    ) -> Result<Decision, PoolError> {
+        let mut forced = Vec::new();
+        let mut swapping = None;
+        if let Some((group, plan)) = st.plan_in_group(id, footprint.total_bytes()) {
+            match plan {
+                SwapPlan::Fits => {}
+                SwapPlan::Evict(victims) => {
+                    forced = victims;
+                    swapping = Some(group);
+                }
+                SwapPlan::Drain(victims) => return Ok(Decision::Drain { group, victims }),
+                SwapPlan::Wait(reason) => {
+                    tracing::trace!(model = %id, %reason, "waiting for the group");
+                    return Ok(Decision::Wait);
+                }
+                SwapPlan::Never(reason) => {
+                    return Err(PoolError::GroupFull {
+                        id: id.to_owned(),
+                        reason,
+                    })
+                }
+            }
+        }
+        let victims = st
+            .admit(
+                &footprint.charge,
+                available,
+                self.inner.config.headroom_bytes,
+                &forced,
+            )
+            .map_err(|shortfall| PoolError::InsufficientMemory {
+                id: id.to_owned(),
+                shortfall,
+            })?;
+        Ok(Decision::Start {
+            victims,
+            forced,
+            swapping,
+        })
+    }
+
+    /// Admits `id` at the first precision that fits (evicting LRU victims if needed),
+    /// marks it loading and spawns the load. Fails at once, evicting nothing, when the
+    /// model cannot fit at any.
+    pub(super) fn start_load(
+        &self,
+        st: &mut State<B::Instance>,
+        id: &str,
+        candidates: Vec<Candidate>,
+        available: &[DeviceMemory],
+    ) -> Result<Option<watch::Receiver<LoadOutcome>>, PoolError> {
+        let entry = st.entry(id)?;
+        if let Some((failures, retry_in)) = entry.backoff() {
+            return Err(PoolError::CrashLoop {
+                id: id.to_owned(),
+                failures,
+                last_error: entry.last_error.clone().unwrap_or_default(),
+                retry_in,
+            });
+        }
+        let tried = candidates.len();
+        let mut last_err = None;
+        let mut chosen = None;
+        for (precision, footprint) in candidates {
+            match self.decide(st, id, &footprint, available) {
+                Ok(decision) => {
+                    chosen = Some((precision, footprint, decision));
+                    break;
+                }
+                Err(e) => {
+                    if let Some(p) = &precision {
+                        tracing::info!(model = %id, precision = %p, error = %e, "does not fit at this precision");
+                    }
+                    last_err = Some(e);
+                }
+            }
+        }
+        let Some((precision, footprint, decision)) = chosen else {
+            let err = last_err.unwrap_or(PoolError::ShuttingDown);
+            tracing::warn!(model = %id, precisions_tried = tried, error = %err, "model does not fit");
+            return Err(err);
+        };
+        let (victims, forced, swapping) = match decision {
+            Decision::Start {
+                victims,
+                forced,
+                swapping,
+            } => (victims, forced, swapping),
+            Decision::Drain { group, victims } => {
+                swap::begin_drain(&self.inner, st, group, victims, id);
+                return Ok(None);
+            }
+            Decision::Wait => return Ok(None),
+        };
+        if let Some(group) = swapping {
+            swap::start_swap(&self.inner, st, group, id);
+        }
+        let evicted: Vec<_> = victims
+            .into_iter()
+            .filter_map(|v| {
+                let reason = if forced.contains(&v) {
+                    EvictReason::Swap {
+                        for_model: id.to_owned(),
+                    }
+                } else {
+                    EvictReason::MakeRoom {
+                        for_model: id.to_owned(),
+                    }
+                };
+                st.take_ready(&v)
+                    .map(|(inst, charge)| (v, inst, reason, charge))
+            })
+            .collect();
+        // The victims stay charged until their workers exit; the load is charged only
+        // what they do not cover, and takes over their bytes as each exits (see
+        // `finish_unload`), so the books never count the same room twice.
+        let mut covered = Charge::default();
+        for (victim, _, _, charge) in &evicted {
+            covered.add(charge);
+            st.handoffs
+                .insert(victim.clone(), (id.to_owned(), footprint.charge.clone()));
+        }
+        let evicted: Vec<_> = evicted
+            .into_iter()
+            .map(|(v, inst, reason, _)| (v, inst, reason))
+            .collect();
+        let store = self.inner.config.store.clone();
+        let (tx, rx) = watch::channel(None);
+        let entry = st.entry(id)?;
+        entry.slot = Slot::Loading {
+            done: rx.clone(),
+            charge: footprint.charge.saturating_sub(&covered),
+        };
+        entry.loads_started += 1;
+        entry.cut_reason = None;
+        entry.prediction = Some(footprint.clone());
+        entry.precision = precision.clone();
+        let mut spec = entry.spec.clone();
+        let resolved = entry.resolved.clone();
+        if let Some(r) = &resolved {
+            spec.source = Source::Path(r.file.clone());
+        }
+        spec.precision = precision;
+        // A model quantized at load reuses the quantized weights a previous load left in
+        // the spill directory, or leaves them there for the next.
+        let quantized = match (&store, &resolved, &spec.precision) {
+            (Some(store), Some(r), Some(p))
+                if spec.format == ModelFormat::Safetensors && p != NATIVE_PRECISION =>
+            {
+                r.key.as_deref().map(|source_key| {
+                    let key = crate::store::quantized_key(source_key, p);
+                    let q = match store.lookup(&key) {
+                        Some(art) => Quantized::Reuse(art.path.clone()),
+                        None => Quantized::Write(store.scratch_path(&key)),
+                    };
+                    (key, q)
+                })
+            }
+            _ => None,
+        };
+        entry.quantized_key = quantized.as_ref().map(|(k, _)| k.clone());
+        spec.quantized = quantized.map(|(_, q)| q);
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            // The model is expected next: read its file while the victims stop.
+            let warming = match (&resolved, evicted.is_empty()) {
+                (Some(r), false) => Some(tokio::spawn(tiers::warm(r.file.clone()))),
+                _ => None,
+            };
+            for (victim, instance, reason) in evicted {
+                inner.stop_worker(&victim, &instance, reason).await;
+            }
+            if let Some(w) = warming {
+                let _ = w.await;
+            }
+            // At most `max_loads_in_flight` workers start at once; the semaphore
+            // lives as long as the pool.
+            let _permit = Arc::clone(&inner.load_permits).acquire_owned().await;
+            let outcome = lifecycle::run_load(&inner, &spec, footprint, resolved).await;
+            let _ = tx.send(Some(outcome));
+        });
+        Ok(Some(rx))
+    }
+}

@@ -1,0 +1,137 @@
+//! Safetensors models quantized at load (mistral.rs ISQ): the quantized weights (UQFF)
+//! a first load writes are kept in the spill directory and reused by the next load,
+//! which answers the same; and a model that does not fit at its best precision loads
+//! at the first of its precisions that does.
+
+use std::path::Path;
+use std::time::Duration;
+
+use modelpool_proto::v1::pool_event::Kind;
+use modelpool_proto::v1::EvictModelRequest;
+use modelpool_tests::{
+    chat, collect, greedy, next_event, safetensors_model_dir, settings_toml, text_of, TestServer,
+};
+
+fn st_model(id: &str, dir: &Path, precisions: &str) -> String {
+    format!(
+        "[[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = 1024\nprecisions = [{precisions}]\n",
+        dir.display()
+    )
+}
+
+/// The worker's command line, to see which weights it was told to load.
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+async fn answer(t: &TestServer, id: &str) -> String {
+    let stream = t
+        .inference()
+        .chat(chat(id, "What is the capital of France?", greedy(24)))
+        .await
+        .expect("chat")
+        .into_inner();
+    text_of(&collect(stream).await.expect("the answer streams"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quantized_weights_are_written_once_to_the_spill_dir_and_reused_with_the_same_answer() {
+    let dir = safetensors_model_dir();
+    let spill = tempfile::tempdir().unwrap();
+    let pool = format!(
+        "[storage]\nspill_dir = \"{}\"\nspill_budget = \"1GiB\"\n",
+        spill.path().display()
+    );
+    let models = st_model("st", &dir, "\"q8_0\"");
+    let t = TestServer::start_with(|rt| settings_toml(&pool, &models, rt)).await;
+    let mut control = t.control();
+    let mut events = t.events().await;
+
+    let first = answer(&t, "st").await;
+    assert!(first.contains("Paris"), "{first}");
+    let m = t.model("st").await;
+    assert_eq!(
+        (m.precision.as_str(), m.precisions.clone()),
+        ("q8_0", vec!["q8_0".to_string()])
+    );
+    assert!(
+        cmdline(m.worker_pid).contains("--write-quantized"),
+        "{}",
+        cmdline(m.worker_pid)
+    );
+    // The quantized weights reach the spill directory once the load is done.
+    let spilled = loop {
+        let e = next_event(&mut events, Duration::from_secs(30)).await;
+        if let Some(Kind::Spilled(s)) = e.kind {
+            assert_eq!(s.how, "quantized");
+            break s.bytes;
+        }
+    };
+    let usage = t.pool_status().await.spill.expect("spill status");
+    assert_eq!((usage.artifacts, usage.used_bytes), (1, spilled));
+    let names: Vec<String> = std::fs::read_dir(spill.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(names.iter().any(|n| n.ends_with(".uqff")), "{names:?}");
+    assert!(
+        !names.iter().any(|n| n.ends_with(".tmp")),
+        "scratch left behind: {names:?}"
+    );
+
+    control
+        .evict_model(EvictModelRequest { id: "st".into() })
+        .await
+        .unwrap();
+    let second = answer(&t, "st").await;
+    assert_eq!(second, first, "the same weights answer the same");
+    let m = t.model("st").await;
+    let line = cmdline(m.worker_pid);
+    assert!(line.contains("--reuse-quantized"), "{line}");
+    assert!(!line.contains("--write-quantized"), "{line}");
+    assert_eq!(t.pool_status().await.spill.unwrap().artifacts, 1);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_too_big_at_its_best_precision_loads_at_the_first_that_fits() {
+    let dir = safetensors_model_dir();
+    let predicted = |precision: &str| {
+        let mut spec = modelpool_pool::ModelSpec::new("p", &dir);
+        spec.format = modelpool_pool::ModelFormat::Safetensors;
+        spec.context_length = 1024;
+        spec.precision = Some(precision.into());
+        modelpool_engine::footprint::predict(&spec)
+            .unwrap()
+            .total_bytes()
+    };
+    let (native, q8) = (predicted("none"), predicted("q8_0"));
+    assert!(q8 < native, "8-bit is smaller: {q8} vs {native}");
+    // Room for 8-bit, not for the unquantized weights.
+    let budget = q8 + (native - q8) / 2;
+    let pool = format!("ram_budget = \"{budget}\"\n");
+    let models = st_model("st", &dir, "\"none\", \"q8_0\"");
+    let t = TestServer::start_with(|rt| settings_toml(&pool, &models, rt)).await;
+    let mut events = t.events().await;
+    let text = answer(&t, "st").await;
+    assert!(text.contains("Paris"), "{text}");
+    let m = t.model("st").await;
+    assert_eq!(m.precision, "q8_0");
+    assert_eq!(m.predicted.unwrap().total_bytes, q8);
+    let started = loop {
+        let e = next_event(&mut events, Duration::from_secs(30)).await;
+        if let Some(Kind::LoadStarted(s)) = e.kind {
+            break s;
+        }
+    };
+    assert_eq!(
+        (started.precision.as_str(), started.predicted_bytes),
+        ("q8_0", q8)
+    );
+    let status = t.pool_status().await;
+    let cpu = &status.devices[0];
+    assert!(cpu.used_bytes <= budget, "{} over {budget}", cpu.used_bytes);
+    t.stop().await;
+}
