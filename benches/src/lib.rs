@@ -90,6 +90,20 @@ pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
 }
 
+/// Reads `file` to its end through `buf`, returning bytes per second.
+pub fn read_through_bps(mut file: impl std::io::Read, buf: &mut [u8]) -> std::io::Result<f64> {
+    let started = std::time::Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = file.read(buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }

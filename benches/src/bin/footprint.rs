@@ -16,6 +16,9 @@ use modelpool_proto::worker::v1::WorkerGenerateRequest;
 struct Args {
     #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     model: PathBuf,
+    /// For a safetensors model directory: the precision to quantize to at load.
+    #[arg(long)]
+    precision: Option<String>,
     /// Context sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
     contexts: Vec<u32>,
@@ -43,9 +46,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for ctx in args.contexts {
         let mut spec = ModelSpec::new("m", &model);
         spec.context_length = ctx;
+        let mut extra = format!("context_length = {ctx}\nmax_sequences = 1\n");
+        if model.is_dir() {
+            spec.format = modelpool_pool::ModelFormat::Safetensors;
+            let p = args.precision.clone().unwrap_or_else(|| "none".into());
+            extra += &format!("precisions = [\"{p}\"]\n");
+            spec.precision = Some(p);
+        }
         let fp = modelpool_engine::footprint::predict(&spec)?;
         let runtime = tempfile::tempdir()?;
-        let extra = format!("context_length = {ctx}\nmax_sequences = 1\n");
         let server =
             modelpool_benches::start_server_with(&model, "m", runtime.path(), &extra).await?;
         let lease = server.pool.acquire("m", None).await?;

@@ -12,7 +12,6 @@
 //! measured and swapped.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -67,18 +66,11 @@ fn main() -> anyhow::Result<()> {
 /// Sequential read bandwidth of `path` with its pages dropped first, bytes/s.
 fn read_bandwidth(path: &Path) -> anyhow::Result<f64> {
     let _ = modelpool_pool::store::pagecache::drop_cached(path);
-    let started = Instant::now();
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 8 << 20];
-    let mut total = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        total += n as u64;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let f = std::fs::File::open(path)?;
+    Ok(modelpool_benches::read_through_bps(
+        f,
+        &mut vec![0u8; 8 << 20],
+    )?)
 }
 
 struct Sample {

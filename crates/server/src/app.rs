@@ -118,6 +118,7 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         runtime_dir: runtime_dir.clone(),
         load_timeout: settings.load_timeout,
         load_nice: settings.load_nice,
+        huge_pages_from_bytes: settings.huge_pages_from_bytes,
     });
     let probe = Arc::new(SystemProbe::new());
     let mut pool_config = pool_config(&settings.pool, probe.as_ref());

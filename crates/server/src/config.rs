@@ -8,8 +8,14 @@ use std::time::Duration;
 use modelpool_pool::budget::parse_bytes;
 
 use crate::auth::{AuthSettings, Secret};
-use modelpool_pool::{Device, GroupSpec, MemoryProbe, ModelFormat, ModelSpec, Source};
+use modelpool_pool::{GroupSpec, ModelSpec};
 use serde::Deserialize;
+
+// The model tables (`[[models]]`, `RegisterModel`) in a file of their own; the path is
+// spelled out so the fuzz crate, which compiles this file on its own, finds it too.
+#[path = "config/model.rs"]
+mod model;
+pub use model::{model_spec, RawModel};
 
 /// Exit code for an unusable configuration (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
@@ -54,6 +60,9 @@ pub struct Settings {
     pub load_timeout: Duration,
     /// Nice value of a loading worker (0: off); see `WorkerBackendConfig::load_nice`.
     pub load_nice: i32,
+    /// Workers of models at least this large get transparent huge pages (`u64::MAX`:
+    /// never); see `WorkerBackendConfig::huge_pages_from_bytes`.
+    pub huge_pages_from_bytes: u64,
     /// Where the private socket directory is created.
     pub runtime_dir: PathBuf,
     /// The binary that runs workers; the running executable when unset.
@@ -198,33 +207,9 @@ pub struct TlsSettings {
 struct RawWorkers {
     load_timeout: Option<String>,
     load_nice: Option<i32>,
+    huge_pages_from: Option<String>,
     runtime_dir: Option<PathBuf>,
     exe: Option<PathBuf>,
-}
-
-/// A model as a config file or a `RegisterModel` request describes it.
-#[derive(Deserialize, Default, Clone, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct RawModel {
-    pub id: String,
-    #[serde(default)]
-    pub path: PathBuf,
-    /// Instead of `path`: an http(s) URL with its sha256.
-    #[serde(default)]
-    pub url: Option<String>,
-    #[serde(default)]
-    pub sha256: Option<String>,
-    pub format: Option<String>,
-    pub device: Option<String>,
-    pub context_length: Option<u32>,
-    pub max_sequences: Option<u32>,
-    pub max_concurrency: Option<u32>,
-    pub pinned: Option<bool>,
-    pub idle_ttl: Option<String>,
-    /// Safetensors models: precisions to quantize to at load, best first ("none",
-    /// "q8_0", "q4k", ...); the pool loads the first that fits.
-    #[serde(default)]
-    pub precisions: Vec<String>,
 }
 
 /// A size given as text ("8GiB") or, from the environment, a plain number of bytes.
@@ -396,6 +381,12 @@ impl Settings {
                 format!("must be 0..=19 (0 turns it off), got {load_nice}"),
             ));
         }
+        // Small models keep 4 KiB pages, which hold them ~2% leaner.
+        let huge_pages_from_bytes = match raw.workers.huge_pages_from.as_deref() {
+            Some("never") => u64::MAX,
+            text => parse_bytes(text.unwrap_or("1GiB"))
+                .map_err(|e| invalid("workers.huge_pages_from", format!("{e}, or \"never\"")))?,
+        };
         let pool = pool_settings(raw.pool)?;
         let modelmesh = raw
             .modelmesh
@@ -482,6 +473,7 @@ impl Settings {
             tls,
             load_timeout,
             load_nice,
+            huge_pages_from_bytes,
             runtime_dir: raw.workers.runtime_dir.unwrap_or_else(std::env::temp_dir),
             worker_exe: raw.workers.exe,
             pool,
@@ -672,161 +664,6 @@ fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
     })
 }
 
-/// Validates one model; an error names the field (without the `models[i].` prefix).
-pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, String)> {
-    if m.id.is_empty()
-        || m.id.len() > 128
-        || !m
-            .id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
-    {
-        return Err((
-            "id",
-            format!(
-                "must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}",
-                m.id
-            ),
-        ));
-    }
-    let source = match (m.path.as_os_str().is_empty(), m.url) {
-        (true, None) => return Err(("path", "required (or `url` with `sha256`)".into())),
-        (false, Some(_)) => return Err(("url", "give `path` or `url`, not both".into())),
-        (false, None) => Source::Path(if m.path.is_absolute() {
-            m.path
-        } else {
-            base.join(m.path)
-        }),
-        (true, Some(url)) => {
-            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
-                return Err((
-                    "url",
-                    format!("must be an http:// or https:// URL, got {url:?}"),
-                ));
-            }
-            let sha256 = m.sha256.unwrap_or_default().to_ascii_lowercase();
-            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err((
-                    "sha256",
-                    format!("required with `url`: 64 hex digits, got {sha256:?}"),
-                ));
-            }
-            Source::Url { url, sha256 }
-        }
-    };
-    // A directory is a Hugging Face model (safetensors); a file is a GGUF.
-    let is_dir = source.path().is_some_and(Path::is_dir);
-    let format = match m.format.as_deref().unwrap_or("") {
-        "" if is_dir => ModelFormat::Safetensors,
-        "gguf" | "" => ModelFormat::Gguf,
-        "safetensors" => ModelFormat::Safetensors,
-        other => {
-            return Err((
-                "format",
-                format!("unsupported format {other:?}; supported: gguf, safetensors"),
-            ))
-        }
-    };
-    if format == ModelFormat::Safetensors && source.path().is_none() {
-        return Err((
-            "url",
-            "a safetensors model is a directory: give its `path`".into(),
-        ));
-    }
-    let mut precisions = Vec::new();
-    for p in &m.precisions {
-        let p = p.to_ascii_lowercase();
-        if !modelpool_pool::PRECISIONS.contains(&p.as_str()) {
-            return Err((
-                "precisions",
-                format!(
-                    "unknown precision {p:?}; known: {}",
-                    modelpool_pool::PRECISIONS.join(", ")
-                ),
-            ));
-        }
-        if precisions.contains(&p) {
-            return Err(("precisions", format!("{p:?} is listed twice")));
-        }
-        precisions.push(p);
-    }
-    if !precisions.is_empty() && format != ModelFormat::Safetensors {
-        return Err((
-            "precisions",
-            "only a safetensors model is quantized at load; a GGUF file keeps its own precision"
-                .into(),
-        ));
-    }
-    let device = match m.device.as_deref().unwrap_or("cpu") {
-        "auto" => auto_device(),
-        "" => Device::Cpu,
-        text => text.parse::<Device>().map_err(|e| ("device", e))?,
-    };
-    if device != Device::Cpu && !cfg!(feature = "cuda") {
-        return Err((
-            "device",
-            format!("{device} needs modelpool built with the `cuda` feature; this build is CPU-only (use \"cpu\" or \"auto\")"),
-        ));
-    }
-    let context_length = m.context_length.unwrap_or(4096);
-    if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
-        return Err((
-            "context_length",
-            format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}"),
-        ));
-    }
-    let max_sequences = m.max_sequences.unwrap_or(1);
-    if !(1..=MAX_SEQUENCES).contains(&max_sequences) {
-        return Err((
-            "max_sequences",
-            format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
-        ));
-    }
-    let max_concurrency = m.max_concurrency.unwrap_or(4);
-    if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
-        return Err((
-            "max_concurrency",
-            format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}"),
-        ));
-    }
-    let idle_ttl = match m.idle_ttl.as_deref() {
-        None | Some("") | Some("never") => None,
-        Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
-            (
-                "idle_ttl",
-                format!("not a duration like \"10m\" or \"never\" ({e}), got {text:?}"),
-            )
-        })?)
-        .filter(|d| !d.is_zero()),
-    };
-    Ok(ModelSpec {
-        id: m.id,
-        source,
-        format,
-        device,
-        context_length,
-        max_sequences,
-        max_concurrency,
-        pinned: m.pinned.unwrap_or(false),
-        idle_ttl,
-        precisions,
-        precision: None,
-        quantized: None,
-    })
-}
-
-/// `device = "auto"`: the first GPU when this build has CUDA and the machine a GPU,
-/// otherwise the CPU.
-fn auto_device() -> Device {
-    if cfg!(feature = "cuda") {
-        let probe = modelpool_pool::SystemProbe::new();
-        if probe.devices().iter().any(|d| d.device == Device::Cuda(0)) {
-            return Device::Cuda(0);
-        }
-    }
-    Device::Cpu
-}
-
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
     let text = value.as_deref().unwrap_or(default);
     humantime::parse_duration(text).map_err(|e| {
@@ -838,124 +675,5 @@ fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration,
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    const URL_WITHOUT_SPILL: &str = "[[models]]\nid = \"a\"\nurl = \"http://h/m\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"";
-
-    #[test]
-    fn defaults_and_relative_paths() {
-        let s = Settings::from_toml(
-            "[[models]]\nid = \"m\"\npath = \"x.gguf\"\n",
-            Path::new("/etc/modelpool"),
-        )
-        .unwrap();
-        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
-        assert_eq!(s.drain_timeout, Duration::from_secs(30));
-        assert_eq!(
-            s.models[0].source,
-            Source::Path(PathBuf::from("/etc/modelpool/x.gguf"))
-        );
-        assert_eq!(s.models[0].context_length, 4096);
-        assert_eq!(s.models[0].device, Device::Cpu);
-        assert_eq!(s.pool.ram_budget, BudgetSetting::Auto);
-    }
-
-    #[test]
-    fn budgets_and_model_options() {
-        let s = Settings::from_toml(
-            "[pool]\nram_budget = \"6GiB\"\nreserve = \"1GiB\"\nauto_fraction = 0.5\n\
-             [[models]]\nid = \"m\"\npath = \"x.gguf\"\npinned = true\nidle_ttl = \"10m\"\nmax_concurrency = 2",
-            Path::new("/"),
-        )
-        .unwrap();
-        assert_eq!(s.pool.ram_budget, BudgetSetting::Bytes(6 << 30));
-        let limited =
-            Settings::from_toml("[pool]\nmemory_limit = 4294967296\n", Path::new("/")).unwrap();
-        assert_eq!(limited.pool.memory_limit_bytes, Some(4 << 30));
-        assert_eq!(BudgetSetting::Auto.resolve(16 << 30, &s.pool), 7 << 30);
-        let m = &s.models[0];
-        assert!(m.pinned);
-        assert_eq!(
-            (m.idle_ttl, m.max_concurrency),
-            (Some(Duration::from_secs(600)), 2)
-        );
-        if !cfg!(feature = "cuda") {
-            let err = Settings::from_toml(
-                "[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"cuda:0\"",
-                Path::new("/"),
-            )
-            .unwrap_err()
-            .to_string();
-            assert!(err.contains("`cuda` feature"), "{err}");
-        }
-    }
-
-    #[test]
-    fn errors_name_the_key() {
-        let cases = [
-            ("[server]\nlisten = \"nope\"", "server.listen"),
-            ("[server]\ndrain_timeout = \"soon\"", "server.drain_timeout"),
-            (
-                "[[models]]\nid = \"a\"\npath = \"a\"\ncontext_length = 1",
-                "models[0].context_length",
-            ),
-            (
-                "[[models]]\nid = \"a\"\npath = \"a\"\n[[models]]\nid = \"a\"\npath = \"b\"",
-                "models[1].id",
-            ),
-            (
-                "[[models]]\nid = \"a\"\npath = \"a\"\nformat = \"onnx\"",
-                "models[0].format",
-            ),
-            (
-                "[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"tpu\"",
-                "models[0].device",
-            ),
-            (
-                "[[models]]\nid = \"a\"\npath = \"a\"\nidle_ttl = \"soon\"",
-                "models[0].idle_ttl",
-            ),
-            ("[pool]\nram_budget = \"6 parsecs\"", "pool.ram_budget"),
-            ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
-            ("[pool]\nqueue_depth = 0", "pool.queue_depth"),
-            ("[server]\nlisten = \"0.0.0.0:50051\"", "server.listen"),
-            ("[workers]\nload_nice = 20", "workers.load_nice"),
-            (
-                "[server]\nmetrics_listen = \"10.0.0.1:9464\"",
-                "server.metrics_listen",
-            ),
-            (
-                "[storage]\nspill_dir = \"/s\"\nspill_budget = \"0\"",
-                "storage.spill_budget",
-            ),
-            (
-                "[[models]]\nid = \"a\"\nurl = \"http://h/m.gguf\"\nsha256 = \"00\"",
-                "models[0].sha256",
-            ),
-            (
-                "[storage]\nspill_dir = \"/s\"\n[[models]]\nid = \"a\"\nurl = \"ftp://h/m\"",
-                "models[0].url",
-            ),
-            (
-                "[[models]]\nid = \"a\"\npath = \"a\"\nurl = \"http://h/m\"",
-                "models[0].url",
-            ),
-            (
-                // A URL source needs somewhere to download to.
-                URL_WITHOUT_SPILL,
-                "models[0].url",
-            ),
-        ];
-        for (toml, key) in cases {
-            let err = Settings::from_toml(toml, Path::new("/"))
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(&format!("`{key}`")), "{toml:?} gave {err}");
-        }
-        let err = Settings::from_toml("[server]\nlisten_addr = 1", Path::new("/"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("listen_addr"), "{err}");
-    }
-}
+#[path = "config/tests.rs"]
+mod tests;

@@ -107,6 +107,10 @@ impl Reloader {
             ("workers.exe", current.worker_exe != new.worker_exe),
             ("workers.load_nice", current.load_nice != new.load_nice),
             (
+                "workers.huge_pages_from",
+                current.huge_pages_from_bytes != new.huge_pages_from_bytes,
+            ),
+            (
                 "pool.reserve",
                 current.pool.reserve_bytes != new.pool.reserve_bytes,
             ),

@@ -215,3 +215,63 @@ fn invalid_config_exits_64_naming_the_key() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.listen"));
 }
+
+/// The worker's environment, as `KEY=value` entries.
+fn environ(pid: u32) -> Vec<String> {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .map(|e| String::from_utf8_lossy(e).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Anonymous memory in transparent huge pages, in KiB.
+fn anon_huge_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("AnonHugePages:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_of_large_models_get_huge_pages_and_small_ones_stay_on_small_pages() {
+    // Default threshold (1 GiB): SmolLM2 (94 MiB) keeps 4 KiB pages.
+    let t = TestServer::start(&["smollm2"]).await;
+    assert!(t.ask_capital("smollm2").await.contains("Paris"));
+    let pid = t.model("smollm2").await.worker_pid;
+    let env = environ(pid);
+    assert!(
+        !env.iter().any(|e| e.starts_with("GLIBC_TUNABLES=")),
+        "{env:?}"
+    );
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        assert!(env.iter().any(|e| e == "RUST_LIB_BACKTRACE=0"), "{env:?}");
+    }
+    t.stop().await;
+
+    // Threshold 0: every worker is "large".
+    let t = TestServer::start_with(|rt| {
+        let mut s = modelpool_tests::settings(&["smollm2"], rt);
+        s.huge_pages_from_bytes = 0;
+        s
+    })
+    .await;
+    assert!(t.ask_capital("smollm2").await.contains("Paris"));
+    let pid = t.model("smollm2").await.worker_pid;
+    let env = environ(pid);
+    assert!(
+        env.iter()
+            .any(|e| e == "GLIBC_TUNABLES=glibc.malloc.hugetlb=1"),
+        "{env:?}"
+    );
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if !thp.contains("[never]") && !thp.is_empty() {
+        assert!(anon_huge_kib(pid) > 0, "THP mode {thp:?}, no huge pages");
+    }
+    t.stop().await;
+}

@@ -7,10 +7,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use modelpool_proto::v1::pool_event::Kind;
-use modelpool_proto::v1::EvictModelRequest;
+use modelpool_proto::v1::{EvictModelRequest, ModelFormat, RegisterModelRequest};
 use modelpool_tests::{
     chat, collect, greedy, next_event, safetensors_model_dir, settings_toml, text_of, TestServer,
 };
+use tonic::Code;
 
 fn st_model(id: &str, dir: &Path, precisions: &str) -> String {
     format!(
@@ -133,5 +134,56 @@ async fn a_model_too_big_at_its_best_precision_loads_at_the_first_that_fits() {
     let status = t.pool_status().await;
     let cpu = &status.devices[0];
     assert!(cpu.used_bytes <= budget, "{} over {budget}", cpu.used_bytes);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_model_takes_a_safetensors_directory_and_refuses_bad_precisions() {
+    let dir = safetensors_model_dir();
+    let t = TestServer::start(&["smollm2"]).await;
+    let request = |id: &str, path: &Path, precisions: &[&str]| RegisterModelRequest {
+        id: id.into(),
+        path: path.display().to_string(),
+        precisions: precisions.iter().map(|p| p.to_string()).collect(),
+        context_length: Some(512),
+        ..Default::default()
+    };
+    let gguf = modelpool_tests::model_path();
+    let cases = [
+        (
+            request("a", &dir, &["q3_0"]),
+            "precisions",
+            "unknown precision",
+        ),
+        (
+            request("b", &gguf, &["q8_0"]),
+            "precisions",
+            "only a safetensors",
+        ),
+        (
+            request("c", dir.parent().unwrap(), &["q8_0"]),
+            "path",
+            "config.json",
+        ),
+    ];
+    for (req, field, why) in cases {
+        let err = t.control().register_model(req).await.expect_err("refused");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+        assert!(err.message().contains(why), "{}", err.message());
+    }
+    assert_eq!(t.model_ids().await.len(), 1, "nothing was registered");
+
+    let info = t
+        .control()
+        .register_model(request("st", &dir, &["q4_0"]))
+        .await
+        .expect("registered")
+        .into_inner();
+    assert_eq!(info.format, ModelFormat::Safetensors as i32);
+    assert_eq!(info.precisions, ["q4_0"]);
+    let text = answer(&t, "st").await;
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(t.model("st").await.precision, "q4_0");
     t.stop().await;
 }

@@ -1,0 +1,162 @@
+//! Reload latency from each storage tier, next to the physical limit measured in the
+//! same run: a model's file read cold from the disk with O_DIRECT (bytes / disk
+//! bandwidth) and read again from the page cache (bytes / page-cache bandwidth). Each
+//! reload is a whole worker process started through the real pool, request to ready;
+//! each evict is request to worker reaped (its memory returned).
+//!
+//! `cargo run -p modelpool-benches --bin reload_tiers -- --reps 3`
+
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use modelpool_benches::{median, mib, read_through_bps};
+use modelpool_pool::store::pagecache;
+
+#[derive(Parser)]
+struct Args {
+    /// GGUF files to reload (missing ones are skipped with a note).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf,models/synth-llama-7b-a.gguf"
+    )]
+    models: Vec<PathBuf>,
+    /// Reloads per tier and model.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    modelpool_benches::run_as_worker_if_asked();
+    let args = Args::parse();
+    tokio::runtime::Runtime::new()?.block_on(run(args))
+}
+
+/// Reads `path` through with O_DIRECT (the disk, not the page cache); bytes per second.
+fn direct_read_bps(path: &Path) -> anyhow::Result<f64> {
+    const CHUNK: usize = 8 << 20;
+    const ALIGN: usize = 4096;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
+    let mut raw = vec![0u8; CHUNK + ALIGN];
+    let offset = raw.as_ptr().align_offset(ALIGN);
+    Ok(read_through_bps(file, &mut raw[offset..offset + CHUNK])?)
+}
+
+/// Reads `path` through twice, timing the second (page-cache) read; bytes per second.
+fn cached_read_bps(path: &Path) -> anyhow::Result<f64> {
+    pagecache::prefetch(path)?;
+    Ok(read_through_bps(
+        File::open(path)?,
+        &mut vec![0u8; 8 << 20],
+    )?)
+}
+
+struct Row {
+    tier: &'static str,
+    load_ms: Vec<f64>,
+    cached_fraction: Vec<f64>,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    println!("| model | MiB | tier | reload p50 ms (min-max) | effective GB/s | physical limit ms | reload / limit | file cached at start |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut evicts = Vec::new();
+    for model in &args.models {
+        let Ok(model) = std::fs::canonicalize(model) else {
+            eprintln!("skipping {}: missing", model.display());
+            continue;
+        };
+        let bytes = std::fs::metadata(&model)?.len();
+        pagecache::drop_cached(&model)?;
+        let disk_bps = direct_read_bps(&model)?;
+        let cache_bps = cached_read_bps(&model)?;
+        let runtime = tempfile::tempdir()?;
+        let server = modelpool_benches::start_server_with(
+            &model,
+            "m",
+            runtime.path(),
+            "context_length = 2048\nmax_sequences = 1\n",
+        )
+        .await?;
+        let pool = server.pool.clone();
+        let mut rows = [
+            Row {
+                tier: "warm (page cache)",
+                load_ms: Vec::new(),
+                cached_fraction: Vec::new(),
+            },
+            Row {
+                tier: "disk (cold cache)",
+                load_ms: Vec::new(),
+                cached_fraction: Vec::new(),
+            },
+        ];
+        for _ in 0..args.reps {
+            for (i, row) in rows.iter_mut().enumerate() {
+                if i == 0 {
+                    pagecache::prefetch(&model)?;
+                } else {
+                    pagecache::drop_cached(&model)?;
+                }
+                let cached = pagecache::cached_bytes(&model).unwrap_or(0);
+                row.cached_fraction.push(cached as f64 / bytes as f64);
+                let started = Instant::now();
+                drop(pool.acquire("m", None).await?);
+                row.load_ms.push(started.elapsed().as_secs_f64() * 1e3);
+                let started = Instant::now();
+                pool.unload("m").await?;
+                evicts.push((model.clone(), started.elapsed().as_secs_f64() * 1e3));
+            }
+        }
+        server.stop().await?;
+        let name = model.file_name().unwrap_or_default().to_string_lossy();
+        for row in &rows {
+            let bps = if row.tier.starts_with("warm") {
+                cache_bps
+            } else {
+                disk_bps
+            };
+            let limit_ms = bytes as f64 / bps * 1e3;
+            let p50 = median(&row.load_ms);
+            let (min, max) = row
+                .load_ms
+                .iter()
+                .fold((f64::MAX, 0f64), |(a, b), v| (a.min(*v), b.max(*v)));
+            println!(
+                "| {name} | {:.0} | {} | {p50:.0} ({min:.0}-{max:.0}) | {:.2} | {limit_ms:.0} ({:.2} GB/s) | {:.1}x | {:.0}% |",
+                mib(bytes),
+                row.tier,
+                bytes as f64 / (p50 / 1e3) / 1e9,
+                bps / 1e9,
+                p50 / limit_ms,
+                median(&row.cached_fraction) * 100.0
+            );
+        }
+    }
+    println!();
+    for model in &args.models {
+        let ms: Vec<f64> = evicts
+            .iter()
+            .filter(|(m, _)| m.file_name() == model.file_name())
+            .map(|(_, v)| *v)
+            .collect();
+        if !ms.is_empty() {
+            println!(
+                "evict (request to worker reaped), {}: p50 {:.1} ms, max {:.1} ms over {}",
+                model.display(),
+                median(&ms),
+                ms.iter().copied().fold(0.0, f64::max),
+                ms.len()
+            );
+        }
+    }
+    Ok(())
+}

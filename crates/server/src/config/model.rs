@@ -1,0 +1,189 @@
+//! One model's table (`[[models]]` in the file, or a `RegisterModel` request) and its
+//! validation into the pool's `ModelSpec`: every error names the field.
+
+use std::path::{Path, PathBuf};
+
+use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec, Source};
+use serde::Deserialize;
+
+use super::{MAX_CONCURRENCY, MAX_CONTEXT, MAX_SEQUENCES, MIN_CONTEXT};
+
+/// A model as a config file or a `RegisterModel` request describes it.
+#[derive(Deserialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub id: String,
+    #[serde(default)]
+    pub path: PathBuf,
+    /// Instead of `path`: an http(s) URL with its sha256.
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    pub format: Option<String>,
+    pub device: Option<String>,
+    pub context_length: Option<u32>,
+    pub max_sequences: Option<u32>,
+    pub max_concurrency: Option<u32>,
+    pub pinned: Option<bool>,
+    pub idle_ttl: Option<String>,
+    /// Safetensors models: precisions to quantize to at load, best first ("none",
+    /// "q8_0", "q4k", ...); the pool loads the first that fits.
+    #[serde(default)]
+    pub precisions: Vec<String>,
+}
+
+/// Validates one model; an error names the field (without the `models[i].` prefix).
+pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, String)> {
+    if m.id.is_empty()
+        || m.id.len() > 128
+        || !m
+            .id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+    {
+        return Err((
+            "id",
+            format!(
+                "must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}",
+                m.id
+            ),
+        ));
+    }
+    let source = match (m.path.as_os_str().is_empty(), m.url) {
+        (true, None) => return Err(("path", "required (or `url` with `sha256`)".into())),
+        (false, Some(_)) => return Err(("url", "give `path` or `url`, not both".into())),
+        (false, None) => Source::Path(if m.path.is_absolute() {
+            m.path
+        } else {
+            base.join(m.path)
+        }),
+        (true, Some(url)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+                return Err((
+                    "url",
+                    format!("must be an http:// or https:// URL, got {url:?}"),
+                ));
+            }
+            let sha256 = m.sha256.unwrap_or_default().to_ascii_lowercase();
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    "sha256",
+                    format!("required with `url`: 64 hex digits, got {sha256:?}"),
+                ));
+            }
+            Source::Url { url, sha256 }
+        }
+    };
+    // A directory is a Hugging Face model (safetensors); a file is a GGUF.
+    let is_dir = source.path().is_some_and(Path::is_dir);
+    let format = match m.format.as_deref().unwrap_or("") {
+        "" if is_dir => ModelFormat::Safetensors,
+        "gguf" | "" => ModelFormat::Gguf,
+        "safetensors" => ModelFormat::Safetensors,
+        other => {
+            return Err((
+                "format",
+                format!("unsupported format {other:?}; supported: gguf, safetensors"),
+            ))
+        }
+    };
+    if format == ModelFormat::Safetensors && source.path().is_none() {
+        return Err((
+            "url",
+            "a safetensors model is a directory: give its `path`".into(),
+        ));
+    }
+    let mut precisions = Vec::new();
+    for p in &m.precisions {
+        let p = p.to_ascii_lowercase();
+        if !modelpool_pool::PRECISIONS.contains(&p.as_str()) {
+            return Err((
+                "precisions",
+                format!(
+                    "unknown precision {p:?}; known: {}",
+                    modelpool_pool::PRECISIONS.join(", ")
+                ),
+            ));
+        }
+        if precisions.contains(&p) {
+            return Err(("precisions", format!("{p:?} is listed twice")));
+        }
+        precisions.push(p);
+    }
+    if !precisions.is_empty() && format != ModelFormat::Safetensors {
+        return Err((
+            "precisions",
+            "only a safetensors model is quantized at load; a GGUF file keeps its own precision"
+                .into(),
+        ));
+    }
+    let device = match m.device.as_deref().unwrap_or("cpu") {
+        "auto" => auto_device(),
+        "" => Device::Cpu,
+        text => text.parse::<Device>().map_err(|e| ("device", e))?,
+    };
+    if device != Device::Cpu && !cfg!(feature = "cuda") {
+        return Err((
+            "device",
+            format!("{device} needs modelpool built with the `cuda` feature; this build is CPU-only (use \"cpu\" or \"auto\")"),
+        ));
+    }
+    let context_length = m.context_length.unwrap_or(4096);
+    if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
+        return Err((
+            "context_length",
+            format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}"),
+        ));
+    }
+    let max_sequences = m.max_sequences.unwrap_or(1);
+    if !(1..=MAX_SEQUENCES).contains(&max_sequences) {
+        return Err((
+            "max_sequences",
+            format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
+        ));
+    }
+    let max_concurrency = m.max_concurrency.unwrap_or(4);
+    if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
+        return Err((
+            "max_concurrency",
+            format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}"),
+        ));
+    }
+    let idle_ttl = match m.idle_ttl.as_deref() {
+        None | Some("") | Some("never") => None,
+        Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+            (
+                "idle_ttl",
+                format!("not a duration like \"10m\" or \"never\" ({e}), got {text:?}"),
+            )
+        })?)
+        .filter(|d| !d.is_zero()),
+    };
+    Ok(ModelSpec {
+        id: m.id,
+        source,
+        format,
+        device,
+        context_length,
+        max_sequences,
+        max_concurrency,
+        pinned: m.pinned.unwrap_or(false),
+        idle_ttl,
+        precisions,
+        precision: None,
+        quantized: None,
+    })
+}
+
+/// `device = "auto"`: the first GPU when this build has CUDA and the machine a GPU,
+/// otherwise the CPU.
+fn auto_device() -> Device {
+    if cfg!(feature = "cuda") {
+        let probe = modelpool_pool::SystemProbe::new();
+        if probe.devices().iter().any(|d| d.device == Device::Cuda(0)) {
+            return Device::Cuda(0);
+        }
+    }
+    Device::Cpu
+}

@@ -1,0 +1,162 @@
+//! Configuration parsing and validation: defaults, every key's error, models, groups.
+
+use super::*;
+use modelpool_pool::{Device, ModelFormat, Source};
+
+const URL_WITHOUT_SPILL: &str = "[[models]]\nid = \"a\"\nurl = \"http://h/m\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"";
+
+#[test]
+fn defaults_and_relative_paths() {
+    let s = Settings::from_toml(
+        "[[models]]\nid = \"m\"\npath = \"x.gguf\"\n",
+        Path::new("/etc/modelpool"),
+    )
+    .unwrap();
+    assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+    assert_eq!(s.drain_timeout, Duration::from_secs(30));
+    assert_eq!(
+        s.models[0].source,
+        Source::Path(PathBuf::from("/etc/modelpool/x.gguf"))
+    );
+    assert_eq!(s.models[0].context_length, 4096);
+    assert_eq!(s.models[0].device, Device::Cpu);
+    assert_eq!(s.pool.ram_budget, BudgetSetting::Auto);
+}
+
+#[test]
+fn budgets_and_model_options() {
+    let s = Settings::from_toml(
+        "[pool]\nram_budget = \"6GiB\"\nreserve = \"1GiB\"\nauto_fraction = 0.5\n\
+         [[models]]\nid = \"m\"\npath = \"x.gguf\"\npinned = true\nidle_ttl = \"10m\"\nmax_concurrency = 2",
+        Path::new("/"),
+    )
+    .unwrap();
+    assert_eq!(s.pool.ram_budget, BudgetSetting::Bytes(6 << 30));
+    let limited =
+        Settings::from_toml("[pool]\nmemory_limit = 4294967296\n", Path::new("/")).unwrap();
+    assert_eq!(limited.pool.memory_limit_bytes, Some(4 << 30));
+    assert_eq!(BudgetSetting::Auto.resolve(16 << 30, &s.pool), 7 << 30);
+    let m = &s.models[0];
+    assert!(m.pinned);
+    assert_eq!(
+        (m.idle_ttl, m.max_concurrency),
+        (Some(Duration::from_secs(600)), 2)
+    );
+    if !cfg!(feature = "cuda") {
+        let err = Settings::from_toml(
+            "[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"cuda:0\"",
+            Path::new("/"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("`cuda` feature"), "{err}");
+    }
+}
+
+#[test]
+fn errors_name_the_key() {
+    let cases = [
+        ("[server]\nlisten = \"nope\"", "server.listen"),
+        ("[server]\ndrain_timeout = \"soon\"", "server.drain_timeout"),
+        (
+            "[[models]]\nid = \"a\"\npath = \"a\"\ncontext_length = 1",
+            "models[0].context_length",
+        ),
+        (
+            "[[models]]\nid = \"a\"\npath = \"a\"\n[[models]]\nid = \"a\"\npath = \"b\"",
+            "models[1].id",
+        ),
+        (
+            "[[models]]\nid = \"a\"\npath = \"a\"\nformat = \"onnx\"",
+            "models[0].format",
+        ),
+        (
+            "[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"tpu\"",
+            "models[0].device",
+        ),
+        (
+            "[[models]]\nid = \"a\"\npath = \"a\"\nidle_ttl = \"soon\"",
+            "models[0].idle_ttl",
+        ),
+        ("[pool]\nram_budget = \"6 parsecs\"", "pool.ram_budget"),
+        ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
+        ("[pool]\nqueue_depth = 0", "pool.queue_depth"),
+        ("[server]\nlisten = \"0.0.0.0:50051\"", "server.listen"),
+        ("[workers]\nload_nice = 20", "workers.load_nice"),
+        (
+            "[server]\nmetrics_listen = \"10.0.0.1:9464\"",
+            "server.metrics_listen",
+        ),
+        (
+            "[storage]\nspill_dir = \"/s\"\nspill_budget = \"0\"",
+            "storage.spill_budget",
+        ),
+        (
+            "[[models]]\nid = \"a\"\nurl = \"http://h/m.gguf\"\nsha256 = \"00\"",
+            "models[0].sha256",
+        ),
+        (
+            "[storage]\nspill_dir = \"/s\"\n[[models]]\nid = \"a\"\nurl = \"ftp://h/m\"",
+            "models[0].url",
+        ),
+        (
+            "[[models]]\nid = \"a\"\npath = \"a\"\nurl = \"http://h/m\"",
+            "models[0].url",
+        ),
+        (
+            // A URL source needs somewhere to download to.
+            URL_WITHOUT_SPILL,
+            "models[0].url",
+        ),
+    ];
+    for (toml, key) in cases {
+        let err = Settings::from_toml(toml, Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("`{key}`")), "{toml:?} gave {err}");
+    }
+    let err = Settings::from_toml("[server]\nlisten_addr = 1", Path::new("/"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listen_addr"), "{err}");
+}
+
+#[test]
+fn precisions_are_checked_and_only_for_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().display();
+    // A directory is a safetensors model; precisions are lowercased and kept in order.
+    let s = Settings::from_toml(
+        &format!(
+            "[[models]]\nid = \"m\"\npath = \"{st}\"\nprecisions = [\"none\", \"Q8_0\", \"q4k\"]\n"
+        ),
+        Path::new("/"),
+    )
+    .unwrap();
+    assert_eq!(s.models[0].format, ModelFormat::Safetensors);
+    assert_eq!(s.models[0].precisions, ["none", "q8_0", "q4k"]);
+    let cases = [
+        (
+            format!("path = \"{st}\"\nprecisions = [\"q3_0\"]"),
+            "unknown precision",
+        ),
+        (
+            format!("path = \"{st}\"\nprecisions = [\"q8_0\", \"q8_0\"]"),
+            "listed twice",
+        ),
+        (
+            "path = \"m.gguf\"\nprecisions = [\"q8_0\"]".to_owned(),
+            "only a safetensors model",
+        ),
+        (
+            "url = \"http://h/m\"\nsha256 = \"00\"\nformat = \"safetensors\"".to_owned(),
+            "models[0]",
+        ),
+    ];
+    for (keys, needle) in cases {
+        let err = Settings::from_toml(&format!("[[models]]\nid = \"m\"\n{keys}\n"), Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(needle), "{keys}: {err}");
+    }
+}
