@@ -28,6 +28,11 @@ soak cycles="500": fetch-models
 bench-swap phase="90": fetch-models
     cargo run -p modelpool-benches --bin swap_scenario -- --phase-secs {{phase}}
 
+# Reload latency from the page cache and from the disk (SmolLM2 and the 7B-shaped model
+# when present) against O_DIRECT and page-cache read bandwidth, and evict latency.
+bench-tiers reps="3": fetch-models
+    cargo run -p modelpool-benches --bin reload_tiers -- --reps {{reps}}
+
 # 200 streams across 5 models for 60 s under a budget that holds 3.
 loadgen secs="60": fetch-models
     cargo run -p modelpool-benches --bin loadgen -- --secs {{secs}}

@@ -7,21 +7,19 @@
 //! dropping an evicted model's pages under memory pressure keeps the budget honest.
 
 use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-/// Bytes of `path` resident in the page cache now (a multiple of the page size, capped
-/// at the file's length).
-pub fn cached_bytes(path: &Path) -> io::Result<u64> {
-    let file = File::open(path)?;
-    let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok(0);
-    }
-    let len_usize = usize::try_from(len).map_err(|_| io::Error::other("file too large"))?;
+/// One flag per page of `file` (`len` bytes): whether it is in the page cache now, and
+/// the page size.
+fn residency(file: &File, len: u64) -> io::Result<(Vec<bool>, usize)> {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    if len == 0 {
+        return Ok((Vec::new(), page));
+    }
+    let len_usize = usize::try_from(len).map_err(|_| io::Error::other("file too large"))?;
     let pages = len_usize.div_ceil(page);
     // SAFETY: a read-only shared mapping of a file we hold open; it is unmapped below
     // and never dereferenced, only passed to mincore.
@@ -47,20 +45,55 @@ pub fn cached_bytes(path: &Path) -> io::Result<u64> {
     if rc != 0 {
         return Err(err);
     }
-    let resident = vec.iter().filter(|b| **b & 1 == 1).count() as u64;
+    Ok((vec.into_iter().map(|b| b & 1 == 1).collect(), page))
+}
+
+/// Bytes of `path` resident in the page cache now (a multiple of the page size, capped
+/// at the file's length).
+pub fn cached_bytes(path: &Path) -> io::Result<u64> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let (pages, page) = residency(&file, len)?;
+    let resident = pages.iter().filter(|r| **r).count() as u64;
     Ok((resident * page as u64).min(len))
 }
 
 /// Reads `path` into the page cache and returns once it is there (the next load of the
-/// model then reads memory, not the disk).
+/// model then reads memory, not the disk). Only the parts not cached already are read:
+/// a warm 4 GiB file costs a `mincore` call, not 4 GiB of copying on a CPU that the
+/// models being served need.
 pub fn prefetch(path: &Path) -> io::Result<()> {
-    let mut file = File::open(path)?;
-    // WILLNEED lets the kernel issue large reads ahead; reading the file through then
+    const CHUNK: usize = 4 << 20;
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    // WILLNEED lets the kernel issue large reads ahead; reading the missing chunks then
     // guarantees residency even where the hint is ignored (some sandboxes, some file
     // systems) and tells the caller when it is done.
     advise(&file, libc::POSIX_FADV_WILLNEED)?;
-    let mut buf = vec![0u8; 4 << 20];
-    while file.read(&mut buf)? > 0 {}
+    let (pages, page) = residency(&file, len)?;
+    let per_chunk = (CHUNK / page).max(1);
+    let mut buf = vec![0u8; CHUNK];
+    for (i, chunk) in pages.chunks(per_chunk).enumerate() {
+        if chunk.iter().all(|r| *r) {
+            continue;
+        }
+        let offset = (i * per_chunk * page) as u64;
+        let want = (len - offset).min(CHUNK as u64) as usize;
+        read_at(&file, &mut buf[..want], offset)?;
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `offset` (fewer at the end of the file).
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64)? {
+            0 => break,
+            n => done += n,
+        }
+    }
     Ok(())
 }
 
