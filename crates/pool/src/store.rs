@@ -173,21 +173,41 @@ pub fn url_key(sha256: &str) -> String {
 }
 
 /// The key of a local file: its canonical path, length and modification time, so a
-/// replaced source file never reloads a stale copy.
+/// replaced source file never reloads a stale copy. For a model directory, the name,
+/// length and modification time of every file in it: a weights file rewritten in
+/// place changes the key even though the directory itself did not change.
 pub fn path_key(path: &Path) -> io::Result<String> {
     let canonical = fs::canonicalize(path)?;
     let meta = fs::metadata(&canonical)?;
+    let mut h = Sha256::new();
+    h.update(canonical.as_os_str().as_encoded_bytes());
+    hash_meta(&mut h, &meta)?;
+    if meta.is_dir() {
+        let mut files: Vec<_> = fs::read_dir(&canonical)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| Some((e.file_name(), e.metadata().ok()?)))
+            .filter(|(_, m)| m.is_file())
+            .collect();
+        files.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, meta) in files {
+            h.update([0]);
+            h.update(name.as_encoded_bytes());
+            hash_meta(&mut h, &meta)?;
+        }
+    }
+    Ok(format!("p-{}", &hex(&h.finalize())[..32]))
+}
+
+fn hash_meta(h: &mut Sha256, meta: &fs::Metadata) -> io::Result<()> {
     let mtime = meta
         .modified()?
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    let mut h = Sha256::new();
-    h.update(canonical.as_os_str().as_encoded_bytes());
     h.update([0]);
     h.update(meta.len().to_le_bytes());
     h.update(mtime.to_le_bytes());
-    Ok(format!("p-{}", &hex(&h.finalize())[..32]))
+    Ok(())
 }
 
 /// The key of the quantized weights of the model at `source_key` at `precision`.

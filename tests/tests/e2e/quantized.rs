@@ -93,6 +93,34 @@ async fn quantized_weights_are_written_once_to_the_spill_dir_and_reused_with_the
     assert!(line.contains("--reuse-quantized"), "{line}");
     assert!(!line.contains("--write-quantized"), "{line}");
     assert_eq!(t.pool_status().await.spill.unwrap().artifacts, 1);
+
+    // Kept weights that no longer load (here: overwritten with zeros) fail one load,
+    // are discarded, and the next load quantizes afresh.
+    let uqff = std::fs::read_dir(spill.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "uqff"))
+        .unwrap();
+    let len = std::fs::metadata(&uqff).unwrap().len() as usize;
+    std::fs::write(&uqff, vec![0u8; len]).unwrap();
+    control
+        .evict_model(EvictModelRequest { id: "st".into() })
+        .await
+        .unwrap();
+    let stream = t
+        .inference()
+        .chat(chat("st", "What is the capital of France?", greedy(8)))
+        .await;
+    let failed = match stream {
+        Ok(s) => collect(s.into_inner()).await.is_err(),
+        Err(_) => true,
+    };
+    assert!(failed, "garbage quantized weights cannot load");
+    assert!(!uqff.exists(), "the bad artifact was discarded");
+    let third = answer(&t, "st").await;
+    assert_eq!(third, first);
+    let line = cmdline(t.model("st").await.worker_pid);
+    assert!(line.contains("--write-quantized"), "{line}");
     t.stop().await;
 }
 

@@ -205,8 +205,18 @@ pub(super) fn after_quantized_load<B: Backend>(
     if loaded {
         store.protect(&key);
     }
-    let Some(Quantized::Write(file)) = &spec.quantized else {
-        return;
+    let file = match &spec.quantized {
+        Some(Quantized::Write(file)) => file,
+        // Quantized weights that no longer load (another mistral.rs wrote them, or
+        // they were replaced under it) must not fail every load after this one: the
+        // next load quantizes again and writes fresh ones.
+        Some(Quantized::Reuse(file)) if !loaded => {
+            tracing::warn!(model = %spec.id, file = %file.display(),
+                "load from kept quantized weights failed; discarding them");
+            store.remove(&key);
+            return;
+        }
+        _ => return,
     };
     let scratch = file.parent().map(Path::to_path_buf);
     let remove_scratch = move || {

@@ -138,3 +138,31 @@ fn keys_change_when_the_source_file_changes() {
     assert!(valid_key(&url_key(&"A".repeat(64))));
     assert!(!valid_key("p-../../etc"));
 }
+
+#[test]
+fn a_directory_key_changes_when_a_file_in_it_is_rewritten_in_place() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("model");
+    fs::create_dir(&dir).unwrap();
+    fs::write(dir.join("config.json"), b"{}").unwrap();
+    fs::write(dir.join("model.safetensors"), vec![0u8; 64]).unwrap();
+    let before = path_key(&dir).unwrap();
+    assert_eq!(
+        before,
+        path_key(&dir).unwrap(),
+        "stable while nothing changes"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // Same length, same directory entries: only the file's mtime moves.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("model.safetensors"))
+        .unwrap()
+        .write_all(&[1u8; 64])
+        .unwrap();
+    assert_ne!(before, path_key(&dir).unwrap());
+    let q = quantized_key(&before, "Q8_0");
+    assert!(valid_key(&q));
+    assert_eq!(q, quantized_key(&before, "q8_0"));
+    assert_ne!(q, quantized_key(&before, "q4_0"));
+}
