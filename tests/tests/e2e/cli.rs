@@ -548,3 +548,40 @@ async fn an_unreachable_server_is_named_and_exits_1() {
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(stderr(&out).contains(&addr), "{}", stderr(&out));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_shows_the_precision_a_quantized_at_load_model_would_get() {
+    let _serial = modelpool_tests::serial().await;
+    let st = modelpool_tests::safetensors_model_dir();
+    let predicted = |precision: &str| {
+        let mut spec = modelpool_pool::ModelSpec::new("p", &st);
+        spec.format = modelpool_pool::ModelFormat::Safetensors;
+        spec.context_length = 1024;
+        spec.precision = Some(precision.into());
+        modelpool_engine::footprint::predict(&spec)
+            .unwrap()
+            .total_bytes()
+    };
+    let (native, q8) = (predicted("none"), predicted("q8_0"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("plan.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[pool]\nram_budget = \"{}\"\n[[models]]\nid = \"st\"\npath = \"{}\"\ncontext_length = 1024\nprecisions = [\"none\", \"q8_0\"]\n",
+            (native + q8) / 2,
+            st.display()
+        ),
+    )
+    .expect("write the config");
+    let config = config.to_str().expect("UTF-8 path");
+    let args = ["plan", "--config", config, "--json"];
+    let plan: Value =
+        serde_json::from_str(&succeeded(&args, &output(command(&args)).await)).expect("plan JSON");
+    assert_eq!(plan["models"][0]["precision"], "q8_0", "{plan}");
+    assert_eq!(plan["models"][0]["predicted"]["total_bytes"], q8, "{plan}");
+    let args = ["plan", "--config", config];
+    let text = succeeded(&args, &output(command(&args)).await);
+    let row = text.lines().find(|l| l.starts_with("st ")).unwrap_or("");
+    assert!(row.contains("cpu q8_0"), "{text}");
+}

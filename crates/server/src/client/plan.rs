@@ -168,6 +168,31 @@ fn budget_source(device: Device, pool: &PoolSettings) -> String {
     }
 }
 
+/// A model quantized at load is planned at the first of its precisions that fits its
+/// budgets on its own (the last when none does), as the pool would choose with nothing
+/// else resident.
+fn at_planned_precision(spec: &ModelSpec, budgets: &BTreeMap<Device, u64>) -> ModelSpec {
+    let mut planned = spec.clone();
+    let candidates = spec.candidate_precisions();
+    for (i, precision) in candidates.iter().enumerate() {
+        planned.precision = precision.clone();
+        let fits = modelpool_engine::footprint::predict(&planned)
+            .is_ok_and(|f| f.charge.0.iter().all(|(d, b)| *b <= budget(budgets, *d)));
+        if fits || i + 1 == candidates.len() {
+            break;
+        }
+    }
+    planned
+}
+
+/// The device, and the precision of a model quantized at load.
+fn placement(s: &ModelSpec) -> String {
+    match &s.precision {
+        Some(p) => format!("{} {p}", s.device),
+        None => s.device.to_string(),
+    }
+}
+
 pub(super) fn run(args: &PlanArgs) -> Result<(), Failure> {
     let settings = crate::Settings::load(args.config.as_deref())
         .map_err(|e| Failure::Config(e.to_string()))?;
@@ -176,8 +201,12 @@ pub(super) fn run(args: &PlanArgs) -> Result<(), Failure> {
     let budgets = crate::app::pool_config(&settings.pool, &probe).budgets;
     let gpu_absent = probe.gpu_absent_reason();
 
-    let predictions: Vec<(&ModelSpec, Result<Footprint, String>)> = settings
+    let specs: Vec<ModelSpec> = settings
         .models
+        .iter()
+        .map(|spec| at_planned_precision(spec, &budgets))
+        .collect();
+    let predictions: Vec<(&ModelSpec, Result<Footprint, String>)> = specs
         .iter()
         .map(|spec| {
             let footprint = modelpool_engine::footprint::predict(spec).map_err(|e| e.to_string());
@@ -295,6 +324,7 @@ impl View<'_> {
                     "id": s.id,
                     "path": s.source.to_string(),
                     "device": s.device.to_string(),
+                    "precision": s.precision,
                     "pinned": s.pinned,
                     "context_length": s.context_length,
                     "max_sequences": s.max_sequences,
@@ -402,7 +432,7 @@ impl View<'_> {
             .map(|((s, f), copies)| {
                 vec![
                     s.id.clone(),
-                    s.device.to_string(),
+                    placement(s),
                     yes_no(s.pinned).into(),
                     s.context_length.to_string(),
                     mib(f.weights_bytes),
