@@ -55,6 +55,18 @@ pub fn safetensors_model_dir() -> PathBuf {
     dir
 }
 
+/// The pool's prediction for the safetensors model at `dir`, `context_length` tokens,
+/// quantized at load to `precision`.
+pub fn predicted_safetensors_bytes(dir: &Path, context_length: u32, precision: &str) -> u64 {
+    let mut spec = modelpool_pool::ModelSpec::new("probe", dir);
+    spec.format = modelpool_pool::ModelFormat::Safetensors;
+    spec.context_length = context_length;
+    spec.precision = Some(precision.into());
+    modelpool_engine::footprint::predict(&spec)
+        .expect("the model's headers read")
+        .total_bytes()
+}
+
 /// Path of the SmolLM2 GGUF; panics with the fix when it is missing.
 pub fn model_path() -> PathBuf {
     let p = repo_root().join("models").join(MODEL_FILE);

@@ -553,15 +553,7 @@ async fn an_unreachable_server_is_named_and_exits_1() {
 async fn plan_shows_the_precision_a_quantized_at_load_model_would_get() {
     let _serial = modelpool_tests::serial().await;
     let st = modelpool_tests::safetensors_model_dir();
-    let predicted = |precision: &str| {
-        let mut spec = modelpool_pool::ModelSpec::new("p", &st);
-        spec.format = modelpool_pool::ModelFormat::Safetensors;
-        spec.context_length = 1024;
-        spec.precision = Some(precision.into());
-        modelpool_engine::footprint::predict(&spec)
-            .unwrap()
-            .total_bytes()
-    };
+    let predicted = |p: &str| modelpool_tests::predicted_safetensors_bytes(&st, 1024, p);
     let (native, q8) = (predicted("none"), predicted("q8_0"));
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("plan.toml");

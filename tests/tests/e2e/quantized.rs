@@ -127,15 +127,7 @@ async fn quantized_weights_are_written_once_to_the_spill_dir_and_reused_with_the
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_too_big_at_its_best_precision_loads_at_the_first_that_fits() {
     let dir = safetensors_model_dir();
-    let predicted = |precision: &str| {
-        let mut spec = modelpool_pool::ModelSpec::new("p", &dir);
-        spec.format = modelpool_pool::ModelFormat::Safetensors;
-        spec.context_length = 1024;
-        spec.precision = Some(precision.into());
-        modelpool_engine::footprint::predict(&spec)
-            .unwrap()
-            .total_bytes()
-    };
+    let predicted = |p: &str| modelpool_tests::predicted_safetensors_bytes(&dir, 1024, p);
     let (native, q8) = (predicted("none"), predicted("q8_0"));
     assert!(q8 < native, "8-bit is smaller: {q8} vs {native}");
     // Room for 8-bit, not for the unquantized weights.
