@@ -16,8 +16,13 @@ pub(crate) fn event_line(e: &PoolEvent) -> String {
         Some(Kind::Registered(_)) => format!("registered {model}"),
         Some(Kind::Unregistered(_)) => format!("unregistered {model}"),
         Some(Kind::LoadStarted(k)) => {
+            let at = if k.precision.is_empty() {
+                String::new()
+            } else {
+                format!(" at {}", k.precision)
+            };
             format!(
-                "load_started {model} predicted {}",
+                "load_started {model}{at} predicted {}",
                 bytes(k.predicted_bytes)
             )
         }
@@ -90,7 +95,10 @@ pub(crate) fn event_json(e: &PoolEvent) -> Value {
         Some(Kind::Unregistered(_)) => ("unregistered", json!({})),
         Some(Kind::LoadStarted(k)) => (
             "load_started",
-            json!({ "predicted_bytes": k.predicted_bytes }),
+            json!({
+                "predicted_bytes": k.predicted_bytes,
+                "precision": (!k.precision.is_empty()).then_some(&k.precision),
+            }),
         ),
         Some(Kind::LoadProgress(k)) => (
             "load_progress",
@@ -163,6 +171,24 @@ mod tests {
             model: model.into(),
             kind: Some(kind),
         }
+    }
+
+    #[test]
+    fn a_load_at_a_chosen_precision_says_so() {
+        let e = ev(
+            "st",
+            Kind::LoadStarted(pool_event::LoadStarted {
+                predicted_bytes: 200 << 20,
+                expected_duration: None,
+                precision: "q8_0".into(),
+            }),
+        );
+        assert!(
+            event_line(&e).ends_with(" load_started st at q8_0 predicted 200.0 MiB"),
+            "{}",
+            event_line(&e)
+        );
+        assert_eq!(event_json(&e)["precision"], "q8_0");
     }
 
     #[test]
