@@ -202,14 +202,11 @@ const SUPPORTED: &str = "only F32, F16, BF16, Q4_0, Q4_1 and Q8_0 can be dequant
 
 /// (elements, bytes) per block of the types this module dequantizes.
 fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
-    Some(match ggml_type {
-        F32 => (1, 4),
-        F16 | BF16 => (1, 2),
-        Q4_0 => (32, 18),
-        Q4_1 => (32, 20),
-        Q8_0 => (32, 34),
-        _ => return None,
-    })
+    if !matches!(ggml_type, F32 | F16 | BF16 | Q4_0 | Q4_1 | Q8_0) {
+        return None;
+    }
+    let (elements, bytes) = modelpool_pool::gguf::block_layout(ggml_type)?;
+    Some((elements as usize, bytes as usize))
 }
 
 /// IEEE half precision bits to f32 (exact: every f16 is an f32).

@@ -61,6 +61,8 @@ fn cached_read_bps(path: &Path) -> anyhow::Result<f64> {
 
 struct Row {
     tier: &'static str,
+    /// Loaded with its file in the page cache (else with its pages dropped).
+    warm: bool,
     load_ms: Vec<f64>,
     cached_fraction: Vec<f64>,
 }
@@ -87,21 +89,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
         let pool = server.pool.clone();
-        let mut rows = [
-            Row {
-                tier: "warm (page cache)",
+        let mut rows =
+            [("warm (page cache)", true), ("disk (cold cache)", false)].map(|(tier, warm)| Row {
+                tier,
+                warm,
                 load_ms: Vec::new(),
                 cached_fraction: Vec::new(),
-            },
-            Row {
-                tier: "disk (cold cache)",
-                load_ms: Vec::new(),
-                cached_fraction: Vec::new(),
-            },
-        ];
+            });
         for _ in 0..args.reps {
-            for (i, row) in rows.iter_mut().enumerate() {
-                if i == 0 {
+            for row in rows.iter_mut() {
+                if row.warm {
                     pagecache::prefetch(&model)?;
                 } else {
                     pagecache::drop_cached(&model)?;
@@ -119,11 +116,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server.stop().await?;
         let name = model.file_name().unwrap_or_default().to_string_lossy();
         for row in &rows {
-            let bps = if row.tier.starts_with("warm") {
-                cache_bps
-            } else {
-                disk_bps
-            };
+            let bps = if row.warm { cache_bps } else { disk_bps };
             let limit_ms = bytes as f64 / bps * 1e3;
             let p50 = median(&row.load_ms);
             let (min, max) = row

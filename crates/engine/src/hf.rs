@@ -24,23 +24,24 @@ const NATIVE_ELEMENT_BYTES: u64 = 2;
 /// Largest safetensors header accepted (the format's own limit is 100 MB).
 const MAX_HEADER_BYTES: u64 = 100 << 20;
 
-/// Bytes per block and weights per block of each ISQ type (ggml's block layouts).
+/// (weights per block, bytes per block) of an ISQ type: the ggml type it quantizes to.
 pub fn block_layout(precision: &str) -> Option<(u64, u64)> {
-    Some(match precision {
-        "q4_0" => (18, 32),
-        "q4_1" => (20, 32),
-        "q5_0" => (22, 32),
-        "q5_1" => (24, 32),
-        "q8_0" => (34, 32),
-        "q8_1" => (36, 32),
-        "q2k" => (84, 256),
-        "q3k" => (110, 256),
-        "q4k" => (144, 256),
-        "q5k" => (176, 256),
-        "q6k" => (210, 256),
-        "q8k" => (292, 256),
+    let ggml_type = match precision {
+        "q4_0" => 2,
+        "q4_1" => 3,
+        "q5_0" => 6,
+        "q5_1" => 7,
+        "q8_0" => 8,
+        "q8_1" => 9,
+        "q2k" => 10,
+        "q3k" => 11,
+        "q4k" => 12,
+        "q5k" => 13,
+        "q6k" => 14,
+        "q8k" => 15,
         _ => return None,
-    })
+    };
+    modelpool_pool::gguf::block_layout(ggml_type)
 }
 
 /// The fields of config.json the prediction needs.
@@ -130,7 +131,7 @@ fn tensors(dir: &Path) -> Result<Vec<(String, u64)>, BackendError> {
 /// Bytes of `elements` weights at `precision` (`None`: unquantized).
 fn bytes_at(elements: u64, layout: Option<(u64, u64)>) -> Option<u64> {
     match layout {
-        Some((block_bytes, block_weights)) => {
+        Some((block_weights, block_bytes)) => {
             elements.div_ceil(block_weights).checked_mul(block_bytes)
         }
         None => elements.checked_mul(NATIVE_ELEMENT_BYTES),
@@ -191,4 +192,18 @@ pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
     };
     let (kv_bytes, activation_bytes) = kv_and_activation(&shape, spec).ok_or_else(implausible)?;
     assemble(spec, weights_bytes, kv_bytes, activation_bytes).ok_or_else(implausible)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_precision_a_config_accepts_has_a_block_layout() {
+        for p in modelpool_pool::PRECISIONS {
+            assert_eq!(block_layout(p).is_some(), *p != NATIVE_PRECISION, "{p}");
+        }
+        assert_eq!(block_layout("q8_0"), Some((32, 34)));
+        assert_eq!(bytes_at(64, block_layout("q4k")), Some(144));
+    }
 }

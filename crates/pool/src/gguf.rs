@@ -114,8 +114,9 @@ impl KvShape {
     }
 }
 
-/// (elements per block, bytes per block) of a ggml tensor type.
-fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
+/// (elements per block, bytes per block) of a ggml tensor type: the one table of ggml
+/// block sizes in the project (the dequantizer and the ISQ footprint use it too).
+pub fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
     Some(match ggml_type {
         0 => (1, 4),      // F32
         1 => (1, 2),      // F16

@@ -168,21 +168,27 @@ fn budget_source(device: Device, pool: &PoolSettings) -> String {
     }
 }
 
-/// A model quantized at load is planned at the first of its precisions that fits its
-/// budgets on its own (the last when none does), as the pool would choose with nothing
-/// else resident.
-fn at_planned_precision(spec: &ModelSpec, budgets: &BTreeMap<Device, u64>) -> ModelSpec {
+/// The model's prediction, at the first of its precisions that fits its budgets on its
+/// own (the last when none does) for a model quantized at load, as the pool would choose
+/// with nothing else resident.
+fn at_planned_precision(
+    spec: &ModelSpec,
+    budgets: &BTreeMap<Device, u64>,
+) -> (ModelSpec, Result<Footprint, String>) {
     let mut planned = spec.clone();
     let candidates = spec.candidate_precisions();
+    let mut footprint = Err(String::new());
     for (i, precision) in candidates.iter().enumerate() {
         planned.precision = precision.clone();
-        let fits = modelpool_engine::footprint::predict(&planned)
+        footprint = modelpool_engine::footprint::predict(&planned).map_err(|e| e.to_string());
+        let fits = footprint
+            .as_ref()
             .is_ok_and(|f| f.charge.0.iter().all(|(d, b)| *b <= budget(budgets, *d)));
         if fits || i + 1 == candidates.len() {
             break;
         }
     }
-    planned
+    (planned, footprint)
 }
 
 /// The device, and the precision of a model quantized at load.
@@ -201,18 +207,13 @@ pub(super) fn run(args: &PlanArgs) -> Result<(), Failure> {
     let budgets = crate::app::pool_config(&settings.pool, &probe).budgets;
     let gpu_absent = probe.gpu_absent_reason();
 
-    let specs: Vec<ModelSpec> = settings
+    let planned: Vec<(ModelSpec, Result<Footprint, String>)> = settings
         .models
         .iter()
         .map(|spec| at_planned_precision(spec, &budgets))
         .collect();
-    let predictions: Vec<(&ModelSpec, Result<Footprint, String>)> = specs
-        .iter()
-        .map(|spec| {
-            let footprint = modelpool_engine::footprint::predict(spec).map_err(|e| e.to_string());
-            (spec, footprint)
-        })
-        .collect();
+    let predictions: Vec<(&ModelSpec, Result<Footprint, String>)> =
+        planned.iter().map(|(s, f)| (s, f.clone())).collect();
     let ok: Vec<(&ModelSpec, &Footprint)> = predictions
         .iter()
         .filter_map(|(s, f)| f.as_ref().ok().map(|f| (*s, f)))
