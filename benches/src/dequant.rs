@@ -3,16 +3,17 @@
 //! `generation_config.json`), so mistral.rs can load the same model through its normal
 //! (non-GGUF) pipeline, with or without in-situ quantization (ISQ) and UQFF.
 //!
-//! Everything is done by hand (GGUF parsing, dequantization, f16/bf16 conversion,
-//! safetensors writing): no new dependency. The tokenizer is rebuilt the way
+//! Everything is done by hand (dequantization, f16/bf16 conversion, safetensors
+//! writing; the header through `modelpool_pool::gguf`): no new dependency. The tokenizer is rebuilt the way
 //! mistral.rs' own GGUF tokenizer conversion builds it, so both paths tokenize alike.
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
+use modelpool_pool::gguf::{self, Arrays, GgufInfo, TensorEntry};
 use serde_json::{json, Map, Value};
 
 const F32: u32 = 0;
@@ -21,9 +22,6 @@ const Q4_0: u32 = 2;
 const Q4_1: u32 = 3;
 const Q8_0: u32 = 8;
 const BF16: u32 = 30;
-/// Longest string and largest array accepted in the header: bounds every allocation.
-const MAX_STRING: u64 = 1 << 24;
-const MAX_ARRAY: u64 = 1 << 24;
 const BOS: &str = "tokenizer.ggml.bos_token_id";
 const EOS: &str = "tokenizer.ggml.eos_token_id";
 const UNK: &str = "tokenizer.ggml.unknown_token_id";
@@ -46,145 +44,28 @@ pub struct Summary {
     pub files: Vec<PathBuf>,
 }
 
-/// One tensor's entry in the GGUF tensor table.
-#[derive(Clone, Debug, PartialEq)]
-pub struct TensorInfo {
-    pub name: String,
-    /// ggml order: innermost (contiguous) dimension first.
-    pub dims: Vec<u64>,
-    pub ggml_type: u32,
-    /// From the start of the data section.
-    pub offset: u64,
+/// The GGUF accessors the converter needs, over the project's one GGUF parser.
+trait Meta {
+    fn int(&self, key: &str) -> Option<u64>;
+    fn need(&self, key: &str) -> anyhow::Result<u64>;
+    fn str(&self, key: &str) -> Option<&str>;
+    fn f64(&self, key: &str) -> Option<f64>;
 }
 
-/// A parsed GGUF header; metadata values as JSON (integers, floats, strings, arrays).
-#[derive(Clone, Debug)]
-pub struct Gguf {
-    pub meta: BTreeMap<String, Value>,
-    pub tensors: Vec<TensorInfo>,
-    /// Absolute file offset of the (aligned) data section.
-    pub data_start: u64,
-}
-
-impl Gguf {
+impl Meta for GgufInfo {
     fn int(&self, key: &str) -> Option<u64> {
-        self.meta.get(key)?.as_u64()
+        self.get(key)?.as_u64()
     }
     fn need(&self, key: &str) -> anyhow::Result<u64> {
         self.int(key)
             .with_context(|| format!("GGUF metadata `{key}` is missing or not an integer"))
     }
     fn str(&self, key: &str) -> Option<&str> {
-        self.meta.get(key)?.as_str()
+        self.get(key)?.as_str()
     }
     fn f64(&self, key: &str) -> Option<f64> {
-        self.meta.get(key)?.as_f64()
+        self.get(key)?.as_f64()
     }
-    fn strings(&self, key: &str) -> anyhow::Result<Vec<&str>> {
-        let items = self.meta.get(key).and_then(Value::as_array);
-        let items = items.with_context(|| format!("GGUF metadata `{key}` is not an array"))?;
-        let strings = items.iter().map(Value::as_str).collect::<Option<Vec<_>>>();
-        strings.with_context(|| format!("GGUF metadata `{key}` holds a non-string"))
-    }
-}
-
-/// Reads the header (metadata and tensor table) of the GGUF file at `path`.
-pub fn read_gguf(path: &Path) -> anyhow::Result<Gguf> {
-    let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut r = BufReader::with_capacity(1 << 20, file);
-    let mut magic = [0u8; 4];
-    r.read_exact(&mut magic)?;
-    ensure!(&magic == b"GGUF", "{} is not a GGUF file", path.display());
-    let version = rd_u32(&mut r)?;
-    ensure!(matches!(version, 2 | 3), "GGUF version {version}");
-    let (n_tensors, n_kv) = (rd_u64(&mut r)?, rd_u64(&mut r)?);
-    ensure!(n_tensors < 1 << 20 && n_kv < 1 << 16, "implausible GGUF");
-    let mut meta = BTreeMap::new();
-    for _ in 0..n_kv {
-        let key = rd_str(&mut r)?;
-        let ty = rd_u32(&mut r)?;
-        let value = rd_value(&mut r, ty).with_context(|| format!("metadata `{key}`"))?;
-        meta.insert(key, value);
-    }
-    let mut tensors = Vec::with_capacity(n_tensors as usize);
-    for _ in 0..n_tensors {
-        let name = rd_str(&mut r)?;
-        let n_dims = rd_u32(&mut r)?;
-        ensure!((1..=4).contains(&n_dims), "`{name}` has {n_dims} dims");
-        let dims = (0..n_dims)
-            .map(|_| rd_u64(&mut r))
-            .collect::<Result<_, _>>()?;
-        let (ggml_type, offset) = (rd_u32(&mut r)?, rd_u64(&mut r)?);
-        let info = TensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset,
-        };
-        tensors.push(info);
-    }
-    let align = meta.get("general.alignment").and_then(Value::as_u64);
-    let align = align.filter(|a| *a > 0).unwrap_or(32);
-    let data_start = r.stream_position()?.div_ceil(align) * align;
-    Ok(Gguf {
-        meta,
-        tensors,
-        data_start,
-    })
-}
-
-fn rd_u32(r: &mut impl Read) -> anyhow::Result<u32> {
-    Ok(u32::from_le_bytes(rd_n(r)?))
-}
-
-fn rd_u64(r: &mut impl Read) -> anyhow::Result<u64> {
-    Ok(u64::from_le_bytes(rd_n(r)?))
-}
-
-fn rd_str(r: &mut impl Read) -> anyhow::Result<String> {
-    let len = rd_u64(r)?;
-    ensure!(len <= MAX_STRING, "a {len}-byte string in the GGUF header");
-    let mut buf = vec![0u8; len as usize];
-    r.read_exact(&mut buf).context("GGUF header ends early")?;
-    // Some vocabularies hold invalid UTF-8 pieces; keep them lossy rather than fail.
-    Ok(String::from_utf8(buf).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into()))
-}
-
-fn rd_n<const N: usize>(r: &mut impl Read) -> anyhow::Result<[u8; N]> {
-    let mut b = [0u8; N];
-    r.read_exact(&mut b).context("GGUF header ends early")?;
-    Ok(b)
-}
-
-fn rd_value(r: &mut impl Read, ty: u32) -> anyhow::Result<Value> {
-    Ok(match ty {
-        0 => rd_n::<1>(r)?[0].into(),
-        1 => (rd_n::<1>(r)?[0] as i8).into(),
-        2 => u16::from_le_bytes(rd_n(r)?).into(),
-        3 => i16::from_le_bytes(rd_n(r)?).into(),
-        4 => u32::from_le_bytes(rd_n(r)?).into(),
-        5 => i32::from_le_bytes(rd_n(r)?).into(),
-        // Through its shortest decimal form: 1e-5f32 stays 1e-5, not 9.999999747378752e-6.
-        6 => f32::from_le_bytes(rd_n(r)?)
-            .to_string()
-            .parse::<f64>()?
-            .into(),
-        7 => (rd_n::<1>(r)?[0] != 0).into(),
-        8 => rd_str(r)?.into(),
-        9 => {
-            let (elem, len) = (rd_u32(r)?, rd_u64(r)?);
-            ensure!(len <= MAX_ARRAY, "an array of {len} elements");
-            Value::Array(
-                (0..len)
-                    .map(|_| rd_value(r, elem))
-                    .collect::<Result<_, _>>()?,
-            )
-        }
-        10 => u64::from_le_bytes(rd_n(r)?).into(),
-        11 => i64::from_le_bytes(rd_n(r)?).into(),
-        12 => f64::from_le_bytes(rd_n(r)?).into(),
-        other => bail!("unknown GGUF value type {other}"),
-    })
 }
 
 /// A ggml type's name, for summaries and errors.
@@ -343,7 +224,7 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
 /// (created if missing). Every file is written under a temporary name and renamed into
 /// place, so each is complete once this returns.
 pub fn gguf_to_safetensors(gguf: &Path, out_dir: &Path) -> anyhow::Result<Summary> {
-    let g = read_gguf(gguf)?;
+    let g = gguf::read_header_with(gguf, Arrays::Keep)?;
     let arch = g.str("general.architecture").unwrap_or("?");
     ensure!(arch == "llama", "architecture `{arch}` is not llama");
     if let Some(kind) = g.str("llama.rope.scaling.type").filter(|k| *k != "none") {
@@ -419,7 +300,7 @@ fn write_atomically(
 /// One tensor to convert: its GGUF entry, HF name, elements, stored bytes, and the
 /// heads to unpermute by (Q and K projections only).
 struct Planned<'a> {
-    t: &'a TensorInfo,
+    t: &'a TensorEntry,
     name: String,
     n: usize,
     raw_bytes: usize,
@@ -428,12 +309,13 @@ struct Planned<'a> {
 
 /// Checks every tensor (known name, supported type, whole blocks) before anything is
 /// written, so an unsupported file fails at once.
-fn plan(g: &Gguf, heads: usize, kv_heads: usize) -> anyhow::Result<Vec<Planned<'_>>> {
+fn plan(g: &GgufInfo, heads: usize, kv_heads: usize) -> anyhow::Result<Vec<Planned<'_>>> {
     g.tensors
         .iter()
         .map(|t| {
             let name = hf_name(&t.name)
                 .with_context(|| format!("GGUF tensor `{}` has no Hugging Face name", t.name))?;
+            ensure!(t.dims.len() <= 4, "`{}` has {} dims", t.name, t.dims.len());
             let n = usize::try_from(t.dims.iter().product::<u64>())?;
             let (block, bytes) = block_layout(t.ggml_type).with_context(|| {
                 format!(
@@ -466,7 +348,7 @@ fn plan(g: &Gguf, heads: usize, kv_heads: usize) -> anyhow::Result<Vec<Planned<'
 }
 
 /// One tensor read from `src`, dequantized, unpermuted if Q or K, as BF16 bytes.
-fn convert(src: &Path, g: &Gguf, p: &Planned) -> anyhow::Result<Vec<u8>> {
+fn convert(src: &Path, g: &GgufInfo, p: &Planned) -> anyhow::Result<Vec<u8>> {
     let mut raw = vec![0u8; p.raw_bytes];
     let mut f = File::open(src)?;
     f.seek(SeekFrom::Start(g.data_start + p.t.offset))?;
@@ -487,7 +369,12 @@ fn convert(src: &Path, g: &Gguf, p: &Planned) -> anyhow::Result<Vec<u8>> {
 
 /// Writes every planned tensor into the safetensors file `path`, converting a few at a
 /// time in parallel and writing them in order; returns the file size.
-fn write_safetensors(src: &Path, g: &Gguf, plan: &[Planned], path: &Path) -> anyhow::Result<u64> {
+fn write_safetensors(
+    src: &Path,
+    g: &GgufInfo,
+    plan: &[Planned],
+    path: &Path,
+) -> anyhow::Result<u64> {
     let mut header = Map::new();
     let mut offset = 0u64;
     for p in plan {
@@ -529,11 +416,11 @@ fn write_safetensors(src: &Path, g: &Gguf, plan: &[Planned], path: &Path) -> any
 }
 
 /// The token string at metadata id `key`, if the id is present and in range.
-fn token_at<'a>(g: &Gguf, tokens: &[&'a str], key: &str) -> Option<&'a str> {
+fn token_at<'a>(g: &GgufInfo, tokens: &[&'a str], key: &str) -> Option<&'a str> {
     tokens.get(usize::try_from(g.int(key)?).ok()?).copied()
 }
 
-fn config_json(g: &Gguf, tied: bool) -> anyhow::Result<Value> {
+fn config_json(g: &GgufInfo, tied: bool) -> anyhow::Result<Value> {
     let vocab = match g.int("llama.vocab_size") {
         Some(v) => v,
         None => g.strings("tokenizer.ggml.tokens")?.len() as u64,
@@ -568,7 +455,7 @@ fn config_json(g: &Gguf, tied: bool) -> anyhow::Result<Value> {
 /// A BPE `tokenizer.json` built as mistral.rs builds one from GGUF `gpt2` metadata:
 /// byte-level BPE with its GPT-2 style split, every token whose type is not "normal"
 /// (and bos, eos, unk) as an added special token.
-fn tokenizer_json(g: &Gguf) -> anyhow::Result<Value> {
+fn tokenizer_json(g: &GgufInfo) -> anyhow::Result<Value> {
     let model = g.str("tokenizer.ggml.model").unwrap_or("?");
     ensure!(model == "gpt2", "tokenizer `{model}` is not gpt2 (BPE)");
     let tokens = g.strings("tokenizer.ggml.tokens")?;
@@ -579,9 +466,8 @@ fn tokenizer_json(g: &Gguf) -> anyhow::Result<Value> {
         .collect::<Option<Vec<_>>>()
         .context("a BPE merge without a space")?;
     let types = g
-        .meta
         .get("tokenizer.ggml.token_type")
-        .and_then(Value::as_array);
+        .and_then(gguf::Value::as_list);
     let types = types.filter(|t| t.len() == tokens.len());
     // mistral.rs: bos, eos, unk, and every token whose type is not 1 (normal).
     let mut special: Vec<usize> = [BOS, EOS, UNK]
@@ -632,13 +518,12 @@ fn tokenizer_json(g: &Gguf) -> anyhow::Result<Value> {
     }))
 }
 
-fn tokenizer_config_json(g: &Gguf) -> anyhow::Result<Value> {
+fn tokenizer_config_json(g: &GgufInfo) -> anyhow::Result<Value> {
     let tokens = g.strings("tokenizer.ggml.tokens")?;
     let tok = |key| token_at(g, &tokens, key);
     let add_bos = g
-        .meta
         .get("tokenizer.ggml.add_bos_token")
-        .and_then(Value::as_bool);
+        .and_then(gguf::Value::as_bool);
     Ok(json!({
         "tokenizer_class": "GPT2Tokenizer",
         "chat_template": g.str("tokenizer.chat_template"),

@@ -12,6 +12,10 @@ use libfuzzer_sys::fuzz_target;
 use modelpool_pool::gguf;
 
 fuzz_target!(|data: &[u8]| {
+    // Keeping arrays (the safetensors converter's mode) must be as safe as skipping them.
+    if let Ok(kept) = gguf::parse_with(data, gguf::Arrays::Keep) {
+        let _ = kept.strings("tokenizer.ggml.tokens");
+    }
     let Ok(info) = gguf::parse(data) else {
         return;
     };

@@ -42,13 +42,32 @@ pub const ACTIVATION_BYTES_PER_TOKEN_SQ: u64 = 4;
 
 /// The footprint of `spec`, from its file header.
 pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
+    let one = predict_each(spec, std::slice::from_ref(&spec.precision))?;
+    Ok(one
+        .into_iter()
+        .next()
+        .expect("one precision, one footprint"))
+}
+
+/// The footprint of `spec` at each of `precisions`, reading its headers once.
+pub fn predict_each(
+    spec: &ModelSpec,
+    precisions: &[Option<String>],
+) -> Result<Vec<Footprint>, BackendError> {
     if spec.format == ModelFormat::Safetensors {
-        return crate::hf::predict(spec);
+        return crate::hf::predict_each(spec, precisions);
     }
     let file = spec.local_file()?;
     let info = gguf::read_header(file)
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", file.display())))?;
-    predict_from(&info, spec)
+    precisions
+        .iter()
+        .map(|precision| {
+            let mut at = spec.clone();
+            at.precision = precision.clone();
+            predict_from(&info, &at)
+        })
+        .collect()
 }
 
 /// GGUF architectures mistral.rs 0.8 loads (its GGUF pipeline's model match).
@@ -142,10 +161,10 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
 /// `None` when the header's numbers overflow.
 fn embedding_table_bytes(info: &GgufInfo) -> Option<u64> {
     let hidden = info.arch_u64("embedding_length").unwrap_or(0);
-    let vocab = match info.metadata.get("tokenizer.ggml.tokens") {
-        Some(gguf::Value::Array(n)) => *n,
-        _ => 0,
-    };
+    let vocab = info
+        .get("tokenizer.ggml.tokens")
+        .and_then(gguf::Value::array_len)
+        .unwrap_or(0);
     vocab.checked_mul(hidden)?.checked_mul(4)
 }
 
@@ -171,6 +190,8 @@ mod tests {
             ]),
             tensor_count: 0,
             weight_bytes: 1 << 30,
+            tensors: Vec::new(),
+            data_start: 0,
         }
     }
 

@@ -138,8 +138,12 @@ fn bytes_at(elements: u64, layout: Option<(u64, u64)>) -> Option<u64> {
     }
 }
 
-/// The footprint of the model directory `spec` names, at `spec.precision`.
-pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
+/// The footprint of the model directory `spec` names at each of `precisions`, reading
+/// its config and safetensors headers once.
+pub fn predict_each(
+    spec: &ModelSpec,
+    precisions: &[Option<String>],
+) -> Result<Vec<Footprint>, BackendError> {
     let dir = spec.local_file()?;
     let text = std::fs::read_to_string(dir.join("config.json"))
         .map_err(|e| invalid(dir, format!("config.json: {e}")))?;
@@ -148,8 +152,33 @@ pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
     if !dir.join("tokenizer.json").is_file() {
         return Err(invalid(dir, "no tokenizer.json"));
     }
-    let precision = spec.precision.as_deref().filter(|p| *p != NATIVE_PRECISION);
-    let layout = match precision {
+    let tensors = tensors(dir)?;
+    let heads = config.num_attention_heads.max(1);
+    let shape = KvShape {
+        layers: config.num_hidden_layers,
+        kv_heads: config.num_key_value_heads.unwrap_or(heads),
+        head_dim: config.head_dim.unwrap_or(config.hidden_size / heads),
+        max_context: config.max_position_embeddings,
+    };
+    let implausible = || invalid(dir, "implausible shape: its footprint overflows 64 bits");
+    let (kv_bytes, activation_bytes) = kv_and_activation(&shape, spec).ok_or_else(implausible)?;
+    precisions
+        .iter()
+        .map(|precision| {
+            let weights_bytes = weights_at(dir, &config, &tensors, precision.as_deref())?;
+            assemble(spec, weights_bytes, kv_bytes, activation_bytes).ok_or_else(implausible)
+        })
+        .collect()
+}
+
+/// Bytes of the weights once loaded at `precision`.
+fn weights_at(
+    dir: &Path,
+    config: &Config,
+    tensors: &[(String, u64)],
+    precision: Option<&str>,
+) -> Result<u64, BackendError> {
+    let layout = match precision.filter(|p| *p != NATIVE_PRECISION) {
         Some(p) => Some(block_layout(p).ok_or_else(|| {
             invalid(
                 dir,
@@ -159,11 +188,10 @@ pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
         None => None,
     };
     let implausible = || invalid(dir, "implausible shape: its footprint overflows 64 bits");
-    let tensors = tensors(dir)?;
     let mut weights_bytes = 0u64;
     let mut has_head = false;
     let mut embedding = 0u64;
-    for (name, elements) in &tensors {
+    for (name, elements) in tensors {
         has_head |= name.contains("lm_head");
         if name.contains("embed_tokens") {
             embedding = *elements;
@@ -183,15 +211,7 @@ pub fn predict(spec: &ModelSpec) -> Result<Footprint, BackendError> {
             .and_then(|b| weights_bytes.checked_add(b))
             .ok_or_else(implausible)?;
     }
-    let heads = config.num_attention_heads.max(1);
-    let shape = KvShape {
-        layers: config.num_hidden_layers,
-        kv_heads: config.num_key_value_heads.unwrap_or(heads),
-        head_dim: config.head_dim.unwrap_or(config.hidden_size / heads),
-        max_context: config.max_position_embeddings,
-    };
-    let (kv_bytes, activation_bytes) = kv_and_activation(&shape, spec).ok_or_else(implausible)?;
-    assemble(spec, weights_bytes, kv_bytes, activation_bytes).ok_or_else(implausible)
+    Ok(weights_bytes)
 }
 
 #[cfg(test)]
@@ -205,5 +225,55 @@ mod tests {
         }
         assert_eq!(block_layout("q8_0"), Some((32, 34)));
         assert_eq!(bytes_at(64, block_layout("q4k")), Some(144));
+    }
+
+    /// A tiny tied-embedding model directory: config, tokenizer, one safetensors header.
+    fn model_dir() -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("modelpool-hf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = r#"{"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "tie_word_embeddings": true}"#;
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), "{}").unwrap();
+        let header = serde_json::json!({
+            "model.embed_tokens.weight": {"dtype": "F16", "shape": [256, 64], "data_offsets": [0, 0]},
+            "model.layers.0.self_attn.q_proj.weight": {"dtype": "F16", "shape": [64, 64], "data_offsets": [0, 0]},
+            "model.norm.weight": {"dtype": "F16", "shape": [64], "data_offsets": [0, 0]},
+        });
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend(header);
+        std::fs::write(dir.join("model.safetensors"), file).unwrap();
+        dir
+    }
+
+    #[test]
+    fn predicts_every_precision_from_one_read_as_each_alone() {
+        let dir = model_dir();
+        let mut spec = ModelSpec::new("m", &dir);
+        spec.format = modelpool_pool::ModelFormat::Safetensors;
+        let precisions = [None, Some("q8_0".to_owned()), Some("q4_0".to_owned())];
+        let all = predict_each(&spec, &precisions).unwrap();
+        for (precision, footprint) in precisions.iter().zip(&all) {
+            spec.precision = precision.clone();
+            assert_eq!(&crate::footprint::predict(&spec).unwrap(), footprint);
+        }
+        let weights = |p: Option<&str>| {
+            let config: Config =
+                serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+            weights_at(&dir, &config, &tensors(&dir).unwrap(), p).unwrap()
+        };
+        // f16: every weight at 2 bytes. q8_0: q_proj quantized, plus a quantized copy
+        // of the tied embedding for the output head (34 bytes per 32 weights).
+        assert_eq!(weights(None), (256 * 64 + 64 * 64 + 64) * 2);
+        assert_eq!(
+            weights(Some("q8_0")),
+            256 * 64 * 2 + 64 * 64 / 32 * 34 + 64 * 2 + 256 * 64 / 32 * 34
+        );
+        let unknown = predict_each(&spec, &[Some("q3_x".to_owned())]).unwrap_err();
+        assert!(unknown
+            .to_string()
+            .contains("\"q3_x\" is not one modelpool can predict"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

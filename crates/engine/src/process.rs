@@ -61,10 +61,22 @@ impl Backend for WorkerBackend {
     type Instance = WorkerProcess;
 
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
+        let one = self.footprints(spec, std::slice::from_ref(&spec.precision))?;
+        Ok(one
+            .into_iter()
+            .next()
+            .expect("one precision, one footprint"))
+    }
+
+    fn footprints(
+        &self,
+        spec: &ModelSpec,
+        precisions: &[Option<String>],
+    ) -> Result<Vec<Footprint>, BackendError> {
         if spec.format == ModelFormat::Gguf {
             check_gguf(spec.local_file()?)?;
         }
-        crate::footprint::predict(spec)
+        crate::footprint::predict_each(spec, precisions)
     }
 
     async fn load(

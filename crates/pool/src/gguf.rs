@@ -3,6 +3,10 @@
 //!
 //! The parser trusts nothing: every length is bounded before anything is allocated, so
 //! a truncated or hostile file yields an error, not a crash or a huge allocation.
+//!
+//! It is the project's one GGUF reader: the footprint prediction skips metadata arrays
+//! (`Arrays::Skip`), the GGUF-to-safetensors converter keeps them (`Arrays::Keep`) to
+//! rebuild the tokenizer, and both get the tensor table with each tensor's offset.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
@@ -15,6 +19,11 @@ const MAX_ARRAY_LEN: u64 = 1 << 24;
 const MAX_TENSORS: u64 = 1 << 20;
 const MAX_KV: u64 = 1 << 16;
 const MAX_DIMS: u32 = 8;
+/// Most array elements kept in all, with `Arrays::Keep` (vocabularies, merges and token
+/// types of the largest real tokenizers come to ~10^6).
+const MAX_KEPT_ELEMENTS: u64 = 1 << 22;
+/// Data alignment when the header does not say (`general.alignment`).
+const DEFAULT_ALIGNMENT: u64 = 32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum GgufError {
@@ -32,15 +41,87 @@ pub enum GgufError {
     Missing(String),
 }
 
-/// A metadata value, kept only where the footprint needs it.
+/// A metadata value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
     Int(i128),
+    /// 32-bit floats are widened through their shortest decimal form, so `1e-5f32`
+    /// reads as `1e-5`, not `9.999999747378752e-6`.
     Float(f64),
     Bool(bool),
     Str(String),
-    /// Arrays are skipped; only their length is kept.
+    /// An array read with `Arrays::Skip`: only its length is kept.
     Array(u64),
+    /// An array read with `Arrays::Keep`.
+    List(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::Int(v) => u64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_i64(&self) -> Option<i64> {
+        match self {
+            Value::Int(v) => i64::try_from(*v).ok(),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Float(v) => Some(*v),
+            Value::Int(v) => Some(*v as f64),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Value::Bool(v) => Some(*v),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(v) => Some(v),
+            _ => None,
+        }
+    }
+    pub fn as_list(&self) -> Option<&[Value]> {
+        match self {
+            Value::List(v) => Some(v),
+            _ => None,
+        }
+    }
+    /// Elements of an array, kept or skipped.
+    pub fn array_len(&self) -> Option<u64> {
+        match self {
+            Value::Array(n) => Some(*n),
+            Value::List(v) => Some(v.len() as u64),
+            _ => None,
+        }
+    }
+}
+
+/// Whether metadata arrays are kept (tokenizer rebuilding) or skipped (footprints).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arrays {
+    Skip,
+    Keep,
+}
+
+/// One entry of the tensor table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    /// ggml order: innermost (contiguous) dimension first.
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    /// From the start of the data section.
+    pub offset: u64,
+    /// Stored (quantized) bytes.
+    pub bytes: u64,
 }
 
 /// What the header says about a model.
@@ -52,18 +133,31 @@ pub struct GgufInfo {
     pub tensor_count: u64,
     /// Bytes of all tensors as stored (quantized).
     pub weight_bytes: u64,
+    pub tensors: Vec<TensorEntry>,
+    /// Absolute file offset of the (aligned) data section.
+    pub data_start: u64,
 }
 
 impl GgufInfo {
+    /// The metadata value under `key`.
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// A metadata array of strings (kept with `Arrays::Keep`).
+    pub fn strings(&self, key: &str) -> Result<Vec<&str>, GgufError> {
+        let list = self.get(key).and_then(Value::as_list);
+        let list = list.ok_or_else(|| GgufError::Missing(format!("{key} (a kept array)")))?;
+        list.iter()
+            .map(Value::as_str)
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| GgufError::Corrupt(format!("`{key}` holds a non-string")))
+    }
+
     /// An integer metadata value `{architecture}.{suffix}`.
     pub fn arch_u64(&self, suffix: &str) -> Option<u64> {
-        match self
-            .metadata
-            .get(&format!("{}.{suffix}", self.architecture))
-        {
-            Some(Value::Int(v)) => u64::try_from(*v).ok(),
-            _ => None,
-        }
+        self.get(&format!("{}.{suffix}", self.architecture))?
+            .as_u64()
     }
 
     /// Layers, key/value heads and head size, for the KV cache.
@@ -151,9 +245,28 @@ pub fn read_header(path: &Path) -> Result<GgufInfo, GgufError> {
     parse(BufReader::with_capacity(1 << 16, file))
 }
 
-/// Parses a GGUF header from any reader.
+/// Reads the header of the GGUF file at `path`, keeping or skipping metadata arrays.
+pub fn read_header_with(path: &Path, arrays: Arrays) -> Result<GgufInfo, GgufError> {
+    let file = std::fs::File::open(path).map_err(|e| GgufError::Io {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    parse_with(BufReader::with_capacity(1 << 20, file), arrays)
+}
+
+/// Parses a GGUF header from any reader, skipping metadata arrays.
 pub fn parse(reader: impl Read) -> Result<GgufInfo, GgufError> {
-    let mut r = Reader { inner: reader };
+    parse_with(reader, Arrays::Skip)
+}
+
+/// Parses a GGUF header from any reader.
+pub fn parse_with(reader: impl Read, arrays: Arrays) -> Result<GgufInfo, GgufError> {
+    let mut r = Reader {
+        inner: reader,
+        position: 0,
+        arrays,
+        kept: 0,
+    };
     let mut magic = [0u8; 4];
     r.exact(&mut magic)?;
     if &magic != b"GGUF" {
@@ -178,32 +291,49 @@ pub fn parse(reader: impl Read) -> Result<GgufInfo, GgufError> {
         metadata.insert(key, value);
     }
     let mut weight_bytes: u64 = 0;
+    // Grown as entries arrive, not reserved from the claimed count.
+    let mut tensors = Vec::new();
     for _ in 0..tensor_count {
         let name = r.string()?;
-        let dims = r.u32()?;
-        if dims == 0 || dims > MAX_DIMS {
+        let n_dims = r.u32()?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
             return Err(GgufError::Corrupt(format!(
-                "tensor `{name}` has {dims} dimensions"
+                "tensor `{name}` has {n_dims} dimensions"
             )));
         }
+        let mut dims = Vec::with_capacity(n_dims as usize);
         let mut elements: u64 = 1;
-        for _ in 0..dims {
-            elements = elements.checked_mul(r.u64()?).ok_or_else(|| {
+        for _ in 0..n_dims {
+            let dim = r.u64()?;
+            elements = elements.checked_mul(dim).ok_or_else(|| {
                 GgufError::Corrupt(format!("tensor `{name}` is impossibly large"))
             })?;
+            dims.push(dim);
         }
         let ggml_type = r.u32()?;
-        let _offset = r.u64()?;
-        let (block, bytes) = block_layout(ggml_type).ok_or_else(|| GgufError::TensorType {
-            name: name.clone(),
+        let offset = r.u64()?;
+        let (block, block_bytes) =
+            block_layout(ggml_type).ok_or_else(|| GgufError::TensorType {
+                name: name.clone(),
+                ggml_type,
+            })?;
+        let bytes = elements.div_ceil(block).saturating_mul(block_bytes);
+        weight_bytes = weight_bytes.saturating_add(bytes);
+        tensors.push(TensorEntry {
+            name,
+            dims,
             ggml_type,
-        })?;
-        let size = elements.div_ceil(block).saturating_mul(bytes);
-        weight_bytes = weight_bytes.saturating_add(size);
+            offset,
+            bytes,
+        });
     }
     let architecture = match metadata.get("general.architecture") {
         Some(Value::Str(a)) => a.clone(),
         _ => return Err(GgufError::Missing("general.architecture".into())),
+    };
+    let alignment = match metadata.get("general.alignment").and_then(Value::as_u64) {
+        Some(a) if a > 0 => a,
+        _ => DEFAULT_ALIGNMENT,
     };
     Ok(GgufInfo {
         version,
@@ -211,18 +341,27 @@ pub fn parse(reader: impl Read) -> Result<GgufInfo, GgufError> {
         metadata,
         tensor_count,
         weight_bytes,
+        tensors,
+        data_start: r.position.div_ceil(alignment).saturating_mul(alignment),
     })
 }
 
 struct Reader<R> {
     inner: R,
+    /// Bytes consumed so far: where the data section starts, once the header is read.
+    position: u64,
+    arrays: Arrays,
+    /// Array elements kept so far, against `MAX_KEPT_ELEMENTS`.
+    kept: u64,
 }
 
 impl<R: Read> Reader<R> {
     fn exact(&mut self, buf: &mut [u8]) -> Result<(), GgufError> {
         self.inner
             .read_exact(buf)
-            .map_err(|_| GgufError::Corrupt("unexpected end of file".into()))
+            .map_err(|_| GgufError::Corrupt("unexpected end of file".into()))?;
+        self.position += buf.len() as u64;
+        Ok(())
     }
     fn array<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
         let mut b = [0u8; N];
@@ -241,6 +380,7 @@ impl<R: Read> Reader<R> {
         if copied != n {
             return Err(GgufError::Corrupt("unexpected end of file".into()));
         }
+        self.position += n;
         Ok(())
     }
     fn string(&mut self) -> Result<String, GgufError> {
@@ -260,7 +400,7 @@ impl<R: Read> Reader<R> {
             3 => Value::Int(i16::from_le_bytes(self.array()?).into()),
             4 => Value::Int(self.u32()?.into()),
             5 => Value::Int(i32::from_le_bytes(self.array()?).into()),
-            6 => Value::Float(f32::from_le_bytes(self.array()?).into()),
+            6 => Value::Float(shortest_f64(f32::from_le_bytes(self.array()?))),
             7 => Value::Bool(self.array::<1>()?[0] != 0),
             8 => Value::Str(self.string()?),
             9 => {
@@ -268,6 +408,9 @@ impl<R: Read> Reader<R> {
                 let len = self.u64()?;
                 if len > MAX_ARRAY_LEN {
                     return Err(GgufError::Corrupt(format!("an array of {len} elements")));
+                }
+                if self.arrays == Arrays::Keep {
+                    return self.kept_array(elem, len);
                 }
                 match fixed_size(elem) {
                     Some(size) => self.skip(len * size)?,
@@ -294,6 +437,31 @@ impl<R: Read> Reader<R> {
             other => return Err(GgufError::Corrupt(format!("metadata value type {other}"))),
         })
     }
+}
+
+impl<R: Read> Reader<R> {
+    fn kept_array(&mut self, elem: u32, len: u64) -> Result<Value, GgufError> {
+        if elem == 9 {
+            return Err(GgufError::Corrupt("an array of arrays".into()));
+        }
+        self.kept = self.kept.saturating_add(len);
+        if self.kept > MAX_KEPT_ELEMENTS {
+            return Err(GgufError::Corrupt(format!(
+                "more than {MAX_KEPT_ELEMENTS} array elements in all"
+            )));
+        }
+        // Grown as elements arrive: a claimed length costs nothing until it is read.
+        let mut items = Vec::new();
+        for _ in 0..len {
+            items.push(self.value(elem)?);
+        }
+        Ok(Value::List(items))
+    }
+}
+
+/// An f32 as the f64 of its shortest decimal form (what the file's writer meant).
+fn shortest_f64(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(v.into())
 }
 
 fn fixed_size(ty: u32) -> Option<u64> {
@@ -355,6 +523,48 @@ mod tests {
         assert_eq!(info.metadata["tokenizer.ggml.tokens"], Value::Array(2));
         // 64*64 Q4_0 elements = 128 blocks of 18 bytes.
         assert_eq!(info.weight_bytes, 128 * 18);
+        let t = &info.tensors[..];
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            (t[0].name.as_str(), &t[0].dims[..]),
+            ("blk.0.attn_q.weight", &[64, 64][..])
+        );
+        assert_eq!((t[0].ggml_type, t[0].offset, t[0].bytes), (2, 0, 128 * 18));
+        // The data section starts at the header's end, rounded up to 32 bytes.
+        let end = header().len() as u64;
+        assert_eq!(info.data_start, end.div_ceil(32) * 32);
+    }
+
+    #[test]
+    fn keeps_arrays_when_asked_and_within_bounds() {
+        let info = parse_with(&header()[..], Arrays::Keep).unwrap();
+        assert_eq!(info.strings("tokenizer.ggml.tokens").unwrap(), ["a", "bc"]);
+        assert_eq!(
+            info.get("tokenizer.ggml.tokens").unwrap().array_len(),
+            Some(2)
+        );
+        assert_eq!(info.weight_bytes, 128 * 18);
+        // Skipped arrays are not lists.
+        let skipped = parse(&header()[..]).unwrap();
+        assert!(skipped.strings("tokenizer.ggml.tokens").is_err());
+        for len in 0..header().len() {
+            assert!(parse_with(&header()[..len], Arrays::Keep).is_err());
+        }
+        // A claimed length beyond the kept-elements bound is refused before reading.
+        let mut h = header();
+        let at = h.windows(8).position(|w| w == 2u64.to_le_bytes()).unwrap();
+        h[at..at + 8].copy_from_slice(&(MAX_KEPT_ELEMENTS + 1).to_le_bytes());
+        assert!(matches!(
+            parse_with(&h[..], Arrays::Keep),
+            Err(GgufError::Corrupt(m)) if m.contains("in all")
+        ));
+    }
+
+    #[test]
+    fn f32_metadata_reads_as_its_shortest_decimal() {
+        assert_eq!(shortest_f64(1e-5), 1e-5);
+        assert_eq!(shortest_f64(10000.0), 10000.0);
+        assert!(shortest_f64(f32::NAN).is_nan());
     }
 
     #[test]
@@ -406,5 +616,14 @@ mod tests {
         assert_eq!((kv.layers, kv.kv_heads, kv.head_dim), (30, 3, 64));
         let file = std::fs::metadata(&p).unwrap().len();
         assert!(info.weight_bytes < file && info.weight_bytes > file * 9 / 10);
+        let kept = read_header_with(&p, Arrays::Keep).unwrap();
+        assert_eq!(kept.strings("tokenizer.ggml.tokens").unwrap().len(), 49152);
+        assert_eq!(
+            (&kept.tensors, kept.data_start),
+            (&info.tensors, info.data_start)
+        );
+        // The last tensor ends exactly at the end of the file.
+        let last = info.tensors.iter().max_by_key(|t| t.offset).unwrap();
+        assert_eq!(info.data_start + last.offset + last.bytes, file);
     }
 }

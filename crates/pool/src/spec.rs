@@ -286,6 +286,22 @@ pub trait Backend: Send + Sync + 'static {
     type Instance: Instance;
     /// Predicts what loading `spec` will cost, before anything is loaded.
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError>;
+    /// Predicts `spec` at each of `precisions` (its candidates, best first). A backend
+    /// that reads files to predict overrides it to read them once.
+    fn footprints(
+        &self,
+        spec: &ModelSpec,
+        precisions: &[Option<String>],
+    ) -> Result<Vec<Footprint>, BackendError> {
+        precisions
+            .iter()
+            .map(|precision| {
+                let mut at = spec.clone();
+                at.precision = precision.clone();
+                self.footprint(&at)
+            })
+            .collect()
+    }
     /// Makes `spec` resident, reporting each stage it reaches ("starting worker",
     /// "loading weights", ...) to `progress`.
     fn load(

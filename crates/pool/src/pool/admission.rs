@@ -17,7 +17,7 @@ use crate::events::EvictReason;
 use crate::groups::SwapPlan;
 use crate::memory::DeviceMemory;
 use crate::spec::NATIVE_PRECISION;
-use crate::{Backend, Charge, Footprint, ModelFormat, PoolError, Quantized, Source};
+use crate::{Backend, BackendError, Charge, Footprint, ModelFormat, PoolError, Quantized, Source};
 
 /// A precision a load may use and what the load would cost at it.
 pub(super) type Candidate = (Option<String>, Footprint);
@@ -60,23 +60,32 @@ impl<B: Backend> Pool<B> {
                 return Ok(Some(entry.candidates.clone()));
             }
         }
-        let mut candidates = Vec::new();
-        for precision in spec.candidate_precisions() {
-            let mut local = spec.clone();
-            local.source = Source::Path(resolved.file.clone());
-            local.precision = precision.clone();
-            let fp = self.inner.backend.footprint(&local).map_err(|source| {
-                let mut st = self.inner.lock();
-                if let Ok(e) = st.entry(id) {
-                    e.last_error = Some(source.to_string());
-                }
-                PoolError::LoadFailed {
-                    id: id.to_owned(),
-                    source,
-                }
-            })?;
-            candidates.push((precision, fp));
-        }
+        let precisions = spec.candidate_precisions();
+        let mut local = spec.clone();
+        local.source = Source::Path(resolved.file.clone());
+        let predicted = self.inner.backend.footprints(&local, &precisions);
+        let predicted = predicted.and_then(|footprints| {
+            if footprints.len() == precisions.len() {
+                Ok(footprints)
+            } else {
+                Err(BackendError::Failed(format!(
+                    "the backend predicted {} footprints for {} precisions",
+                    footprints.len(),
+                    precisions.len()
+                )))
+            }
+        });
+        let footprints = predicted.map_err(|source| {
+            let mut st = self.inner.lock();
+            if let Ok(e) = st.entry(id) {
+                e.last_error = Some(source.to_string());
+            }
+            PoolError::LoadFailed {
+                id: id.to_owned(),
+                source,
+            }
+        })?;
+        let candidates: Vec<Candidate> = precisions.into_iter().zip(footprints).collect();
         let mut st = self.inner.lock();
         if let Ok(e) = st.entry(id) {
             if e.spec == spec {

@@ -177,18 +177,20 @@ fn at_planned_precision(
 ) -> (ModelSpec, Result<Footprint, String>) {
     let mut planned = spec.clone();
     let candidates = spec.candidate_precisions();
-    let mut footprint = Err(String::new());
-    for (i, precision) in candidates.iter().enumerate() {
-        planned.precision = precision.clone();
-        footprint = modelpool_engine::footprint::predict(&planned).map_err(|e| e.to_string());
-        let fits = footprint
-            .as_ref()
-            .is_ok_and(|f| f.charge.0.iter().all(|(d, b)| *b <= budget(budgets, *d)));
-        if fits || i + 1 == candidates.len() {
-            break;
+    let footprints = match modelpool_engine::footprint::predict_each(spec, &candidates) {
+        Ok(footprints) => footprints,
+        Err(e) => {
+            planned.precision = candidates.into_iter().next().flatten();
+            return (planned, Err(e.to_string()));
         }
-    }
-    (planned, footprint)
+    };
+    let fits = |f: &Footprint| f.charge.0.iter().all(|(d, b)| *b <= budget(budgets, *d));
+    let chosen = footprints
+        .iter()
+        .position(fits)
+        .unwrap_or(footprints.len() - 1);
+    planned.precision = candidates[chosen].clone();
+    (planned, Ok(footprints[chosen].clone()))
 }
 
 /// The device, and the precision of a model quantized at load.
