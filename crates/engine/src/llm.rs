@@ -422,7 +422,15 @@ impl LoadedModel {
             .recv()
             .await
             .ok_or_else(|| EngineError::Generation("tokenizer did not answer".into()))?
-            .map_err(|e| EngineError::Generation(format!("tokenizing the prompt: {e}")))?;
+            // What fails here is the prompt: the chat template refusing the messages
+            // (roles out of order, a template's own `raise_exception`) or text the
+            // tokenizer cannot take. Retrying the same request cannot help.
+            .map_err(|e| {
+                EngineError::invalid(
+                    "messages",
+                    format!("the model's chat template or tokenizer refused the prompt: {e}"),
+                )
+            })?;
         Ok(tokens.len())
     }
 }

@@ -227,7 +227,16 @@ impl WorkerProcess {
         let ready = match tokio::time::timeout(config.load_timeout, wait_ready).await {
             Ok(Some(ready)) => ready,
             Ok(None) => {
-                let status = child.wait().await.ok();
+                // Stdout closed: the worker is exiting. One that closed it and hangs
+                // is killed rather than waited on forever.
+                let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await
+                {
+                    Ok(status) => status.ok(),
+                    Err(_) => {
+                        let _ = child.start_kill();
+                        child.wait().await.ok()
+                    }
+                };
                 // Let the stderr forwarder drain the last lines.
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 let _ = std::fs::remove_file(&args.socket);

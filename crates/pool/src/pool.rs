@@ -125,6 +125,25 @@ impl<B: Backend> Inner<B> {
         );
     }
 
+    /// Stops a worker on a task of its own and waits for it. A caller that goes away
+    /// meanwhile (a cancelled RPC) cannot leave the model half-stopped: `Unloading`
+    /// forever, its bytes still charged.
+    async fn stop_detached(
+        self: &Arc<Self>,
+        id: &str,
+        instance: Arc<B::Instance>,
+        reason: EvictReason,
+    ) {
+        let inner = Arc::clone(self);
+        let id = id.to_owned();
+        let task = tokio::spawn(async move { inner.stop_worker(&id, &instance, reason).await });
+        if let Err(e) = task.await {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+
     /// Forgets a model; requests still queued for one of its slots learn it is gone.
     fn forget(&self, id: &str) {
         let removed = self.lock().models.remove(id);
@@ -237,7 +256,8 @@ impl<B: Backend> Pool<B> {
         let (interest, permits) = self.enter_queue(id)?;
         let permit = match tokio::time::timeout_at(deadline.at, permits.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
-            Ok(Err(_)) => return Err(self.not_found(id)),
+            // Closed by `forget`: the model was removed while this request waited.
+            Ok(Err(_)) => return Err(PoolError::Retiring { id: id.to_owned() }),
             Err(_) => {
                 return Err(PoolError::QueueTimeout {
                     id: id.to_owned(),
@@ -258,7 +278,21 @@ impl<B: Backend> Pool<B> {
     /// Removes a model gracefully: refuses its new requests at once, lets those in
     /// flight or queued finish for up to `drain`, then stops its worker (cutting what is
     /// still running) and forgets it.
+    ///
+    /// It runs on a task of its own: a caller that goes away mid-drain (a cancelled
+    /// RPC) cannot leave the model refusing requests without ever being removed.
     pub async fn retire(&self, id: &str, drain: Duration) -> Result<(), PoolError> {
+        let pool = self.clone();
+        let id = id.to_owned();
+        let task = tokio::spawn(async move { pool.retire_attached(&id, drain).await });
+        match task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(PoolError::ShuttingDown),
+        }
+    }
+
+    async fn retire_attached(&self, id: &str, drain: Duration) -> Result<(), PoolError> {
         self.inner.lock().entry(id)?.retiring = true;
         let until = Instant::now() + drain;
         loop {
@@ -278,7 +312,7 @@ impl<B: Backend> Pool<B> {
         let instance = self.inner.lock().take_ready(id).map(|(inst, _)| inst);
         if let Some(instance) = instance {
             self.inner
-                .stop_worker(id, &instance, EvictReason::Requested)
+                .stop_detached(id, instance, EvictReason::Requested)
                 .await;
         }
         // A load still running past the drain finishes into a removed entry and is
@@ -297,13 +331,16 @@ impl<B: Backend> Pool<B> {
     ) -> Result<Duration, PoolError> {
         let started = Instant::now();
         let deadline = self.deadline(started, deadline);
-        if pin {
-            self.set_pinned(id, true)?;
-        }
+        // A pin this call adds is taken back when the load fails: a model that never
+        // loaded must not stay pinned.
+        let pinned_here = pin && self.set_pinned(id, true)?;
         let (interest, _) = self.enter_queue(id)?;
-        let lease = self.ready(id, started, deadline, None).await?;
+        let lease = self.ready(id, started, deadline, None).await;
         drop(interest);
-        Ok(lease.load_wait)
+        if lease.is_err() && pinned_here {
+            let _ = self.set_pinned(id, false);
+        }
+        Ok(lease?.load_wait)
     }
 
     /// Stops the worker of an idle model and waits until it is gone. Returns whether a
@@ -312,8 +349,8 @@ impl<B: Backend> Pool<B> {
         self.stop(id, EvictReason::Requested, false).await
     }
 
-    /// Marks a model pinned (never evicted) or not.
-    pub fn set_pinned(&self, id: &str, pinned: bool) -> Result<(), PoolError> {
+    /// Marks a model pinned (never evicted) or not; returns whether that changed it.
+    pub fn set_pinned(&self, id: &str, pinned: bool) -> Result<bool, PoolError> {
         let changed = {
             let mut st = self.inner.lock();
             let entry = st.entry(id)?;
@@ -327,7 +364,7 @@ impl<B: Backend> Pool<B> {
             };
             self.inner.emit(id, kind);
         }
-        Ok(())
+        Ok(changed)
     }
 
     /// Changes a device's budget. Resident models over a smaller budget stay until they
@@ -359,7 +396,7 @@ impl<B: Backend> Pool<B> {
         };
         for (id, instance) in victims {
             self.inner
-                .stop_worker(&id, &instance, EvictReason::Shutdown)
+                .stop_detached(&id, instance, EvictReason::Shutdown)
                 .await;
         }
     }
@@ -375,14 +412,6 @@ impl<B: Backend> Pool<B> {
                 at: own,
                 by_client: false,
             },
-        }
-    }
-
-    fn not_found(&self, id: &str) -> PoolError {
-        let st = self.inner.lock();
-        PoolError::NotFound {
-            id: id.to_owned(),
-            known: st.known_ids(),
         }
     }
 
@@ -551,7 +580,7 @@ impl<B: Backend> Pool<B> {
                 None => return Ok(false),
             }
         };
-        self.inner.stop_worker(id, &instance, reason).await;
+        self.inner.stop_detached(id, instance, reason).await;
         Ok(true)
     }
 }

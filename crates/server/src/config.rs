@@ -406,6 +406,14 @@ impl Settings {
             inference_token: token("auth.inference_token", raw.auth.inference_token)?,
             control_token: token("auth.control_token", raw.auth.control_token)?,
         };
+        if auth.inference_token.is_some() && auth.control_token.is_none() {
+            // Otherwise inference would need a token while control (RegisterModel with
+            // any path, EvictModel, ReloadConfig) stayed open.
+            return Err(invalid(
+                "auth.control_token",
+                "required when auth.inference_token is set, or control RPCs would be open",
+            ));
+        }
         let storage = match raw.storage.spill_dir {
             None => None,
             Some(d) if d.as_os_str().is_empty() => None,

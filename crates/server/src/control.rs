@@ -445,7 +445,13 @@ impl ModelControl for ControlService {
         &self,
         _: Request<ReloadConfigRequest>,
     ) -> Result<Response<ReloadConfigResponse>, Status> {
-        let report = self.reloader.reload().await.map_err(|e| match &e {
+        // On a task of its own: a client that goes away mid-reload (its deadline, a
+        // dropped connection) must not leave models drained but never replaced.
+        let reloader = Arc::clone(&self.reloader);
+        let report = tokio::spawn(async move { reloader.reload().await })
+            .await
+            .map_err(|e| Status::internal(format!("the reload task failed: {e}")))?;
+        let report = report.map_err(|e| match &e {
             ReloadError::NoFile => Status::failed_precondition(e.to_string()),
             ReloadError::Invalid(_) | ReloadError::Conflict { .. } => {
                 Status::invalid_argument(e.to_string())

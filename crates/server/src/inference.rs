@@ -24,6 +24,9 @@ use tracing::Instrument;
 /// Largest prompt accepted, in bytes of text (all messages together).
 pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 
+/// The metrics label of requests for ids that are not registered.
+const UNREGISTERED_LABEL: &str = "(unregistered)";
+
 pub struct InferenceService {
     pool: Pool<WorkerBackend>,
     metrics: Arc<Metrics>,
@@ -118,8 +121,15 @@ impl InferenceService {
         sampling: SamplingParams,
         ctx: RequestContext,
     ) -> Result<ChunkStream, Status> {
+        // Metrics are labelled by model; ids nobody registered share one label, so
+        // clients cannot grow the series without bound.
+        let label = if self.pool.is_registered(&model) {
+            model.as_str()
+        } else {
+            UNREGISTERED_LABEL
+        };
         if *self.draining.borrow() {
-            self.metrics.request_done(&model, tonic::Code::Unavailable);
+            self.metrics.request_done(label, tonic::Code::Unavailable);
             return Err(Status::unavailable(
                 "modelpool is shutting down and takes no new requests; retry on another instance",
             ));
@@ -128,7 +138,7 @@ impl InferenceService {
         // just their start), and a refused request costs nothing downstream.
         let Ok(stream_permit) = Arc::clone(&self.streams).try_acquire_owned() else {
             self.metrics
-                .request_done(&model, tonic::Code::ResourceExhausted);
+                .request_done(label, tonic::Code::ResourceExhausted);
             return Err(Status::resource_exhausted(format!(
                 "too many concurrent streams: all {} allowed (server.max_concurrent_streams) are open; retry later",
                 self.max_streams
@@ -142,7 +152,7 @@ impl InferenceService {
             Ok(v) => v,
             Err(e) => {
                 let status = Status::from(e);
-                self.metrics.request_done(&model, status.code());
+                self.metrics.request_done(label, status.code());
                 let _entered = ctx.span.enter();
                 tracing::info!(code = ?status.code(), "request refused: {}", status.message());
                 return Err(status);

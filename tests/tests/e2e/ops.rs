@@ -41,13 +41,16 @@ async fn metrics_parse_and_move_with_a_request() {
         .as_ref()
         .unwrap()
         .completion_tokens;
-    // A refused request is counted with its code too.
-    let err = t
-        .inference()
-        .chat(chat("nope", "Hi", greedy(4)))
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::NotFound);
+    // A refused request is counted with its code too; ids nobody registered share one
+    // label, so clients cannot grow the series without bound.
+    for unknown in ["nope", "nope-2"] {
+        let err = t
+            .inference()
+            .chat(chat(unknown, "Hi", greedy(4)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound);
+    }
 
     let after = parse_prometheus(&scrape(addr).await);
     let m = [("model", "smollm2")];
@@ -56,9 +59,17 @@ async fn metrics_parse_and_move_with_a_request() {
         sample_value(
             &after,
             "modelpool_requests_total",
+            &[("model", "(unregistered)"), ("code", "NotFound")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        sample_value(
+            &after,
+            "modelpool_requests_total",
             &[("model", "nope"), ("code", "NotFound")]
         ),
-        1.0
+        0.0
     );
     assert_eq!(
         sample_value(&after, "modelpool_generated_tokens_total", &m),

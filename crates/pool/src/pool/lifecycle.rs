@@ -50,11 +50,15 @@ pub(super) async fn run_load<B: Backend>(
     let duration = started.elapsed();
     let mut orphan = None;
     let mut watched = None;
-    let outcome = {
+    let mut gone = false;
+    let outcome = 'outcome: {
         let mut st = inner.lock();
         let shutting_down = st.shutting_down;
         let Ok(entry) = st.entry(&spec.id) else {
-            return Err(PoolError::NotFound {
+            // Retired and forgotten while it loaded: nothing will serve this worker.
+            gone = true;
+            orphan = result.ok();
+            break 'outcome Err(PoolError::NotFound {
                 id: spec.id.clone(),
                 known: String::new(),
             });
@@ -133,6 +137,10 @@ pub(super) async fn run_load<B: Backend>(
     };
     if let Some(instance) = orphan {
         instance.shutdown().await;
+    }
+    if gone {
+        tiers::discard_scratch(spec);
+        return outcome;
     }
     let loaded = watched.is_some();
     if let Some(instance) = watched {

@@ -212,6 +212,11 @@ impl<B: Backend> Pool<B> {
         Ok(finish_row(&self.inner, row))
     }
 
+    /// Whether `id` is registered (reads only the table).
+    pub fn is_registered(&self, id: &str) -> bool {
+        self.inner.lock().models.contains_key(id)
+    }
+
     /// Whether any request holds or waits for a model: what a drain polls. Reads only
     /// the table, unlike [`snapshot`](Self::snapshot), which also reads `/proc`, the
     /// page cache and the spill index.

@@ -190,6 +190,16 @@ pub(super) fn loaded<B: Backend>(inner: &Arc<Inner<B>>, id: &str, resolved: &Res
 /// After a load quantized at load time: the quantized weights it wrote move into the
 /// spill directory (and stay while the model is resident), so the next load skips
 /// quantizing; a failed load's scratch directory is removed.
+/// Removes the scratch directory a load wrote quantized weights into, for a load whose
+/// model was forgotten meanwhile (nothing will keep what it wrote).
+pub(super) fn discard_scratch(spec: &ModelSpec) {
+    if let Some(Quantized::Write(file)) = &spec.quantized {
+        if let Some(dir) = file.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 pub(super) fn after_quantized_load<B: Backend>(
     inner: &Arc<Inner<B>>,
     spec: &ModelSpec,

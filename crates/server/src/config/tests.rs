@@ -160,3 +160,19 @@ fn precisions_are_checked_and_only_for_safetensors() {
         assert!(err.contains(needle), "{keys}: {err}");
     }
 }
+
+#[test]
+fn an_inference_token_alone_is_refused() {
+    let err = Settings::from_toml(
+        "[auth]\ninference_token = \"0123456789abcdef\"\n",
+        Path::new("/"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("auth.control_token") && err.contains("control RPCs would be open"));
+    let both =
+        "[auth]\ninference_token = \"0123456789abcdef\"\ncontrol_token = \"fedcba9876543210\"\n";
+    assert!(Settings::from_toml(both, Path::new("/")).is_ok());
+    let control_only = "[auth]\ncontrol_token = \"fedcba9876543210\"\n";
+    assert!(Settings::from_toml(control_only, Path::new("/")).is_ok());
+}
