@@ -270,7 +270,9 @@ impl<B: Backend> Pool<B> {
                 })
             }
         };
-        let lease = self.ready(id, started, deadline, Some(permit)).await;
+        let lease = self
+            .ready(id, interest.epoch, started, deadline, Some(permit))
+            .await;
         drop(interest);
         lease
     }
@@ -335,7 +337,9 @@ impl<B: Backend> Pool<B> {
         // loaded must not stay pinned.
         let pinned_here = pin && self.set_pinned(id, true)?;
         let (interest, _) = self.enter_queue(id)?;
-        let lease = self.ready(id, started, deadline, None).await;
+        let lease = self
+            .ready(id, interest.epoch, started, deadline, None)
+            .await;
         drop(interest);
         if lease.is_err() && pinned_here {
             let _ = self.set_pinned(id, false);
@@ -437,6 +441,7 @@ impl<B: Backend> Pool<B> {
         let interest = Interest {
             pool: Arc::clone(&self.inner),
             id: id.to_owned(),
+            epoch: entry.epoch,
         };
         Ok((interest, Arc::clone(&entry.permits)))
     }
@@ -445,6 +450,7 @@ impl<B: Backend> Pool<B> {
     async fn ready(
         &self,
         id: &str,
+        epoch: u64,
         started: Instant,
         deadline: Deadline,
         permit: Option<OwnedSemaphorePermit>,
@@ -470,6 +476,10 @@ impl<B: Backend> Pool<B> {
                     return Err(PoolError::ShuttingDown);
                 }
                 let entry = st.entry(id)?;
+                if entry.epoch != epoch {
+                    // Removed while this request waited, and registered anew since.
+                    return Err(PoolError::Retiring { id: id.to_owned() });
+                }
                 match &entry.slot {
                     Slot::Ready { .. } if entry.swap_out.is_some() => {
                         let incoming = entry.swap_out.clone().unwrap_or_default();
@@ -493,6 +503,7 @@ impl<B: Backend> Pool<B> {
                         return Ok(Lease {
                             pool: Arc::clone(&self.inner),
                             id: id.to_owned(),
+                            epoch,
                             instance,
                             load_wait: if waited {
                                 started.elapsed()
@@ -604,12 +615,13 @@ fn permits_total<B: Backend>(inner: &Inner<B>, id: &str) -> u32 {
 struct Interest<B: Backend> {
     pool: Arc<Inner<B>>,
     id: String,
+    epoch: u64,
 }
 
 impl<B: Backend> Drop for Interest<B> {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
-        if let Ok(e) = st.entry(&self.id) {
+        if let Some(e) = st.entry_at(&self.id, self.epoch) {
             e.interest = e.interest.saturating_sub(1);
         }
     }
@@ -620,6 +632,7 @@ impl<B: Backend> Drop for Interest<B> {
 pub struct Lease<B: Backend> {
     pool: Arc<Inner<B>>,
     id: String,
+    epoch: u64,
     instance: Arc<B::Instance>,
     load_wait: Duration,
     cold_start: bool,
@@ -646,7 +659,8 @@ impl<B: Backend> Lease<B> {
     pub fn swap_wait(&self) -> Duration {
         let swapped = self.cold_start && {
             let mut st = self.pool.lock();
-            st.entry(&self.id).is_ok_and(|e| e.swapped_in)
+            st.entry_at(&self.id, self.epoch)
+                .is_some_and(|e| e.swapped_in)
         };
         if swapped {
             self.load_wait
@@ -658,14 +672,15 @@ impl<B: Backend> Lease<B> {
     /// its drain timeout), for the error those requests get.
     pub fn cut_reason(&self) -> Option<String> {
         let mut st = self.pool.lock();
-        st.entry(&self.id).ok().and_then(|e| e.cut_reason.clone())
+        st.entry_at(&self.id, self.epoch)
+            .and_then(|e| e.cut_reason.clone())
     }
 }
 
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {
         let mut st = self.pool.lock();
-        if let Ok(e) = st.entry(&self.id) {
+        if let Some(e) = st.entry_at(&self.id, self.epoch) {
             e.in_flight = e.in_flight.saturating_sub(1);
             e.touch();
         }

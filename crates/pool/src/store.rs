@@ -129,8 +129,9 @@ struct Record {
 }
 
 struct Shared {
-    /// Keys of artifacts whose models are resident: never deleted.
-    protected: Mutex<HashSet<String>>,
+    /// Keys of artifacts whose models are resident (never deleted), with how many
+    /// resident models use each: several ids may share one source file.
+    protected: Mutex<HashMap<String, usize>>,
     /// Protected artifacts the index evicted for room; back in it once released.
     held: Mutex<HashMap<String, Arc<Artifact>>>,
 }
@@ -322,7 +323,7 @@ impl Store {
             .map_err(|e| dir_err(e.to_string()))?;
         }
         let shared = Arc::new(Shared {
-            protected: Mutex::new(HashSet::new()),
+            protected: Mutex::new(HashMap::new()),
             held: Mutex::new(HashMap::new()),
         });
         let listener_shared = Arc::clone(&shared);
@@ -334,7 +335,7 @@ impl Store {
                 if cause != RemovalCause::Size {
                     return;
                 }
-                if lock(&listener_shared.protected).contains(key.as_str()) {
+                if lock(&listener_shared.protected).contains_key(key.as_str()) {
                     lock(&listener_shared.held).insert((*key).clone(), art);
                     return;
                 }
@@ -497,14 +498,29 @@ impl Store {
             .or_else(|| lock(&self.shared.held).get(key).cloned())
     }
 
-    /// Keeps `key`'s artifact while its model is resident.
+    /// Keeps `key`'s artifact while a model using it is resident (counted: models
+    /// registered under several ids share one artifact).
     pub fn protect(&self, key: &str) {
-        lock(&self.shared.protected).insert(key.to_owned());
+        *lock(&self.shared.protected)
+            .entry(key.to_owned())
+            .or_insert(0) += 1;
     }
 
-    /// Lets the index evict `key`'s artifact again.
+    /// One model using `key`'s artifact stopped; when it was the last, the index may
+    /// evict the artifact again.
     pub fn release(&self, key: &str) {
-        lock(&self.shared.protected).remove(key);
+        {
+            let mut protected = lock(&self.shared.protected);
+            match protected.get_mut(key) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    return;
+                }
+                _ => {
+                    protected.remove(key);
+                }
+            }
+        }
         let parked = lock(&self.shared.held).remove(key);
         if let Some(art) = parked {
             self.index.insert(key.to_owned(), art);

@@ -266,6 +266,7 @@ impl<B: Backend> Pool<B> {
         };
         entry.quantized_key = quantized.as_ref().map(|(k, _)| k.clone());
         spec.quantized = quantized.map(|(_, q)| q);
+        let epoch = entry.epoch;
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             // The model is expected next: read its file while the victims stop.
@@ -282,7 +283,7 @@ impl<B: Backend> Pool<B> {
             // At most `max_loads_in_flight` workers start at once; the semaphore
             // lives as long as the pool.
             let _permit = Arc::clone(&inner.load_permits).acquire_owned().await;
-            let outcome = lifecycle::run_load(&inner, &spec, footprint, resolved).await;
+            let outcome = lifecycle::run_load(&inner, &spec, epoch, footprint, resolved).await;
             let _ = tx.send(Some(outcome));
         });
         Ok(Some(rx))

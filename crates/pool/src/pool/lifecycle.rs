@@ -16,6 +16,7 @@ use crate::{Backend, BackendError, Footprint, Instance, ModelSpec, PoolError};
 pub(super) async fn run_load<B: Backend>(
     inner: &Arc<Inner<B>>,
     spec: &ModelSpec,
+    epoch: u64,
     footprint: Footprint,
     resolved: Option<tiers::Resolved>,
 ) -> Result<(), PoolError> {
@@ -54,8 +55,9 @@ pub(super) async fn run_load<B: Backend>(
     let outcome = 'outcome: {
         let mut st = inner.lock();
         let shutting_down = st.shutting_down;
-        let Ok(entry) = st.entry(&spec.id) else {
-            // Retired and forgotten while it loaded: nothing will serve this worker.
+        let Some(entry) = st.entry_at(&spec.id, epoch) else {
+            // Retired and forgotten while it loaded (perhaps registered anew since):
+            // nothing will serve this worker.
             gone = true;
             orphan = result.ok();
             break 'outcome Err(PoolError::NotFound {

@@ -35,7 +35,14 @@ pub(super) enum Slot<I> {
     },
 }
 
+/// Source of registration epochs: one per `Entry`, never reused.
+static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 pub(super) struct Entry<I> {
+    /// Which registration of its id this is. Leases, waiters and loads remember it, so
+    /// after a removal and a new registration under the same id they leave the new
+    /// entry alone.
+    pub epoch: u64,
     pub spec: ModelSpec,
     pub slot: Slot<I>,
     pub loads_started: u64,
@@ -111,6 +118,7 @@ impl<I> Entry<I> {
     pub fn new(spec: ModelSpec) -> Self {
         let permits = Arc::new(Semaphore::new(spec.max_concurrency.max(1) as usize));
         Self {
+            epoch: NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             spec,
             slot: Slot::Absent,
             loads_started: 0,
@@ -163,6 +171,11 @@ impl<I: Instance> State<I> {
             });
         }
         Ok(self.models.get_mut(id).expect("checked above"))
+    }
+
+    /// The entry of `id` if it is still registration `epoch`.
+    pub fn entry_at(&mut self, id: &str, epoch: u64) -> Option<&mut Entry<I>> {
+        self.models.get_mut(id).filter(|e| e.epoch == epoch)
     }
 
     pub fn known_ids(&self) -> String {

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use tokio::sync::watch;
 
+mod removal;
+
 /// Loads take 50 ms; each model's footprint is its entry in `sizes` (100 by default).
 #[derive(Default)]
 struct FakeBackend {
@@ -713,84 +715,4 @@ async fn a_model_that_fits_at_no_precision_is_refused_with_the_smallest_numbers(
     // The last (smallest) precision's need is what is reported: 500 bytes.
     assert!(err.to_string().contains("500 B"), "{err}");
     assert_eq!(backend.loads.load(Ordering::SeqCst), 0);
-}
-
-/// An EvictModel whose client goes away while the worker stops: the stop still
-/// completes, the bytes are released, and the model loads again on the next request.
-#[tokio::test(start_paused = true)]
-async fn a_cancelled_unload_still_releases_the_model() {
-    let backend = FakeBackend::with(0, &[]);
-    let pool = pool_with(&backend, 1000, &["a"]);
-    pool.load("a", false, None).await.unwrap();
-    // The fake takes 5 ms to stop; the caller gives up after 1.
-    let cut = tokio::time::timeout(Duration::from_millis(1), pool.unload("a")).await;
-    assert!(cut.is_err(), "the unload should have been cut short");
-    settle().await;
-    assert!(backend.live_ids().is_empty());
-    let dev = &pool.status().devices[0];
-    assert_eq!((dev.used_bytes, dev.reserved_bytes), (0, 0));
-    pool.acquire("a", None).await.unwrap();
-    assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
-}
-
-/// A retire (UnregisterModel, ReloadConfig) whose caller goes away mid-drain still
-/// removes the model once its requests finish, instead of leaving it refusing them.
-#[tokio::test(start_paused = true)]
-async fn a_cancelled_retire_still_removes_the_model() {
-    let backend = FakeBackend::with(0, &[]);
-    let pool = pool_with(&backend, 1000, &["a"]);
-    let lease = pool.acquire("a", None).await.unwrap();
-    let cut = tokio::time::timeout(
-        Duration::from_millis(10),
-        pool.retire("a", Duration::from_secs(5)),
-    )
-    .await;
-    assert!(
-        cut.is_err(),
-        "the drain should still be waiting for the lease"
-    );
-    drop(lease);
-    settle().await;
-    assert!(backend.live_ids().is_empty());
-    assert!(matches!(
-        pool.acquire("a", None).await,
-        Err(PoolError::NotFound { .. })
-    ));
-    assert_eq!(pool.status().devices[0].used_bytes, 0);
-}
-
-/// A load that outlives its model (retired past the drain, then forgotten) stops the
-/// worker it started instead of leaving it running off the books.
-#[tokio::test(start_paused = true)]
-async fn a_load_that_outlives_its_model_stops_its_worker() {
-    let backend = FakeBackend::with(0, &[]);
-    let pool = pool_with(&backend, 1000, &["a"]);
-    let loading = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.load("a", false, None).await })
-    };
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    // The fake load takes 50 ms; the drain gives it 0.
-    pool.retire("a", Duration::ZERO).await.unwrap();
-    assert!(loading.await.unwrap().is_err());
-    settle().await;
-    assert!(
-        backend.live_ids().is_empty(),
-        "worker left: {:?}",
-        backend.live_ids()
-    );
-}
-
-/// `LoadModel(pin = true)` whose load fails leaves the model unpinned, as it was.
-#[tokio::test(start_paused = true)]
-async fn a_pin_with_a_failed_load_is_taken_back() {
-    let backend = FakeBackend::with(0, &[]);
-    let pool = pool_with(&backend, 1000, &["a", "b"]);
-    backend.fail.store(true, Ordering::SeqCst);
-    assert!(pool.load("a", true, None).await.is_err());
-    assert!(!pool.get("a").unwrap().spec.pinned);
-    // A pin that was there before the failed load stays.
-    pool.set_pinned("b", true).unwrap();
-    assert!(pool.load("b", true, None).await.is_err());
-    assert!(pool.get("b").unwrap().spec.pinned);
 }

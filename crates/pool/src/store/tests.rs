@@ -103,7 +103,22 @@ fn over_budget_the_least_recently_used_goes_but_never_a_protected_one() {
     let usage = store.usage();
     assert_eq!(usage.artifacts, 2);
     assert_eq!(usage.used_bytes, 20 << 10);
-    // Released, `a` competes again; nothing is over budget now, so it stays.
+    // Two models share `a`: one stopping leaves it protected, so a new artifact that
+    // overflows the budget evicts another one.
+    store.protect(&keys[0]);
+    store.release(&keys[0]);
+    let dd = source(root.path(), "dddd", 10 << 10);
+    let dd_key = path_key(&dd).unwrap();
+    store.spill_file(&dd_key, &dd).unwrap();
+    assert!(
+        store.lookup(&keys[0]).is_some(),
+        "still protected by the other model"
+    );
+    assert!(
+        store.lookup(&keys[2]).is_none(),
+        "the unprotected LRU one went"
+    );
+    // Released by the last model too, `a` competes again; nothing is over budget now.
     store.release(&keys[0]);
     assert!(store.lookup(&keys[0]).is_some());
     assert_eq!(store.usage().held_bytes, 0);

@@ -1,0 +1,131 @@
+//! Removal and cancellation: callers that go away mid-operation, loads and leases that
+//! outlive their model's registration, pins a failed load must not keep.
+
+use super::*;
+
+/// An EvictModel whose client goes away while the worker stops: the stop still
+/// completes, the bytes are released, and the model loads again on the next request.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_unload_still_releases_the_model() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    pool.load("a", false, None).await.unwrap();
+    // The fake takes 5 ms to stop; the caller gives up after 1.
+    let cut = tokio::time::timeout(Duration::from_millis(1), pool.unload("a")).await;
+    assert!(cut.is_err(), "the unload should have been cut short");
+    settle().await;
+    assert!(backend.live_ids().is_empty());
+    let dev = &pool.status().devices[0];
+    assert_eq!((dev.used_bytes, dev.reserved_bytes), (0, 0));
+    pool.acquire("a", None).await.unwrap();
+    assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
+}
+
+/// A retire (UnregisterModel, ReloadConfig) whose caller goes away mid-drain still
+/// removes the model once its requests finish, instead of leaving it refusing them.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_retire_still_removes_the_model() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let lease = pool.acquire("a", None).await.unwrap();
+    let cut = tokio::time::timeout(
+        Duration::from_millis(10),
+        pool.retire("a", Duration::from_secs(5)),
+    )
+    .await;
+    assert!(
+        cut.is_err(),
+        "the drain should still be waiting for the lease"
+    );
+    drop(lease);
+    settle().await;
+    assert!(backend.live_ids().is_empty());
+    assert!(matches!(
+        pool.acquire("a", None).await,
+        Err(PoolError::NotFound { .. })
+    ));
+    assert_eq!(pool.status().devices[0].used_bytes, 0);
+}
+
+/// A load that outlives its model (retired past the drain, then forgotten) stops the
+/// worker it started instead of leaving it running off the books.
+#[tokio::test(start_paused = true)]
+async fn a_load_that_outlives_its_model_stops_its_worker() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let loading = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.load("a", false, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    // The fake load takes 50 ms; the drain gives it 0.
+    pool.retire("a", Duration::ZERO).await.unwrap();
+    assert!(loading.await.unwrap().is_err());
+    settle().await;
+    assert!(
+        backend.live_ids().is_empty(),
+        "worker left: {:?}",
+        backend.live_ids()
+    );
+}
+
+/// `LoadModel(pin = true)` whose load fails leaves the model unpinned, as it was.
+#[tokio::test(start_paused = true)]
+async fn a_pin_with_a_failed_load_is_taken_back() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a", "b"]);
+    backend.fail.store(true, Ordering::SeqCst);
+    assert!(pool.load("a", true, None).await.is_err());
+    assert!(!pool.get("a").unwrap().spec.pinned);
+    // A pin that was there before the failed load stays.
+    pool.set_pinned("b", true).unwrap();
+    assert!(pool.load("b", true, None).await.is_err());
+    assert!(pool.get("b").unwrap().spec.pinned);
+}
+
+/// A lease from before a removal does not touch the model registered anew under the
+/// same id: dropping it leaves the new lease counted, so the new worker stays protected.
+#[tokio::test(start_paused = true)]
+async fn an_old_lease_leaves_a_new_registration_alone() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let old = pool.acquire("a", None).await.unwrap();
+    // Past its (zero) drain the old registration is cut and forgotten.
+    pool.retire("a", Duration::ZERO).await.unwrap();
+    pool.register(spec("a")).unwrap();
+    let new = pool.acquire("a", None).await.unwrap();
+    drop(old);
+    assert_eq!(pool.get("a").unwrap().in_flight, 1);
+    assert!(matches!(
+        pool.unload("a").await,
+        Err(PoolError::Busy { .. })
+    ));
+    drop(new);
+    assert!(pool.unload("a").await.unwrap());
+}
+
+/// A load of a removed registration finishing after the id was registered anew stops
+/// its own worker and leaves the new registration's load alone: one worker at the end,
+/// charged once.
+#[tokio::test(start_paused = true)]
+async fn an_old_load_leaves_a_new_registration_alone() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let old = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.load("a", false, None).await })
+    };
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    pool.retire("a", Duration::ZERO).await.unwrap();
+    pool.register(spec("a")).unwrap();
+    let new = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.load("a", false, None).await })
+    };
+    assert!(old.await.unwrap().is_err());
+    new.await.unwrap().unwrap();
+    settle().await;
+    assert_eq!(backend.live_ids(), ["a"]);
+    assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
+    assert_eq!(pool.status().devices[0].used_bytes, 100);
+}
