@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// `LoadModel` for `id` on a task of its own.
+fn spawn_load(
+    pool: &Pool<Arc<FakeBackend>>,
+    id: &'static str,
+) -> tokio::task::JoinHandle<Result<Duration, PoolError>> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.load(id, false, None).await })
+}
+
 /// An EvictModel whose client goes away while the worker stops: the stop still
 /// completes, the bytes are released, and the model loads again on the next request.
 #[tokio::test(start_paused = true)]
@@ -53,10 +62,7 @@ async fn a_cancelled_retire_still_removes_the_model() {
 async fn a_load_that_outlives_its_model_stops_its_worker() {
     let backend = FakeBackend::with(0, &[]);
     let pool = pool_with(&backend, 1000, &["a"]);
-    let loading = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.load("a", false, None).await })
-    };
+    let loading = spawn_load(&pool, "a");
     tokio::time::sleep(Duration::from_millis(10)).await;
     // The fake load takes 50 ms; the drain gives it 0.
     pool.retire("a", Duration::ZERO).await.unwrap();
@@ -111,17 +117,11 @@ async fn an_old_lease_leaves_a_new_registration_alone() {
 async fn an_old_load_leaves_a_new_registration_alone() {
     let backend = FakeBackend::with(0, &[]);
     let pool = pool_with(&backend, 1000, &["a"]);
-    let old = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.load("a", false, None).await })
-    };
+    let old = spawn_load(&pool, "a");
     tokio::time::sleep(Duration::from_millis(10)).await;
     pool.retire("a", Duration::ZERO).await.unwrap();
     pool.register(spec("a")).unwrap();
-    let new = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.load("a", false, None).await })
-    };
+    let new = spawn_load(&pool, "a");
     assert!(old.await.unwrap().is_err());
     new.await.unwrap().unwrap();
     settle().await;
