@@ -39,6 +39,8 @@ pub struct Member {
     pub bytes: u64,
     /// Requests running on it now.
     pub in_flight: u32,
+    /// Requests waiting for it (a slot or its load): they take a lease next.
+    pub waiting: u32,
     pub pinned: bool,
     /// How long it has been ready.
     pub resident_for: Duration,
@@ -88,10 +90,13 @@ pub fn plan_swap(group: &GroupSpec, members: &[Member], needed_bytes: u64) -> Sw
             group.name, m.id
         ));
     }
-    // Idle members first, least recently used first; busy ones only when needed.
+    // Idle members nobody waits for first, least recently used first; then idle ones
+    // with requests about to use them; busy ones only when needed.
+    let free = |m: &&Member| !m.pinned && m.in_flight == 0;
     let candidates = members
         .iter()
-        .filter(|m| !m.pinned && m.in_flight == 0)
+        .filter(|m| free(m) && m.waiting == 0)
+        .chain(members.iter().filter(|m| free(m) && m.waiting > 0))
         .chain(members.iter().filter(|m| !m.pinned && m.in_flight > 0));
     let mut victims: Vec<&Member> = Vec::new();
     let mut freed = 0;
@@ -152,6 +157,7 @@ mod tests {
             transitional: false,
             bytes,
             in_flight,
+            waiting: 0,
             pinned: false,
             resident_for: Duration::from_secs(resident_s),
         }
@@ -168,6 +174,25 @@ mod tests {
         assert_eq!(
             plan_swap(&g, &[m("a", 5, 2, 60)], 5),
             SwapPlan::Drain(vec!["a".into()])
+        );
+    }
+
+    #[test]
+    fn a_member_requests_wait_for_goes_after_one_nobody_wants() {
+        // `a` is the least recently used, but requests are about to take it.
+        let wanted = Member {
+            waiting: 3,
+            ..m("a", 5, 0, 60)
+        };
+        let idle = m("b", 5, 0, 60);
+        assert_eq!(
+            plan_swap(&slot(2), &[wanted.clone(), idle], 5),
+            SwapPlan::Evict(vec!["b".into()])
+        );
+        // Alone, it still goes: the incoming request needs the slot too.
+        assert_eq!(
+            plan_swap(&slot(1), &[wanted], 5),
+            SwapPlan::Evict(vec!["a".into()])
         );
     }
 

@@ -106,6 +106,7 @@ impl<I: Instance> State<I> {
                     transitional,
                     bytes,
                     in_flight: e.in_flight,
+                    waiting: e.interest,
                     pinned: e.spec.pinned,
                     resident_for,
                 })
