@@ -27,8 +27,23 @@ impl Resident {
 /// progress and workers still exiting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Room {
+    /// What may be charged now: the configured budget, capped by what the machine can
+    /// still give.
     pub budget_bytes: u64,
     pub reserved_bytes: u64,
+    /// The budget as configured, for explaining a cap.
+    pub configured_budget_bytes: u64,
+}
+
+impl Room {
+    /// A room whose budget is the configured one.
+    pub fn new(budget_bytes: u64, reserved_bytes: u64) -> Self {
+        Self {
+            budget_bytes,
+            reserved_bytes,
+            configured_budget_bytes: budget_bytes,
+        }
+    }
 }
 
 /// Why a model cannot be admitted even after evicting everything evictable.
@@ -37,6 +52,8 @@ pub struct Shortfall {
     pub device: Device,
     pub needed_bytes: u64,
     pub budget_bytes: u64,
+    /// Above `budget_bytes` when the machine's available memory capped the budget.
+    pub configured_budget_bytes: u64,
     pub pinned_bytes: u64,
     pub in_use_bytes: u64,
     pub reserved_bytes: u64,
@@ -44,9 +61,17 @@ pub struct Shortfall {
 
 impl std::fmt::Display for Shortfall {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cap = if self.configured_budget_bytes > self.budget_bytes {
+            format!(
+                " ({} configured, capped by the memory the machine has available)",
+                human_bytes(self.configured_budget_bytes)
+            )
+        } else {
+            String::new()
+        };
         write!(
             f,
-            "model needs {} of {}, budget is {} with {} pinned, {} in use and {} reserved by loads in progress",
+            "model needs {} of {}, budget is {}{cap} with {} pinned, {} in use and {} reserved by loads in progress",
             human_bytes(self.needed_bytes),
             self.device,
             human_bytes(self.budget_bytes),
@@ -97,6 +122,7 @@ pub fn choose_victims(
                 device,
                 needed_bytes: bytes,
                 budget_bytes: room.budget_bytes,
+                configured_budget_bytes: room.configured_budget_bytes,
                 pinned_bytes: sum(&|r| r.pinned),
                 in_use_bytes: sum(&|r| !r.pinned && r.leases > 0),
                 reserved_bytes: room.reserved_bytes,
@@ -185,13 +211,7 @@ mod tests {
     }
 
     fn cpu(budget: u64, reserved: u64) -> BTreeMap<Device, Room> {
-        BTreeMap::from([(
-            Device::Cpu,
-            Room {
-                budget_bytes: budget,
-                reserved_bytes: reserved,
-            },
-        )])
+        BTreeMap::from([(Device::Cpu, Room::new(budget, reserved))])
     }
 
     #[test]
@@ -235,13 +255,7 @@ mod tests {
         };
         let lru = [gpu, r("cpu", 50, 0, false)];
         let mut rooms = cpu(100, 0);
-        rooms.insert(
-            Device::Cuda(0),
-            Room {
-                budget_bytes: 100,
-                reserved_bytes: 0,
-            },
-        );
+        rooms.insert(Device::Cuda(0), Room::new(100, 0));
         // Needs RAM only: the GPU model, though least recently used, frees no RAM.
         let need = Charge::on(Device::Cpu, 60);
         assert_eq!(
@@ -267,6 +281,7 @@ mod tests {
             device: Device::Cpu,
             needed_bytes: 4_402_341_478,
             budget_bytes: 2 << 30,
+            configured_budget_bytes: 2 << 30,
             pinned_bytes: 1 << 30,
             in_use_bytes: 0,
             reserved_bytes: 0,
@@ -275,6 +290,13 @@ mod tests {
             s.to_string(),
             "model needs 4.1 GiB of cpu, budget is 2.0 GiB with 1.0 GiB pinned, 0 B in use and 0 B reserved by loads in progress"
         );
+        let capped = Shortfall {
+            configured_budget_bytes: 6 << 30,
+            ..s
+        };
+        assert!(capped.to_string().contains(
+            "budget is 2.0 GiB (6.0 GiB configured, capped by the memory the machine has available) with"
+        ));
     }
 
     fn resident() -> impl Strategy<Value = Resident> {

@@ -13,8 +13,14 @@ pub enum PoolError {
     AlreadyExists { id: String },
     #[error("loading model `{id}` failed: {source}")]
     LoadFailed { id: String, source: BackendError },
-    #[error("model `{id}` does not fit: {shortfall}")]
-    InsufficientMemory { id: String, shortfall: Shortfall },
+    #[error("model `{id}` does not fit{}: {shortfall}", tried_at(precisions_tried))]
+    InsufficientMemory {
+        id: String,
+        shortfall: Shortfall,
+        /// The precisions tried, best first, when it may load at several; the numbers
+        /// are for the last.
+        precisions_tried: Vec<String>,
+    },
     #[error("model `{id}` is busy: {in_flight} requests in flight, {waiting} waiting{}", if *.loading { ", load in progress" } else { "" })]
     Busy {
         id: String,
@@ -54,4 +60,15 @@ pub enum PoolError {
     GroupFull { id: String, reason: String },
     #[error("the pool is shutting down")]
     ShuttingDown,
+}
+
+fn tried_at(precisions: &[String]) -> String {
+    match precisions {
+        [] => String::new(),
+        [one] => format!(" at {one}"),
+        [.., last] => format!(
+            " at any of its precisions ({}; the numbers are for {last})",
+            precisions.join(", ")
+        ),
+    }
 }

@@ -137,6 +137,7 @@ impl<B: Backend> Pool<B> {
             .map_err(|shortfall| PoolError::InsufficientMemory {
                 id: id.to_owned(),
                 shortfall,
+                precisions_tried: Vec::new(),
             })?;
         Ok(Decision::Start {
             victims,
@@ -165,6 +166,8 @@ impl<B: Backend> Pool<B> {
             });
         }
         let tried = candidates.len();
+        let tried_precisions: Vec<String> =
+            candidates.iter().filter_map(|(p, _)| p.clone()).collect();
         let mut last_err = None;
         let mut chosen = None;
         for (precision, footprint) in candidates {
@@ -182,7 +185,13 @@ impl<B: Backend> Pool<B> {
             }
         }
         let Some((precision, footprint, decision)) = chosen else {
-            let err = last_err.unwrap_or(PoolError::ShuttingDown);
+            let mut err = last_err.unwrap_or(PoolError::ShuttingDown);
+            if let PoolError::InsufficientMemory {
+                precisions_tried, ..
+            } = &mut err
+            {
+                *precisions_tried = tried_precisions;
+            }
             tracing::warn!(model = %id, precisions_tried = tried, error = %err, "model does not fit");
             return Err(err);
         };

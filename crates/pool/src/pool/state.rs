@@ -295,6 +295,7 @@ impl<I: Instance> State<I> {
                 let room = Room {
                     budget_bytes,
                     reserved_bytes: reserved.get(device),
+                    configured_budget_bytes: budget,
                 };
                 (device, room)
             })

@@ -501,6 +501,14 @@ async fn memory_used_by_other_processes_counts() {
     probe.0.store(60, Ordering::SeqCst); // b's memory went to another process
     let err = pool.acquire("a", None).await.err().unwrap();
     assert!(matches!(err, PoolError::InsufficientMemory { .. }), "{err}");
+    // The message says the configured budget was capped by the machine: 60 available
+    // less 40 headroom.
+    assert!(
+        err.to_string().contains(
+            "budget is 20 B (1000 B configured, capped by the memory the machine has available)"
+        ),
+        "{err}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -712,7 +720,14 @@ async fn a_model_that_fits_at_no_precision_is_refused_with_the_smallest_numbers(
     let pool = pool_of(&backend, config, [big]);
     let err = pool.acquire("big", None).await.err().unwrap();
     assert!(matches!(err, PoolError::InsufficientMemory { .. }), "{err}");
-    // The last (smallest) precision's need is what is reported: 500 bytes.
+    // The last (smallest) precision's need is what is reported: 500 bytes, and the
+    // message names every precision tried.
     assert!(err.to_string().contains("500 B"), "{err}");
+    assert!(
+        err.to_string().contains(
+            "does not fit at any of its precisions (none, q8_0, q4_0; the numbers are for q4_0)"
+        ),
+        "{err}"
+    );
     assert_eq!(backend.loads.load(Ordering::SeqCst), 0);
 }

@@ -127,13 +127,7 @@ pub(crate) fn analyse(budgets: &BTreeMap<Device, u64>, cands: &[Candidate]) -> A
                 .charge
                 .0
                 .keys()
-                .map(|&d| {
-                    let room = Room {
-                        budget_bytes: budget(budgets, d),
-                        reserved_bytes: 0,
-                    };
-                    (d, room)
-                })
+                .map(|&d| (d, Room::new(budget(budgets, d), 0)))
                 .collect();
             let outcome = choose_victims(&rooms, &residents, &cands[index].charge);
             Largest {
