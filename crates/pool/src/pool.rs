@@ -456,15 +456,22 @@ impl<B: Backend> Pool<B> {
         permit: Option<OwnedSemaphorePermit>,
     ) -> Result<Lease<B>, PoolError> {
         let mut waited = false;
+        let mut first_round = true;
         loop {
             if Instant::now() >= deadline.at {
+                let reason = if first_round {
+                    "the deadline ran out before the model could be checked (waiting for a concurrency slot, or already past on arrival)"
+                } else {
+                    "there was no room yet: its group's slot was busy or its previous worker was still stopping"
+                };
                 return Err(PoolError::QueueTimeout {
                     id: id.to_owned(),
                     by_client: deadline.by_client,
                     waited: started.elapsed(),
-                    reason: "there was no room yet: its group's slot was busy or its previous worker was still stopping".into(),
+                    reason: reason.into(),
                 });
             }
+            first_round = false;
             let candidates = self.prediction(id).await?;
             let available = match candidates {
                 Some(_) => self.inner.probe.devices(),

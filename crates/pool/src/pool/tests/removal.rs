@@ -1,5 +1,6 @@
-//! Removal and cancellation: callers that go away mid-operation, loads and leases that
-//! outlive their model's registration, pins a failed load must not keep.
+//! Removal, cancellation and deadlines: callers that go away mid-operation, loads and
+//! leases that outlive their model's registration, pins a failed load must not keep, and
+//! requests that arrive too late.
 
 use super::*;
 
@@ -128,4 +129,26 @@ async fn an_old_load_leaves_a_new_registration_alone() {
     assert_eq!(backend.live_ids(), ["a"]);
     assert_eq!(backend.loads.load(Ordering::SeqCst), 2);
     assert_eq!(pool.status().devices[0].used_bytes, 100);
+}
+
+/// A request whose deadline has already passed is refused as a timeout that says so,
+/// not as a busy group slot.
+#[tokio::test(start_paused = true)]
+async fn a_request_past_its_deadline_is_told_so() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let past = Instant::now() - Duration::from_millis(1);
+    match pool.acquire("a", Some(past)).await {
+        Err(PoolError::QueueTimeout {
+            by_client, reason, ..
+        }) => {
+            assert!(by_client);
+            assert!(
+                reason.contains("before the model could be checked"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a timeout, got {:?}", other.err()),
+    }
+    assert_eq!(backend.loads.load(Ordering::SeqCst), 0);
 }
