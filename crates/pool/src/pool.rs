@@ -317,6 +317,15 @@ impl<B: Backend> Pool<B> {
                 .stop_detached(id, instance, EvictReason::Requested)
                 .await;
         }
+        // A worker stopping on another task (evicted for room or swapped out just
+        // before) keeps its bytes charged until it has exited: forget the entry only
+        // then, so the books never drop bytes a live process still holds.
+        while matches!(
+            self.inner.lock().models.get(id).map(|e| &e.slot),
+            Some(Slot::Unloading { .. })
+        ) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         // A load still running past the drain finishes into a removed entry and is
         // stopped by its own task (see `run_load`).
         self.inner.forget(id);

@@ -152,3 +152,22 @@ async fn a_request_past_its_deadline_is_told_so() {
     }
     assert_eq!(backend.loads.load(Ordering::SeqCst), 0);
 }
+
+/// Removing a model whose worker is being evicted for room returns only once that
+/// worker has exited: its bytes never leave the books while the process lives.
+#[tokio::test(start_paused = true)]
+async fn removing_a_model_mid_eviction_waits_for_its_worker() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 150, &["a", "b"]);
+    drop(pool.acquire("a", None).await.unwrap());
+    let b = {
+        let pool = pool.clone();
+        tokio::spawn(async move { pool.acquire("b", None).await.map(drop) })
+    };
+    // b's load evicts a, whose worker takes 5 ms to stop.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    assert_eq!(pool.get("a").unwrap().state, SlotState::Unloading);
+    pool.retire("a", Duration::ZERO).await.unwrap();
+    assert!(!backend.live_ids().contains(&"a".to_owned()));
+    b.await.unwrap().unwrap();
+}
