@@ -276,6 +276,24 @@ impl<B: Backend> Pool<B> {
         entry.quantized_key = quantized.as_ref().map(|(k, _)| k.clone());
         spec.quantized = quantized.map(|(_, q)| q);
         let epoch = entry.epoch;
+        // The files this load reads stay in the spill directory from now on, not only
+        // once it is resident: a spill committing meanwhile must not evict them from
+        // under the starting worker. Released when the load fails, else when the worker
+        // stops (`tiers::stopped`).
+        let protected: Vec<String> = match &store {
+            Some(store) => {
+                let keys: Vec<String> = [
+                    resolved.as_ref().and_then(|r| r.key.clone()),
+                    entry.quantized_key.clone(),
+                ]
+                .into_iter()
+                .flatten()
+                .collect();
+                keys.iter().for_each(|k| store.protect(k));
+                keys
+            }
+            None => Vec::new(),
+        };
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move {
             // The model is expected next: read its file while the victims stop.
@@ -293,6 +311,9 @@ impl<B: Backend> Pool<B> {
             // lives as long as the pool.
             let _permit = Arc::clone(&inner.load_permits).acquire_owned().await;
             let outcome = lifecycle::run_load(&inner, &spec, epoch, footprint, resolved).await;
+            if let (Err(_), Some(store)) = (&outcome, &store) {
+                protected.iter().for_each(|k| store.release(k));
+            }
             let _ = tx.send(Some(outcome));
         });
         Ok(Some(rx))

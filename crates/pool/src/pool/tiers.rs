@@ -142,13 +142,12 @@ pub(super) async fn resolve<B: Backend>(
     }
 }
 
-/// After a load: the model's spill artifact is protected while it is resident, and a
-/// model loaded from its source gets a spilled copy in the background.
+/// After a load: a model loaded from its source gets a spilled copy in the background
+/// (its key is protected from the load's start until its worker stops).
 pub(super) fn loaded<B: Backend>(inner: &Arc<Inner<B>>, id: &str, resolved: &Resolved) {
     let (Some(store), Some(key)) = (store(inner), resolved.key.clone()) else {
         return;
     };
-    store.protect(&key);
     // A model directory (safetensors) is not copied; its quantized weights are.
     let is_dir = resolved.file.is_dir();
     if is_dir || resolved.from_spill || store.lookup(&key).is_some() || !store.should_spill(&key) {
@@ -212,9 +211,6 @@ pub(super) fn after_quantized_load<B: Backend>(
         .ok()
         .and_then(|e| e.quantized_key.clone());
     let Some(key) = key else { return };
-    if loaded {
-        store.protect(&key);
-    }
     let file = match &spec.quantized {
         Some(Quantized::Write(file)) => file,
         // Quantized weights that no longer load (another mistral.rs wrote them, or

@@ -171,3 +171,46 @@ async fn removing_a_model_mid_eviction_waits_for_its_worker() {
     assert!(!backend.live_ids().contains(&"a".to_owned()));
     b.await.unwrap().unwrap();
 }
+
+/// The spilled copy a load reads is protected from the load's start: a spill that
+/// overflows the spill budget while the worker starts evicts another artifact, not it.
+#[tokio::test]
+async fn a_loading_model_keeps_its_spilled_copy() {
+    use crate::store::{path_key, Store};
+    let root = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(&root.path().join("spill"), 25 << 10).unwrap();
+    let store = Arc::new(store);
+    let source = |name: &str| {
+        let path = root.path().join(format!("{name}.gguf"));
+        std::fs::write(&path, vec![name.len() as u8; 10 << 10]).unwrap();
+        let key = path_key(&path).unwrap();
+        (path, key)
+    };
+    let (a, a_key) = source("a");
+    let (b, b_key) = source("bb");
+    let (c, c_key) = source("ccc");
+    store.spill_file(&a_key, &a).unwrap();
+    store.spill_file(&b_key, &b).unwrap();
+    let backend = FakeBackend::with(0, &[]);
+    let config = PoolConfig {
+        budgets: BTreeMap::from([(Device::Cpu, 1000)]),
+        store: Some(Arc::clone(&store)),
+        ..PoolConfig::default()
+    };
+    let pool = pool_of(&backend, config, [ModelSpec::new("a", &a)]);
+    let loading = spawn_load(&pool, "a");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // `a` is now the least recently used artifact, and a third one overflows the budget.
+    assert!(store.lookup(&b_key).is_some());
+    store.spill_file(&c_key, &c).unwrap();
+    loading.await.unwrap().unwrap();
+    assert!(
+        store.lookup(&a_key).is_some(),
+        "the loading model's copy was evicted"
+    );
+    assert!(store.lookup(&b_key).is_none());
+    // Once its worker stops, the copy competes again (released exactly once).
+    assert!(pool.unload("a").await.unwrap());
+    assert_eq!(store.usage().held_bytes, 0);
+    assert!(store.lookup(&a_key).is_some());
+}
