@@ -1,3 +1,6 @@
+//! The spill store on a real directory: scanning at startup, spilling, checksums, the
+//! byte budget and its LRU evictions, protection of artifacts models are using.
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
