@@ -111,26 +111,40 @@ fn children_named(comm: &str) -> Vec<u32> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_that_hangs_while_loading_is_killed_at_the_load_timeout() {
-    let (t, _dir) = server_with_worker_script("exec sleep 300", Duration::from_secs(1)).await;
+/// Starts a server whose worker runs `script` and hangs, asks it for a chat, and checks
+/// the refusal (`code`, a message containing `says`), that the worker is gone and that
+/// nothing stays charged.
+async fn a_hung_worker_is_killed(script: &str, load_timeout: Duration, code: Code, says: &str) {
+    let (t, _dir) = server_with_worker_script(script, load_timeout).await;
     let err = t
         .inference()
         .chat(chat("m", "Hi", greedy(4)))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
-    assert!(
-        err.message().contains("not ready after 1s"),
-        "{}",
-        err.message()
-    );
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(says), "{}", err.message());
     assert!(
         children_named("sleep").is_empty(),
         "the hung worker is still running"
     );
     t.assert_nothing_charged().await;
     t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_hangs_while_loading_is_killed_at_the_load_timeout() {
+    let script = "exec sleep 300";
+    let says = "not ready after 1s";
+    a_hung_worker_is_killed(script, Duration::from_secs(1), Code::DeadlineExceeded, says).await;
+}
+
+/// A worker that closes its stdout (so it can never report ready) but does not exit is
+/// killed a few seconds later, not waited on forever with its load's bytes reserved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_closes_stdout_and_hangs_is_killed() {
+    let script = "exec >&-; exec sleep 300";
+    let says = "before it was ready";
+    a_hung_worker_is_killed(script, Duration::from_secs(60), Code::Unavailable, says).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
