@@ -449,3 +449,9 @@ pub async fn connect_when_up(port: u16) -> Channel {
     }
     panic!("server on port {port} never came up");
 }
+
+/// Checks that a request was refused with `code` and a message containing `says`.
+pub fn assert_refused(err: &tonic::Status, code: tonic::Code, says: &str) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert!(err.message().contains(says), "{}", err.message());
+}

@@ -207,3 +207,37 @@ async fn register_model_takes_a_safetensors_directory_and_refuses_bad_precisions
     assert_eq!(t.model("st").await.precision, "q4_0");
     t.stop().await;
 }
+
+/// A chat template that refuses the messages (as templates that demand alternating
+/// roles do) is the client's problem: INVALID_ARGUMENT with the template's words, not
+/// an error that invites a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chat_template_that_refuses_the_messages_is_invalid_argument() {
+    let src = safetensors_model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("strict");
+    std::fs::create_dir(&dir).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        let to = dir.join(path.file_name().unwrap());
+        if path.file_name().unwrap() == "tokenizer_config.json" {
+            let mut config: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+            config["chat_template"] =
+                "{{ raise_exception('this model takes no system message') }}".into();
+            std::fs::write(&to, serde_json::to_vec(&config).unwrap()).unwrap();
+        } else {
+            std::fs::hard_link(&path, &to).unwrap();
+        }
+    }
+    let models = st_model("strict", &dir, "\"q8_0\"");
+    let t = TestServer::start_with(|rt| settings_toml("", &models, rt)).await;
+    let err = t
+        .inference()
+        .chat(chat("strict", "Hi", greedy(4)))
+        .await
+        .unwrap_err();
+    let says = "this model takes no system message";
+    modelpool_tests::assert_refused(&err, Code::InvalidArgument, says);
+    t.stop().await;
+}
