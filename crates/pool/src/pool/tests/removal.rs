@@ -4,6 +4,15 @@
 
 use super::*;
 
+/// A request for `id` on a task of its own, dropping its lease at once.
+fn spawn_acquire(
+    pool: &Pool<Arc<FakeBackend>>,
+    id: &'static str,
+) -> tokio::task::JoinHandle<Result<(), PoolError>> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.acquire(id, None).await.map(drop) })
+}
+
 /// `LoadModel` for `id` on a task of its own.
 fn spawn_load(
     pool: &Pool<Arc<FakeBackend>>,
@@ -160,10 +169,7 @@ async fn removing_a_model_mid_eviction_waits_for_its_worker() {
     let backend = FakeBackend::with(0, &[]);
     let pool = pool_with(&backend, 150, &["a", "b"]);
     drop(pool.acquire("a", None).await.unwrap());
-    let b = {
-        let pool = pool.clone();
-        tokio::spawn(async move { pool.acquire("b", None).await.map(drop) })
-    };
+    let b = spawn_acquire(&pool, "b");
     // b's load evicts a, whose worker takes 5 ms to stop.
     tokio::time::sleep(Duration::from_millis(1)).await;
     assert_eq!(pool.get("a").unwrap().state, SlotState::Unloading);
@@ -213,4 +219,23 @@ async fn a_loading_model_keeps_its_spilled_copy() {
     assert!(pool.unload("a").await.unwrap());
     assert_eq!(store.usage().held_bytes, 0);
     assert!(store.lookup(&a_key).is_some());
+}
+
+/// A request waiting for a concurrency slot of a model that is removed meanwhile is told
+/// the model is being removed (UNAVAILABLE at the edge), not that it was never there.
+#[tokio::test(start_paused = true)]
+async fn a_request_queued_for_a_removed_model_hears_it_is_removed() {
+    let backend = FakeBackend::with(0, &[]);
+    let mut one_slot = spec("a");
+    one_slot.max_concurrency = 1;
+    let pool = pool_of(&backend, PoolConfig::default(), [one_slot]);
+    let held = pool.acquire("a", None).await.unwrap();
+    let queued = spawn_acquire(&pool, "a");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    pool.retire("a", Duration::ZERO).await.unwrap();
+    assert!(matches!(
+        queued.await.unwrap(),
+        Err(PoolError::Retiring { .. })
+    ));
+    drop(held);
 }
