@@ -62,11 +62,7 @@ pub fn predict_each(
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", file.display())))?;
     precisions
         .iter()
-        .map(|precision| {
-            let mut at = spec.clone();
-            at.precision = precision.clone();
-            predict_from(&info, &at)
-        })
+        .map(|precision| predict_from(&info, &spec.at_precision(precision)))
         .collect()
 }
 

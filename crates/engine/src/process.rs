@@ -61,11 +61,8 @@ impl Backend for WorkerBackend {
     type Instance = WorkerProcess;
 
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
-        let one = self.footprints(spec, std::slice::from_ref(&spec.precision))?;
-        Ok(one
-            .into_iter()
-            .next()
-            .expect("one precision, one footprint"))
+        check_loadable(spec)?;
+        crate::footprint::predict(spec)
     }
 
     fn footprints(
@@ -73,9 +70,7 @@ impl Backend for WorkerBackend {
         spec: &ModelSpec,
         precisions: &[Option<String>],
     ) -> Result<Vec<Footprint>, BackendError> {
-        if spec.format == ModelFormat::Gguf {
-            check_gguf(spec.local_file()?)?;
-        }
+        check_loadable(spec)?;
         crate::footprint::predict_each(spec, precisions)
     }
 
@@ -84,10 +79,8 @@ impl Backend for WorkerBackend {
         spec: &ModelSpec,
         progress: Progress,
     ) -> Result<WorkerProcess, BackendError> {
+        check_loadable(spec)?;
         let file = spec.local_file()?;
-        if spec.format == ModelFormat::Gguf {
-            check_gguf(file)?;
-        }
         progress("starting worker process");
         let n = self.next_socket.fetch_add(1, Ordering::Relaxed);
         let safe_id: String = spec
@@ -129,6 +122,15 @@ fn weights_file_bytes(path: &Path) -> u64 {
             .sum(),
         Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
     }
+}
+
+/// Refuses a GGUF model whose file is clearly not one, before anything is predicted or
+/// started for it.
+fn check_loadable(spec: &ModelSpec) -> Result<(), BackendError> {
+    if spec.format == ModelFormat::Gguf {
+        check_gguf(spec.local_file()?)?;
+    }
+    Ok(())
 }
 
 /// Refuses what is clearly not a GGUF file before a process is started for it.

@@ -236,13 +236,9 @@ pub fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
     })
 }
 
-/// Reads the header of the GGUF file at `path`.
+/// Reads the header of the GGUF file at `path`, skipping metadata arrays.
 pub fn read_header(path: &Path) -> Result<GgufInfo, GgufError> {
-    let file = std::fs::File::open(path).map_err(|e| GgufError::Io {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    parse(BufReader::with_capacity(1 << 16, file))
+    read_header_with(path, Arrays::Skip)
 }
 
 /// Reads the header of the GGUF file at `path`, keeping or skipping metadata arrays.
@@ -251,7 +247,7 @@ pub fn read_header_with(path: &Path, arrays: Arrays) -> Result<GgufInfo, GgufErr
         path: path.display().to_string(),
         reason: e.to_string(),
     })?;
-    parse_with(BufReader::with_capacity(1 << 20, file), arrays)
+    parse_with(BufReader::with_capacity(1 << 16, file), arrays)
 }
 
 /// Parses a GGUF header from any reader, skipping metadata arrays.
@@ -437,9 +433,7 @@ impl<R: Read> Reader<R> {
             other => return Err(GgufError::Corrupt(format!("metadata value type {other}"))),
         })
     }
-}
 
-impl<R: Read> Reader<R> {
     fn kept_array(&mut self, elem: u32, len: u64) -> Result<Value, GgufError> {
         if elem == 9 {
             return Err(GgufError::Corrupt("an array of arrays".into()));

@@ -136,12 +136,7 @@ impl<B: Backend> Inner<B> {
     ) {
         let inner = Arc::clone(self);
         let id = id.to_owned();
-        let task = tokio::spawn(async move { inner.stop_worker(&id, &instance, reason).await });
-        if let Err(e) = task.await {
-            if e.is_panic() {
-                std::panic::resume_unwind(e.into_panic());
-            }
-        }
+        on_own_task(async move { inner.stop_worker(&id, &instance, reason).await }).await;
     }
 
     /// Forgets a model; requests still queued for one of its slots learn it is gone.
@@ -286,12 +281,9 @@ impl<B: Backend> Pool<B> {
     pub async fn retire(&self, id: &str, drain: Duration) -> Result<(), PoolError> {
         let pool = self.clone();
         let id = id.to_owned();
-        let task = tokio::spawn(async move { pool.retire_attached(&id, drain).await });
-        match task.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(PoolError::ShuttingDown),
-        }
+        on_own_task(async move { pool.retire_attached(&id, drain).await })
+            .await
+            .unwrap_or(Err(PoolError::ShuttingDown))
     }
 
     async fn retire_attached(&self, id: &str, drain: Duration) -> Result<(), PoolError> {
@@ -609,6 +601,19 @@ impl<B: Backend> Pool<B> {
         };
         self.inner.stop_detached(id, instance, reason).await;
         Ok(true)
+    }
+}
+
+/// Runs `work` on a task of its own and waits for it, so the caller going away (a
+/// cancelled RPC) cannot cut it halfway. A panic in it resumes in the caller; `None`
+/// when the runtime cancelled the task (it is shutting down).
+async fn on_own_task<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Option<T> {
+    match tokio::spawn(work).await {
+        Ok(out) => Some(out),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => None,
     }
 }
 

@@ -229,6 +229,14 @@ impl ModelSpec {
         }
     }
 
+    /// This spec loaded at `precision` (`None`: as stored).
+    pub fn at_precision(&self, precision: &Option<String>) -> Self {
+        Self {
+            precision: precision.clone(),
+            ..self.clone()
+        }
+    }
+
     /// A spec with the defaults the server uses for fields a config leaves out.
     pub fn new(id: impl Into<String>, source: impl Into<PathBuf>) -> Self {
         Self {
@@ -295,11 +303,7 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<Vec<Footprint>, BackendError> {
         precisions
             .iter()
-            .map(|precision| {
-                let mut at = spec.clone();
-                at.precision = precision.clone();
-                self.footprint(&at)
-            })
+            .map(|precision| self.footprint(&spec.at_precision(precision)))
             .collect()
     }
     /// Makes `spec` resident, reporting each stage it reaches ("starting worker",

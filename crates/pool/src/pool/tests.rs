@@ -173,6 +173,13 @@ fn pool_of(
     Pool::new(Arc::clone(backend), probe, config, specs)
 }
 
+/// A pool of model `a` alone, taking `max_concurrency` requests at once.
+fn one_model(backend: &Arc<FakeBackend>, max_concurrency: u32) -> Pool<Arc<FakeBackend>> {
+    let mut a = spec("a");
+    a.max_concurrency = max_concurrency;
+    pool_of(backend, PoolConfig::default(), [a])
+}
+
 fn evictions(rx: &mut broadcast::Receiver<PoolEvent>) -> Vec<(String, EvictReason)> {
     let mut out = Vec::new();
     while let Ok(ev) = rx.try_recv() {
@@ -190,9 +197,7 @@ async fn settle() {
 #[tokio::test(start_paused = true)]
 async fn concurrent_acquires_share_one_load() {
     let backend = FakeBackend::with(0, &[]);
-    let mut s = spec("a");
-    s.max_concurrency = 10;
-    let pool = pool_of(&backend, PoolConfig::default(), [s]);
+    let pool = one_model(&backend, 10);
     let mut handles = Vec::new();
     for _ in 0..10 {
         let pool = pool.clone();

@@ -186,19 +186,24 @@ pub(super) fn loaded<B: Backend>(inner: &Arc<Inner<B>>, id: &str, resolved: &Res
     });
 }
 
-/// After a load quantized at load time: the quantized weights it wrote move into the
-/// spill directory (and stay while the model is resident), so the next load skips
-/// quantizing; a failed load's scratch directory is removed.
 /// Removes the scratch directory a load wrote quantized weights into, for a load whose
 /// model was forgotten meanwhile (nothing will keep what it wrote).
 pub(super) fn discard_scratch(spec: &ModelSpec) {
     if let Some(Quantized::Write(file)) = &spec.quantized {
-        if let Some(dir) = file.parent() {
-            let _ = std::fs::remove_dir_all(dir);
-        }
+        remove_scratch_of(file);
     }
 }
 
+/// Removes the scratch directory holding `file`, the quantized weights a load wrote.
+fn remove_scratch_of(file: &Path) {
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// After a load quantized at load time: the quantized weights it wrote move into the
+/// spill directory (and stay while the model is resident), so the next load skips
+/// quantizing; a failed load's scratch directory is removed.
 pub(super) fn after_quantized_load<B: Backend>(
     inner: &Arc<Inner<B>>,
     spec: &ModelSpec,
@@ -224,12 +229,8 @@ pub(super) fn after_quantized_load<B: Backend>(
         }
         _ => return,
     };
-    let scratch = file.parent().map(Path::to_path_buf);
-    let remove_scratch = move || {
-        if let Some(dir) = &scratch {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    };
+    let written_to = file.clone();
+    let remove_scratch = move || remove_scratch_of(&written_to);
     let written = if loaded {
         written_shards(file)
     } else {

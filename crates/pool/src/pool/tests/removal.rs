@@ -13,6 +13,17 @@ fn spawn_acquire(
     tokio::spawn(async move { pool.acquire(id, None).await.map(drop) })
 }
 
+/// Starts loading `a`, then removes it with no drain while the (50 ms) load runs;
+/// returns the load.
+async fn retire_mid_load(
+    pool: &Pool<Arc<FakeBackend>>,
+) -> tokio::task::JoinHandle<Result<Duration, PoolError>> {
+    let loading = spawn_load(pool, "a");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    pool.retire("a", Duration::ZERO).await.unwrap();
+    loading
+}
+
 /// `LoadModel` for `id` on a task of its own.
 fn spawn_load(
     pool: &Pool<Arc<FakeBackend>>,
@@ -72,10 +83,7 @@ async fn a_cancelled_retire_still_removes_the_model() {
 async fn a_load_that_outlives_its_model_stops_its_worker() {
     let backend = FakeBackend::with(0, &[]);
     let pool = pool_with(&backend, 1000, &["a"]);
-    let loading = spawn_load(&pool, "a");
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    // The fake load takes 50 ms; the drain gives it 0.
-    pool.retire("a", Duration::ZERO).await.unwrap();
+    let loading = retire_mid_load(&pool).await;
     assert!(loading.await.unwrap().is_err());
     settle().await;
     assert!(
@@ -127,9 +135,7 @@ async fn an_old_lease_leaves_a_new_registration_alone() {
 async fn an_old_load_leaves_a_new_registration_alone() {
     let backend = FakeBackend::with(0, &[]);
     let pool = pool_with(&backend, 1000, &["a"]);
-    let old = spawn_load(&pool, "a");
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    pool.retire("a", Duration::ZERO).await.unwrap();
+    let old = retire_mid_load(&pool).await;
     pool.register(spec("a")).unwrap();
     let new = spawn_load(&pool, "a");
     assert!(old.await.unwrap().is_err());
@@ -226,9 +232,7 @@ async fn a_loading_model_keeps_its_spilled_copy() {
 #[tokio::test(start_paused = true)]
 async fn a_request_queued_for_a_removed_model_hears_it_is_removed() {
     let backend = FakeBackend::with(0, &[]);
-    let mut one_slot = spec("a");
-    one_slot.max_concurrency = 1;
-    let pool = pool_of(&backend, PoolConfig::default(), [one_slot]);
+    let pool = one_model(&backend, 1);
     let held = pool.acquire("a", None).await.unwrap();
     let queued = spawn_acquire(&pool, "a");
     tokio::time::sleep(Duration::from_millis(10)).await;
