@@ -60,23 +60,18 @@ pub fn predict_each(
     let file = spec.local_file()?;
     let info = gguf::read_header(file)
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", file.display())))?;
+    let engine = crate::process::engine_of(spec)?;
     precisions
         .iter()
-        .map(|precision| predict_from(&info, &spec.at_precision(precision)))
+        .map(|precision| match engine {
+            crate::EngineKind::LlamaCpp => crate::llamacpp::footprint::predict_from(&info, spec),
+            crate::EngineKind::MistralRs => predict_from(&info, &spec.at_precision(precision)),
+        })
         .collect()
 }
 
-/// GGUF architectures mistral.rs 0.8 loads (its GGUF pipeline's model match).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "llama",
-    "mistral3",
-    "phi2",
-    "phi3",
-    "starcoder2",
-    "qwen2",
-    "qwen3",
-    "qwen3moe",
-];
+/// GGUF architectures mistral.rs 0.8 loads.
+pub use modelpool_engines::MISTRAL_RS_ARCHITECTURES as SUPPORTED_ARCHITECTURES;
 
 /// KV cache bytes for `spec`'s context and sequences, and the prefill scratch, for a
 /// model of `shape`; `None` when the numbers overflow.
@@ -92,10 +87,27 @@ pub(crate) fn kv_and_activation(shape: &gguf::KvShape, spec: &ModelSpec) -> Opti
     Some((kv, activation))
 }
 
-/// Puts a footprint together: the charge per device for weights, KV cache, scratch
-/// and the engine's overhead on `spec`'s device.
+/// [`assemble_with`] mistral.rs' CPU overhead.
 pub(crate) fn assemble(
     spec: &ModelSpec,
+    weights_bytes: u64,
+    kv_bytes: u64,
+    activation_bytes: u64,
+) -> Option<Footprint> {
+    assemble_with(
+        spec,
+        CPU_OVERHEAD_BYTES,
+        weights_bytes,
+        kv_bytes,
+        activation_bytes,
+    )
+}
+
+/// Puts a footprint together: the charge per device for weights, KV cache, scratch
+/// and the engine's overhead on `spec`'s device.
+pub(crate) fn assemble_with(
+    spec: &ModelSpec,
+    cpu_overhead_bytes: u64,
     weights_bytes: u64,
     kv_bytes: u64,
     activation_bytes: u64,
@@ -108,8 +120,8 @@ pub(crate) fn assemble(
     };
     let (overhead_bytes, charge) = match spec.device {
         Device::Cpu => (
-            CPU_OVERHEAD_BYTES,
-            Charge::on(Device::Cpu, sum(CPU_OVERHEAD_BYTES)?),
+            cpu_overhead_bytes,
+            Charge::on(Device::Cpu, sum(cpu_overhead_bytes)?),
         ),
         gpu @ Device::Cuda(_) => {
             let mut charge = Charge::on(gpu, sum(GPU_OVERHEAD_BYTES)?);
@@ -118,6 +130,7 @@ pub(crate) fn assemble(
         }
     };
     Some(Footprint {
+        kv_resident_at_load: false,
         weights_bytes,
         kv_bytes,
         overhead_bytes,
@@ -129,7 +142,7 @@ pub(crate) fn assemble(
 pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, BackendError> {
     if !SUPPORTED_ARCHITECTURES.contains(&info.architecture.to_ascii_lowercase().as_str()) {
         return Err(BackendError::InvalidModel(format!(
-            "{}: architecture {:?} is not supported (supported: {})",
+            "{}: engine: architecture {:?} is not supported by mistral.rs (supported: {}); engine \"llama.cpp\" loads far more",
             spec.source,
             info.architecture,
             SUPPORTED_ARCHITECTURES.join(", ")

@@ -1,19 +1,25 @@
 //! The inference engine layer: each resident model lives in its own worker process
-//! (`modelpool worker ...`) that owns one mistral.rs model and serves the private
-//! `modelpool.worker.v1` protocol on a Unix socket.
+//! (`modelpool worker ...`) that owns one model in one engine (llama.cpp or mistral.rs,
+//! behind the [`Engine`] trait) and serves the private `modelpool.worker.v1` protocol on
+//! a Unix socket.
 //!
 //! Why processes: dropping a mistral.rs model inside a long-lived process leaks memory
 //! and threads (measured: ~50 MB RSS and one thread per load/drop cycle). Ending the
 //! process returns every byte to the operating system, so eviction is honest.
 
+pub mod engine;
 mod error;
 pub mod footprint;
 pub mod hf;
+pub mod llamacpp;
 pub mod llm;
 pub mod process;
 pub mod sampling;
+pub mod text;
 pub mod worker;
 
+pub use engine::Engine;
+pub use modelpool_engines::EngineKind;
 pub use error::EngineError;
 pub use llm::LoadedModel;
 pub use process::{WorkerBackend, WorkerBackendConfig, WorkerProcess};

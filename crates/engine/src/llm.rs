@@ -4,12 +4,10 @@
 //! in-process to measure what the gRPC + worker path costs on top.
 
 use std::path::Path;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures::Stream;
 use indexmap::IndexMap;
 use mistralrs::{
     GgufModelBuilder, MessageContent, NormalRequest, Request, RequestMessage, Response,
@@ -18,25 +16,10 @@ use mistralrs::{
 use modelpool_pool::{Device, Quantized, NATIVE_PRECISION};
 use modelpool_proto::v1::{ChatMessage, FinishReason, GenerateChunk, Role, SamplingParams, Usage};
 
+pub use crate::engine::Prompt;
+use crate::engine::{ChunkStream, Counters, Engine};
 use crate::sampling::{self, StopMatcher, TokenCounter};
 use crate::EngineError;
-
-/// What to generate from.
-#[derive(Clone, Debug)]
-pub enum Prompt {
-    /// Chat turns; the model's chat template renders them.
-    Chat(Vec<ChatMessage>),
-    /// Raw text, continued as-is.
-    Raw(String),
-}
-
-/// Counters shared by every generation of one model.
-#[derive(Default, Debug)]
-pub struct Counters {
-    pub generated_tokens_total: Arc<AtomicU64>,
-    pub active_sequences: AtomicU32,
-    pub cancelled_total: AtomicU64,
-}
 
 /// One mistral.rs model, loaded and ready.
 pub struct LoadedModel {
@@ -44,10 +27,6 @@ pub struct LoadedModel {
     context_length: u32,
     counters: Arc<Counters>,
 }
-
-/// A stream of generated chunks; the last one carries finish reason and usage. Dropping
-/// it cancels the sequence inside mistral.rs at its next token.
-pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, EngineError>> + Send>>;
 
 impl LoadedModel {
     /// Loads a GGUF file from a local path: no hub, no token. On `cpu` every layer is
@@ -239,6 +218,7 @@ impl LoadedModel {
             finished: false,
             is_chat,
             stop: StopMatcher::new(params.stop.clone()),
+            max_tokens: sampling::max_tokens(params, room),
         };
         Ok(Box::pin(futures::stream::unfold(state, next_chunk)))
     }
@@ -253,6 +233,8 @@ struct GenState {
     finished: bool,
     is_chat: bool,
     stop: StopMatcher,
+    /// Tokens the sequence may generate (mistral.rs' `max_len`).
+    max_tokens: u32,
 }
 
 impl Drop for GenState {
@@ -278,6 +260,15 @@ async fn next_chunk(mut st: GenState) -> Option<(Result<GenerateChunk, EngineErr
     }
     let response = match st.rx.recv().await {
         Some(r) => r,
+        // mistral.rs sends no last chunk when the last token ends inside a multi-byte
+        // character (its text is not valid UTF-8 yet): a sequence that used all its
+        // tokens ended for its length, with the unfinished character dropped.
+        None if st.counter.completion_tokens() >= st.max_tokens => {
+            return Some((
+                Ok(last_chunk(&mut st, FinishReason::Length, String::new())),
+                st,
+            ));
+        }
         None => {
             st.finished = true;
             let err =
@@ -334,26 +325,40 @@ async fn next_chunk(mut st: GenState) -> Option<(Result<GenerateChunk, EngineErr
             _ => FinishReason::Stop,
         })
     };
-    let mut chunk = GenerateChunk::default();
     if let Some(reason) = finish {
         if !hit_stop {
             text.push_str(&st.stop.finish());
         }
-        st.finished = true;
-        chunk.set_finish_reason(reason);
-        let now = Instant::now();
-        chunk.usage = Some(Usage {
-            prompt_tokens: st.counter.prompt_tokens(),
-            completion_tokens: st.counter.completion_tokens(),
-            time_to_first_token: duration(st.first_token_at.unwrap_or(now) - st.started),
-            total_time: duration(now - st.started),
-            load_wait: None,
-            cold_start: false,
-            swap_wait: None,
-        });
+        return Some((Ok(last_chunk(&mut st, reason, text)), st));
     }
-    chunk.text = text;
-    Some((Ok(chunk), st))
+    Some((
+        Ok(GenerateChunk {
+            text,
+            ..Default::default()
+        }),
+        st,
+    ))
+}
+
+/// The last chunk of a sequence: its text, why it ended, and its usage.
+fn last_chunk(st: &mut GenState, reason: FinishReason, text: String) -> GenerateChunk {
+    st.finished = true;
+    let now = Instant::now();
+    let mut chunk = GenerateChunk {
+        text,
+        ..Default::default()
+    };
+    chunk.set_finish_reason(reason);
+    chunk.usage = Some(Usage {
+        prompt_tokens: st.counter.prompt_tokens(),
+        completion_tokens: st.counter.completion_tokens(),
+        time_to_first_token: duration(st.first_token_at.unwrap_or(now) - st.started),
+        total_time: duration(now - st.started),
+        load_wait: None,
+        cold_start: false,
+        swap_wait: None,
+    });
+    chunk
 }
 
 /// A `std` duration as the protobuf well-known type.
@@ -449,5 +454,40 @@ fn on_cpu(device: Device) -> Result<bool, EngineError> {
         Device::Cuda(_) => Err(EngineError::Load(format!(
             "{device} requested, but this modelpool was built without the `cuda` feature"
         ))),
+    }
+}
+
+#[tonic::async_trait]
+impl Engine for LoadedModel {
+    fn context_length(&self) -> u32 {
+        self.context_length
+    }
+
+    fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    async fn count_tokens(&self, prompt: &Prompt) -> Result<u32, EngineError> {
+        let messages = match prompt.clone() {
+            Prompt::Chat(turns) => RequestMessage::Chat {
+                messages: chat_messages(&turns),
+                enable_thinking: None,
+                reasoning_effort: None,
+            },
+            Prompt::Raw(text) => RequestMessage::Completion {
+                text,
+                echo_prompt: false,
+                best_of: None,
+            },
+        };
+        Ok(LoadedModel::count_tokens(self, &messages).await? as u32)
+    }
+
+    async fn generate(
+        &self,
+        prompt: Prompt,
+        params: &SamplingParams,
+    ) -> Result<ChunkStream, EngineError> {
+        LoadedModel::generate(self, prompt, params).await
     }
 }

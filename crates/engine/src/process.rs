@@ -20,6 +20,7 @@ use tokio::process::{ChildStdin, Command};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::worker::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
+use crate::EngineKind;
 
 /// Lines of a worker's stderr kept to explain a failed start.
 const STDERR_TAIL_LINES: usize = 12;
@@ -106,6 +107,9 @@ impl Backend for WorkerBackend {
                 Some(Quantized::Write(p)) => Some(p.clone()),
                 _ => None,
             },
+            engine: engine_of(spec)?,
+            repack: spec.repack,
+            mlock: spec.mlock,
         };
         let huge_pages = weights_file_bytes(file) >= self.config.huge_pages_from_bytes;
         WorkerProcess::spawn(&self.config, &args, huge_pages, &progress).await
@@ -124,13 +128,27 @@ fn weights_file_bytes(path: &Path) -> u64 {
     }
 }
 
-/// Refuses a GGUF model whose file is clearly not one, before anything is predicted or
-/// started for it.
+/// Refuses a GGUF model whose file is clearly not one, and a model its engine cannot
+/// run, before anything is predicted or started for it.
 fn check_loadable(spec: &ModelSpec) -> Result<(), BackendError> {
+    let engine = engine_of(spec)?;
+    engine
+        .check(spec.format, None)
+        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))?;
     if spec.format == ModelFormat::Gguf {
         check_gguf(spec.local_file()?)?;
     }
     Ok(())
+}
+
+/// The engine `spec` names, or the default for its format.
+pub fn engine_of(spec: &ModelSpec) -> Result<EngineKind, BackendError> {
+    if spec.engine.is_empty() {
+        return Ok(EngineKind::default_for(spec.format));
+    }
+    spec.engine
+        .parse()
+        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))
 }
 
 /// Refuses what is clearly not a GGUF file before a process is started for it.
@@ -331,13 +349,22 @@ impl WorkerProcess {
     }
 }
 
-/// "killed by signal 9 (SIGKILL)", "exited with status 1".
+/// "killed by signal 9 (SIGKILL)", "exited with status 1". SIGBUS is what a worker
+/// gets when the file its weights are mapped from is truncated under it.
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
+    let name = |sig: i32| match sig {
+        libc::SIGKILL => " (SIGKILL)",
+        libc::SIGBUS => " (SIGBUS: its mapped weights file changed or was truncated)",
+        libc::SIGSEGV => " (SIGSEGV)",
+        libc::SIGABRT => " (SIGABRT)",
+        libc::SIGILL => " (SIGILL)",
+        libc::SIGTERM => " (SIGTERM)",
+        _ => "",
+    };
     match (status.code(), status.signal()) {
         (Some(code), _) => format!("exited with status {code}"),
-        (None, Some(9)) => "killed by signal 9 (SIGKILL)".into(),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, Some(sig)) => format!("killed by signal {sig}{}", name(sig)),
         (None, None) => status.to_string(),
     }
 }

@@ -22,9 +22,12 @@ use modelpool_proto::worker::v1::{StatsRequest, StatsResponse, WorkerGenerateReq
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
-use crate::llm::{LoadedModel, Prompt};
+use crate::engine::{Engine, Prompt};
+use crate::llamacpp::{LlamaEngine, LlamaOptions};
+use crate::llm::LoadedModel;
 use crate::EngineError;
-use modelpool_pool::Quantized;
+use crate::EngineKind;
+use modelpool_pool::{Device, ModelFormat, Quantized};
 
 /// Prefix of the line a worker prints on stdout once it serves.
 pub const READY_PREFIX: &str = "MODELPOOL_WORKER_READY ";
@@ -71,6 +74,15 @@ pub struct WorkerArgs {
     /// Safetensors: write the quantized weights here (UQFF) for the next load.
     #[arg(long)]
     pub write_quantized: Option<PathBuf>,
+    /// The engine: "llama.cpp" or "mistral.rs".
+    #[arg(long, default_value = "llama.cpp")]
+    pub engine: EngineKind,
+    /// llama.cpp: let ggml repack weights for its CPU kernels (an anonymous copy).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub repack: bool,
+    /// llama.cpp: lock the mapped weights in memory.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub mlock: bool,
 }
 
 impl WorkerArgs {
@@ -91,6 +103,12 @@ impl WorkerArgs {
             self.device.clone().into(),
             "--format".into(),
             self.format.clone().into(),
+            "--engine".into(),
+            self.engine.as_str().into(),
+            "--repack".into(),
+            self.repack.to_string().into(),
+            "--mlock".into(),
+            self.mlock.to_string().into(),
         ];
         let optional = [
             ("--precision", self.precision.clone().map(OsString::from)),
@@ -126,34 +144,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
     let started = Instant::now();
     tracing::info!(model = %args.model_id, path = %args.model_path.display(), "worker loading");
     stage("loading weights, tokenizer and chat template");
-    let device = args.device.parse().map_err(EngineError::Load)?;
-    let model = Arc::new(match args.format.as_str() {
-        "safetensors" => {
-            let quantized = match (&args.reuse_quantized, &args.write_quantized) {
-                (Some(p), _) => Some(Quantized::Reuse(p.clone())),
-                (None, Some(p)) => Some(Quantized::Write(p.clone())),
-                (None, None) => None,
-            };
-            LoadedModel::load_safetensors(
-                &args.model_path,
-                args.precision.as_deref(),
-                quantized.as_ref(),
-                args.context_length,
-                args.max_sequences,
-                device,
-            )
-            .await?
-        }
-        _ => {
-            LoadedModel::load_gguf(
-                &args.model_path,
-                args.context_length,
-                args.max_sequences,
-                device,
-            )
-            .await?
-        }
-    });
+    let model = load(&args).await?;
     stage("weights loaded; releasing load buffers");
     release_freed_heap();
     let listener = tokio::net::UnixListener::bind(&args.socket)?;
@@ -176,6 +167,57 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
         .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener))
         .await
         .map_err(|e| EngineError::Generation(format!("worker server: {e}")))
+}
+
+/// Loads the model in the engine the arguments name.
+async fn load(args: &WorkerArgs) -> Result<Arc<dyn Engine>, EngineError> {
+    let device: Device = args.device.parse().map_err(EngineError::Load)?;
+    let format = match args.format.as_str() {
+        "safetensors" => ModelFormat::Safetensors,
+        _ => ModelFormat::Gguf,
+    };
+    args.engine.check(format, None).map_err(EngineError::Load)?;
+    Ok(match (args.engine, format) {
+        (EngineKind::LlamaCpp, _) => Arc::new(
+            LlamaEngine::load(LlamaOptions {
+                path: args.model_path.clone(),
+                context_length: args.context_length,
+                max_sequences: args.max_sequences,
+                device,
+                repack: args.repack,
+                mlock: args.mlock,
+                threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            })
+            .await?,
+        ),
+        (EngineKind::MistralRs, ModelFormat::Safetensors) => {
+            let quantized = match (&args.reuse_quantized, &args.write_quantized) {
+                (Some(p), _) => Some(Quantized::Reuse(p.clone())),
+                (None, Some(p)) => Some(Quantized::Write(p.clone())),
+                (None, None) => None,
+            };
+            Arc::new(
+                LoadedModel::load_safetensors(
+                    &args.model_path,
+                    args.precision.as_deref(),
+                    quantized.as_ref(),
+                    args.context_length,
+                    args.max_sequences,
+                    device,
+                )
+                .await?,
+            )
+        }
+        (EngineKind::MistralRs, ModelFormat::Gguf) => Arc::new(
+            LoadedModel::load_gguf(
+                &args.model_path,
+                args.context_length,
+                args.max_sequences,
+                device,
+            )
+            .await?,
+        ),
+    })
 }
 
 /// Loading reads every tensor into a temporary buffer before copying it to its final
@@ -209,7 +251,7 @@ fn exit_when_parent_closes_stdin() {
 }
 
 struct WorkerService {
-    model: Arc<LoadedModel>,
+    model: Arc<dyn Engine>,
 }
 
 type ChunkResultStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
@@ -244,6 +286,7 @@ impl Worker for WorkerService {
             active_sequences: c.active_sequences.load(Ordering::Relaxed),
             cancelled_total: c.cancelled_total.load(Ordering::Relaxed),
             max_sequence_length: self.model.context_length(),
+            peak_batch_sequences: c.peak_batch_sequences.load(Ordering::Relaxed),
         }))
     }
 }

@@ -133,11 +133,29 @@ pub struct Footprint {
     pub activation_bytes: u64,
     /// The bytes to reserve, per device.
     pub charge: Charge,
+    /// Whether the engine allocates and touches the whole KV cache at load (llama.cpp
+    /// clears it), so a measurement right after the load already holds it; otherwise
+    /// it grows later (mistral.rs) and is charged on top of that measurement.
+    pub kv_resident_at_load: bool,
 }
 
 impl Footprint {
     pub fn total_bytes(&self) -> u64 {
         self.charge.total()
+    }
+
+    /// Bytes a worker holds right after its load, as predicted: what the pool compares
+    /// with its measurement then.
+    pub fn at_load_bytes(&self) -> u64 {
+        let kv = if self.kv_resident_at_load { self.kv_bytes } else { 0 };
+        self.weights_bytes + self.overhead_bytes + kv
+    }
+
+    /// Bytes that grow after the load (KV cache grown lazily, prompt scratch), charged
+    /// on top of what was measured then.
+    pub fn growth_bytes(&self) -> u64 {
+        let kv = if self.kv_resident_at_load { 0 } else { self.kv_bytes };
+        kv + self.activation_bytes
     }
 }
 
@@ -206,6 +224,14 @@ pub struct ModelSpec {
     pub precision: Option<String>,
     /// Quantized weights to reuse or write: set by the pool like `precision`.
     pub quantized: Option<Quantized>,
+    /// The engine that runs it ("llama.cpp", "mistral.rs"; empty: the backend's default
+    /// for the format) and the engine's own switches. The pool passes them to the
+    /// backend and shows the name; it decides nothing by them.
+    pub engine: String,
+    /// llama.cpp: repack weights for its CPU kernels instead of keeping them mapped.
+    pub repack: bool,
+    /// llama.cpp: lock the mapped weights in memory.
+    pub mlock: bool,
 }
 
 impl ModelSpec {
@@ -252,6 +278,9 @@ impl ModelSpec {
             precisions: Vec::new(),
             precision: None,
             quantized: None,
+            engine: String::new(),
+            repack: false,
+            mlock: false,
         }
     }
 }

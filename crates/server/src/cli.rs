@@ -55,6 +55,8 @@ pub fn main() -> ExitCode {
     // Client commands talk to people: only warnings unless RUST_LOG asks for more.
     let default_level = match cli.command {
         Command::Client(_) => "warn",
+        // llama.cpp logs every tensor and metadata key at its info level.
+        Command::Worker(_) => "info,llama_cpp_2=warn",
         _ => "info",
     };
     init_tracing(cli.log_format, default_level);

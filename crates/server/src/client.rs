@@ -202,6 +202,15 @@ pub struct RegisterArgs {
     /// separated ("none,q8_0,q4k"); the server loads the first that fits.
     #[arg(long, value_delimiter = ',')]
     pub precisions: Vec<String>,
+    /// "llama.cpp" (default for a GGUF) or "mistral.rs".
+    #[arg(long)]
+    pub engine: Option<String>,
+    /// llama.cpp: repack weights for its CPU kernels (an anonymous copy).
+    #[arg(long)]
+    pub repack: Option<bool>,
+    /// llama.cpp: lock the mapped weights in memory.
+    #[arg(long)]
+    pub mlock: bool,
     #[command(flatten)]
     pub conn: Conn,
 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use modelpool_engines::EngineKind;
 use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec, Source};
 use serde::Deserialize;
 
@@ -31,6 +32,12 @@ pub struct RawModel {
     /// "q8_0", "q4k", ...); the pool loads the first that fits.
     #[serde(default)]
     pub precisions: Vec<String>,
+    /// "llama.cpp" (default for GGUF) or "mistral.rs" (the only one for safetensors).
+    pub engine: Option<String>,
+    /// llama.cpp: repack weights for its CPU kernels (default off: weights stay mapped).
+    pub repack: Option<bool>,
+    /// llama.cpp: lock the mapped weights in memory (default off).
+    pub mlock: Option<bool>,
 }
 
 /// Validates one model; an error names the field (without the `models[i].` prefix).
@@ -118,6 +125,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
                 .into(),
         ));
     }
+    let engine = engine_of(m.engine.as_deref(), m.repack, m.mlock, format)?;
     let device = match m.device.as_deref().unwrap_or("cpu") {
         "auto" => auto_device(),
         "" => Device::Cpu,
@@ -173,7 +181,39 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         precisions,
         precision: None,
         quantized: None,
+        engine: engine.as_str().to_owned(),
+        repack: m.repack.unwrap_or(false),
+        mlock: m.mlock.unwrap_or(false),
     })
+}
+
+/// The model's engine: the one it names, or the default for its format; one that cannot
+/// read the format, or llama.cpp switches on another engine, name the field.
+fn engine_of(
+    name: Option<&str>,
+    repack: Option<bool>,
+    mlock: Option<bool>,
+    format: ModelFormat,
+) -> Result<EngineKind, (&'static str, String)> {
+    let engine = match name {
+        None | Some("") => EngineKind::default_for(format),
+        Some(name) => name.parse::<EngineKind>().map_err(|e| ("engine", e))?,
+    };
+    engine.check(format, None).map_err(|e| ("engine", e))?;
+    if engine != EngineKind::LlamaCpp {
+        for (field, set) in [
+            ("repack", repack.is_some()),
+            ("mlock", mlock == Some(true)),
+        ] {
+            if set {
+                return Err((
+                    field,
+                    format!("is a llama.cpp setting; this model's engine is {engine}"),
+                ));
+            }
+        }
+    }
+    Ok(engine)
 }
 
 /// `device = "auto"`: the first GPU when this build has CUDA and the machine a GPU,

@@ -1,0 +1,215 @@
+//! llama.cpp (through the `llama-cpp-2` crate) as a worker's engine.
+//!
+//! The GGUF is mapped read-only, so a resident model's weights are page-cache pages
+//! shared with every other process mapping the file, and a model evicted and loaded
+//! again finds them still cached. Decoding runs on a thread of its own (see
+//! [`decode`]); this side renders chat templates and turns the thread's steps into the
+//! worker protocol's chunks.
+
+mod decode;
+pub mod footprint;
+mod template;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use modelpool_pool::Device;
+use modelpool_proto::v1::{GenerateChunk, SamplingParams, Usage};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::engine::{ChunkStream, Counters, Engine, Prompt};
+use crate::llm::duration;
+use crate::sampling;
+use crate::EngineError;
+use decode::{GenJob, Job, Step};
+pub use template::ChatTemplate;
+
+/// Generations that may wait for the decode thread to take them; the server bounds
+/// concurrent requests per model far below this.
+const JOB_QUEUE: usize = 256;
+
+/// GGUF architectures llama.cpp generates text with.
+pub use modelpool_engines::LLAMA_CPP_ARCHITECTURES as ARCHITECTURES;
+
+/// How to load a model into llama.cpp.
+#[derive(Clone, Debug)]
+pub struct LlamaOptions {
+    pub path: PathBuf,
+    pub context_length: u32,
+    pub max_sequences: u32,
+    pub device: Device,
+    /// Let ggml repack weights for its CPU kernels. Repacking copies every weight into
+    /// anonymous memory at load (CPU-bound seconds for a 7B model, and the mapped file
+    /// no longer backs the weights); off, weights stay mapped from the page cache.
+    pub repack: bool,
+    /// Lock the mapped weights in memory (needs RLIMIT_MEMLOCK or CAP_IPC_LOCK; without
+    /// them llama.cpp warns and goes on unlocked).
+    pub mlock: bool,
+    /// Threads for decoding and prompt processing.
+    pub threads: u32,
+}
+
+/// A GGUF model loaded into llama.cpp, decoded on its own thread.
+pub struct LlamaEngine {
+    jobs: mpsc::Sender<Job>,
+    template: Option<ChatTemplate>,
+    context_length: u32,
+    counters: Arc<Counters>,
+}
+
+impl LlamaEngine {
+    /// Starts the decode thread and loads the model on it.
+    pub async fn load(opts: LlamaOptions) -> Result<Self, EngineError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (jobs_tx, jobs_rx) = mpsc::channel(JOB_QUEUE);
+        let counters = Arc::new(Counters::default());
+        let thread_counters = Arc::clone(&counters);
+        std::thread::Builder::new()
+            .name("llama-decode".into())
+            .spawn(move || decode::run(opts, jobs_rx, thread_counters, ready_tx))?;
+        let loaded = ready_rx.await.map_err(|_| {
+            EngineError::Load("the llama.cpp thread ended during the load".into())
+        })??;
+        let template = loaded
+            .chat_template
+            .map(|src| ChatTemplate::new(src, loaded.bos_token, loaded.eos_token))
+            .transpose()?;
+        Ok(Self {
+            jobs: jobs_tx,
+            template,
+            context_length: loaded.context_length,
+            counters,
+        })
+    }
+
+    /// The text to tokenize and whether the tokenizer adds the model's special tokens:
+    /// a chat template writes them itself; a raw prompt gets them as for any prompt.
+    fn render(&self, prompt: &Prompt) -> Result<(String, bool), EngineError> {
+        match prompt {
+            Prompt::Raw(text) => Ok((text.clone(), true)),
+            Prompt::Chat(turns) => {
+                let template = self.template.as_ref().ok_or_else(|| {
+                    EngineError::invalid(
+                        "messages",
+                        "the model's GGUF has no chat template (tokenizer.chat_template); use Generate with a raw prompt",
+                    )
+                })?;
+                Ok((template.render(turns)?, false))
+            }
+        }
+    }
+
+    async fn send(&self, job: Job) -> Result<(), EngineError> {
+        self.jobs
+            .send(job)
+            .await
+            .map_err(|_| EngineError::Generation("the llama.cpp decode thread stopped".into()))
+    }
+}
+
+#[tonic::async_trait]
+impl Engine for LlamaEngine {
+    fn context_length(&self) -> u32 {
+        self.context_length
+    }
+
+    fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    async fn count_tokens(&self, prompt: &Prompt) -> Result<u32, EngineError> {
+        let (text, add_special) = self.render(prompt)?;
+        let (reply, answer) = oneshot::channel();
+        self.send(Job::Count {
+            text,
+            add_special,
+            reply,
+        })
+        .await?;
+        answer
+            .await
+            .map_err(|_| EngineError::Generation("the llama.cpp decode thread stopped".into()))
+    }
+
+    async fn generate(
+        &self,
+        prompt: Prompt,
+        params: &SamplingParams,
+    ) -> Result<ChunkStream, EngineError> {
+        sampling::validate(params)?;
+        let started = Instant::now();
+        let (text, add_special) = self.render(&prompt)?;
+        let (accepted, verdict) = oneshot::channel();
+        // Room for every step the sequence can take, so the thread never waits on it.
+        let steps = sampling::max_tokens(params, self.context_length) as usize + 2;
+        let (out, steps_rx) = mpsc::channel(steps);
+        self.send(Job::Generate(GenJob {
+            text,
+            add_special,
+            field: prompt.field(),
+            params: params.clone(),
+            accepted,
+            out,
+        }))
+        .await?;
+        let prompt_tokens = verdict
+            .await
+            .map_err(|_| EngineError::Generation("the llama.cpp decode thread stopped".into()))??;
+        let state = Relay {
+            steps: steps_rx,
+            prompt_tokens,
+            started,
+            first_text_at: None,
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(state, Relay::next)))
+    }
+}
+
+/// Turns the thread's steps into chunks, adding usage to the last.
+struct Relay {
+    steps: mpsc::Receiver<Result<Step, EngineError>>,
+    prompt_tokens: u32,
+    started: Instant,
+    first_text_at: Option<Instant>,
+    done: bool,
+}
+
+impl Relay {
+    async fn next(mut self) -> Option<(Result<GenerateChunk, EngineError>, Self)> {
+        if self.done {
+            return None;
+        }
+        let step = match self.steps.recv().await {
+            Some(Ok(step)) => step,
+            Some(Err(e)) => {
+                self.done = true;
+                return Some((Err(e), self));
+            }
+            None => {
+                self.done = true;
+                let e = EngineError::Generation("the llama.cpp decode thread stopped".into());
+                return Some((Err(e), self));
+            }
+        };
+        let now = Instant::now();
+        let first = *self.first_text_at.get_or_insert(now);
+        let mut chunk = GenerateChunk {
+            text: step.text,
+            ..Default::default()
+        };
+        if let Some(reason) = step.finish {
+            self.done = true;
+            chunk.set_finish_reason(reason);
+            chunk.usage = Some(Usage {
+                prompt_tokens: self.prompt_tokens,
+                completion_tokens: step.completion_tokens,
+                time_to_first_token: duration(first - self.started),
+                total_time: duration(now - self.started),
+                ..Default::default()
+            });
+        }
+        Some((Ok(chunk), self))
+    }
+}
