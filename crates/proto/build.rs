@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "modelpool/v1/inference.proto",
         "modelpool/v1/control.proto",
+        "kserve/grpc_service.proto",
         "modelpool/worker/v1/worker.proto",
         "mmesh/model_runtime.proto",
     ];
@@ -17,9 +18,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", root.join(f).display());
     }
     let fds = protox::compile(files, [&root])?;
-    // Reflection describes the public API only: the worker protocol is not served on
-    // the public port.
-    let public = protox::compile(&files[..2], [&root])?;
+    // Reflection describes the public API only (modelpool.v1 and KServe v2): the worker
+    // protocol is not served on the public port.
+    let public = protox::compile(&files[..3], [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(
         out.join("modelpool_descriptor.bin"),

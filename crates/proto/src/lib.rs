@@ -14,13 +14,19 @@ pub mod mmesh {
     tonic::include_proto!("mmesh");
 }
 
+/// KServe's Open Inference Protocol v2 as Triton serves it
+/// (`inference.GRPCInferenceService`), served on the public gRPC port.
+pub mod kserve {
+    tonic::include_proto!("inference");
+}
+
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("modelpool.worker.v1");
     }
 }
 
-/// Encoded `FileDescriptorSet` of the public API (`modelpool.v1`), for gRPC server
+/// Encoded `FileDescriptorSet` of the public API (`modelpool.v1`, `inference`), for gRPC server
 /// reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/modelpool_descriptor.bin"));
