@@ -12,6 +12,7 @@ use std::time::Duration;
 use modelpool_engine::{WorkerBackend, WorkerBackendConfig};
 use modelpool_pool::budget::human_bytes;
 use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, Store, SystemProbe};
+use modelpool_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
 use modelpool_proto::v1::inference_server::InferenceServer;
 use modelpool_proto::v1::model_control_server::ModelControlServer;
 use tokio::net::TcpListener;
@@ -22,9 +23,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::auth::{AuthSettings, Scope};
 use crate::config::{PoolSettings, Settings};
 use crate::control::ControlService;
-use crate::inference::InferenceService;
+use crate::inference::{FrontEnd, InferenceService};
+use crate::kserve::KServe;
 use crate::metrics::{self, Metrics};
 use crate::modelmesh::{self, ModelMeshRuntime};
+use crate::openai;
 use crate::reload::Reloader;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,11 +61,14 @@ pub struct RunningServer {
     pub metrics_addr: Option<SocketAddr>,
     /// Where the ModelMesh runtime API is served, when enabled.
     pub modelmesh_addr: Option<SocketAddr>,
+    /// Where the OpenAI-compatible HTTP API is served, when enabled.
+    pub openai_addr: Option<SocketAddr>,
     pub pool: Pool<WorkerBackend>,
     pub runtime_dir: PathBuf,
     /// Re-reads the configuration file and applies the model list (SIGHUP, RPC).
     pub reloader: Arc<Reloader>,
     metrics_task: Option<JoinHandle<()>>,
+    openai_task: Option<JoinHandle<()>>,
     stop_modelmesh: tokio::sync::watch::Sender<bool>,
     shutdown: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), StartError>>,
@@ -78,7 +84,10 @@ impl RunningServer {
         let result = (&mut self.task)
             .await
             .map_err(|e| StartError::Serve(e.to_string()))?;
-        if let Some(task) = self.metrics_task.take() {
+        for task in [self.metrics_task.take(), self.openai_task.take()]
+            .into_iter()
+            .flatten()
+        {
             task.abort();
         }
         result
@@ -98,6 +107,10 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     // Every port first: a port in use fails the start before anything is created.
     let (listener, local_addr) = bind(settings.listen).await?;
     let metrics_listener = match settings.metrics_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let openai_listener = match settings.openai_listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
@@ -170,18 +183,48 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         None => None,
     };
     let (tx, rx) = oneshot::channel();
+    // True once shutdown began: every front end then refuses new requests.
+    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
+    let inference = InferenceService::new(
+        pool.clone(),
+        metrics,
+        draining_rx.clone(),
+        settings.max_concurrent_streams,
+    );
+    let spill_dir = settings
+        .storage
+        .as_ref()
+        .map(|s| s.spill_dir.display().to_string())
+        .unwrap_or_default();
+    let control = Arc::new(ControlService::new(
+        pool.clone(),
+        Arc::clone(&reloader),
+        draining_rx.clone(),
+        settings.model_roots.clone(),
+        spill_dir,
+    ));
+    let (openai_addr, openai_task) = match openai_listener {
+        Some((listener, bound)) => {
+            let api = FrontEnd::new(
+                inference.clone(),
+                Arc::clone(&control),
+                settings.auth.clone(),
+            );
+            let mut stopped = draining_rx.clone();
+            let task = tokio::spawn(openai::serve(listener, api, async move {
+                let _ = stopped.wait_for(|d| *d).await;
+            }));
+            tracing::info!(addr = %bound, "OpenAI-compatible API on http://{bound}/v1");
+            (Some(bound), Some(task))
+        }
+        None => (None, None),
+    };
     let parts = Parts {
         pool: pool.clone(),
-        metrics,
-        reloader: Arc::clone(&reloader),
+        inference,
+        control,
+        draining_tx,
         auth: settings.auth.clone(),
-        model_roots: settings.model_roots.clone(),
-        spill_dir: settings
-            .storage
-            .as_ref()
-            .map(|s| s.spill_dir.display().to_string())
-            .unwrap_or_default(),
-        max_concurrent_streams: settings.max_concurrent_streams,
         tls,
     };
     let task = tokio::spawn(serve(
@@ -198,6 +241,8 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         local_addr,
         metrics_addr,
         modelmesh_addr,
+        openai_addr,
+        openai_task,
         stop_modelmesh,
         metrics_task,
         reloader,
@@ -211,12 +256,11 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
 /// What the gRPC services are built from.
 struct Parts {
     pool: Pool<WorkerBackend>,
-    metrics: Arc<Metrics>,
-    reloader: Arc<Reloader>,
+    inference: InferenceService,
+    control: Arc<ControlService>,
+    /// Turned true when shutdown begins.
+    draining_tx: tokio::sync::watch::Sender<bool>,
     auth: AuthSettings,
-    model_roots: Option<Vec<PathBuf>>,
-    spill_dir: String,
-    max_concurrent_streams: u32,
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
@@ -229,12 +273,10 @@ async fn serve(
 ) -> Result<(), StartError> {
     let Parts {
         pool,
-        metrics,
-        reloader,
+        inference,
+        control,
+        draining_tx,
         auth,
-        model_roots,
-        spill_dir,
-        max_concurrent_streams,
         tls,
     } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -243,6 +285,9 @@ async fn serve(
         .await;
     health
         .set_serving::<ModelControlServer<ControlService>>()
+        .await;
+    health
+        .set_serving::<GrpcInferenceServiceServer<KServe>>()
         .await;
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -266,7 +311,6 @@ async fn serve(
     // holds or awaits a model (or the drain timeout passes), tonic stops accepting and
     // closes the connections.
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
     let health_for_shutdown = health.clone();
     let pool_for_drain = pool.clone();
     let graceful = async move {
@@ -284,6 +328,9 @@ async fn serve(
         health_for_shutdown
             .set_not_serving::<ModelControlServer<ControlService>>()
             .await;
+        health_for_shutdown
+            .set_not_serving::<GrpcInferenceServiceServer<KServe>>()
+            .await;
         while pool_for_drain.has_requests() {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
@@ -296,17 +343,17 @@ async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(GrpcInferenceServiceServer::new(KServe::new(FrontEnd::new(
+            inference.clone(),
+            Arc::clone(&control),
+            auth.clone(),
+        ))))
         .add_service(InferenceServer::with_interceptor(
-            InferenceService::new(
-                pool.clone(),
-                metrics,
-                draining_rx.clone(),
-                max_concurrent_streams,
-            ),
+            inference,
             auth.interceptor(Scope::Inference),
         ))
-        .add_service(ModelControlServer::with_interceptor(
-            ControlService::new(pool.clone(), reloader, draining_rx, model_roots, spill_dir),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            ModelControlServer::from_arc(control),
             auth.interceptor(Scope::Control),
         ));
     let server = router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), graceful);
@@ -355,6 +402,7 @@ pub(crate) fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> P
         headroom_bytes: settings.reserve_bytes,
         queue_depth: settings.queue_depth,
         queue_timeout: settings.queue_timeout,
+        turns: settings.turns,
         store: None,
         groups: Vec::new(),
         max_loads_in_flight: settings.max_loads_in_flight as usize,

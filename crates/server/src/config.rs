@@ -46,6 +46,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// Plain-HTTP address of `/metrics`; `None` when set to "" (off).
     pub metrics_listen: Option<SocketAddr>,
+    /// Plain-HTTP address of the OpenAI-compatible API (`/v1/...`); off unless set.
+    pub openai_listen: Option<SocketAddr>,
     /// The file these settings came from, re-read on reload.
     pub source: Option<PathBuf>,
     /// When set, models registered through the API must lie inside these.
@@ -177,6 +179,7 @@ struct RawServer {
     listen: Option<String>,
     model_roots: Option<Vec<PathBuf>>,
     metrics_listen: Option<String>,
+    openai_listen: Option<String>,
     drain_timeout: Option<String>,
     max_concurrent_streams: Option<u32>,
     tls: Option<RawTls>,
@@ -315,6 +318,15 @@ impl Settings {
                 invalid(
                     "server.metrics_listen",
                     format!("not an address like 127.0.0.1:9464, or \"\" for off ({e})"),
+                )
+            })?),
+        };
+        let openai_listen = match raw.server.openai_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(text) => Some(text.parse().map_err(|e| {
+                invalid(
+                    "server.openai_listen",
+                    format!("not an address like 127.0.0.1:8080, or \"\" for off ({e})"),
                 )
             })?),
         };
@@ -458,6 +470,7 @@ impl Settings {
             for (key, addr) in [
                 ("server.listen", Some(listen)),
                 ("server.metrics_listen", metrics_listen),
+                ("server.openai_listen", openai_listen),
                 ("modelmesh.listen", mm),
             ] {
                 if let Some(addr) = addr.filter(|a: &SocketAddr| !a.ip().is_loopback()) {
@@ -474,6 +487,7 @@ impl Settings {
             groups,
             listen,
             metrics_listen,
+            openai_listen,
             source: None,
             model_roots,
             drain_timeout,

@@ -47,6 +47,11 @@ impl From<ServerError> for Status {
                     by_client: true, ..
                 } => Status::deadline_exceeded(e.to_string()),
                 PoolError::QueueTimeout { .. } => Status::resource_exhausted(e.to_string()),
+                // Told early: the next turn comes after the deadline.
+                PoolError::TurnTooLate {
+                    by_client: true, ..
+                } => Status::deadline_exceeded(e.to_string()),
+                PoolError::TurnTooLate { .. } => Status::resource_exhausted(e.to_string()),
                 PoolError::LoadFailed { source, .. } => match source {
                     BackendError::InvalidModel(_) => Status::failed_precondition(e.to_string()),
                     BackendError::Timeout(_) => Status::deadline_exceeded(e.to_string()),
@@ -78,5 +83,109 @@ impl From<ServerError> for Status {
                 _ => Status::unavailable(e.to_string()),
             },
         }
+    }
+}
+
+/// How a gRPC status reads over HTTP: the status code and the OpenAI error `type`
+/// (`invalid_request_error`, ...). The codes follow Google's published mapping of gRPC
+/// codes onto HTTP; every HTTP front end answers errors through this one table.
+pub fn http_status(code: tonic::Code) -> (u16, &'static str) {
+    use tonic::Code;
+    match code {
+        Code::Ok => (200, ""),
+        Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+            (400, "invalid_request_error")
+        }
+        Code::Unauthenticated => (401, "authentication_error"),
+        Code::PermissionDenied => (403, "permission_error"),
+        Code::NotFound => (404, "not_found_error"),
+        Code::AlreadyExists | Code::Aborted => (409, "conflict_error"),
+        Code::ResourceExhausted => (429, "rate_limit_error"),
+        // nginx's "client closed request": the client went away first.
+        Code::Cancelled => (499, "cancelled_error"),
+        Code::Unimplemented => (501, "not_implemented_error"),
+        Code::Unavailable => (503, "service_unavailable_error"),
+        Code::DeadlineExceeded => (504, "timeout_error"),
+        Code::Unknown | Code::Internal | Code::DataLoss => (500, "server_error"),
+    }
+}
+
+/// The field an INVALID_ARGUMENT message names (`"<field>: <reason>"`, the shape of
+/// [`ServerError::InvalidArgument`] and the engine's own), without the `sampling.`
+/// prefix of the gRPC message layout; `None` for other codes.
+pub fn invalid_field(status: &Status) -> Option<&str> {
+    if status.code() != tonic::Code::InvalidArgument {
+        return None;
+    }
+    let (field, _) = status.message().split_once(": ")?;
+    let field = field.strip_prefix("sampling.").unwrap_or(field);
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_.[]".contains(c);
+    (!field.is_empty() && field.chars().all(plain)).then_some(field)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn every_grpc_code_has_one_http_status() {
+        let table = [
+            (Code::Ok, 200),
+            (Code::Cancelled, 499),
+            (Code::Unknown, 500),
+            (Code::InvalidArgument, 400),
+            (Code::DeadlineExceeded, 504),
+            (Code::NotFound, 404),
+            (Code::AlreadyExists, 409),
+            (Code::PermissionDenied, 403),
+            (Code::ResourceExhausted, 429),
+            (Code::FailedPrecondition, 400),
+            (Code::Aborted, 409),
+            (Code::OutOfRange, 400),
+            (Code::Unimplemented, 501),
+            (Code::Internal, 500),
+            (Code::Unavailable, 503),
+            (Code::DataLoss, 500),
+            (Code::Unauthenticated, 401),
+        ];
+        for (code, http) in table {
+            let (got, kind) = http_status(code);
+            assert_eq!(got, http, "{code:?}");
+            assert_eq!(kind.is_empty(), code == Code::Ok, "{code:?}");
+        }
+        // The table covers all 17 codes.
+        assert_eq!(table.len(), 17);
+    }
+
+    #[test]
+    fn pool_errors_reach_http_with_their_numbers() {
+        let not_found = Status::from(ServerError::Pool(PoolError::NotFound {
+            id: "nope".into(),
+            known: "a, b".into(),
+        }));
+        assert_eq!(http_status(not_found.code()).0, 404);
+        assert!(not_found.message().contains("a, b"), "{not_found:?}");
+        let full = Status::from(ServerError::Pool(PoolError::QueueFull {
+            id: "a".into(),
+            waiting: 64,
+        }));
+        assert_eq!(http_status(full.code()).0, 429);
+        assert!(full.message().contains("64"), "{full:?}");
+        let retiring = Status::from(ServerError::Pool(PoolError::Retiring { id: "a".into() }));
+        assert_eq!(http_status(retiring.code()).0, 503);
+    }
+
+    #[test]
+    fn invalid_field_names_the_field() {
+        let s = Status::from(ServerError::invalid("messages[1].role", "bad"));
+        assert_eq!(invalid_field(&s), Some("messages[1].role"));
+        let s = Status::invalid_argument("sampling.temperature: must be between 0 and 2, got 5");
+        assert_eq!(invalid_field(&s), Some("temperature"));
+        assert_eq!(
+            invalid_field(&Status::invalid_argument("no field here")),
+            None
+        );
+        assert_eq!(invalid_field(&Status::not_found("model: x")), None);
     }
 }

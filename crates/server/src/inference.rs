@@ -12,8 +12,10 @@ use modelpool_engine::llm::duration;
 use modelpool_engine::{sampling, WorkerBackend};
 use modelpool_pool::{Lease, Pool};
 use modelpool_proto::v1::inference_server::Inference;
-use modelpool_proto::v1::{ChatRequest, GenerateChunk, GenerateRequest, Role, SamplingParams};
-use modelpool_proto::worker::v1::worker_generate_request::Prompt;
+use modelpool_proto::v1::{
+    ChatMessage, ChatRequest, GenerateChunk, GenerateRequest, Role, SamplingParams,
+};
+pub(crate) use modelpool_proto::worker::v1::worker_generate_request::Prompt;
 use modelpool_proto::worker::v1::{ChatPrompt, WorkerGenerateRequest};
 use tonic::{Request, Response, Status};
 
@@ -27,6 +29,32 @@ pub const MAX_PROMPT_BYTES: usize = 1 << 20;
 /// The metrics label of requests for ids that are not registered.
 const UNREGISTERED_LABEL: &str = "(unregistered)";
 
+/// What every front-end adapter (OpenAI HTTP, KServe v2) is built from: the one
+/// inference path, the control service (model lists, load, evict) and the tokens.
+#[derive(Clone)]
+pub struct FrontEnd {
+    pub(crate) inference: InferenceService,
+    pub(crate) control: Arc<crate::control::ControlService>,
+    pub(crate) auth: crate::auth::AuthSettings,
+}
+
+impl FrontEnd {
+    pub fn new(
+        inference: InferenceService,
+        control: Arc<crate::control::ControlService>,
+        auth: crate::auth::AuthSettings,
+    ) -> Self {
+        Self {
+            inference,
+            control,
+            auth,
+        }
+    }
+}
+
+/// Cheap to clone: the gRPC service, the OpenAI HTTP routes and the KServe service share
+/// one, so every front end runs through [`InferenceService::open`].
+#[derive(Clone)]
 pub struct InferenceService {
     pool: Pool<WorkerBackend>,
     metrics: Arc<Metrics>,
@@ -35,6 +63,44 @@ pub struct InferenceService {
     /// One permit per open generation stream (`server.max_concurrent_streams`).
     streams: Arc<tokio::sync::Semaphore>,
     max_streams: u32,
+}
+
+/// One generation as any front end asks for it: what to run, and what the request
+/// carries besides its payload. Dropping the stream [`InferenceService::open`] returns
+/// cancels it.
+pub(crate) struct Generation {
+    pub model: String,
+    pub prompt: Prompt,
+    pub sampling: Option<SamplingParams>,
+    /// The client's deadline (gRPC `grpc-timeout`); the pool's queue timeout otherwise.
+    pub deadline: Option<tokio::time::Instant>,
+    /// Which front end and call, for the request's span ("chat", "openai.chat", ...).
+    pub kind: &'static str,
+    /// The W3C `traceparent` header, when the client sent one.
+    pub traceparent: Option<String>,
+}
+
+impl Generation {
+    /// A generation with the deadline and trace context of gRPC metadata.
+    pub(crate) fn from_grpc(
+        kind: &'static str,
+        model: String,
+        prompt: Prompt,
+        sampling: Option<SamplingParams>,
+        meta: &tonic::metadata::MetadataMap,
+    ) -> Self {
+        Self {
+            model,
+            prompt,
+            sampling,
+            deadline: deadline_of(meta),
+            kind,
+            traceparent: meta
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
 }
 
 /// What every request carries besides its payload.
@@ -47,12 +113,13 @@ struct RequestContext {
 impl RequestContext {
     /// Opens the request's span: model, a request id, and the W3C trace context when
     /// the client sent `traceparent`.
-    fn new(kind: &'static str, model: &str, meta: &tonic::metadata::MetadataMap) -> Self {
-        let (trace_id, parent_id) = meta
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_traceparent)
-            .unzip();
+    fn new(
+        kind: &'static str,
+        model: &str,
+        traceparent: Option<&str>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Self {
+        let (trace_id, parent_id) = traceparent.and_then(parse_traceparent).unzip();
         let span = tracing::info_span!(
             "request",
             kind,
@@ -63,7 +130,7 @@ impl RequestContext {
         );
         Self {
             arrived: Instant::now(),
-            deadline: deadline_of(meta),
+            deadline,
             span,
         }
     }
@@ -87,7 +154,7 @@ fn parse_traceparent(v: &str) -> Option<(String, String)> {
 }
 
 /// A process-unique request id: 16 hex digits, unpredictable enough for log grepping.
-fn next_request_id() -> String {
+pub(crate) fn next_request_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let seed = std::time::SystemTime::now()
@@ -112,6 +179,26 @@ impl InferenceService {
             streams: Arc::new(tokio::sync::Semaphore::new(max_streams as usize)),
             max_streams,
         }
+    }
+
+    /// The pool the generations run on (for the front ends' model lists and states).
+    pub(crate) fn pool(&self) -> &Pool<WorkerBackend> {
+        &self.pool
+    }
+
+    /// Whether shutdown began (new requests are refused).
+    pub(crate) fn draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// The one entry of every front end: validates the request, takes a lease on its
+    /// model (loading it when cold) and returns the worker's chunks, the last with the
+    /// finish reason and usage. Dropping the stream cancels the generation.
+    pub(crate) async fn open(&self, g: Generation) -> Result<ChunkStream, Status> {
+        let ctx = RequestContext::new(g.kind, &g.model, g.traceparent.as_deref(), g.deadline);
+        let sampling = validate(&g.model, &g.prompt, g.sampling)?;
+        tracing::debug!(model = %g.model, kind = g.kind, "generation");
+        self.run(g.model, g.prompt, sampling, ctx).await
     }
 
     async fn run(
@@ -202,7 +289,25 @@ impl InferenceService {
     }
 }
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+pub(crate) type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
+
+/// Reads a chunk stream to its end: the whole text and the last chunk (with the finish
+/// reason and usage), for front ends that answer in one piece.
+pub(crate) async fn collect_text(
+    mut chunks: ChunkStream,
+) -> Result<(String, GenerateChunk), Status> {
+    let mut text = String::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk?;
+        text.push_str(&chunk.text);
+        if chunk.usage.is_some() {
+            return Ok((text, chunk));
+        }
+    }
+    Err(Status::internal(
+        "the generation ended without a final chunk",
+    ))
+}
 
 /// Carries the lease for as long as the client reads; dropping the relay (the client
 /// went away) drops the worker stream, which cancels generation in the worker.
@@ -322,16 +427,46 @@ fn check_sampling(sampling: Option<SamplingParams>) -> Result<SamplingParams, Se
     Ok(sampling)
 }
 
-fn validate_chat(r: &ChatRequest) -> Result<(), ServerError> {
-    check_model(&r.model)?;
-    if r.messages.is_empty() {
+/// The one validation of every request, whichever front end it came through; returns
+/// the sampling parameters with defaults filled in.
+pub(crate) fn validate(
+    model: &str,
+    prompt: &Prompt,
+    sampling: Option<SamplingParams>,
+) -> Result<SamplingParams, ServerError> {
+    check_model(model)?;
+    match prompt {
+        Prompt::Chat(chat) => validate_messages(&chat.messages)?,
+        Prompt::Raw(text) => validate_raw(text)?,
+    }
+    check_sampling(sampling)
+}
+
+fn validate_raw(prompt: &str) -> Result<(), ServerError> {
+    if prompt.is_empty() {
+        return Err(ServerError::invalid("prompt", "must not be empty"));
+    }
+    if prompt.len() > MAX_PROMPT_BYTES {
+        return Err(ServerError::invalid(
+            "prompt",
+            format!(
+                "{} bytes; at most {MAX_PROMPT_BYTES} are accepted",
+                prompt.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_messages(messages: &[ChatMessage]) -> Result<(), ServerError> {
+    if messages.is_empty() {
         return Err(ServerError::invalid(
             "messages",
             "at least one message is required",
         ));
     }
     let mut total = 0usize;
-    for (i, m) in r.messages.iter().enumerate() {
+    for (i, m) in messages.iter().enumerate() {
         let role = Role::try_from(m.role).unwrap_or(Role::Unspecified);
         if role == Role::Unspecified {
             return Err(ServerError::invalid(
@@ -387,45 +522,22 @@ impl Inference for InferenceService {
     type GenerateStream = ChunkStream;
 
     async fn chat(&self, request: Request<ChatRequest>) -> Result<Response<ChunkStream>, Status> {
-        let ctx = RequestContext::new("chat", &request.get_ref().model, request.metadata());
-        let r = request.into_inner();
-        validate_chat(&r)?;
-        let sampling = check_sampling(r.sampling)?;
+        let (meta, _, r) = request.into_parts();
         let prompt = Prompt::Chat(ChatPrompt {
             messages: r.messages,
         });
-        tracing::debug!(model = %r.model, "chat");
-        Ok(Response::new(
-            self.run(r.model, prompt, sampling, ctx).await?,
-        ))
+        let g = Generation::from_grpc("chat", r.model, prompt, r.sampling, &meta);
+        Ok(Response::new(self.open(g).await?))
     }
 
     async fn generate(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<ChunkStream>, Status> {
-        let ctx = RequestContext::new("generate", &request.get_ref().model, request.metadata());
-        let r = request.into_inner();
-        check_model(&r.model)?;
-        if r.prompt.is_empty() {
-            return Err(ServerError::invalid("prompt", "must not be empty").into());
-        }
-        if r.prompt.len() > MAX_PROMPT_BYTES {
-            return Err(ServerError::invalid(
-                "prompt",
-                format!(
-                    "{} bytes; at most {MAX_PROMPT_BYTES} are accepted",
-                    r.prompt.len()
-                ),
-            )
-            .into());
-        }
-        let sampling = check_sampling(r.sampling)?;
-        tracing::debug!(model = %r.model, "generate");
-        Ok(Response::new(
-            self.run(r.model, Prompt::Raw(r.prompt), sampling, ctx)
-                .await?,
-        ))
+        let (meta, _, r) = request.into_parts();
+        let prompt = Prompt::Raw(r.prompt);
+        let g = Generation::from_grpc("generate", r.model, prompt, r.sampling, &meta);
+        Ok(Response::new(self.open(g).await?))
     }
 }
 

@@ -10,8 +10,10 @@ pub mod config;
 pub mod control;
 pub mod error;
 pub mod inference;
+pub mod kserve;
 pub mod metrics;
 pub mod modelmesh;
+pub mod openai;
 pub mod reload;
 
 /// Whether this build has mistral.rs' CUDA kernels (the `cuda` feature).

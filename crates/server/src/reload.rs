@@ -93,6 +93,10 @@ impl Reloader {
                 current.metrics_listen != new.metrics_listen,
             ),
             (
+                "server.openai_listen",
+                current.openai_listen != new.openai_listen,
+            ),
+            (
                 "server.drain_timeout",
                 current.drain_timeout != new.drain_timeout,
             ),

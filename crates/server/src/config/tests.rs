@@ -21,6 +21,21 @@ fn defaults_and_relative_paths() {
     assert_eq!(s.models[0].context_length, 4096);
     assert_eq!(s.models[0].device, Device::Cpu);
     assert_eq!(s.pool.ram_budget, BudgetSetting::Auto);
+    assert_eq!(s.openai_listen, None);
+}
+
+#[test]
+fn openai_listen_is_off_unless_set_and_loopback_unless_allowed() {
+    let on = |text: &str| Settings::from_toml(text, Path::new("/")).map(|s| s.openai_listen);
+    assert_eq!(on("[server]\nopenai_listen = \"\"").unwrap(), None);
+    assert_eq!(
+        on("[server]\nopenai_listen = \"127.0.0.1:8080\"")
+            .unwrap()
+            .map(|a| a.to_string()),
+        Some("127.0.0.1:8080".into())
+    );
+    let remote = "[server]\nopenai_listen = \"0.0.0.0:8080\"\nallow_remote = true";
+    assert_eq!(on(remote).unwrap().map(|a| a.port()), Some(8080));
 }
 
 #[test]
@@ -90,6 +105,14 @@ fn errors_name_the_key() {
         (
             "[storage]\nspill_dir = \"/s\"\nspill_budget = \"0\"",
             "storage.spill_budget",
+        ),
+        (
+            "[server]\nopenai_listen = \"0.0.0.0:8080\"",
+            "server.openai_listen",
+        ),
+        (
+            "[server]\nopenai_listen = \"port 80\"",
+            "server.openai_listen",
         ),
         (
             "[[models]]\nid = \"a\"\nurl = \"http://h/m.gguf\"\nsha256 = \"00\"",
