@@ -3,8 +3,10 @@
 //!
 //! Reports requests/s, every error by gRPC code with a sample message (only the
 //! intended RESOURCE_EXHAUSTED and UNAVAILABLE should appear, each with its reason),
-//! p50/p99 latency of the successful requests, and the RSS of the server process and
-//! of its workers over time.
+//! p50/p99 latency of the successful requests, per model the requests served and their
+//! wait (time to the first chunk: queueing, load or turn, prefill), turns given to
+//! models that waited for room, the most the budget was ever charged, and the RSS of
+//! the server process and of its workers over time.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,6 +40,28 @@ struct Args {
     /// Tokens per request.
     #[arg(long, default_value_t = 8)]
     tokens: u32,
+    /// Each request picks its model at random (else each client walks the models).
+    #[arg(long)]
+    random: bool,
+    /// Context length of every model (its KV cache is part of what the budget holds).
+    #[arg(long, default_value_t = 1024)]
+    context: u32,
+    #[arg(long, default_value = "30s")]
+    queue_timeout: String,
+    #[arg(long, default_value = "3s")]
+    fairness_window: String,
+    #[arg(long, default_value = "10s")]
+    min_residency: String,
+    #[arg(long, default_value = "30s")]
+    drain_timeout: String,
+}
+
+/// A tiny xorshift for picking models: no dependency, a different stream per client.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,30 +98,38 @@ struct Tally {
     latency_ms: Vec<f64>,
     /// Code -> (count, a sample message).
     errors: BTreeMap<String, (u64, String)>,
+    /// Model -> (served, refused or failed, time to first chunk of each served, ms).
+    per_model: BTreeMap<String, (u64, u64, Vec<f64>)>,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
     let mut spec = modelpool_pool::ModelSpec::new("p", &model);
-    spec.context_length = 1024;
+    spec.context_length = args.context;
     let one = modelpool_engine::footprint::predict(&spec)?.total_bytes();
     let budget = one * args.fit + one / 2;
     let mut models = String::new();
     for i in 1..=args.models {
         models += &format!(
-            "[[models]]\nid = \"m{i}\"\npath = \"{}\"\ncontext_length = 1024\nmax_concurrency = 4\n",
-            model.display()
+            "[[models]]\nid = \"m{i}\"\npath = \"{}\"\ncontext_length = {}\nmax_concurrency = 4\n",
+            model.display(),
+            args.context
         );
     }
     let runtime = tempfile::tempdir()?;
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\nmax_concurrent_streams = {}\n\
          [workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
-         [pool]\nram_budget = \"{budget}\"\nreserve = \"0\"\nqueue_depth = 100\nqueue_timeout = \"30s\"\n{models}",
+         [pool]\nram_budget = \"{budget}\"\nreserve = \"0\"\nqueue_depth = 100\nqueue_timeout = \"{}\"\n\
+         fairness_window = \"{}\"\nmin_residency = \"{}\"\ndrain_timeout = \"{}\"\n{models}",
         args.streams * 2,
         runtime.path().display(),
         std::env::current_exe()?.display(),
+        args.queue_timeout,
+        args.fairness_window,
+        args.min_residency,
+        args.drain_timeout,
     );
     let server = modelpool_server::start(Settings::from_toml(&toml, Path::new("/"))?).await?;
     let channel = Channel::from_shared(format!("http://{}", server.local_addr))?
@@ -107,8 +139,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let until = started + Duration::from_secs(args.secs);
     let tally: Arc<Mutex<Tally>> = Arc::default();
     let rss: Arc<Mutex<Vec<RssSample>>> = Arc::default();
+    // The most ever charged (used + reserved) on the RAM budget.
+    let peak_charged: Arc<Mutex<u64>> = Arc::default();
     let sampler = tokio::spawn({
         let rss = Arc::clone(&rss);
+        let peak = Arc::clone(&peak_charged);
         let mut control = ModelControlClient::new(channel.clone());
         async move {
             while Instant::now() < until {
@@ -117,6 +152,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     match control.get_pool_status(GetPoolStatusRequest {}).await {
                         Ok(s) => {
                             let s = s.into_inner();
+                            let charged = s.devices.iter().filter(|d| d.device == "cpu");
+                            let charged = charged.map(|d| d.used_bytes + d.reserved_bytes).max();
+                            let mut peak = peak.lock().unwrap();
+                            *peak = (*peak).max(charged.unwrap_or(0));
                             let live: Vec<_> =
                                 s.models.iter().filter(|m| m.worker_pid != 0).collect();
                             (live.iter().map(|m| m.resident_bytes).sum(), live.len())
@@ -126,7 +165,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 rss.lock()
                     .unwrap()
                     .push((started.elapsed().as_secs_f64(), me, workers, resident));
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
             }
         }
     });
@@ -136,12 +175,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let tally = Arc::clone(&tally);
             let n = args.models;
             let tokens = args.tokens;
+            let random = args.random;
             tokio::spawn(async move {
                 let mut k = i;
+                let mut seed = 0x9E37_79B9_7F4A_7C15_u64 ^ (i as u64 + 1).wrapping_mul(0x2545_F491);
                 while Instant::now() < until {
-                    // Spread over the models, each client moving on after every request.
-                    let id = format!("m{}", k % n + 1);
-                    k += 7;
+                    // Spread over the models: at random, or each client moving on after
+                    // every request.
+                    let pick = if random {
+                        next_random(&mut seed) as usize
+                    } else {
+                        k += 7;
+                        k - 7
+                    };
+                    let id = format!("m{}", pick % n + 1);
+                    let model = id.clone();
                     let t0 = Instant::now();
                     let req = GenerateRequest {
                         model: id,
@@ -151,12 +199,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             ..Default::default()
                         }),
                     };
+                    let mut first_ms = None;
                     let outcome = match c.generate(req).await {
                         Ok(s) => {
                             let mut s = s.into_inner();
                             loop {
                                 match s.message().await {
-                                    Ok(Some(_)) => {}
+                                    Ok(Some(_)) => {
+                                        first_ms.get_or_insert(t0.elapsed().as_secs_f64() * 1e3);
+                                    }
                                     Ok(None) => break Ok(()),
                                     Err(e) => break Err(e),
                                 }
@@ -166,6 +217,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     };
                     {
                         let mut t = tally.lock().unwrap();
+                        let per = t.per_model.entry(model).or_default();
+                        match &outcome {
+                            Ok(()) => {
+                                per.0 += 1;
+                                per.2.push(first_ms.unwrap_or(0.0));
+                            }
+                            Err(_) => per.1 += 1,
+                        }
                         match outcome {
                             Ok(()) => t.latency_ms.push(t0.elapsed().as_secs_f64() * 1e3),
                             Err(e) => {
@@ -194,6 +253,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await?
         .into_inner();
     let loads: u64 = status.models.iter().map(|m| m.loads_started).sum();
+    let (turns, turns_last_minute) = (status.turns_total, status.turns_last_minute);
     server.stop().await?;
     let elapsed = started.elapsed().as_secs_f64();
     let t = tally.lock().unwrap();
@@ -222,6 +282,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     println!("| loads started (all models) | {loads} |");
+    println!(
+        "| turns (per minute: run average / last minute) | {turns} ({:.1} / {turns_last_minute}) |",
+        turns as f64 * 60.0 / elapsed
+    );
+    println!(
+        "| most ever charged (used + reserved) of the budget | {:.0} of {:.0} MiB |",
+        mib(*peak_charged.lock().unwrap()),
+        mib(budget)
+    );
+    println!("\n| model | served | refused or failed | wait p50 / p99 (ms, to first chunk) |\n|---|---|---|---|");
+    for (id, (ok, failed, first)) in &t.per_model {
+        let waits = if first.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{:.0} / {:.0}", median(first), percentile(first, 0.99))
+        };
+        println!("| {id} | {ok} | {failed} | {waits} |");
+    }
     println!("\n| code: reason | count | sample message |\n|---|---|---|");
     for (code, (n, msg)) in &t.errors {
         println!("| {code} | {n} | {} |", msg.replace('|', "/"));

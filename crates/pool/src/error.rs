@@ -40,6 +40,17 @@ pub enum PoolError {
         waited: Duration,
         reason: String,
     },
+    #[error("model `{id}` cannot be served within {} ({:.1}s left): {why}; the next turn serves it in {:.1}s at the earliest", if *by_client { "the request's deadline" } else { "pool.queue_timeout" }, left.as_secs_f64(), eta.as_secs_f64())]
+    TurnTooLate {
+        id: String,
+        /// The client's deadline (else the pool's own queue timeout).
+        by_client: bool,
+        /// Time the request had left.
+        left: Duration,
+        /// The earliest the next turn could serve it.
+        eta: Duration,
+        why: String,
+    },
     #[error("model `{id}` is being removed; it takes no new requests")]
     Retiring { id: String },
     #[error("model `{id}` is not loaded again yet: its worker failed {failures} times in the last minute (last: {last_error}); next try in {}s", retry_in.as_secs().max(1))]

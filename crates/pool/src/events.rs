@@ -20,6 +20,8 @@ pub enum EvictReason {
     Crashed { detail: String },
     /// Its group's slot was given to `for_model`.
     Swap { for_model: String },
+    /// Drained and stopped to give `for_model`, which waited for room, its turn.
+    Turn { for_model: String },
 }
 
 impl std::fmt::Display for EvictReason {
@@ -31,6 +33,7 @@ impl std::fmt::Display for EvictReason {
             EvictReason::Shutdown => f.write_str("shutdown"),
             EvictReason::Crashed { detail } => write!(f, "worker crashed: {detail}"),
             EvictReason::Swap { for_model } => write!(f, "swapped out for `{for_model}`"),
+            EvictReason::Turn { for_model } => write!(f, "drained for `{for_model}`'s turn"),
         }
     }
 }
@@ -89,6 +92,17 @@ pub enum EventKind {
         group: String,
         duration: Duration,
         bytes: u64,
+    },
+    /// This model, whose requests waited `waited` for room, got its turn: `outgoing`
+    /// drain and are evicted for it.
+    TurnStarted {
+        outgoing: Vec<String>,
+        waited: Duration,
+    },
+    /// Its turn ended with the model ready, `duration` after the turn began.
+    TurnFinished {
+        duration: Duration,
+        waited: Duration,
     },
     /// Spilling failed; the model keeps loading from its source.
     SpillFailed {

@@ -11,6 +11,7 @@
 use std::time::Duration;
 
 use crate::budget::human_bytes;
+use crate::turns::residency_left;
 
 /// A group as configured.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,8 +55,12 @@ pub enum SwapPlan {
     Evict(Vec<String>),
     /// These members must go but serve requests: drain them, then stop them.
     Drain(Vec<String>),
-    /// Not now; try again shortly (the reason is for logs and timeouts).
-    Wait(String),
+    /// Not now (the reason is for status, logs and timeouts); plan again when the pool
+    /// changes, or after `retry_in` when only time can help.
+    Wait {
+        reason: String,
+        retry_in: Option<Duration>,
+    },
     /// Never, with these members pinned or this budget.
     Never(String),
 }
@@ -85,10 +90,13 @@ pub fn plan_swap(group: &GroupSpec, members: &[Member], needed_bytes: u64) -> Sw
         return SwapPlan::Fits;
     }
     if let Some(m) = members.iter().find(|m| m.transitional) {
-        return SwapPlan::Wait(format!(
-            "group `{}` is swapping (`{}` is loading or stopping)",
-            group.name, m.id
-        ));
+        return SwapPlan::Wait {
+            reason: format!(
+                "group `{}` is swapping (`{}` is loading or stopping)",
+                group.name, m.id
+            ),
+            retry_in: None,
+        };
     }
     // Idle members nobody waits for first, least recently used first; then idle ones
     // with requests about to use them; busy ones only when needed.
@@ -115,16 +123,20 @@ pub fn plan_swap(group: &GroupSpec, members: &[Member], needed_bytes: u64) -> Sw
             max
         ));
     }
-    if let Some(young) = victims
+    let young = victims
         .iter()
-        .find(|m| m.resident_for < group.min_residency)
-    {
-        return SwapPlan::Wait(format!(
-            "`{}` has been resident {:.1}s of the group's min_residency {:.1}s",
-            young.id,
-            young.resident_for.as_secs_f64(),
-            group.min_residency.as_secs_f64()
-        ));
+        .filter_map(|m| Some((m, residency_left(m.resident_for, group.min_residency)?)))
+        .max_by_key(|(_, left)| *left);
+    if let Some((young, left)) = young {
+        return SwapPlan::Wait {
+            reason: format!(
+                "`{}` has been resident {:.1}s of the group's min_residency {:.1}s",
+                young.id,
+                young.resident_for.as_secs_f64(),
+                group.min_residency.as_secs_f64()
+            ),
+            retry_in: Some(left),
+        };
     }
     let ids = victims.iter().map(|m| m.id.clone()).collect();
     if victims.iter().any(|m| m.in_flight > 0) {
@@ -200,12 +212,12 @@ mod tests {
     fn thrash_control_and_running_swaps_make_a_load_wait() {
         let g = slot(1);
         assert!(
-            matches!(plan_swap(&g, &[m("a", 5, 0, 3)], 5), SwapPlan::Wait(r) if r.contains("min_residency"))
+            matches!(plan_swap(&g, &[m("a", 5, 0, 3)], 5), SwapPlan::Wait { reason: r, retry_in: Some(_) } if r.contains("min_residency"))
         );
         let mut loading = m("a", 5, 0, 0);
         loading.transitional = true;
         assert!(
-            matches!(plan_swap(&g, &[loading], 5), SwapPlan::Wait(r) if r.contains("swapping"))
+            matches!(plan_swap(&g, &[loading], 5), SwapPlan::Wait { reason: r, retry_in: None } if r.contains("swapping"))
         );
     }
 

@@ -14,6 +14,7 @@ pub mod memory;
 mod pool;
 mod spec;
 pub mod store;
+pub mod turns;
 
 pub use error::PoolError;
 pub use events::{EventKind, EvictReason, PoolEvent};
@@ -27,3 +28,4 @@ pub use spec::{
     Quantized, Source, NATIVE_PRECISION, PRECISIONS,
 };
 pub use store::{Store, StoreError, StoreUsage};
+pub use turns::TurnPolicy;

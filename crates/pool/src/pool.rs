@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lru::LruCache;
-use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::events::{EventKind, EvictReason, PoolEvent};
@@ -52,6 +52,8 @@ pub struct PoolConfig {
     pub groups: Vec<crate::GroupSpec>,
     /// Loads (worker starts) running at once; more wait their turn.
     pub max_loads_in_flight: usize,
+    /// Turns for models that wait for room while busy models hold it.
+    pub turns: crate::TurnPolicy,
 }
 
 impl Default for PoolConfig {
@@ -64,6 +66,7 @@ impl Default for PoolConfig {
             store: None,
             groups: Vec::new(),
             max_loads_in_flight: 2,
+            turns: crate::TurnPolicy::default(),
         }
     }
 }
@@ -87,12 +90,20 @@ struct Inner<B: Backend> {
     events: broadcast::Sender<PoolEvent>,
     /// `max_loads_in_flight` permits.
     load_permits: Arc<Semaphore>,
+    /// Bumped whenever room may have changed (a lease, a waiter, a worker or a budget
+    /// came or went): requests waiting for room, and drains, wait on it.
+    room: watch::Sender<u64>,
 }
 
 impl<B: Backend> Inner<B> {
     fn lock(&self) -> MutexGuard<'_, State<B::Instance>> {
         // A panic while holding the lock leaves plain data behind; keep serving.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes everything waiting for room to plan again.
+    fn kick(&self) {
+        self.room.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     fn emit(&self, model: &str, kind: EventKind) {
@@ -114,6 +125,7 @@ impl<B: Backend> Inner<B> {
             (st.finish_unload(id), resolved)
         };
         tiers::stopped(self, resolved.0.as_ref(), resolved.1.as_deref(), &reason);
+        self.kick();
         tracing::info!(model = %id, %reason, freed_bytes = freed, "evicted");
         let freed_bytes = freed;
         self.emit(
@@ -144,6 +156,7 @@ impl<B: Backend> Inner<B> {
         let removed = self.lock().models.remove(id);
         if let Some(entry) = removed {
             entry.permits.close();
+            self.kick();
             self.emit(id, EventKind::Unregistered);
         }
     }
@@ -190,7 +203,9 @@ impl<B: Backend> Pool<B> {
                     .cloned()
                     .map(swap::GroupState::new)
                     .collect(),
+                turns: swap::SwapRate::default(),
             }),
+            room: watch::channel(0).0,
             load_permits: Arc::new(Semaphore::new(config.max_loads_in_flight.max(1))),
             config,
             events,
@@ -362,6 +377,7 @@ impl<B: Backend> Pool<B> {
             std::mem::replace(&mut entry.spec.pinned, pinned) != pinned
         };
         if changed {
+            self.inner.kick();
             let kind = if pinned {
                 EventKind::Pinned
             } else {
@@ -377,6 +393,7 @@ impl<B: Backend> Pool<B> {
     pub fn set_budget(&self, device: Device, budget_bytes: u64) {
         let old = self.inner.lock().budgets.insert(device, budget_bytes);
         if old != Some(budget_bytes) {
+            self.inner.kick();
             tracing::info!(%device, budget_bytes, "budget changed");
             self.inner.emit(
                 "",
@@ -448,6 +465,7 @@ impl<B: Backend> Pool<B> {
     }
 
     /// Waits until `id` is ready, starting its load when nobody has, and returns a lease.
+    /// Waits by notification: a load's outcome, or a change in the pool's room.
     async fn ready(
         &self,
         id: &str,
@@ -458,18 +476,20 @@ impl<B: Backend> Pool<B> {
     ) -> Result<Lease<B>, PoolError> {
         let mut waited = false;
         let mut first_round = true;
+        let mut changes = self.inner.room.subscribe();
+        let mut why = String::new();
         loop {
             if Instant::now() >= deadline.at {
                 let reason = if first_round {
-                    "the deadline ran out before the model could be checked (waiting for a concurrency slot, or already past on arrival)"
+                    "the deadline ran out before the model could be checked (waiting for a concurrency slot, or already past on arrival)".to_owned()
                 } else {
-                    "there was no room yet: its group's slot was busy or its previous worker was still stopping"
+                    format!("there was no room yet ({why})")
                 };
                 return Err(PoolError::QueueTimeout {
                     id: id.to_owned(),
                     by_client: deadline.by_client,
                     waited: started.elapsed(),
-                    reason: reason.into(),
+                    reason,
                 });
             }
             first_round = false;
@@ -478,7 +498,9 @@ impl<B: Backend> Pool<B> {
                 Some(_) => self.inner.probe.devices(),
                 None => Vec::new(),
             };
-            let done = {
+            // Seen before the table is read: any change from here on wakes the wait.
+            changes.borrow_and_update();
+            let next = {
                 let mut st = self.inner.lock();
                 if st.shutting_down {
                     return Err(PoolError::ShuttingDown);
@@ -489,20 +511,25 @@ impl<B: Backend> Pool<B> {
                     return Err(PoolError::Retiring { id: id.to_owned() });
                 }
                 match &entry.slot {
-                    Slot::Ready { .. } if entry.swap_out.is_some() => {
-                        let incoming = entry.swap_out.clone().unwrap_or_default();
-                        let refuse = st
-                            .group_of(id)
-                            .is_some_and(|g| st.groups[g].spec.refuse_during_swap);
+                    Slot::Ready { .. } if entry.draining_for.is_some() => {
+                        let incoming = entry.draining_for.clone().unwrap_or_default();
+                        let group = st.group_of(id);
+                        let refuse = group.is_some_and(|g| {
+                            st.groups[g].spec.refuse_during_swap
+                                && st.group_of(&incoming) == Some(g)
+                        });
                         if refuse {
                             return Err(PoolError::SwappingOut {
                                 id: id.to_owned(),
                                 incoming,
                             });
                         }
-                        // Wait for it to leave; the next round loads it back.
-                        waited = true;
-                        None
+                        // Wait for it to leave; a later round loads it back.
+                        admission::Admission::Wait {
+                            why: format!("draining for model `{incoming}`"),
+                            retry_in: None,
+                            eta: None,
+                        }
                     }
                     Slot::Ready { instance, .. } => {
                         let instance = Arc::clone(instance);
@@ -522,55 +549,81 @@ impl<B: Backend> Pool<B> {
                             _permit: permit,
                         });
                     }
-                    Slot::Loading { done, .. } => Some(done.clone()),
+                    Slot::Loading { done, .. } => admission::Admission::Loading(done.clone()),
                     Slot::Absent => match candidates {
-                        Some(candidates) => {
-                            let started = self.start_load(&mut st, id, candidates, &available)?;
-                            // `None`: its group has no room yet; poll.
-                            waited |= started.is_none();
-                            started
-                        }
+                        Some(candidates) => self.start_load(&mut st, id, candidates, &available)?,
                         // Predicted in the next round, outside the lock.
-                        None => None,
+                        None => admission::Admission::Wait {
+                            why: "predicting its footprint".into(),
+                            retry_in: Some(Duration::ZERO),
+                            eta: None,
+                        },
                     },
-                    // The old worker is still stopping; poll until it is gone.
-                    Slot::Unloading { .. } => {
-                        waited = true;
-                        None
-                    }
+                    Slot::Unloading { .. } => admission::Admission::Wait {
+                        why: "its previous worker is still stopping".into(),
+                        retry_in: None,
+                        eta: None,
+                    },
                 }
-            };
-            let Some(mut done) = done else {
-                if waited {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                continue;
             };
             waited = true;
-            // The load task always sends an outcome before dropping its sender.
-            let outcome = loop {
-                if let Some(outcome) = done.borrow_and_update().clone() {
-                    break outcome;
+            match next {
+                admission::Admission::Loading(done) => {
+                    self.load_outcome(id, started, deadline, done).await?
                 }
-                match tokio::time::timeout_at(deadline.at, done.changed()).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => {
-                        break Err(PoolError::LoadFailed {
-                            id: id.to_owned(),
-                            source: BackendError::Failed("load task ended unexpectedly".into()),
-                        })
-                    }
-                    Err(_) => {
-                        return Err(PoolError::QueueTimeout {
+                admission::Admission::Wait {
+                    why: now_why,
+                    retry_in,
+                    eta,
+                } => {
+                    let left = deadline.at.saturating_duration_since(Instant::now());
+                    if let Some(eta) = eta.filter(|eta| *eta > left) {
+                        return Err(PoolError::TurnTooLate {
                             id: id.to_owned(),
                             by_client: deadline.by_client,
-                            waited: started.elapsed(),
-                            reason: "the model was still loading".into(),
-                        })
+                            left,
+                            eta,
+                            why: now_why,
+                        });
                     }
+                    why = now_why;
+                    let until = retry_in.map_or(deadline.at, |r| (Instant::now() + r).min(deadline.at));
+                    let _ = tokio::time::timeout_at(until, changes.changed()).await;
                 }
-            };
-            outcome?;
+            }
+        }
+    }
+
+    /// Waits for the outcome of a load this request waits for.
+    async fn load_outcome(
+        &self,
+        id: &str,
+        started: Instant,
+        deadline: Deadline,
+        mut done: watch::Receiver<LoadOutcome>,
+    ) -> Result<(), PoolError> {
+        // The load task always sends an outcome before dropping its sender.
+        loop {
+            if let Some(outcome) = done.borrow_and_update().clone() {
+                return outcome;
+            }
+            match tokio::time::timeout_at(deadline.at, done.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(PoolError::LoadFailed {
+                        id: id.to_owned(),
+                        source: BackendError::Failed("load task ended unexpectedly".into()),
+                    })
+                }
+                Err(_) => {
+                    return Err(PoolError::QueueTimeout {
+                        id: id.to_owned(),
+                        by_client: deadline.by_client,
+                        waited: started.elapsed(),
+                        reason: "the model was still loading".into(),
+                    })
+                }
+            }
         }
     }
 
@@ -641,10 +694,31 @@ struct Interest<B: Backend> {
 
 impl<B: Backend> Drop for Interest<B> {
     fn drop(&mut self) {
-        let mut st = self.pool.lock();
-        if let Some(e) = st.entry_at(&self.id, self.epoch) {
-            e.interest = e.interest.saturating_sub(1);
+        {
+            let mut st = self.pool.lock();
+            let mut given_up = None;
+            if let Some(e) = st.entry_at(&self.id, self.epoch) {
+                e.interest = e.interest.saturating_sub(1);
+                if e.interest == 0 {
+                    // Nobody waits any more: no room wanted, and a turn not yet loading
+                    // is given up.
+                    e.wanting_room_since = None;
+                    e.waiting_why = None;
+                    if matches!(e.slot, Slot::Absent) {
+                        given_up = e.turn.take();
+                    }
+                }
+            }
+            // Its victims still draining stay, serving their queued requests again.
+            for v in given_up.map(|t| t.victims).unwrap_or_default() {
+                if let Some(e) = st.models.get_mut(&v) {
+                    if e.draining_for.as_deref() == Some(self.id.as_str()) {
+                        e.draining_for = None;
+                    }
+                }
+            }
         }
+        self.pool.kick();
     }
 }
 
@@ -700,11 +774,15 @@ impl<B: Backend> Lease<B> {
 
 impl<B: Backend> Drop for Lease<B> {
     fn drop(&mut self) {
-        let mut st = self.pool.lock();
-        if let Some(e) = st.entry_at(&self.id, self.epoch) {
-            e.in_flight = e.in_flight.saturating_sub(1);
-            e.touch();
+        {
+            let mut st = self.pool.lock();
+            if let Some(e) = st.entry_at(&self.id, self.epoch) {
+                e.in_flight = e.in_flight.saturating_sub(1);
+                e.touch();
+            }
         }
+        // A drain may be waiting for this one.
+        self.pool.kick();
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use modelpool_pool::budget::parse_bytes;
 
 use crate::auth::{AuthSettings, Secret};
-use modelpool_pool::{GroupSpec, ModelSpec};
+use modelpool_pool::{GroupSpec, ModelSpec, TurnPolicy};
 use serde::Deserialize;
 
 // The model tables (`[[models]]`, `RegisterModel`) in a file of their own; the path is
@@ -158,6 +158,9 @@ struct RawPool {
     queue_depth: Option<u32>,
     queue_timeout: Option<String>,
     max_loads_in_flight: Option<u32>,
+    fairness_window: Option<String>,
+    min_residency: Option<String>,
+    drain_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -258,6 +261,8 @@ pub struct PoolSettings {
     pub queue_timeout: Duration,
     /// Worker starts running at once.
     pub max_loads_in_flight: u32,
+    /// Turns for models whose requests wait for room while busy models hold it.
+    pub turns: TurnPolicy,
 }
 
 impl Settings {
@@ -674,7 +679,23 @@ fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
             format!("must be 1..=64, got {max_loads_in_flight}"),
         ));
     }
+    let turns = TurnPolicy {
+        fairness_window: duration("pool.fairness_window", raw.fairness_window, "3s")?,
+        min_residency: duration("pool.min_residency", raw.min_residency, "10s")?,
+        drain_timeout: duration("pool.drain_timeout", raw.drain_timeout, "30s")?,
+    };
+    if turns.fairness_window >= queue_timeout {
+        return Err(invalid(
+            "pool.fairness_window",
+            format!(
+                "must be below pool.queue_timeout ({:.0}s), or no waiting request would ever get a turn; got {:.0}s",
+                queue_timeout.as_secs_f64(),
+                turns.fairness_window.as_secs_f64()
+            ),
+        ));
+    }
     Ok(PoolSettings {
+        turns,
         max_loads_in_flight,
         memory_limit_bytes,
         ram_budget: budget("pool.ram_budget", raw.ram_budget)?,

@@ -116,6 +116,11 @@ fn info(s: ModelSnapshot) -> ModelInfo {
         loads_started: s.loads_started,
         precision: s.precision.unwrap_or_default(),
         precisions: s.spec.precisions,
+        engine: s.spec.engine,
+        waiting_reason: s.waiting_reason.unwrap_or_default(),
+        waiting_for: (!s.waiting_for.is_zero())
+            .then(|| proto_duration(s.waiting_for))
+            .flatten(),
         ..Default::default()
     };
     out.set_format(match s.spec.format {
@@ -179,6 +184,7 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
                 EvictReason::Shutdown => "shutdown",
                 EvictReason::Crashed { .. } => "crashed",
                 EvictReason::Swap { .. } => "swap",
+                EvictReason::Turn { .. } => "turn",
             }
             .into(),
             detail: reason.to_string(),
@@ -210,6 +216,18 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
             duration: proto_duration(duration),
             bytes,
         }),
+        EventKind::TurnStarted { outgoing, waited } => {
+            Kind::TurnStarted(pool_event::TurnStarted {
+                outgoing,
+                waited: proto_duration(waited),
+            })
+        }
+        EventKind::TurnFinished { duration, waited } => {
+            Kind::TurnFinished(pool_event::TurnFinished {
+                duration: proto_duration(duration),
+                waited: proto_duration(waited),
+            })
+        }
         EventKind::Pinned => Kind::Pinned(pool_event::Pinned {}),
         EventKind::Unpinned => Kind::Unpinned(pool_event::Unpinned {}),
         EventKind::BudgetChanged {
@@ -273,6 +291,9 @@ impl ModelControl for ControlService {
             pinned: Some(r.pinned),
             idle_ttl,
             precisions: r.precisions,
+            engine: Some(r.engine).filter(|e| !e.is_empty()),
+            repack: r.repack,
+            mlock: Some(r.mlock).filter(|m| *m),
         };
         let mut spec = model_spec(raw, Path::new("/"))
             .map_err(|(field, reason)| ServerError::invalid(field, reason))?;
@@ -300,8 +321,9 @@ impl ModelControl for ControlService {
                         })?;
                     spec.source = Source::Path(confined);
                 }
-                // Refuse what cannot load now (not a GGUF, truncated, unsupported
-                // architecture), not at the first request.
+                // Refuse what cannot load now (not a GGUF, truncated, an architecture
+                // its engine does not run), not at the first request.
+                check_engine_runs(&spec)?;
                 modelpool_engine::footprint::predict(&spec)
                     .map_err(|e| ServerError::invalid("path", e.to_string()))?;
             }
@@ -415,6 +437,8 @@ impl ModelControl for ControlService {
             devices,
             models: status.models.into_iter().map(info).collect(),
             gpu_absent_reason: status.gpu_absent_reason.unwrap_or_default(),
+            turns_total: status.turns_total,
+            turns_last_minute: status.turns_last_minute,
             groups: status
                 .groups
                 .into_iter()
@@ -501,4 +525,26 @@ impl ModelControl for ControlService {
         });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// A GGUF whose header names an architecture the model's engine does not generate with
+/// is refused naming `engine` (and the engine that would run it, if any).
+fn check_engine_runs(spec: &modelpool_pool::ModelSpec) -> Result<(), Status> {
+    if spec.format != modelpool_pool::ModelFormat::Gguf {
+        return Ok(());
+    }
+    let Ok(path) = spec.local_file() else {
+        return Ok(());
+    };
+    let Ok(header) = modelpool_pool::gguf::read_header(path) else {
+        // An unreadable header is the path's problem, reported by the prediction.
+        return Ok(());
+    };
+    let engine: modelpool_engines::EngineKind = spec
+        .engine
+        .parse()
+        .map_err(|e: String| ServerError::invalid("engine", e))?;
+    engine
+        .check(spec.format, Some(&header.architecture))
+        .map_err(|e| ServerError::invalid("engine", e).into())
 }

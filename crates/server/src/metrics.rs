@@ -187,6 +187,8 @@ pub struct Metrics {
     generated_tokens: Counter,
     time_to_first_token: Histogram,
     inter_token: Histogram,
+    turns: Counter,
+    turn_duration: Histogram,
     /// Models loaded at least once, to count later loads as worker restarts.
     loaded_before: Mutex<std::collections::BTreeSet<String>>,
 }
@@ -254,6 +256,17 @@ impl Metrics {
                 &["model"],
                 TOKEN_BUCKETS,
             ),
+            turns: Counter::new(
+                "modelpool_turns_total",
+                "Turns given to a model whose requests waited for room (busy models drained for it).",
+                &["model"],
+            ),
+            turn_duration: Histogram::new(
+                "modelpool_turn_duration_seconds",
+                "From a turn's start (its victims draining) to its model ready.",
+                &["model"],
+                LOAD_BUCKETS,
+            ),
             loaded_before: Mutex::new(Default::default()),
         }
     }
@@ -302,8 +315,13 @@ impl Metrics {
                     EvictReason::Shutdown => "shutdown",
                     EvictReason::Crashed { .. } => "crashed",
                     EvictReason::Swap { .. } => "swap",
+                    EvictReason::Turn { .. } => "turn",
                 };
                 self.evictions.add(&[model, reason], 1.0);
+            }
+            EventKind::TurnStarted { .. } => self.turns.add(&[model], 1.0),
+            EventKind::TurnFinished { duration, .. } => {
+                self.turn_duration.observe(&[model], duration.as_secs_f64());
             }
             _ => {}
         }
@@ -322,6 +340,8 @@ impl Metrics {
         self.generated_tokens.render(&mut out);
         self.time_to_first_token.render(&mut out);
         self.inter_token.render(&mut out);
+        self.turns.render(&mut out);
+        self.turn_duration.render(&mut out);
         render_gauges(&mut out, pool);
         out
     }
@@ -416,6 +436,32 @@ fn render_gauges(out: &mut String, pool: &Pool<WorkerBackend>) {
                 get(m) as f64,
             );
         }
+    }
+    render_waits(out, &status.models);
+}
+
+/// Requests waiting for room, by why: "room", "turn" (another model's turn first, or
+/// min_residency), "draining" (their model gives its turn to another), and how long.
+fn render_waits(out: &mut String, models: &[modelpool_pool::ModelSnapshot]) {
+    let name = "modelpool_waiting_requests";
+    header(out, name, "Requests waiting, by why: room, turn, draining.", "gauge");
+    for m in models {
+        let why = m.waiting_reason.as_deref().unwrap_or_default();
+        for (reason, prefix) in [
+            ("room", "waiting for room"),
+            ("turn", "waiting for its turn"),
+            ("draining", "draining for"),
+        ] {
+            let n = if why.starts_with(prefix) { m.waiting } else { 0 };
+            let labels = [m.spec.id.clone(), reason.to_owned()];
+            sample(out, name, &["model", "reason"], &labels, None, f64::from(n));
+        }
+    }
+    let name = "modelpool_room_wait_seconds";
+    header(out, name, "How long a model's requests have waited for room.", "gauge");
+    for m in models {
+        let labels = std::slice::from_ref(&m.spec.id);
+        sample(out, name, &["model"], labels, None, m.waiting_for.as_secs_f64());
     }
 }
 

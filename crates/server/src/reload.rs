@@ -126,6 +126,7 @@ impl Reloader {
                 "pool.queue_timeout",
                 current.pool.queue_timeout != new.pool.queue_timeout,
             ),
+            ("pool.turns", current.pool.turns != new.pool.turns),
             ("auth", current.auth != new.auth),
             ("groups", current.groups != new.groups),
             ("storage", current.storage != new.storage),

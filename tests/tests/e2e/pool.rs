@@ -140,7 +140,8 @@ async fn a_model_generating_is_never_the_victim() {
     assert_eq!(state(&t, "a").await.0, ModelState::Ready);
     collect(a_stream).await.expect("a's generation completes");
 
-    // Both residents busy: nothing can make room for b.
+    // Both residents busy: b waits for room (it would fit once they stop), here
+    // until its 1 s deadline, within the fairness window: nothing is drained for it.
     let mut a_busy = t.inference().chat(long()).await.unwrap().into_inner();
     let c_long = chat(
         "c",
@@ -150,13 +151,11 @@ async fn a_model_generating_is_never_the_victim() {
     let mut c_busy = t.inference().chat(c_long).await.unwrap().into_inner();
     a_busy.message().await.unwrap().expect("a generating");
     c_busy.message().await.unwrap().expect("c generating");
-    let err = t
-        .inference()
-        .chat(chat("b", "Hi", greedy(4)))
-        .await
-        .expect_err("no room for b");
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
-    assert!(err.message().contains("in use"), "{}", err.message());
+    let mut b = tonic::Request::new(chat("b", "Hi", greedy(4)));
+    b.set_timeout(Duration::from_secs(1));
+    let err = t.inference().chat(b).await.expect_err("no room for b");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("waiting for room"), "{}", err.message());
     assert_eq!(evictions(&events).len(), 1, "nothing else was evicted");
     drop((a_busy, c_busy));
     t.stop().await;

@@ -8,8 +8,10 @@
 //! in the load's events.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::state::{Slot, State};
 use super::{lifecycle, swap, tiers, LoadOutcome, Pool};
@@ -17,10 +19,26 @@ use crate::events::EvictReason;
 use crate::groups::SwapPlan;
 use crate::memory::DeviceMemory;
 use crate::spec::NATIVE_PRECISION;
-use crate::{Backend, BackendError, Charge, Footprint, ModelFormat, PoolError, Quantized, Source};
+use crate::turns::{TurnPlan, Why};
+use crate::{
+    Backend, BackendError, Charge, Footprint, Instance, ModelFormat, PoolError, Quantized, Source,
+};
 
 /// A precision a load may use and what the load would cost at it.
 pub(super) type Candidate = (Option<String>, Footprint);
+
+/// What admitting a model comes to, for the requests waiting for it.
+pub(super) enum Admission {
+    /// Its load runs; every waiter hears the outcome here.
+    Loading(watch::Receiver<LoadOutcome>),
+    /// Not yet: look again when the pool's room changes, or after `retry_in`. `eta`
+    /// bounds from below how long until it is served, when its turn order tells.
+    Wait {
+        why: String,
+        retry_in: Option<Duration>,
+        eta: Option<Duration>,
+    },
+}
 
 /// What admission decided for one candidate.
 enum Decision {
@@ -32,8 +50,15 @@ enum Decision {
     },
     /// Drain these members of its group first.
     Drain { group: usize, victims: Vec<String> },
-    /// Its group has no room yet; poll.
-    Wait,
+    /// Its turn in the pool: drain these models first.
+    Turn { victims: Vec<String> },
+    /// Not yet; `for_room` when it waits for room in the pool (not in its group).
+    Wait {
+        why: String,
+        retry_in: Option<Duration>,
+        eta: Option<Duration>,
+        for_room: bool,
+    },
 }
 
 impl<B: Backend> Pool<B> {
@@ -97,13 +122,15 @@ impl<B: Backend> Pool<B> {
         Ok(Some(candidates))
     }
 
-    /// What admitting `id` at `footprint` takes; an error when it cannot fit.
+    /// What admitting `id` at `footprint` takes; an error when it cannot fit now, or
+    /// with `turns`, when it cannot fit even with every unpinned model gone.
     fn decide(
         &self,
         st: &State<B::Instance>,
         id: &str,
         footprint: &Footprint,
         available: &[DeviceMemory],
+        turns: bool,
     ) -> Result<Decision, PoolError> {
         let mut forced = Vec::new();
         let mut swapping = None;
@@ -115,9 +142,14 @@ impl<B: Backend> Pool<B> {
                     swapping = Some(group);
                 }
                 SwapPlan::Drain(victims) => return Ok(Decision::Drain { group, victims }),
-                SwapPlan::Wait(reason) => {
+                SwapPlan::Wait { reason, retry_in } => {
                     tracing::trace!(model = %id, %reason, "waiting for the group");
-                    return Ok(Decision::Wait);
+                    return Ok(Decision::Wait {
+                        why: format!("waiting for its turn in its group: {reason}"),
+                        retry_in,
+                        eta: None,
+                        for_room: false,
+                    });
                 }
                 SwapPlan::Never(reason) => {
                     return Err(PoolError::GroupFull {
@@ -127,35 +159,50 @@ impl<B: Backend> Pool<B> {
                 }
             }
         }
-        let victims = st
-            .admit(
-                &footprint.charge,
-                available,
-                self.inner.config.headroom_bytes,
-                &forced,
-            )
-            .map_err(|shortfall| PoolError::InsufficientMemory {
-                id: id.to_owned(),
-                shortfall,
-                precisions_tried: Vec::new(),
-            })?;
-        Ok(Decision::Start {
-            victims,
-            forced,
-            swapping,
-        })
+        let headroom_bytes = self.inner.config.headroom_bytes;
+        let shortfall = match st.admit(id, &footprint.charge, available, headroom_bytes, &forced) {
+            Ok(victims) => {
+                return Ok(Decision::Start {
+                    victims,
+                    forced,
+                    swapping,
+                })
+            }
+            Err(shortfall) => shortfall,
+        };
+        let refused = || PoolError::InsufficientMemory {
+            id: id.to_owned(),
+            shortfall: shortfall.clone(),
+            precisions_tried: Vec::new(),
+        };
+        if !turns {
+            return Err(refused());
+        }
+        let policy = &self.inner.config.turns;
+        match st.plan_turn(id, &footprint.charge, available, headroom_bytes, policy) {
+            TurnPlan::Never(_) => Err(refused()),
+            TurnPlan::Drain(victims) => Ok(Decision::Turn { victims }),
+            TurnPlan::Wait { why, retry_in, eta } => Ok(Decision::Wait {
+                why: why.to_string(),
+                retry_in,
+                eta,
+                for_room: true,
+            }),
+        }
     }
 
-    /// Admits `id` at the first precision that fits (evicting LRU victims if needed),
-    /// marks it loading and spawns the load. Fails at once, evicting nothing, when the
-    /// model cannot fit at any.
+    /// Admits `id` at the first precision that fits now (evicting idle LRU victims if
+    /// needed), marks it loading and spawns the load. When none fits now, the first
+    /// that fits once busy unpinned models stop waits for room (and takes a turn when
+    /// it has waited long enough). Fails at once, evicting nothing, when the model
+    /// cannot fit at any precision even with every unpinned model gone.
     pub(super) fn start_load(
         &self,
         st: &mut State<B::Instance>,
         id: &str,
         candidates: Vec<Candidate>,
         available: &[DeviceMemory],
-    ) -> Result<Option<watch::Receiver<LoadOutcome>>, PoolError> {
+    ) -> Result<Admission, PoolError> {
         let entry = st.entry(id)?;
         if let Some((failures, retry_in)) = entry.backoff() {
             return Err(PoolError::CrashLoop {
@@ -170,17 +217,20 @@ impl<B: Backend> Pool<B> {
             candidates.iter().filter_map(|(p, _)| p.clone()).collect();
         let mut last_err = None;
         let mut chosen = None;
-        for (precision, footprint) in candidates {
-            match self.decide(st, id, &footprint, available) {
-                Ok(decision) => {
-                    chosen = Some((precision, footprint, decision));
-                    break;
-                }
-                Err(e) => {
-                    if let Some(p) = &precision {
-                        tracing::info!(model = %id, precision = %p, error = %e, "does not fit at this precision");
+        // A precision that fits now before waiting for room at a better one.
+        'passes: for turns in [false, true] {
+            for (precision, footprint) in &candidates {
+                match self.decide(st, id, footprint, available, turns) {
+                    Ok(decision) => {
+                        chosen = Some((precision.clone(), footprint.clone(), decision));
+                        break 'passes;
                     }
-                    last_err = Some(e);
+                    Err(e) => {
+                        if let (Some(p), true) = (precision, turns) {
+                            tracing::info!(model = %id, precision = %p, error = %e, "does not fit at this precision");
+                        }
+                        last_err = Some(e);
+                    }
                 }
             }
         }
@@ -202,25 +252,50 @@ impl<B: Backend> Pool<B> {
                 swapping,
             } => (victims, forced, swapping),
             Decision::Drain { group, victims } => {
-                swap::begin_drain(&self.inner, st, group, victims, id);
-                return Ok(None);
+                let spec = &st.groups[group].spec;
+                let why = swap::DrainFor::Swap {
+                    group: spec.name.clone(),
+                };
+                let timeout = spec.drain_timeout;
+                if swap::begin_drain(&self.inner, st, &victims, id, timeout, why) {
+                    swap::start_swap(&self.inner, st, group, id);
+                }
+                let why = format!("waiting for its turn in its group: {} draining for it", victims.join(", "));
+                return Ok(waiting(st, id, why, None, None, false));
             }
-            Decision::Wait => return Ok(None),
+            Decision::Turn { victims } => {
+                swap::start_turn(&self.inner, st, id, victims.clone());
+                let why = Why::Draining { victims }.to_string();
+                let eta = st.models.get(id).and_then(|e| e.last_load);
+                return Ok(waiting(st, id, why, None, eta, true));
+            }
+            Decision::Wait {
+                why,
+                retry_in,
+                eta,
+                for_room,
+            } => return Ok(waiting(st, id, why, retry_in, eta, for_room)),
         };
         if let Some(group) = swapping {
             swap::start_swap(&self.inner, st, group, id);
         }
+        // Drains for this model that this load does not need stop: those models stay.
+        for (m, e) in st.models.iter_mut() {
+            if e.draining_for.as_deref() == Some(id) && !victims.contains(m) {
+                e.draining_for = None;
+            }
+        }
         let evicted: Vec<_> = victims
             .into_iter()
             .filter_map(|v| {
+                let drained = st.models.get(&v).and_then(|e| e.draining_for.clone());
+                let for_model = id.to_owned();
                 let reason = if forced.contains(&v) {
-                    EvictReason::Swap {
-                        for_model: id.to_owned(),
-                    }
+                    EvictReason::Swap { for_model }
+                } else if drained.as_deref() == Some(id) {
+                    EvictReason::Turn { for_model }
                 } else {
-                    EvictReason::MakeRoom {
-                        for_model: id.to_owned(),
-                    }
+                    EvictReason::MakeRoom { for_model }
                 };
                 st.take_ready(&v)
                     .map(|(inst, charge)| (v, inst, reason, charge))
@@ -242,6 +317,8 @@ impl<B: Backend> Pool<B> {
         let store = self.inner.config.store.clone();
         let (tx, rx) = watch::channel(None);
         let entry = st.entry(id)?;
+        entry.wanting_room_since = None;
+        entry.waiting_why = None;
         entry.slot = Slot::Loading {
             done: rx.clone(),
             charge: footprint.charge.saturating_sub(&covered),
@@ -315,7 +392,26 @@ impl<B: Backend> Pool<B> {
                 protected.iter().for_each(|k| store.release(k));
             }
             let _ = tx.send(Some(outcome));
+            inner.kick();
         });
-        Ok(Some(rx))
+        Ok(Admission::Loading(rx))
     }
+}
+
+/// Records why `id`'s requests wait (and since when they want room) and tells them.
+fn waiting<I: Instance>(
+    st: &mut State<I>,
+    id: &str,
+    why: String,
+    retry_in: Option<Duration>,
+    eta: Option<Duration>,
+    for_room: bool,
+) -> Admission {
+    if let Some(e) = st.models.get_mut(id) {
+        if for_room {
+            e.wanting_room_since.get_or_insert_with(Instant::now);
+        }
+        e.waiting_why = Some(why.clone());
+    }
+    Admission::Wait { why, retry_in, eta }
 }

@@ -84,12 +84,25 @@ pub(super) async fn run_load<B: Backend>(
                     loaded_at: SystemTime::now(),
                 };
                 entry.base_measured_bytes = base_measured;
+                entry.ready_since = Instant::now();
                 entry.last_error = None;
+                let turn = entry.turn.take();
                 let swap = entry.swap_in.take();
                 entry.swapped_in = swap.is_some();
                 entry.last_load = Some(duration);
                 entry.touch();
                 st.lru.put(spec.id.clone(), ());
+                if let Some(turn) = turn {
+                    let duration = turn.started.elapsed();
+                    tracing::info!(model = %spec.id, ?duration, waited = ?turn.waited, "turn finished");
+                    inner.emit(
+                        &spec.id,
+                        EventKind::TurnFinished {
+                            duration,
+                            waited: turn.waited,
+                        },
+                    );
+                }
                 if let (Some(since), Some(g)) = (swap, st.group_of(&spec.id)) {
                     inner.emit(
                         &spec.id,
@@ -122,6 +135,7 @@ pub(super) async fn run_load<B: Backend>(
                 }
                 entry.slot = Slot::Absent;
                 entry.swap_in = None;
+                entry.turn = None;
                 entry.last_error = Some(source.to_string());
                 inner.emit(
                     &spec.id,
@@ -175,12 +189,14 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
             else {
                 return;
             };
+            entry.draining_for = None;
             entry.last_error = Some(format!("worker exited unexpectedly: {how}"));
             entry.record_failure();
             let resolved = (entry.resolved.clone(), entry.quantized_key.clone());
             st.lru.pop(&id);
             (charge.total(), resolved)
         };
+        inner.kick();
         tracing::warn!(model = %id, pid = ?instance.pid(), %how, "worker died; model is cold again");
         let reason = EvictReason::Crashed { detail: how };
         tiers::stopped(&inner, resolved.0.as_ref(), resolved.1.as_deref(), &reason);

@@ -35,6 +35,15 @@ pub(super) enum Slot<I> {
     },
 }
 
+/// A turn given to a model that waited for room.
+pub(super) struct Turn {
+    pub started: Instant,
+    /// How long its requests had waited for room when it began.
+    pub waited: std::time::Duration,
+    /// The models drained for it; while they stay they cover part of its reservation.
+    pub victims: Vec<String>,
+}
+
 /// Source of registration epochs: one per `Entry`, never reused.
 static NEXT_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -74,8 +83,17 @@ pub(super) struct Entry<I> {
     pub failures: Vec<Instant>,
     /// The file its last prediction and load used, and that file's tier.
     pub resolved: Option<super::tiers::Resolved>,
-    /// Being drained out of its group's slot for this model.
-    pub swap_out: Option<String>,
+    /// Being drained for this model (a group swap or a pool turn): it takes no new
+    /// requests, and is evicted once those running have finished.
+    pub draining_for: Option<String>,
+    /// When its current worker became ready (for `min_residency`).
+    pub ready_since: Instant,
+    /// Since its requests first found no room (cleared when its load starts).
+    pub wanting_room_since: Option<Instant>,
+    /// Why its requests wait, as status shows it.
+    pub waiting_why: Option<String>,
+    /// Its turn, from when its victims began draining until it is ready.
+    pub turn: Option<Turn>,
     /// When the swap that is bringing this model in began.
     pub swap_in: Option<Instant>,
     /// Whether its current worker came in by a swap.
@@ -137,7 +155,11 @@ impl<I> Entry<I> {
             last_load: None,
             failures: Vec::new(),
             resolved: None,
-            swap_out: None,
+            draining_for: None,
+            ready_since: Instant::now(),
+            wanting_room_since: None,
+            waiting_why: None,
+            turn: None,
             swap_in: None,
             swapped_in: false,
             cut_reason: None,
@@ -157,6 +179,8 @@ pub(super) struct State<I> {
     pub budgets: BTreeMap<Device, u64>,
     pub shutting_down: bool,
     pub groups: Vec<super::swap::GroupState>,
+    /// Turns given to models that waited for room.
+    pub turns: super::swap::SwapRate,
     /// A stopping victim's bytes pass to the load it made room for: victim id ->
     /// (loading model, the load's full charge).
     pub handoffs: BTreeMap<String, (String, Charge)>,
@@ -218,6 +242,7 @@ impl<I: Instance> State<I> {
                 return 0;
             }
         };
+        entry.draining_for = None;
         if let Some((incoming, target)) = self.handoffs.remove(id) {
             if let Some(Slot::Loading { charge, .. }) =
                 self.models.get_mut(&incoming).map(|e| &mut e.slot)
@@ -231,17 +256,40 @@ impl<I: Instance> State<I> {
         released.total()
     }
 
-    /// Bytes charged per device by models that are not candidates for eviction:
-    /// loads in progress and workers still exiting.
-    fn reserved(&self) -> Charge {
+    /// Bytes charged per device by models that are not candidates for eviction: loads
+    /// in progress, workers still exiting, and the room a running turn is freeing for
+    /// its model (all but `except`'s own: the model being admitted).
+    fn reserved(&self, except: &str) -> Charge {
         let mut total = Charge::default();
-        for e in self.models.values() {
+        for (id, e) in &self.models {
             match &e.slot {
                 Slot::Loading { charge, .. } | Slot::Unloading { charge } => total.add(charge),
+                Slot::Absent if id != except => {
+                    if let Some(held) = self.held_for_turn(e) {
+                        total.add(&held);
+                    }
+                }
                 _ => {}
             }
         }
         total
+    }
+
+    /// What a model whose turn is running needs beyond what its victims still hold:
+    /// room nobody else may take meanwhile.
+    fn held_for_turn(&self, e: &Entry<I>) -> Option<Charge> {
+        let turn = e.turn.as_ref()?;
+        let needed = e.prediction.as_ref()?.charge.clone();
+        let mut covered = Charge::default();
+        for v in &turn.victims {
+            match self.models.get(v).map(|v| &v.slot) {
+                Some(Slot::Ready { charge, .. }) | Some(Slot::Unloading { charge }) => {
+                    covered.add(charge)
+                }
+                _ => {}
+            }
+        }
+        Some(needed.saturating_sub(&covered))
     }
 
     /// Ready models from least to most recently used, with their current charge.
@@ -260,8 +308,8 @@ impl<I: Instance> State<I> {
                 Some(Resident {
                     id: id.clone(),
                     charge: effective_charge(charge, instance.as_ref(), e.spec.device),
-                    // Requests queued for a model being swapped out do not hold it.
-                    leases: e.in_flight + if e.swap_out.is_some() { 0 } else { e.interest },
+                    // Requests queued for a model being drained do not hold it.
+                    leases: e.in_flight + if e.draining_for.is_some() { 0 } else { e.interest },
                     pinned: e.spec.pinned,
                 })
             })
@@ -279,8 +327,9 @@ impl<I: Instance> State<I> {
         residents: &[Resident],
         available: &[DeviceMemory],
         headroom_bytes: u64,
+        except: &str,
     ) -> BTreeMap<Device, Room> {
-        let reserved = self.reserved();
+        let reserved = self.reserved(except);
         self.budgets
             .iter()
             .map(|(&device, &budget)| {
@@ -322,17 +371,25 @@ impl<I: Instance> State<I> {
             .sum()
     }
 
-    /// Decides whether `needed` fits once `forced` (victims chosen by the model's
+    /// Decides whether `id`, needing `needed`, fits once `forced` (victims chosen by the model's
     /// group) are gone, returning every victim to evict first, `forced` leading.
     pub fn admit(
         &self,
+        id: &str,
         needed: &Charge,
         available: &[DeviceMemory],
         headroom_bytes: u64,
         forced: &[String],
     ) -> Result<Vec<String>, Shortfall> {
-        let residents = self.residents();
-        let rooms = self.rooms(&residents, available, headroom_bytes);
+        let mut residents = self.residents();
+        let rooms = self.rooms(&residents, available, headroom_bytes, id);
+        // A model draining for another is that model's room: nobody else evicts it.
+        for r in residents.iter_mut() {
+            let draining = self.models.get(&r.id).and_then(|e| e.draining_for.as_deref());
+            if draining.is_some_and(|d| d != id) {
+                r.leases = r.leases.max(1);
+            }
+        }
         let rest: Vec<Resident> = residents
             .into_iter()
             .filter(|r| !forced.contains(&r.id))

@@ -57,6 +57,12 @@ pub struct ModelSnapshot {
     /// The weight precision of its current or last load, for a model quantized at
     /// load (the first of its precisions that fitted).
     pub precision: Option<String>,
+    /// Why its requests wait, when they do: "waiting for room", "waiting for its
+    /// turn: ...", "waiting for room: its turn has begun ...", or, for a model giving
+    /// its turn, "draining for model `x`".
+    pub waiting_reason: Option<String>,
+    /// How long its requests have waited for room (zero when they do not).
+    pub waiting_for: Duration,
 }
 
 impl ModelSnapshot {
@@ -98,9 +104,23 @@ pub struct PoolStatus {
     /// Why there is no GPU tier, when there is none.
     pub gpu_absent_reason: Option<String>,
     pub groups: Vec<super::GroupStatus>,
+    /// Turns given to models that waited for room: since start, and in the last
+    /// minute.
+    pub turns_total: u64,
+    pub turns_last_minute: u64,
 }
 
 type Row<I> = (ModelSnapshot, Option<Arc<I>>, Option<Resolved>);
+
+fn waiting_reason<I>(e: &super::state::Entry<I>) -> Option<String> {
+    if let Some(incoming) = &e.draining_for {
+        return Some(format!("draining for model `{incoming}`"));
+    }
+    if e.interest == 0 || !matches!(e.slot, Slot::Absent) {
+        return None;
+    }
+    e.waiting_why.clone()
+}
 
 fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
     let e = st.models.get(id)?;
@@ -147,6 +167,11 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
         file_bytes: 0,
         spilled_bytes: 0,
         precision: e.precision.clone(),
+        waiting_reason: waiting_reason(e),
+        waiting_for: e
+            .wanting_room_since
+            .filter(|_| e.interest > 0)
+            .map_or(Duration::ZERO, |t| t.elapsed()),
     };
     Some((snap, instance, e.resolved.clone()))
 }
@@ -233,7 +258,7 @@ impl<B: Backend> Pool<B> {
         let devices = {
             let st = self.inner.lock();
             let residents = st.residents();
-            let rooms = st.rooms(&residents, &machine, self.inner.config.headroom_bytes);
+            let rooms = st.rooms(&residents, &machine, self.inner.config.headroom_bytes, "");
             st.budgets
                 .iter()
                 .map(|(&device, &budget_bytes)| {
@@ -255,9 +280,15 @@ impl<B: Backend> Pool<B> {
                 })
                 .collect()
         };
-        let groups = self.inner.lock().group_status();
+        let (groups, turns_total, turns_last_minute) = {
+            let mut st = self.inner.lock();
+            let turns = (st.turns.total, st.turns.last_minute());
+            (st.group_status(), turns.0, turns.1)
+        };
         PoolStatus {
             groups,
+            turns_total,
+            turns_last_minute,
             devices,
             models: self.snapshot(),
             gpu_absent_reason: self.inner.probe.gpu_absent_reason(),

@@ -1,41 +1,36 @@
-//! Groups inside the pool: which group a model belongs to, asking the pure planner
-//! ([`plan_swap`](crate::groups::plan_swap)) what a load into it needs, draining an
-//! outgoing model off the request path, and counting swaps for status and thrash
-//! control.
+//! Swaps and turns inside the pool: which group a model belongs to, asking the pure
+//! planners ([`plan_swap`](crate::groups::plan_swap) for a group,
+//! [`plan_turn`](crate::turns::plan_turn) for the whole pool) what a load needs,
+//! draining an outgoing model off the request path (one mechanism for both), and
+//! counting swaps and turns for status and thrash control.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::state::{Slot, State};
+use super::state::{Slot, State, Turn};
 use super::Inner;
 use crate::events::{EventKind, EvictReason};
 use crate::groups::{plan_swap, GroupSpec, Member, SwapPlan};
-use crate::{Backend, Instance};
+use crate::memory::DeviceMemory;
+use crate::turns::{plan_turn, Holder, TurnPlan, TurnPolicy, Waiter};
+use crate::{Backend, Charge, Instance};
 
-/// A group's running state.
-pub(super) struct GroupState {
-    pub spec: GroupSpec,
-    /// When recent swaps started (the last minute's, for the rate).
-    pub recent: VecDeque<Instant>,
-    pub swaps_total: u64,
+/// When recent swaps or turns started (the last minute's, for the rate), and how many
+/// there have been.
+#[derive(Default)]
+pub(super) struct SwapRate {
+    recent: VecDeque<Instant>,
+    pub total: u64,
 }
 
-impl GroupState {
-    pub fn new(spec: GroupSpec) -> Self {
-        Self {
-            spec,
-            recent: VecDeque::new(),
-            swaps_total: 0,
-        }
-    }
-
-    pub fn record_swap(&mut self) {
+impl SwapRate {
+    pub fn record(&mut self) {
         let now = Instant::now();
         self.recent.push_back(now);
-        self.swaps_total += 1;
+        self.total += 1;
         self.trim(now);
     }
 
@@ -49,9 +44,24 @@ impl GroupState {
         }
     }
 
-    pub fn swaps_last_minute(&mut self) -> u64 {
+    pub fn last_minute(&mut self) -> u64 {
         self.trim(Instant::now());
         self.recent.len() as u64
+    }
+}
+
+/// A group's running state.
+pub(super) struct GroupState {
+    pub spec: GroupSpec,
+    pub swaps: SwapRate,
+}
+
+impl GroupState {
+    pub fn new(spec: GroupSpec) -> Self {
+        Self {
+            spec,
+            swaps: SwapRate::default(),
+        }
     }
 }
 
@@ -91,14 +101,10 @@ impl<I: Instance> State<I> {
                     Slot::Loading { charge, .. } | Slot::Unloading { charge } => {
                         (true, charge.total(), Duration::ZERO)
                     }
-                    Slot::Ready {
-                        charge, loaded_at, ..
-                    } => (
-                        e.swap_out.is_some(),
+                    Slot::Ready { charge, .. } => (
+                        e.draining_for.is_some(),
                         charge.total(),
-                        SystemTime::now()
-                            .duration_since(*loaded_at)
-                            .unwrap_or_default(),
+                        e.ready_since.elapsed(),
                     ),
                 };
                 Some(Member {
@@ -137,74 +143,209 @@ impl<I: Instance> State<I> {
                 spec,
                 resident,
                 resident_bytes,
-                swaps_total: gs.swaps_total,
-                swaps_last_minute: gs.swaps_last_minute(),
+                swaps_total: gs.swaps.total,
+                swaps_last_minute: gs.swaps.last_minute(),
             });
         }
         out
     }
 }
 
-/// Marks `victims` as swapping out for `incoming` and drains each off the request
-/// path: once it has no request in flight, or the group's drain timeout has passed
-/// (its remaining requests then end with `UNAVAILABLE` and the reason), its worker
-/// stops. The incoming load starts when the group has room.
+impl<I: Instance> State<I> {
+    /// What a turn for `id`, needing `needed`, would do now (see [`plan_turn`]).
+    pub fn plan_turn(
+        &self,
+        id: &str,
+        needed: &Charge,
+        available: &[DeviceMemory],
+        headroom_bytes: u64,
+        policy: &TurnPolicy,
+    ) -> TurnPlan {
+        let residents = self.residents();
+        let rooms = self.rooms(&residents, available, headroom_bytes, id);
+        let holders: Vec<Holder> = residents
+            .into_iter()
+            .filter_map(|resident| {
+                let e = self.models.get(&resident.id)?;
+                Some(Holder {
+                    resident,
+                    resident_for: e.ready_since.elapsed(),
+                    draining_for: e.draining_for.clone(),
+                })
+            })
+            .collect();
+        let waiters: Vec<Waiter> = self
+            .models
+            .iter()
+            .filter(|(_, e)| matches!(e.slot, Slot::Absent) && e.interest > 0)
+            .filter_map(|(m, e)| {
+                Some(Waiter {
+                    id: m.clone(),
+                    waited: e.wanting_room_since?.elapsed(),
+                    load_estimate: e.last_load.unwrap_or_default(),
+                    turn_started: e.turn.is_some(),
+                    draining: self.still_draining_for(m),
+                })
+            })
+            .collect();
+        plan_turn(policy, &rooms, &holders, &waiters, id, needed)
+    }
+}
+
+impl<I> State<I> {
+    /// The models drained for `id`'s turn that have not stopped yet.
+    fn still_draining_for(&self, id: &str) -> Vec<String> {
+        let Some(turn) = self.models.get(id).and_then(|e| e.turn.as_ref()) else {
+            return Vec::new();
+        };
+        let going = |v: &&String| match self.models.get(*v) {
+            Some(e) => match e.slot {
+                Slot::Ready { .. } => e.draining_for.as_deref() == Some(id),
+                Slot::Unloading { .. } => true,
+                _ => false,
+            },
+            None => false,
+        };
+        turn.victims.iter().filter(going).cloned().collect()
+    }
+}
+
+/// What a drain makes room for.
+pub(super) enum DrainFor {
+    /// A swap into the model's group.
+    Swap { group: String },
+    /// The model's turn in the pool.
+    Turn,
+}
+
+/// Marks `victims` as draining for `incoming` and drains each off the request path:
+/// new requests for it queue (or, in a group that says so, are refused), and once it
+/// has no request in flight, or `drain_timeout` has passed (its remaining requests then
+/// end with `UNAVAILABLE` and the reason), its worker stops. The incoming load starts
+/// when there is room. Returns whether any began draining now.
 pub(super) fn begin_drain<B: Backend>(
     inner: &Arc<Inner<B>>,
     st: &mut State<B::Instance>,
-    group: usize,
-    victims: Vec<String>,
+    victims: &[String],
     incoming: &str,
-) {
-    let drain_timeout = st.groups[group].spec.drain_timeout;
+    drain_timeout: Duration,
+    why: DrainFor,
+) -> bool {
     let mut started = false;
     for victim in victims {
-        let Some(e) = st.models.get_mut(&victim) else {
+        let Some(e) = st.models.get_mut(victim) else {
             continue;
         };
-        if e.swap_out.is_some() {
+        if e.draining_for.is_some() || !matches!(e.slot, Slot::Ready { .. }) {
             continue;
         }
-        e.swap_out = Some(incoming.to_owned());
+        e.draining_for = Some(incoming.to_owned());
         started = true;
-        tracing::info!(model = %victim, %incoming, ?drain_timeout, "draining for a swap");
-        let inner = Arc::clone(inner);
-        let incoming = incoming.to_owned();
-        tokio::spawn(async move {
-            let until = Instant::now() + drain_timeout;
-            let instance = loop {
-                {
-                    let mut st = inner.lock();
-                    let Some(e) = st.models.get_mut(&victim) else {
-                        return;
-                    };
-                    if e.in_flight == 0 || Instant::now() >= until {
-                        if e.in_flight > 0 {
-                            e.cut_reason = Some(format!(
-                                "model `{victim}` was swapped out for `{incoming}` after the group's drain timeout of {:.0}s",
-                                drain_timeout.as_secs_f64()
-                            ));
-                        }
-                        let taken = st.take_ready(&victim).map(|(i, _)| i);
-                        if let Some(e) = st.models.get_mut(&victim) {
-                            e.swap_out = None;
-                        }
-                        break taken;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        let (cut, reason) = match &why {
+            DrainFor::Swap { group } => (
+                format!(
+                    "model `{victim}` was swapped out of group `{group}` for `{incoming}` after the group's drain timeout of {:.0}s",
+                    drain_timeout.as_secs_f64()
+                ),
+                EvictReason::Swap {
+                    for_model: incoming.to_owned(),
+                },
+            ),
+            DrainFor::Turn => (
+                format!(
+                    "model `{victim}` gave its turn to `{incoming}`, which waited for room, after pool.drain_timeout of {:.0}s",
+                    drain_timeout.as_secs_f64()
+                ),
+                EvictReason::Turn {
+                    for_model: incoming.to_owned(),
+                },
+            ),
+        };
+        tracing::info!(model = %victim, %incoming, ?drain_timeout, %reason, "draining");
+        tokio::spawn(drain(
+            Arc::clone(inner),
+            victim.clone(),
+            e.epoch,
+            drain_timeout,
+            cut,
+            reason,
+        ));
+    }
+    started
+}
+
+/// Waits (by notification) until `victim` has no request in flight or `drain_timeout`
+/// has passed, then stops its worker.
+async fn drain<B: Backend>(
+    inner: Arc<Inner<B>>,
+    victim: String,
+    epoch: u64,
+    drain_timeout: Duration,
+    cut: String,
+    reason: EvictReason,
+) {
+    let until = Instant::now() + drain_timeout;
+    let mut changes = inner.room.subscribe();
+    let instance = loop {
+        changes.borrow_and_update();
+        {
+            let mut st = inner.lock();
+            let Some(e) = st.entry_at(&victim, epoch) else {
+                return;
             };
-            if let Some(instance) = instance {
-                let reason = EvictReason::Swap {
-                    for_model: incoming,
-                };
-                inner.stop_worker(&victim, &instance, reason).await;
+            if e.draining_for.is_none() {
+                // Called off (the model it drained for found room elsewhere), or its
+                // worker is gone already.
+                return;
             }
-        });
+            if e.in_flight == 0 || Instant::now() >= until {
+                if e.in_flight > 0 {
+                    tracing::warn!(model = %victim, in_flight = e.in_flight, "drain timeout: cutting requests still running");
+                    e.cut_reason = Some(cut);
+                }
+                let taken = st.take_ready(&victim).map(|(i, _)| i);
+                if let Some(e) = st.models.get_mut(&victim) {
+                    e.draining_for = None;
+                }
+                break taken;
+            }
+        }
+        let _ = tokio::time::timeout_at(until, changes.changed()).await;
+    };
+    if let Some(instance) = instance {
+        inner.stop_worker(&victim, &instance, reason).await;
     }
-    if started {
-        start_swap(inner, st, group, incoming);
+}
+
+/// Gives `incoming` its turn: counts it, drains `victims` for it and reports it.
+pub(super) fn start_turn<B: Backend>(
+    inner: &Arc<Inner<B>>,
+    st: &mut State<B::Instance>,
+    incoming: &str,
+    victims: Vec<String>,
+) {
+    let policy = inner.config.turns;
+    if !begin_drain(inner, st, &victims, incoming, policy.drain_timeout, DrainFor::Turn) {
+        return;
     }
+    st.turns.record();
+    let Some(e) = st.models.get_mut(incoming) else {
+        return;
+    };
+    let waited = e.wanting_room_since.map_or(Duration::ZERO, |t| t.elapsed());
+    e.turn = Some(Turn {
+        started: Instant::now(),
+        waited,
+        victims: victims.clone(),
+    });
+    tracing::info!(model = %incoming, outgoing = ?victims, ?waited, "turn started");
+    inner.emit(
+        incoming,
+        EventKind::TurnStarted {
+            outgoing: victims,
+            waited,
+        },
+    );
 }
 
 /// Counts a swap into `incoming` and reports its start.
@@ -214,7 +355,7 @@ pub(super) fn start_swap<B: Backend>(
     group: usize,
     incoming: &str,
 ) {
-    st.groups[group].record_swap();
+    st.groups[group].swaps.record();
     let group_name = st.groups[group].spec.name.clone();
     let outgoing: Vec<String> = st
         .models

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use tokio::sync::watch;
 
 mod removal;
+mod turns;
 
 /// Loads take 50 ms; each model's footprint is its entry in `sizes` (100 by default).
 #[derive(Default)]
@@ -103,6 +104,7 @@ impl Backend for Arc<FakeBackend> {
             overhead_bytes: 0,
             activation_bytes: 0,
             charge: Charge::on(Device::Cpu, bytes),
+            kv_resident_at_load: false,
         })
     }
     async fn load(
@@ -340,13 +342,15 @@ async fn leased_model_is_never_a_victim() {
     let _c = pool.acquire("c", None).await.unwrap();
     assert_eq!(pool.get("a").unwrap().state, SlotState::Ready);
     assert_eq!(pool.get("b").unwrap().state, SlotState::Registered);
-    // Now a and c are both leased: nothing can make room for b.
+    // Now a and c are both leased: b waits for room (until its 1 s deadline, within
+    // the fairness window), and nothing is evicted.
     let mut events = pool.subscribe();
-    match pool.acquire("b", None).await {
-        Err(PoolError::InsufficientMemory { shortfall, .. }) => {
-            assert_eq!((shortfall.needed_bytes, shortfall.in_use_bytes), (100, 200));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    match pool.acquire("b", Some(deadline)).await {
+        Err(PoolError::QueueTimeout { reason, .. }) => {
+            assert!(reason.contains("waiting for room"), "{reason}");
         }
-        other => panic!("expected InsufficientMemory, got {:?}", other.err()),
+        other => panic!("expected QueueTimeout, got {:?}", other.err()),
     }
     assert!(evictions(&mut events).is_empty());
     drop(held_a);
@@ -593,7 +597,10 @@ mod sequences {
                         })
                         .map(|&m| IDS[m].to_string())
                         .collect();
-                    let result = pool.acquire(IDS[i], None).await;
+                    // Within the fairness window: a model that does not fit waits,
+                    // then gives up, and no leased model is drained for it.
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    let result = pool.acquire(IDS[i], Some(deadline)).await;
                     settle().await;
                     let evicted: Vec<String> =
                         evictions(&mut events).into_iter().map(|(m, _)| m).collect();
@@ -609,7 +616,8 @@ mod sequences {
                             recency.retain(|&m| m != i);
                             recency.push(i);
                         }
-                        Err(PoolError::InsufficientMemory { .. }) => {
+                        Err(PoolError::InsufficientMemory { .. })
+                        | Err(PoolError::QueueTimeout { .. }) => {
                             prop_assert!(evicted.is_empty())
                         }
                         Err(e) => prop_assert!(false, "unexpected {}", e),

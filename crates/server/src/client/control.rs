@@ -131,6 +131,8 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
             "models": models,
             "gpu_absent_reason": reason,
             "spill": spill,
+            "turns_total": s.turns_total,
+            "turns_last_minute": s.turns_last_minute,
             "groups": s.groups.iter().map(|g| json!({
                 "name": g.name,
                 "members": g.members,
@@ -195,6 +197,13 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
             g.members.join(", "),
         ))?;
     }
+    if s.turns_total > 0 {
+        say(format!(
+            "turns  {} given to models that waited for room ({} in the last minute)",
+            s.turns_total, s.turns_last_minute
+        ))?;
+    }
+    waits(&s.models)?;
     let resident: Vec<&ModelInfo> = s.models.iter().filter(|m| is_resident(m)).collect();
     if resident.is_empty() {
         return say("no model resident");
@@ -227,6 +236,35 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
             "IN FLIGHT",
         ],
         &[false, false, false, true, true, true, false, true],
+        &rows,
+    ))
+}
+
+/// Models whose requests wait for room or a turn, or that drain for another's turn.
+fn waits(models: &[ModelInfo]) -> Result<(), Failure> {
+    let rows: Vec<Vec<String>> = models
+        .iter()
+        .filter(|m| !m.waiting_reason.is_empty())
+        .map(|m| {
+            let waited = m.waiting_for.as_ref().map_or_else(
+                || "-".to_owned(),
+                |d| format!("{:.1}s", secs(Some(d))),
+            );
+            vec![
+                m.id.clone(),
+                m.waiting_requests.to_string(),
+                waited,
+                m.waiting_reason.clone(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    say("")?;
+    say(table(
+        &["WAITING", "REQUESTS", "FOR", "WHY"],
+        &[false, true, true, false],
         &rows,
     ))
 }
@@ -491,6 +529,9 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         url: args.url.unwrap_or_default(),
         sha256: args.sha256.unwrap_or_default(),
         precisions: args.precisions,
+        engine: args.engine.unwrap_or_default(),
+        repack: args.repack,
+        mlock: args.mlock,
     };
     let model = client(&args.conn)
         .await?

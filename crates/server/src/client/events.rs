@@ -82,6 +82,16 @@ pub(crate) fn event_line(e: &PoolEvent) -> String {
             secs(k.duration.as_ref()),
             bytes(k.bytes)
         ),
+        Some(Kind::TurnStarted(k)) => format!(
+            "turn_started {model} after waiting {:.2} s for room (draining: {})",
+            secs(k.waited.as_ref()),
+            k.outgoing.join(", ")
+        ),
+        Some(Kind::TurnFinished(k)) => format!(
+            "turn_finished {model} ready {:.2} s into its turn ({:.2} s waited before it)",
+            secs(k.duration.as_ref()),
+            secs(k.waited.as_ref())
+        ),
         Some(Kind::Missed(n)) => format!("missed {n} events (this watcher fell behind)"),
     };
     format!("{at} {what}")
@@ -146,6 +156,14 @@ pub(crate) fn event_json(e: &PoolEvent) -> Value {
         Some(Kind::SwapFinished(k)) => (
             "swap_finished",
             json!({ "group": k.group, "duration_s": secs(k.duration.as_ref()), "bytes": k.bytes }),
+        ),
+        Some(Kind::TurnStarted(k)) => (
+            "turn_started",
+            json!({ "outgoing": k.outgoing, "waited_s": secs(k.waited.as_ref()) }),
+        ),
+        Some(Kind::TurnFinished(k)) => (
+            "turn_finished",
+            json!({ "duration_s": secs(k.duration.as_ref()), "waited_s": secs(k.waited.as_ref()) }),
         ),
         Some(Kind::Missed(n)) => ("missed", json!({ "missed": n })),
     };

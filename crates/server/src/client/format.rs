@@ -219,6 +219,8 @@ pub(crate) fn model_json(m: &ModelInfo) -> Value {
         },
         "in_flight_requests": m.in_flight_requests,
         "waiting_requests": m.waiting_requests,
+        "waiting_reason": if m.waiting_reason.is_empty() { Value::Null } else { json!(m.waiting_reason) },
+        "waiting_for_s": m.waiting_for.as_ref().map(|d| secs(Some(d))),
         "last_used": last_used.map(rfc3339),
         "last_used_ago_s": last_used.map(|t| {
             SystemTime::now().duration_since(t).unwrap_or_default().as_secs_f64()

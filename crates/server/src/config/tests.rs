@@ -21,6 +21,7 @@ fn defaults_and_relative_paths() {
     assert_eq!(s.models[0].context_length, 4096);
     assert_eq!(s.models[0].device, Device::Cpu);
     assert_eq!(s.pool.ram_budget, BudgetSetting::Auto);
+    assert_eq!(s.pool.turns, modelpool_pool::TurnPolicy::default());
     assert_eq!(s.openai_listen, None);
 }
 
@@ -96,6 +97,9 @@ fn errors_name_the_key() {
         ("[pool]\nram_budget = \"6 parsecs\"", "pool.ram_budget"),
         ("[pool]\nauto_fraction = 1.0", "pool.auto_fraction"),
         ("[pool]\nqueue_depth = 0", "pool.queue_depth"),
+        ("[pool]\nfairness_window = \"60s\"", "pool.fairness_window"),
+        ("[pool]\nmin_residency = \"a while\"", "pool.min_residency"),
+        ("[pool]\ndrain_timeout = \"-1s\"", "pool.drain_timeout"),
         ("[server]\nlisten = \"0.0.0.0:50051\"", "server.listen"),
         ("[workers]\nload_nice = 20", "workers.load_nice"),
         (

@@ -1,0 +1,100 @@
+//! Fair turns with the real model: three SmolLM2 ids wanted all the time and a budget
+//! that holds two. Busy models keep their memory, so without turns the third would be
+//! refused for as long as the others stay busy; with turns every model is served, a
+//! busy model drains for the one that waited, and status says why requests wait.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use modelpool_proto::v1::pool_event::Kind;
+use modelpool_tests::{chat, collect, greedy, model_toml, predicted_bytes, settings_toml, TestServer};
+
+const CONTEXT: u32 = 1024;
+const IDS: [&str; 3] = ["a", "b", "c"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_models_with_room_for_two_are_all_served_in_turns() {
+    let budget = (predicted_bytes(CONTEXT) as f64 * 2.5) as u64;
+    let models: String = IDS
+        .iter()
+        .map(|id| model_toml(id, &format!("context_length = {CONTEXT}\nmax_sequences = 1\n")))
+        .collect();
+    let pool = format!(
+        "ram_budget = \"{budget}\"\nfairness_window = \"1s\"\nmin_residency = \"3s\"\ndrain_timeout = \"20s\"\n"
+    );
+    let t = TestServer::start_with(|runtime| settings_toml(&pool, &models, runtime)).await;
+    let mut events = t.events().await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let keep = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok(Some(ev)) = events.message().await {
+            keep.lock().unwrap().push(ev);
+        }
+    });
+    // Two clients per model, each asking again as soon as it is answered, until every
+    // model has answered three times.
+    let served: Arc<Mutex<BTreeMap<&str, u32>>> = Arc::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for i in 0..6 {
+        let id = IDS[i % 3];
+        let (mut client, served, done) = (t.inference(), Arc::clone(&served), Arc::clone(&done));
+        clients.push(tokio::spawn(async move {
+            while !done.load(Ordering::SeqCst) {
+                let stream = client.chat(chat(id, "Hi", greedy(6))).await?.into_inner();
+                collect(stream).await?;
+                let mut served = served.lock().unwrap();
+                *served.entry(id).or_default() += 1;
+                if IDS.iter().all(|m| served.get(m).copied().unwrap_or(0) >= 3) {
+                    done.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok::<_, tonic::Status>(())
+        }));
+    }
+    // While they run, status shows a model waiting and why.
+    let mut reasons = Vec::new();
+    while !done.load(Ordering::SeqCst) && reasons.len() < 50 {
+        let status = t.pool_status().await;
+        reasons.extend(
+            status
+                .models
+                .into_iter()
+                .filter(|m| !m.waiting_reason.is_empty())
+                .map(|m| (m.id, m.waiting_reason)),
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for c in clients {
+        c.await.unwrap().expect("every request is served");
+    }
+    let served = served.lock().unwrap().clone();
+    assert!(IDS.iter().all(|m| served.get(m).copied().unwrap_or(0) >= 3), "{served:?}");
+    assert!(!reasons.is_empty(), "status never showed a model waiting");
+    let known = ["waiting for room", "waiting for its turn", "draining for model"];
+    for (id, why) in &reasons {
+        assert!(known.iter().any(|k| why.starts_with(k)), "{id}: {why}");
+    }
+    let events = seen.lock().unwrap().clone();
+    let turns = events
+        .iter()
+        .filter(|e| matches!(e.kind, Some(Kind::TurnStarted(_))))
+        .count();
+    let finished = events
+        .iter()
+        .filter(|e| matches!(e.kind, Some(Kind::TurnFinished(_))))
+        .count();
+    let drained = events
+        .iter()
+        .filter(|e| matches!(&e.kind, Some(Kind::Evicted(ev)) if ev.reason == "turn"))
+        .count();
+    assert!(turns >= 1 && finished >= 1 && drained >= 1, "{events:?}");
+    let status = t.pool_status().await;
+    assert!(status.turns_total >= 1);
+    for d in &status.devices {
+        assert!(d.used_bytes + d.reserved_bytes <= d.budget_bytes, "{d:?}");
+    }
+    t.stop().await;
+}
