@@ -21,8 +21,11 @@ async fn three_models_with_room_for_two_are_all_served_in_turns() {
         .iter()
         .map(|id| model_toml(id, &format!("context_length = {CONTEXT}\nmax_sequences = 1\n")))
         .collect();
+    // Short turns; drain and queue timeouts long enough that a slow, shared machine
+    // makes the test slower, never cut (a cut is the drain timeout doing its job).
     let pool = format!(
-        "ram_budget = \"{budget}\"\nfairness_window = \"1s\"\nmin_residency = \"3s\"\ndrain_timeout = \"20s\"\n"
+        "ram_budget = \"{budget}\"\nfairness_window = \"1s\"\nmin_residency = \"3s\"\n\
+         drain_timeout = \"300s\"\nqueue_timeout = \"600s\"\n"
     );
     let t = TestServer::start_with(|runtime| settings_toml(&pool, &models, runtime)).await;
     let mut events = t.events().await;
