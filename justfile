@@ -14,6 +14,11 @@ test: fetch-models fetch-tools
 bench: fetch-models
     cargo run -p modelpool-benches --bin grpc_vs_direct -- --rounds 5 --max-tokens 128
 
+# modelpool.v1 against the OpenAI-compatible HTTP API and KServe v2 ModelStreamInfer on
+# one server: decode tok/s and time to first token, interleaved rounds.
+bench-frontends: fetch-models
+    cargo run -p modelpool-benches --bin frontends -- --rounds 5 --max-tokens 128
+
 # Predicted against measured worker memory at 512..4096 tokens of context.
 bench-footprint: fetch-models
     cargo run -p modelpool-benches --bin footprint

@@ -7,6 +7,7 @@ use std::path::Path;
 pub mod dequant;
 pub mod svg;
 pub mod synth;
+pub mod timing;
 
 use modelpool_server::{RunningServer, Settings};
 

@@ -5,39 +5,24 @@
 //! This binary is also its own worker: `grpc_vs_direct worker ...` runs the worker, so
 //! the gRPC path spawns exactly the program under test.
 
-use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use futures::StreamExt;
 use modelpool_benches::median;
+use modelpool_benches::timing::{figures, Run, RunArgs};
 use modelpool_engine::llm::{LoadedModel, Prompt};
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::{GenerateRequest, SamplingParams};
 
 #[derive(Parser)]
 struct Args {
-    /// GGUF model.
-    #[arg(long, default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    model: PathBuf,
-    /// Measured rounds per path.
-    #[arg(long, default_value_t = 5)]
-    rounds: usize,
-    /// Tokens generated per run.
-    #[arg(long, default_value_t = 128)]
-    max_tokens: u32,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 const PROMPT: &str = "Once upon a time, in a small village by the sea, there lived";
-
-/// One generation's figures.
-#[derive(Clone, Copy, Debug)]
-struct Run {
-    ttft: Duration,
-    decode_tok_s: f64,
-    tokens: u32,
-}
 
 fn main() -> anyhow::Result<()> {
     modelpool_benches::run_as_worker_if_asked();
@@ -50,22 +35,6 @@ fn sampling(max_tokens: u32) -> SamplingParams {
         max_tokens: Some(max_tokens),
         temperature: Some(0.0),
         ..Default::default()
-    }
-}
-
-/// Figures of one stream of (arrival time, text) pieces.
-fn figures(start: Instant, stamps: &[Instant], tokens: u32) -> Run {
-    let first = stamps[0];
-    let last = *stamps.last().unwrap();
-    let decode = last.duration_since(first).as_secs_f64();
-    Run {
-        ttft: first - start,
-        decode_tok_s: if decode > 0.0 {
-            f64::from(tokens.saturating_sub(1)) / decode
-        } else {
-            0.0
-        },
-        tokens,
     }
 }
 
@@ -83,7 +52,7 @@ async fn direct(model: &LoadedModel, max_tokens: u32) -> anyhow::Result<Run> {
             tokens = u.completion_tokens;
         }
     }
-    Ok(figures(start, &stamps, tokens))
+    figures(start, &stamps, tokens).context("a run produced nothing")
 }
 
 async fn grpc(
@@ -107,7 +76,7 @@ async fn grpc(
             tokens = u.completion_tokens;
         }
     }
-    Ok(figures(start, &stamps, tokens))
+    figures(start, &stamps, tokens).context("a run produced nothing")
 }
 
 /// One line: the median gRPC/direct ratio and every round's.
@@ -121,8 +90,8 @@ fn print_ratio(what: &str, ratios: &[f64]) {
 }
 
 async fn bench(args: Args) -> anyhow::Result<()> {
-    let model_path = std::fs::canonicalize(&args.model)
-        .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
+    let model_path = std::fs::canonicalize(&args.run.model)
+        .with_context(|| format!("{} (run `just fetch-models`)", args.run.model.display()))?;
     let direct_model =
         LoadedModel::load_gguf(&model_path, 4096, 1, modelpool_pool::Device::Cpu).await?;
 
@@ -136,14 +105,14 @@ async fn bench(args: Args) -> anyhow::Result<()> {
 
     let mut d_runs = Vec::new();
     let mut g_runs = Vec::new();
-    for _ in 0..args.rounds {
-        d_runs.push(direct(&direct_model, args.max_tokens).await?);
-        g_runs.push(grpc(&mut client, args.max_tokens).await?);
+    for _ in 0..args.run.rounds {
+        d_runs.push(direct(&direct_model, args.run.max_tokens).await?);
+        g_runs.push(grpc(&mut client, args.run.max_tokens).await?);
     }
     if d_runs
         .iter()
         .chain(&g_runs)
-        .any(|r| r.tokens != args.max_tokens)
+        .any(|r| r.tokens != args.run.max_tokens)
     {
         bail!("a run stopped early; pick a prompt that does not end: {d_runs:?} {g_runs:?}");
     }
@@ -168,8 +137,8 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     println!(
         "model {}, {} tokens per run, {} interleaved rounds, greedy\n",
         model_path.file_name().unwrap_or_default().to_string_lossy(),
-        args.max_tokens,
-        args.rounds
+        args.run.max_tokens,
+        args.run.rounds
     );
     println!("| path | decode tok/s (median) | time to first token ms (median) |");
     println!("|---|---|---|");
