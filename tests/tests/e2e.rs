@@ -5,6 +5,7 @@ mod e2e {
     mod cancel;
     mod chat;
     mod cli;
+    mod engines;
     mod fair;
     mod faults;
     mod grpcurl;

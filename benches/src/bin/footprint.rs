@@ -19,6 +19,12 @@ struct Args {
     /// For a safetensors model directory: the precision to quantize to at load.
     #[arg(long)]
     precision: Option<String>,
+    /// The engine: "llama.cpp" (default for GGUF) or "mistral.rs".
+    #[arg(long)]
+    engine: Option<String>,
+    /// llama.cpp: let ggml repack the weights (an anonymous copy).
+    #[arg(long)]
+    repack: bool,
     /// Context sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
     contexts: Vec<u32>,
@@ -38,15 +44,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
     println!(
-        "model {}, one sequence; MiB; error = (predicted - measured) / measured\n",
-        model.file_name().unwrap_or_default().to_string_lossy()
+        "model {}, engine {}{}, one sequence; MiB; error = (predicted - measured) / measured\n",
+        model.file_name().unwrap_or_default().to_string_lossy(),
+        args.engine.as_deref().unwrap_or("(default)"),
+        if args.repack { ", repack" } else { "" }
     );
-    println!("| context | predicted base | measured after load | error | predicted with full KV | peak with context filled | error |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| context | worker load | predicted base | measured after load | error | predicted with full KV | peak with context filled | error |");
+    println!("|---|---|---|---|---|---|---|---|");
     for ctx in args.contexts {
         let mut spec = ModelSpec::new("m", &model);
         spec.context_length = ctx;
         let mut extra = format!("context_length = {ctx}\nmax_sequences = 1\n");
+        if let Some(engine) = &args.engine {
+            spec.engine = engine.clone();
+            extra += &format!("engine = \"{engine}\"\n");
+        }
+        if args.repack {
+            spec.repack = true;
+            extra += "repack = true\n";
+        }
         if model.is_dir() {
             spec.format = modelpool_pool::ModelFormat::Safetensors;
             let p = args.precision.clone().unwrap_or_else(|| "none".into());
@@ -59,6 +75,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             modelpool_benches::start_server_with(&model, "m", runtime.path(), &extra).await?;
         let lease = server.pool.acquire("m", None).await?;
         let base = lease.instance().resident_bytes();
+        let load_ms = lease.instance().load_ms();
         // " the" is one token: fill the context but for room to generate.
         let prompt = " the".repeat(ctx.saturating_sub(48) as usize);
         let request = WorkerGenerateRequest {
@@ -83,9 +100,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let peak = lease.instance().peak_bytes();
         drop(lease);
         server.stop().await?;
-        let base_predicted = fp.weights_bytes + fp.overhead_bytes;
+        let base_predicted = fp.at_load_bytes();
         println!(
-            "| {ctx} | {:.1} | {:.1} | {:+.1}% | {:.1} | {:.1} | {:+.1}% |",
+            "| {ctx} | {load_ms} ms | {:.1} | {:.1} | {:+.1}% | {:.1} | {:.1} | {:+.1}% |",
             mib(base_predicted),
             mib(base),
             pct(base_predicted, base),

@@ -263,6 +263,9 @@ impl Decoder<'_> {
             }
             self.drop_cancelled();
             self.admit();
+            self.counters
+                .active_sequences
+                .store(self.active.len() as u32, Ordering::Relaxed);
             if self.active.is_empty() {
                 continue;
             }

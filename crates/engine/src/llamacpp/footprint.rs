@@ -3,9 +3,10 @@
 //!
 //! What a llama.cpp worker holds:
 //! - the tensors as stored in the file, mapped read-only: file-backed pages of the page
-//!   cache once touched (the first decode touches them all). With `repack` on, ggml
-//!   copies the weights into anonymous memory in its own layout as well, and the mapped
-//!   pages it read stay resident until the kernel reclaims them: twice the weights;
+//!   cache (llama.cpp maps with MAP_POPULATE, so they are resident from the load). With
+//!   `repack` on, ggml copies the matrices of the types it has repacked kernels for into
+//!   anonymous memory in its own layout as well, and the mapped pages it read stay
+//!   resident until the kernel reclaims them: those tensors count twice;
 //! - the KV cache in f16 for `context_length` x `max_sequences` cells (rounded up to 256
 //!   cells), cleared, and so resident, at load;
 //! - compute buffers for a batch of up to 512 tokens, and the logits of one output per
@@ -18,8 +19,10 @@ use modelpool_pool::{BackendError, Device, Footprint, ModelSpec};
 use crate::footprint::assemble_with;
 use crate::EngineKind;
 
-/// Fixed resident bytes of a CPU worker besides weights, KV cache and compute buffers.
-pub const CPU_OVERHEAD_BYTES: u64 = 24 << 20;
+/// Fixed resident bytes of a CPU worker besides weights, KV cache and compute buffers:
+/// measured with SmolLM2-135M right after load as RSS less the file's tensors and the
+/// KV cache (42.6-42.7 MiB at 512..2048 tokens of context; `just bench-footprint`).
+pub const CPU_OVERHEAD_BYTES: u64 = 43 << 20;
 
 /// KV elements are f16, llama.cpp's default cache type.
 const KV_ELEMENT_BYTES: u64 = 2;
@@ -32,7 +35,23 @@ const UBATCH_TOKENS: u64 = 512;
 
 /// Compute scratch per batch token, in units of the hidden size times 4 bytes
 /// (activations of one layer's attention and feed-forward, reused layer to layer).
-const SCRATCH_HIDDEN_MULTIPLE: u64 = 12;
+/// Fitted to the growth after a prompt fills the context (15-20 MiB for SmolLM2).
+const SCRATCH_HIDDEN_MULTIPLE: u64 = 16;
+
+/// ggml types whose matrices ggml's x86 CPU backend repacks (Q4_0, Q8_0, Q4_K, IQ4_NL);
+/// a Q4_1 model, like SmolLM2's, has none (measured: the same RSS either way).
+const REPACKED_TYPES: [u32; 4] = [2, 8, 12, 20];
+
+/// Bytes of the tensors repacking copies: the matrices of repacked types, not the token
+/// embedding (read row by row, never multiplied).
+fn repacked_bytes(info: &GgufInfo) -> u64 {
+    info.tensors
+        .iter()
+        .filter(|t| REPACKED_TYPES.contains(&t.ggml_type) && t.dims.len() == 2)
+        .filter(|t| t.name != "token_embd.weight")
+        .map(|t| t.bytes)
+        .fold(0, u64::saturating_add)
+}
 
 pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, BackendError> {
     EngineKind::LlamaCpp
@@ -67,21 +86,24 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
         .and_then(|b| b.checked_mul(UBATCH_TOKENS.min(context)))
         .and_then(|b| b.checked_add(vocab.checked_mul(4 * u64::from(spec.max_sequences.max(1)))?))
         .ok_or_else(implausible)?;
-    let copies = if spec.repack && spec.device == Device::Cpu {
-        2
+    let repacked = if spec.repack && spec.device == Device::Cpu {
+        repacked_bytes(info)
     } else {
-        1
+        0
     };
     let weights_bytes = info
         .weight_bytes
-        .checked_mul(copies)
+        .checked_add(repacked)
         .ok_or_else(implausible)?;
-    assemble_with(
+    let mut footprint = assemble_with(
         spec,
         CPU_OVERHEAD_BYTES,
         weights_bytes,
         kv_bytes,
         activation_bytes,
     )
-    .ok_or_else(implausible)
+    .ok_or_else(implausible)?;
+    // llama.cpp clears its KV cache at load: it is resident from the start.
+    footprint.kv_resident_at_load = true;
+    Ok(footprint)
 }

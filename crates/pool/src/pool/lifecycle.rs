@@ -69,7 +69,7 @@ pub(super) async fn run_load<B: Backend>(
             Ok(instance) if !shutting_down => {
                 let measured = state::measure(inner.probe.as_ref(), &instance, spec.device);
                 let charge = state::charge_after_load(&footprint, &measured, spec.device);
-                let base_predicted = footprint.weights_bytes + footprint.overhead_bytes;
+                let base_predicted = footprint.at_load_bytes();
                 let base_measured = measured.get(spec.device);
                 let error_pct = state::error_pct(base_predicted, base_measured);
                 tracing::info!(model = %spec.id, pid = ?instance.pid(),

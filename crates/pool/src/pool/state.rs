@@ -450,7 +450,7 @@ pub(super) fn charge_after_load(
             continue;
         }
         *predicted = if *d == device {
-            m + footprint.kv_bytes + footprint.activation_bytes
+            m + footprint.growth_bytes()
         } else {
             m
         };

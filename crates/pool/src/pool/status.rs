@@ -66,15 +66,13 @@ pub struct ModelSnapshot {
 }
 
 impl ModelSnapshot {
-    /// Signed error of the predicted base footprint (weights and overhead, before any
-    /// KV cache grows) against the bytes measured after load, in percent.
+    /// Signed error of the footprint predicted for right after the load (weights,
+    /// overhead, and the KV cache where the engine allocates it at load) against the
+    /// bytes measured then, in percent.
     pub fn prediction_error_pct(&self) -> Option<f64> {
         let fp = self.predicted.as_ref()?;
         (self.load_measured_bytes > 0).then(|| {
-            super::state::error_pct(
-                fp.weights_bytes + fp.overhead_bytes,
-                self.load_measured_bytes,
-            )
+            super::state::error_pct(fp.at_load_bytes(), self.load_measured_bytes)
         })
     }
 }

@@ -107,16 +107,16 @@ fn errors_name_the_key() {
             "server.metrics_listen",
         ),
         (
-            "[storage]\nspill_dir = \"/s\"\nspill_budget = \"0\"",
-            "storage.spill_budget",
-        ),
-        (
             "[server]\nopenai_listen = \"0.0.0.0:8080\"",
             "server.openai_listen",
         ),
         (
             "[server]\nopenai_listen = \"port 80\"",
             "server.openai_listen",
+        ),
+        (
+            "[storage]\nspill_dir = \"/s\"\nspill_budget = \"0\"",
+            "storage.spill_budget",
         ),
         (
             "[[models]]\nid = \"a\"\nurl = \"http://h/m.gguf\"\nsha256 = \"00\"",
@@ -202,4 +202,32 @@ fn an_inference_token_alone_is_refused() {
     assert!(Settings::from_toml(both, Path::new("/")).is_ok());
     let control_only = "[auth]\ncontrol_token = \"fedcba9876543210\"\n";
     assert!(Settings::from_toml(control_only, Path::new("/")).is_ok());
+}
+
+#[test]
+fn engines_default_by_format_and_are_checked() {
+    let model = |extra: &str| {
+        Settings::from_toml(
+            &format!("[[models]]\nid = \"a\"\npath = \"a.gguf\"\n{extra}"),
+            Path::new("/"),
+        )
+    };
+    let s = model("").unwrap();
+    assert_eq!(
+        (s.models[0].engine.as_str(), s.models[0].repack, s.models[0].mlock),
+        ("llama.cpp", false, false)
+    );
+    let s = model("engine = \"mistral.rs\"").unwrap();
+    assert_eq!(s.models[0].engine, "mistral.rs");
+    let s = model("repack = true\nmlock = true").unwrap();
+    assert!(s.models[0].repack && s.models[0].mlock);
+    for (extra, key, says) in [
+        ("engine = \"vllm\"", "models[0].engine", "llama.cpp, mistral.rs"),
+        ("format = \"safetensors\"\nengine = \"llama.cpp\"", "models[0].engine", "cannot read safetensors"),
+        ("engine = \"mistral.rs\"\nrepack = true", "models[0].repack", "llama.cpp setting"),
+        ("engine = \"mistral.rs\"\nmlock = true", "models[0].mlock", "llama.cpp setting"),
+    ] {
+        let err = model(extra).unwrap_err().to_string();
+        assert!(err.contains(&format!("`{key}`")) && err.contains(says), "{extra:?} gave {err}");
+    }
 }
