@@ -146,13 +146,14 @@ async fn stream_one(
         let last = chunk.usage.is_some();
         if !stream {
             text.push_str(&chunk.text);
-        } else if !chunk.text.is_empty() && (mark_final || !last) {
-            if send(response(&model, &id, Some(&chunk.text), flag(false)))
+        } else if !chunk.text.is_empty()
+            && (mark_final || !last)
+            && send(response(&model, &id, Some(&chunk.text), flag(false)))
                 .await
                 .is_err()
-            {
-                return;
-            }
+        {
+            // The client went away: dropping the chunks cancels the generation.
+            return;
         }
         if last {
             let mut params = finish_parameters(&chunk);
