@@ -5,6 +5,7 @@
 use std::path::Path;
 
 pub mod dequant;
+pub mod peers;
 pub mod svg;
 pub mod synth;
 pub mod timing;
@@ -45,8 +46,19 @@ pub async fn start_server_with(
     runtime_dir: &Path,
     model_keys: &str,
 ) -> anyhow::Result<RunningServer> {
+    start_server_with_workers(model, id, runtime_dir, "", model_keys).await
+}
+
+/// As [`start_server_with`], with `worker_keys` (TOML lines) in `[workers]` too.
+pub async fn start_server_with_workers(
+    model: &Path,
+    id: &str,
+    runtime_dir: &Path,
+    worker_keys: &str,
+    model_keys: &str,
+) -> anyhow::Result<RunningServer> {
     let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n{worker_keys}\n\
          [[models]]\nid = \"{id}\"\npath = \"{}\"\n{model_keys}",
         runtime_dir.display(),
         std::env::current_exe()?.display(),
@@ -84,6 +96,44 @@ pub fn meminfo_bytes(field: &str) -> u64 {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
+}
+
+/// The host's transparent-huge-page settings as the kernel shows them (`enabled` and
+/// `defrag` under /sys/kernel/mm/transparent_hugepage), for reports.
+pub fn thp_settings() -> String {
+    let read = |name: &str| {
+        std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{name}"))
+            .map_or_else(|e| format!("unreadable ({e})"), |s| s.trim().to_owned())
+    };
+    format!("enabled: {}; defrag: {}", read("enabled"), read("defrag"))
+}
+
+/// Bytes of `pid`'s memory the kernel backs with transparent huge pages
+/// (AnonHugePages in /proc/PID/smaps_rollup); 0 when unreadable.
+pub fn anon_huge_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("AnonHugePages:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Bytes of `pid`'s mappings whose VmFlags carry `hg`: madvise(MADV_HUGEPAGE) was called
+/// on them, whatever the kernel then granted. `None` when /proc/PID/smaps is unreadable.
+pub fn huge_advised_bytes(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total_kib, mut size_kib) = (0u64, 0u64);
+    for line in smaps.lines() {
+        if let Some(v) = line.strip_prefix("Size:") {
+            size_kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "hg") {
+                total_kib += size_kib;
+            }
+        }
+    }
+    Some(total_kib * 1024)
 }
 
 /// Threads of this process.

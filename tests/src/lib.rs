@@ -2,7 +2,11 @@
 //! grpcurl are, and an in-process server on `127.0.0.1:0` with real worker processes.
 //!
 //! Nothing is skipped when something is missing: a missing model or tool fails the test
-//! with the command that provides it.
+//! with the command that provides it. What the host decides (whether its kernel drops
+//! pages from the page cache or allows user namespaces, how much memory is available) is
+//! probed first; a test that cannot run on such a host says so with [`skipped`] and
+//! returns. Tests assert no durations: waits are generous bounds that turn a hang into a
+//! failure, and how fast things are is measured in benches/ (BENCHMARKS.md).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -122,10 +126,17 @@ pub fn model_toml(id: &str, extra: &str) -> String {
 
 /// Test settings with a `[pool]` section (`pool`, may be empty) and model tables.
 pub fn settings_toml(pool: &str, models: &str, runtime_dir: &Path) -> Settings {
+    // A request may wait minutes for a load or a drain on a loaded machine: the queue
+    // timeout (60 s by default) is far off unless a test sets its own.
+    let queue = if pool.contains("queue_timeout") {
+        ""
+    } else {
+        "queue_timeout = \"600s\"\n"
+    };
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"127.0.0.1:0\"\ndrain_timeout = \"5s\"\n\
-         [workers]\nload_timeout = \"60s\"\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
-         [pool]\n{pool}\n{models}",
+         [workers]\nload_timeout = \"300s\"\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
+         [pool]\n{queue}{pool}\n{models}",
         runtime_dir.display(),
         modelpool_exe().display()
     );
@@ -142,8 +153,7 @@ pub fn predicted_bytes(context_length: u32) -> u64 {
 }
 
 /// End-to-end tests take this lock for their whole run, so only one test's workers
-/// use the CPU at a time: the timing assertions (cancellation within 200 ms) then
-/// measure modelpool, not the other tests on a 2-core machine.
+/// use the CPU and memory at a time on a 2-core machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Waits until no other end-to-end test runs; hold the guard for the whole test.
@@ -426,7 +436,197 @@ pub fn sample_value(
         .map_or(0.0, |(_, v)| *v)
 }
 
-/// A TCP port free on loopback right now, for a server started as a child process.
+/// Says on the real stderr (not libtest's captured one, so it shows on every run) that a
+/// test, named by its thread as libtest names it, cannot run on this host and precisely
+/// why; the test then returns.
+pub fn skipped(reason: &str) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| *n != "main").unwrap_or("a test");
+    let _ = writeln!(std::io::stderr(), "skipped: {test}: {reason}");
+}
+
+/// The pool's default `pool.reserve`: memory it leaves to the rest of the machine.
+const POOL_RESERVE_BYTES: u64 = 512 << 20;
+
+/// Whether the machine has memory available now (as the pool itself measures it,
+/// cgroup limits included) for a RAM budget of `budget_bytes` plus the pool's reserve.
+/// Below that the pool caps the budget, and a test that sized its budget for exactly
+/// two models sees evictions it did not plan; the error says what was available.
+pub fn memory_for_budget(budget_bytes: u64) -> Result<(), String> {
+    use modelpool_pool::MemoryProbe;
+    let devices = modelpool_pool::SystemProbe::new().devices();
+    let available = devices.first().map_or(0, |d| d.available_bytes);
+    let needed = budget_bytes + POOL_RESERVE_BYTES;
+    if available >= needed {
+        return Ok(());
+    }
+    Err(format!(
+        "the machine has {} MiB available, and a RAM budget of {} MiB needs {} MiB with \
+         the pool's reserve: the pool would cap the budget the test sized",
+        available >> 20,
+        budget_bytes >> 20,
+        needed >> 20
+    ))
+}
+
+/// `modelpool serve` run as a child process, listening on the address its log reported
+/// (configure `listen = "127.0.0.1:0"`: no port is picked here and raced for). Killed
+/// on drop unless it has exited.
+pub struct ServeChild {
+    child: Option<std::process::Child>,
+    pub addr: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl ServeChild {
+    /// Spawns `cmd` (a `modelpool serve`, possibly behind a wrapper that `exec`s it) with
+    /// its stderr read here, and waits for the "modelpool serving" line.
+    pub async fn spawn(mut cmd: std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = cmd
+            .env_remove("RUST_LOG")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the server starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let lines = std::sync::Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = tx.is_some().then(|| serving_addr(&line)).flatten() {
+                    let _ = tx.take().map(|tx| tx.send(addr));
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut server = Self {
+            child: Some(child),
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            log,
+            reader,
+        };
+        match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(addr)) => server.addr = addr,
+            _ => panic!(
+                "the server never said where it listens; its log:\n{}",
+                server.log_text()
+            ),
+        }
+        server
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    /// Its stderr so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits (up to 60 s) until its log has a line containing `needle`.
+    pub async fn wait_for_log(&self, needle: &str) {
+        let seen = eventually(Duration::from_secs(60), || {
+            self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+        })
+        .await;
+        assert!(
+            seen,
+            "no {needle:?} in the server's log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// A channel to it.
+    pub async fn connect(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("connecting to the server at {}: {e}", self.addr))
+    }
+
+    /// Sends `signal` to it.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(self.pid() as i32, signal) }, 0);
+    }
+
+    /// Waits (up to 60 s) for it to exit and its log to end; past that it is killed and
+    /// the test fails.
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let child = self.child.as_mut().expect("a server process");
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for the server") {
+                let reader = &self.reader;
+                eventually(Duration::from_secs(10), || reader.is_finished()).await;
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the server did not exit within 60 s; its log:\n{}",
+                self.log.lock().unwrap().join("\n")
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ServeChild {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// The address in a server's "modelpool serving" log line, human or JSON.
+fn serving_addr(line: &str) -> Option<std::net::SocketAddr> {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        let fields = &v["fields"];
+        return (fields["message"] == "modelpool serving")
+            .then(|| fields["addr"].as_str()?.parse().ok())
+            .flatten();
+    }
+    let plain = strip_ansi(line);
+    let (_, rest) = plain.split_once("modelpool serving")?;
+    let (_, addr) = rest.split_once("addr=")?;
+    addr.split_whitespace().next()?.parse().ok()
+}
+
+/// `s` without ANSI colour sequences (ESC [ ... letter).
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A TCP port free on loopback right now. Racy: another process may take it before the
+/// caller binds it. Only for a program whose port must be chosen before it starts and
+/// that cannot report the one it got; a `modelpool serve` child reports its own (use
+/// [`ServeChild`] with `listen = "127.0.0.1:0"`).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -435,19 +635,79 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Connects to a server on loopback `port`, retrying while it starts (up to 10 s).
-pub async fn connect_when_up(port: u16) -> Channel {
-    for _ in 0..200 {
-        if let Ok(c) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-            .unwrap()
-            .connect()
-            .await
-        {
-            return c;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+/// A loopback address that refuses connections for as long as the returned socket
+/// lives: bound, never listening, so no other process can take the port meanwhile.
+pub fn refusing_addr() -> (std::os::fd::OwnedFd, std::net::SocketAddr) {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2); the descriptor is owned by the OwnedFd at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh socket nobody else owns.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_in is plain data; all-zero is a valid value.
+    let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    sin.sin_family = libc::AF_INET as libc::sa_family_t;
+    sin.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let sa = std::ptr::addr_of_mut!(sin).cast::<libc::sockaddr>();
+    // SAFETY: sa points to a sockaddr_in of `len` bytes for both calls.
+    unsafe {
+        assert_eq!(
+            libc::bind(fd, sa, len),
+            0,
+            "bind: {}",
+            std::io::Error::last_os_error()
+        );
+        assert_eq!(libc::getsockname(fd, sa, &mut len), 0);
     }
-    panic!("server on port {port} never came up");
+    let port = u16::from_be(sin.sin_port);
+    (owned, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// Whether the kernel drops a clean file's pages from the page cache in `dir` when
+/// asked (`POSIX_FADV_DONTNEED`); tmpfs, overlays of it and some network or FUSE file
+/// systems keep them. Measured on a probe file with a `mincore` of its own, so a fault in
+/// modelpool's page-cache code shows as a failure, not as a skip.
+pub fn page_cache_drops_in(dir: &Path) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    const LEN: usize = 1 << 20;
+    let probe = tempfile::NamedTempFile::new_in(dir).map_err(|e| e.to_string())?;
+    let mut f = probe.as_file();
+    f.write_all(&vec![1u8; LEN]).map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| e.to_string())?;
+    // SAFETY: plain syscall on an open descriptor; length 0 means the whole file.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    // SAFETY: a read-only shared mapping of the probe, only passed to mincore, unmapped
+    // below; `pages` has one byte per 4 KiB page, enough for any larger page size too.
+    let resident = unsafe {
+        let addr = libc::mmap(
+            std::ptr::null_mut(),
+            LEN,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        if addr == libc::MAP_FAILED {
+            return Err(format!("mmap: {}", std::io::Error::last_os_error()));
+        }
+        let mut pages = vec![0u8; LEN / 4096];
+        let rc = libc::mincore(addr, LEN, pages.as_mut_ptr());
+        libc::munmap(addr, LEN);
+        if rc != 0 {
+            return Err(format!("mincore: {}", std::io::Error::last_os_error()));
+        }
+        pages.iter().filter(|p| **p & 1 == 1).count()
+    };
+    if resident > 0 {
+        return Err(format!(
+            "the kernel kept {resident} of the probe's pages in the page cache after \
+             POSIX_FADV_DONTNEED in {} (tmpfs or a file system that ignores the advice)",
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that a request was refused with `code` and a message containing `says`.

@@ -4,6 +4,12 @@
 //! reload is a whole worker process started through the real pool, request to ready;
 //! each evict is request to worker reaped (its memory returned).
 //!
+//! Whether workers got transparent huge pages is the host's decision, so it is reported
+//! here with the host's THP settings: per load, the worker's bytes advised
+//! MADV_HUGEPAGE (what modelpool asks for, through glibc's hugetlb tunable) and its
+//! AnonHugePages (what the kernel granted). `--huge-pages-from never` runs the same
+//! reloads on small pages, for what huge pages buy.
+//!
 //! `cargo run -p modelpool-benches --bin reload_tiers -- --reps 3`
 
 use std::fs::File;
@@ -15,6 +21,7 @@ use anyhow::Context;
 use clap::Parser;
 use modelpool_benches::{median, mib, read_through_bps};
 use modelpool_pool::store::pagecache;
+use modelpool_pool::Instance;
 
 #[derive(Parser)]
 struct Args {
@@ -28,6 +35,10 @@ struct Args {
     /// Reloads per tier and model.
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// `workers.huge_pages_from` for the run ("1GiB" is the server's default; "0" gives
+    /// every worker huge pages, "never" none).
+    #[arg(long, default_value = "1GiB")]
+    huge_pages_from: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,11 +76,20 @@ struct Row {
     warm: bool,
     load_ms: Vec<f64>,
     cached_fraction: Vec<f64>,
+    /// Per load, the worker's bytes advised MADV_HUGEPAGE and in huge pages, at ready.
+    advised_mib: Vec<f64>,
+    huge_mib: Vec<f64>,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    println!("| model | MiB | tier | reload p50 ms (min-max) | effective GB/s | physical limit ms | reload / limit | file cached at start |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "host THP: {}; workers.huge_pages_from = {}",
+        modelpool_benches::thp_settings(),
+        args.huge_pages_from
+    );
+    println!();
+    println!("| model | MiB | tier | reload p50 ms (min-max) | effective GB/s | physical limit ms | reload / limit | file cached at start | worker MADV_HUGEPAGE MiB | worker AnonHugePages MiB |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut evicts = Vec::new();
     for model in &args.models {
         let Ok(model) = std::fs::canonicalize(model) else {
@@ -81,10 +101,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let disk_bps = direct_read_bps(&model)?;
         let cache_bps = cached_read_bps(&model)?;
         let runtime = tempfile::tempdir()?;
-        let server = modelpool_benches::start_server_with(
+        let server = modelpool_benches::start_server_with_workers(
             &model,
             "m",
             runtime.path(),
+            &format!("huge_pages_from = \"{}\"", args.huge_pages_from),
             "context_length = 2048\nmax_sequences = 1\n",
         )
         .await?;
@@ -95,6 +116,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 warm,
                 load_ms: Vec::new(),
                 cached_fraction: Vec::new(),
+                advised_mib: Vec::new(),
+                huge_mib: Vec::new(),
             });
         for _ in 0..args.reps {
             for row in rows.iter_mut() {
@@ -106,8 +129,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let cached = pagecache::cached_bytes(&model).unwrap_or(0);
                 row.cached_fraction.push(cached as f64 / bytes as f64);
                 let started = Instant::now();
-                drop(pool.acquire("m", None).await?);
+                let lease = pool.acquire("m", None).await?;
                 row.load_ms.push(started.elapsed().as_secs_f64() * 1e3);
+                let pid = lease.instance().pid().unwrap_or(0);
+                let advised = modelpool_benches::huge_advised_bytes(pid).unwrap_or(0);
+                row.advised_mib.push(mib(advised));
+                row.huge_mib
+                    .push(mib(modelpool_benches::anon_huge_bytes(pid)));
+                drop(lease);
                 let started = Instant::now();
                 pool.unload("m").await?;
                 evicts.push((model.clone(), started.elapsed().as_secs_f64() * 1e3));
@@ -124,13 +153,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .iter()
                 .fold((f64::MAX, 0f64), |(a, b), v| (a.min(*v), b.max(*v)));
             println!(
-                "| {name} | {:.0} | {} | {p50:.0} ({min:.0}-{max:.0}) | {:.2} | {limit_ms:.0} ({:.2} GB/s) | {:.1}x | {:.0}% |",
+                "| {name} | {:.0} | {} | {p50:.0} ({min:.0}-{max:.0}) | {:.2} | {limit_ms:.0} ({:.2} GB/s) | {:.1}x | {:.0}% | {:.0} | {:.0} |",
                 mib(bytes),
                 row.tier,
                 bytes as f64 / (p50 / 1e3) / 1e9,
                 bps / 1e9,
                 p50 / limit_ms,
-                median(&row.cached_fraction) * 100.0
+                median(&row.cached_fraction) * 100.0,
+                median(&row.advised_mib),
+                median(&row.huge_mib)
             );
         }
     }

@@ -29,27 +29,36 @@ async fn dropping_the_stream_stops_generation_in_the_worker() {
     assert!(before.generated_tokens_total >= 5);
 
     drop(stream);
-    let dropped_at = Instant::now();
-    // The sequence leaves the worker's books at once...
-    loop {
-        if worker.stats().await.unwrap().active_sequences == 0 {
-            break;
-        }
+    // No time limit is asserted (how fast is `cancel_latency`'s business, BENCHMARKS.md);
+    // a hang fails at the end of a long wait. The sequence leaves the worker's books...
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while worker.stats().await.unwrap().active_sequences != 0 {
         assert!(
-            dropped_at.elapsed() < Duration::from_millis(200),
-            "worker still lists the sequence 200 ms after the client left"
+            Instant::now() < deadline,
+            "worker still lists the sequence 60 s after the client left"
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // ...and token production stops within 200 ms (the token being computed when the
-    // client left may still finish): the count 200 ms after the drop is final.
-    tokio::time::sleep(Duration::from_millis(200).saturating_sub(dropped_at.elapsed())).await;
-    let at_200ms = worker.stats().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ...and token production stops (the token being computed when the client left may
+    // still finish): the count holds still for a second, then stays put.
+    let mut settled = worker.stats().await.unwrap().generated_tokens_total;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = worker.stats().await.unwrap().generated_tokens_total;
+        if now == settled {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tokens kept coming for 60 s after the client left"
+        );
+        settled = now;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let later = worker.stats().await.unwrap();
     assert_eq!(
-        later.generated_tokens_total, at_200ms.generated_tokens_total,
-        "tokens kept coming more than 200 ms after cancellation"
+        later.generated_tokens_total, settled,
+        "tokens kept coming after cancellation"
     );
     assert_eq!(later.cancelled_total, 1);
     assert!(later.generated_tokens_total < 2000);

@@ -380,7 +380,7 @@ async fn start_watch(
         .spawn()
         .expect("modelpool watch starts");
     let mut err = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
-    let ready = wait_for_line(&mut err, Duration::from_secs(20), |_| true).await;
+    let ready = wait_for_line(&mut err, LIMIT, |_| true).await;
     assert!(
         ready.starts_with("watching pool events at http://"),
         "{ready}"
@@ -397,7 +397,7 @@ async fn watch_prints_events_as_they_happen() {
 
     ok(&t, &["load", "smollm2"]).await;
     let mut events = Vec::new();
-    let line = wait_for_line(&mut json_lines, Duration::from_secs(60), |l| {
+    let line = wait_for_line(&mut json_lines, LIMIT, |l| {
         let v: Value =
             serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"));
         let done = v["event"] == "load_finished";
@@ -421,10 +421,7 @@ async fn watch_prints_events_as_they_happen() {
             .any(|e| e["event"] == "load_started" && e["model"] == "smollm2"),
         "{events:?}"
     );
-    let line = wait_for_line(&mut text_lines, Duration::from_secs(10), |l| {
-        l.contains("load_finished")
-    })
-    .await;
+    let line = wait_for_line(&mut text_lines, LIMIT, |l| l.contains("load_finished")).await;
     assert!(
         line.contains(" load_finished smollm2 ") && line.contains(" measured "),
         "{line}"
@@ -435,10 +432,7 @@ async fn watch_prints_events_as_they_happen() {
     );
 
     ok(&t, &["evict", "smollm2"]).await;
-    let line = wait_for_line(&mut text_lines, Duration::from_secs(10), |l| {
-        l.contains(" evicted ")
-    })
-    .await;
+    let line = wait_for_line(&mut text_lines, LIMIT, |l| l.contains(" evicted ")).await;
     assert!(
         line.contains(" evicted smollm2 (requested) freed "),
         "{line}"
@@ -525,12 +519,10 @@ async fn plan_says_what_fits_without_a_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_server_is_named_and_exits_1() {
     let _serial = modelpool_tests::serial().await;
-    // A port nobody listens on.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    // A port bound here and never listened on: it refuses connections, and no other
+    // process can take it while the test runs.
+    let (_socket, refusing) = modelpool_tests::refusing_addr();
+    let addr = refusing.to_string();
     let out = output(command(&["models", "--addr", &addr])).await;
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     let err = stderr(&out);

@@ -117,7 +117,7 @@ async fn modelmesh_loads_routes_sizes_and_unloads() {
     .await
     .unwrap();
     assert!(
-        eventually(Duration::from_secs(2), || !process_alive(pid)).await,
+        eventually(Duration::from_secs(30), || !process_alive(pid)).await,
         "worker gone"
     );
     let ids = t.model_ids().await;

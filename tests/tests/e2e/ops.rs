@@ -8,7 +8,7 @@ use modelpool_proto::v1::{GenerateRequest, ListModelsRequest, ModelState, Reload
 use modelpool_server::Settings;
 use modelpool_tests::{
     chat, collect, greedy, model_path, modelpool_exe, parse_prometheus, sample_value, scrape,
-    TestServer,
+    ServeChild, TestServer,
 };
 use tonic::Code;
 
@@ -112,16 +112,18 @@ async fn metrics_parse_and_move_with_a_request() {
     t.stop().await;
 }
 
+/// A configuration for `models` (id, context). Two sequences each, so a request to a
+/// model that is generating runs beside it instead of queueing behind it.
 fn write_models(path: &Path, runtime: &Path, models: &[(&str, u32)]) {
     let mut text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\ndrain_timeout = \"20s\"\n\
-         [workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n",
+        "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\ndrain_timeout = \"600s\"\n\
+         [workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n[pool]\nqueue_timeout = \"600s\"\n",
         runtime.display(),
         modelpool_exe().display()
     );
     for (id, ctx) in models {
         text += &format!(
-            "[[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = {ctx}\n",
+            "[[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = {ctx}\nmax_sequences = 2\n",
             model_path().display()
         );
     }
@@ -141,12 +143,13 @@ async fn reload_adds_removes_and_drains() {
     let runtime = t.server.runtime_dir.parent().unwrap().to_path_buf();
 
     // b is generating when the reload removes it: it finishes, new requests are refused.
+    // (300 tokens: seconds of work, so it is still going when the reload looks.)
     let mut b_stream = t
         .inference()
         .generate(GenerateRequest {
             model: "b".into(),
             prompt: "1, 2, 3, 4, 5, 6, 7, 8,".into(),
-            sampling: Some(greedy(100)),
+            sampling: Some(greedy(300)),
         })
         .await
         .unwrap()
@@ -156,13 +159,24 @@ async fn reload_adds_removes_and_drains() {
     let mut control = t.control();
     let reload = tokio::spawn(async move { control.reload_config(ReloadConfigRequest {}).await });
     let mut inference = t.inference();
-    // The reload marks b as leaving at once, then waits for its generation.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The reload marks b as leaving (requests before that are served beside its
+    // generation), then waits for that generation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let refused = loop {
+        match inference.chat(chat("b", "Hi", greedy(4))).await {
+            Err(e) => break e,
+            Ok(served) => drop(collect(served.into_inner()).await),
+        }
+        if reload.is_finished() {
+            panic!("the reload ended first: {:?}", reload.await);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "b was never marked as leaving"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert!(!reload.is_finished(), "the reload waits for b's generation");
-    let refused = inference
-        .chat(chat("b", "Hi", greedy(4)))
-        .await
-        .unwrap_err();
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(
         refused.message().contains("being removed"),
@@ -212,11 +226,10 @@ async fn reload_adds_removes_and_drains() {
 async fn sighup_reloads_the_real_binary() {
     let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = modelpool_tests::free_port();
     let config = dir.path().join("modelpool.toml");
     let write = |ids: &[&str]| {
         let mut text = format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n[workers]\nruntime_dir = \"{}\"\n",
+            "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[workers]\nruntime_dir = \"{}\"\n",
             dir.path().display()
         );
         for id in ids {
@@ -228,42 +241,28 @@ async fn sighup_reloads_the_real_binary() {
         std::fs::write(&config, text).unwrap();
     };
     write(&["a"]);
-    let mut child = tokio::process::Command::new(modelpool_exe())
-        .args(["serve", "--config"])
-        .arg(&config)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let channel = modelpool_tests::connect_when_up(port).await;
+    let mut cmd = std::process::Command::new(modelpool_exe());
+    cmd.args(["serve", "--config"]).arg(&config);
+    let mut server = ServeChild::spawn(cmd).await;
+    let channel = server.connect().await;
     let mut control = modelpool_proto::v1::model_control_client::ModelControlClient::new(channel);
     write(&["a", "added"]);
-    let pid = child.id().unwrap() as i32;
-    // SAFETY: sending a signal to our own child process.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
-    let mut ids = Vec::new();
-    for _ in 0..100 {
-        let list = control
-            .list_models(ListModelsRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        ids = list.models.iter().map(|m| m.id.clone()).collect();
-        if ids.len() == 2 {
-            assert!(list
-                .models
-                .iter()
-                .all(|m| m.state() == ModelState::Registered));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(ids, vec!["a".to_string(), "added".to_string()]);
-    // SAFETY: as above.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+    server.signal(libc::SIGHUP);
+    // The reload is done when the server logs its report (however busy the machine).
+    server.wait_for_log("configuration reloaded").await;
+    let list = control
+        .list_models(ListModelsRequest {})
         .await
         .unwrap()
-        .unwrap();
+        .into_inner();
+    let ids: Vec<String> = list.models.iter().map(|m| m.id.clone()).collect();
+    assert_eq!(ids, vec!["a".to_string(), "added".to_string()]);
+    assert!(list
+        .models
+        .iter()
+        .all(|m| m.state() == ModelState::Registered));
+    server.signal(libc::SIGTERM);
+    let status = server.wait().await;
     assert!(status.success(), "{status}");
 }
 
@@ -271,27 +270,22 @@ async fn sighup_reloads_the_real_binary() {
 async fn json_logs_carry_the_request_span_and_trace_context() {
     let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = modelpool_tests::free_port();
     let config = dir.path().join("modelpool.toml");
     std::fs::write(
         &config,
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\nmetrics_listen = \"\"\n[workers]\nruntime_dir = \"{}\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[workers]\nruntime_dir = \"{}\"\n\
              [[models]]\nid = \"smollm2\"\npath = \"{}\"\ncontext_length = 1024\n",
             dir.path().display(),
             model_path().display()
         ),
     )
     .unwrap();
-    let log = dir.path().join("server.log");
-    let mut child = tokio::process::Command::new(modelpool_exe())
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let channel = modelpool_tests::connect_when_up(port).await;
+    let mut cmd = std::process::Command::new(modelpool_exe());
+    cmd.args(["--log-format", "json", "serve", "--config"])
+        .arg(&config);
+    let mut server = ServeChild::spawn(cmd).await;
+    let channel = server.connect().await;
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut request = tonic::Request::new(chat("smollm2", "Hi", greedy(4)));
     request.metadata_mut().insert(
@@ -302,17 +296,10 @@ async fn json_logs_carry_the_request_span_and_trace_context() {
     collect(client.chat(request).await.unwrap().into_inner())
         .await
         .unwrap();
-    // SAFETY: signalling our own child.
-    assert_eq!(
-        unsafe { libc::kill(child.id().unwrap() as i32, libc::SIGTERM) },
-        0
-    );
-    tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    server.signal(libc::SIGTERM);
+    server.wait().await;
+    let text = server.log_text();
 
-    let text = std::fs::read_to_string(&log).unwrap();
     let finished: Vec<serde_json::Value> = text
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

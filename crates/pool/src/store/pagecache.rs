@@ -116,10 +116,36 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    /// Why the kernel would keep a clean file's pages in `dir` after DONTNEED, if it does
+    /// (tmpfs, overlays of it, some network and FUSE file systems): a probe file advised
+    /// with a raw `posix_fadvise`, so a fault in [`drop_cached`] fails the test below
+    /// rather than skipping it.
+    fn kernel_keeps_pages_in(dir: &Path) -> Option<String> {
+        let path = dir.join("probe");
+        let mut f = File::create(&path).ok()?;
+        f.write_all(&vec![1u8; 1 << 20]).ok()?;
+        f.sync_all().ok()?;
+        // SAFETY: plain syscall on an open descriptor; length 0 means the whole file.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let kept = cached_bytes(&path).ok()?;
+        (kept > 0).then(|| {
+            format!(
+                "the kernel kept {kept} bytes of a probe file in the page cache after \
+                 POSIX_FADV_DONTNEED in {}",
+                dir.display()
+            )
+        })
+    }
+
     #[test]
     fn a_file_just_read_is_cached_and_dropping_it_empties_the_count() {
         // tmpfs pages cannot be dropped, so use a directory on the real disk.
         let dir = tempfile::tempdir_in(std::env::var("CARGO_MANIFEST_DIR").unwrap()).unwrap();
+        if let Some(why) = kernel_keeps_pages_in(dir.path()) {
+            let test = std::thread::current().name().unwrap_or("").to_owned();
+            let _ = writeln!(std::io::stderr(), "skipped: {test}: {why}");
+            return;
+        }
         let path = dir.path().join("f");
         let mut f = File::create(&path).unwrap();
         f.write_all(&vec![7u8; 1 << 20]).unwrap();

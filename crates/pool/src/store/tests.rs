@@ -149,7 +149,7 @@ fn keys_change_when_the_source_file_changes() {
     let root = tempfile::tempdir().unwrap();
     let src = source(root.path(), "m", 100);
     let before = path_key(&src).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(20));
+    // A new length: the key changes whatever the file system's timestamp granularity.
     fs::write(&src, vec![1u8; 101]).unwrap();
     assert_ne!(before, path_key(&src).unwrap());
     assert!(valid_key(&before));
@@ -170,13 +170,16 @@ fn a_directory_key_changes_when_a_file_in_it_is_rewritten_in_place() {
         path_key(&dir).unwrap(),
         "stable while nothing changes"
     );
-    std::thread::sleep(std::time::Duration::from_millis(20));
-    // Same length, same directory entries: only the file's mtime moves.
-    fs::OpenOptions::new()
+    // Same length, same directory entries: only the file's mtime moves. A rewrite within
+    // one tick of the file system's timestamp clock (a jiffy on ext4, 2 s on FAT) would
+    // keep it, so the rewrite sets it one second on, as a later rewrite would.
+    let file = fs::OpenOptions::new()
         .write(true)
         .open(dir.join("model.safetensors"))
-        .unwrap()
-        .write_all(&[1u8; 64])
+        .unwrap();
+    let mtime = file.metadata().unwrap().modified().unwrap();
+    (&file).write_all(&[1u8; 64]).unwrap();
+    file.set_modified(mtime + std::time::Duration::from_secs(1))
         .unwrap();
     assert_ne!(before, path_key(&dir).unwrap());
     let q = quantized_key(&before, "Q8_0");

@@ -211,7 +211,16 @@ async fn a_loading_model_keeps_its_spilled_copy() {
     };
     let pool = pool_of(&backend, config, [ModelSpec::new("a", &a)]);
     let loading = spawn_load(&pool, "a");
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // The load has started (its files protected) once `a` leaves Registered; the real
+    // clock runs here, so wait for that rather than for a guess at how long it takes.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pool.get("a").unwrap().state == SlotState::Registered {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load never started"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     // `a` is now the least recently used artifact, and a third one overflows the budget.
     assert!(store.lookup(&b_key).is_some());
     store.spill_file(&c_key, &c).unwrap();
