@@ -265,7 +265,7 @@ async fn past_the_drain_timeout_the_outgoing_generation_ends_with_the_reason() {
     assert_eq!(cut.code(), Code::Unavailable);
     assert!(
         cut.message()
-            .contains("swapped out for `b` after the group's drain timeout of 1s"),
+            .contains("for `b` after the group's drain timeout of 1s"),
         "{}",
         cut.message()
     );
