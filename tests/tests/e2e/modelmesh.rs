@@ -144,9 +144,10 @@ async fn a_cancelled_load_followed_by_unload_leaves_nothing() {
     let (t, mut mm) = server().await;
     mm.runtime_status(RuntimeStatusRequest {}).await.unwrap();
     let path = model_path().display().to_string();
-    // ModelMesh gives up on the load after 200 ms (the worker needs about a second)...
+    // ModelMesh gives up on the load after 20 ms (a llama.cpp worker needs 100-200 ms
+    // to start and map the model, a mistral.rs one about a second)...
     let mut request = tonic::Request::new(load("mm-2", &path));
-    request.set_timeout(Duration::from_millis(200));
+    request.set_timeout(Duration::from_millis(20));
     let err = mm.load_model(request).await.unwrap_err();
     assert!(
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
