@@ -19,8 +19,8 @@ pub mod text;
 pub mod worker;
 
 pub use engine::Engine;
-pub use modelpool_engines::EngineKind;
 pub use error::EngineError;
 pub use llm::LoadedModel;
+pub use modelpool_engines::EngineKind;
 pub use process::{WorkerBackend, WorkerBackendConfig, WorkerProcess};
 pub use worker::WorkerArgs;

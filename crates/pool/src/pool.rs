@@ -587,7 +587,8 @@ impl<B: Backend> Pool<B> {
                         });
                     }
                     why = now_why;
-                    let until = retry_in.map_or(deadline.at, |r| (Instant::now() + r).min(deadline.at));
+                    let until =
+                        retry_in.map_or(deadline.at, |r| (Instant::now() + r).min(deadline.at));
                     let _ = tokio::time::timeout_at(until, changes.changed()).await;
                 }
             }

@@ -147,14 +147,22 @@ impl Footprint {
     /// Bytes a worker holds right after its load, as predicted: what the pool compares
     /// with its measurement then.
     pub fn at_load_bytes(&self) -> u64 {
-        let kv = if self.kv_resident_at_load { self.kv_bytes } else { 0 };
+        let kv = if self.kv_resident_at_load {
+            self.kv_bytes
+        } else {
+            0
+        };
         self.weights_bytes + self.overhead_bytes + kv
     }
 
     /// Bytes that grow after the load (KV cache grown lazily, prompt scratch), charged
     /// on top of what was measured then.
     pub fn growth_bytes(&self) -> u64 {
-        let kv = if self.kv_resident_at_load { 0 } else { self.kv_bytes };
+        let kv = if self.kv_resident_at_load {
+            0
+        } else {
+            self.kv_bytes
+        };
         kv + self.activation_bytes
     }
 }

@@ -180,9 +180,8 @@ pub fn plan_turn(
             .iter()
             .map(|h| {
                 let mut r = h.resident.clone();
-                let free = !r.pinned
-                    && h.draining_for.is_none()
-                    && (!residency_counts || old_enough(h));
+                let free =
+                    !r.pinned && h.draining_for.is_none() && (!residency_counts || old_enough(h));
                 r.leases = if free { 0 } else { r.leases.max(1) };
                 r
             })

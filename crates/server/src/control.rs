@@ -216,12 +216,10 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
             duration: proto_duration(duration),
             bytes,
         }),
-        EventKind::TurnStarted { outgoing, waited } => {
-            Kind::TurnStarted(pool_event::TurnStarted {
-                outgoing,
-                waited: proto_duration(waited),
-            })
-        }
+        EventKind::TurnStarted { outgoing, waited } => Kind::TurnStarted(pool_event::TurnStarted {
+            outgoing,
+            waited: proto_duration(waited),
+        }),
         EventKind::TurnFinished { duration, waited } => {
             Kind::TurnFinished(pool_event::TurnFinished {
                 duration: proto_duration(duration),

@@ -444,7 +444,12 @@ fn render_gauges(out: &mut String, pool: &Pool<WorkerBackend>) {
 /// min_residency), "draining" (their model gives its turn to another), and how long.
 fn render_waits(out: &mut String, models: &[modelpool_pool::ModelSnapshot]) {
     let name = "modelpool_waiting_requests";
-    header(out, name, "Requests waiting, by why: room, turn, draining.", "gauge");
+    header(
+        out,
+        name,
+        "Requests waiting, by why: room, turn, draining.",
+        "gauge",
+    );
     for m in models {
         let why = m.waiting_reason.as_deref().unwrap_or_default();
         for (reason, prefix) in [
@@ -452,16 +457,32 @@ fn render_waits(out: &mut String, models: &[modelpool_pool::ModelSnapshot]) {
             ("turn", "waiting for its turn"),
             ("draining", "draining for"),
         ] {
-            let n = if why.starts_with(prefix) { m.waiting } else { 0 };
+            let n = if why.starts_with(prefix) {
+                m.waiting
+            } else {
+                0
+            };
             let labels = [m.spec.id.clone(), reason.to_owned()];
             sample(out, name, &["model", "reason"], &labels, None, f64::from(n));
         }
     }
     let name = "modelpool_room_wait_seconds";
-    header(out, name, "How long a model's requests have waited for room.", "gauge");
+    header(
+        out,
+        name,
+        "How long a model's requests have waited for room.",
+        "gauge",
+    );
     for m in models {
         let labels = std::slice::from_ref(&m.spec.id);
-        sample(out, name, &["model"], labels, None, m.waiting_for.as_secs_f64());
+        sample(
+            out,
+            name,
+            &["model"],
+            labels,
+            None,
+            m.waiting_for.as_secs_f64(),
+        );
     }
 }
 

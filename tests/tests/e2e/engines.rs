@@ -162,7 +162,11 @@ async fn answers_cut_inside_a_character_end_with_their_length_as_whole_text() {
         for max_tokens in 1..=3 {
             let chunks = generate(&t, id, EMOJI_PROMPT, greedy(max_tokens)).await;
             let (reason, _, completion) = last(&chunks);
-            assert_eq!(reason, FinishReason::Length, "{engine} at {max_tokens} tokens");
+            assert_eq!(
+                reason,
+                FinishReason::Length,
+                "{engine} at {max_tokens} tokens"
+            );
             // mistral.rs' own count runs one over here (its logits processor sees one
             // more step than it streams); llama.cpp's is exact.
             if engine == "llama.cpp" {

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use modelpool_proto::v1::pool_event::Kind;
-use modelpool_tests::{chat, collect, greedy, model_toml, predicted_bytes, settings_toml, TestServer};
+use modelpool_tests::{
+    chat, collect, greedy, model_toml, predicted_bytes, settings_toml, TestServer,
+};
 
 const CONTEXT: u32 = 1024;
 const IDS: [&str; 3] = ["a", "b", "c"];
@@ -19,7 +21,12 @@ async fn three_models_with_room_for_two_are_all_served_in_turns() {
     let budget = (predicted_bytes(CONTEXT) as f64 * 2.5) as u64;
     let models: String = IDS
         .iter()
-        .map(|id| model_toml(id, &format!("context_length = {CONTEXT}\nmax_sequences = 1\n")))
+        .map(|id| {
+            model_toml(
+                id,
+                &format!("context_length = {CONTEXT}\nmax_sequences = 1\n"),
+            )
+        })
         .collect();
     // Short turns; drain and queue timeouts long enough that a slow, shared machine
     // makes the test slower, never cut (a cut is the drain timeout doing its job).
@@ -74,9 +81,16 @@ async fn three_models_with_room_for_two_are_all_served_in_turns() {
         c.await.unwrap().expect("every request is served");
     }
     let served = served.lock().unwrap().clone();
-    assert!(IDS.iter().all(|m| served.get(m).copied().unwrap_or(0) >= 3), "{served:?}");
+    assert!(
+        IDS.iter().all(|m| served.get(m).copied().unwrap_or(0) >= 3),
+        "{served:?}"
+    );
     assert!(!reasons.is_empty(), "status never showed a model waiting");
-    let known = ["waiting for room", "waiting for its turn", "draining for model"];
+    let known = [
+        "waiting for room",
+        "waiting for its turn",
+        "draining for model",
+    ];
     for (id, why) in &reasons {
         assert!(known.iter().any(|k| why.starts_with(k)), "{id}: {why}");
     }

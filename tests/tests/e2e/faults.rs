@@ -121,7 +121,9 @@ async fn a_hung_worker_is_killed(script: &str, load_timeout: Duration, code: Cod
         .unwrap_err();
     modelpool_tests::assert_refused(&err, code, says);
     assert!(
-        eventually(Duration::from_secs(30), || children_named("sleep").is_empty()).await,
+        eventually(Duration::from_secs(30), || children_named("sleep")
+            .is_empty())
+        .await,
         "the hung worker is still running"
     );
     t.assert_nothing_charged().await;
@@ -205,7 +207,11 @@ async fn a_mapped_file_truncated_under_its_worker_ends_that_worker_only() {
     assert!(t.ask_capital("other").await.contains("Paris"));
     let long = chat("mapped", "Write a long story about a dragon.", greedy(400));
     let mut stream = t.inference().chat(long).await.unwrap().into_inner();
-    stream.message().await.unwrap().expect("mapped is generating");
+    stream
+        .message()
+        .await
+        .unwrap()
+        .expect("mapped is generating");
     let victim = t.model("mapped").await.worker_pid;
 
     std::fs::OpenOptions::new()
@@ -235,10 +241,18 @@ async fn a_mapped_file_truncated_under_its_worker_ends_that_worker_only() {
     }
     assert_eq!(m.state(), ModelState::Failed);
     assert!(m.last_error.contains("SIGBUS"), "{}", m.last_error);
-    assert!(eventually(Duration::from_secs(30), || !modelpool_tests::process_alive(victim)).await);
+    assert!(
+        eventually(Duration::from_secs(30), || !modelpool_tests::process_alive(
+            victim
+        ))
+        .await
+    );
     let status = t.pool_status().await;
     let other = status.models.iter().find(|m| m.id == "other").unwrap();
-    assert_eq!(status.devices[0].used_bytes, other.charged_bytes, "only `other` is charged");
+    assert_eq!(
+        status.devices[0].used_bytes, other.charged_bytes,
+        "only `other` is charged"
+    );
     assert!(t.ask_capital("other").await.contains("Paris"));
     t.stop().await;
 }

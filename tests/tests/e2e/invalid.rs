@@ -168,7 +168,11 @@ async fn register_refuses_files_that_cannot_load_and_paths_outside_the_roots() {
                 id: format!("bad-{i}"),
                 path: path.display().to_string(),
                 engine: engine.to_string(),
-                format: if path.ends_with("models") { "safetensors".into() } else { String::new() },
+                format: if path.ends_with("models") {
+                    "safetensors".into()
+                } else {
+                    String::new()
+                },
                 ..Default::default()
             })
             .await
@@ -178,8 +182,16 @@ async fn register_refuses_files_that_cannot_load_and_paths_outside_the_roots() {
             tonic::Code::InvalidArgument,
             "{path:?}: {err:?}"
         );
-        assert!(err.message().starts_with(&format!("{field}:")), "{path:?}: {}", err.message());
-        assert!(err.message().contains(why.as_str()), "{path:?}: {}", err.message());
+        assert!(
+            err.message().starts_with(&format!("{field}:")),
+            "{path:?}: {}",
+            err.message()
+        );
+        assert!(
+            err.message().contains(why.as_str()),
+            "{path:?}: {}",
+            err.message()
+        );
     }
     assert_eq!(t.model_ids().await.len(), 1, "nothing was registered");
     t.assert_nothing_charged().await;

@@ -260,7 +260,10 @@ impl<B: Backend> Pool<B> {
                 if swap::begin_drain(&self.inner, st, &victims, id, timeout, why) {
                     swap::start_swap(&self.inner, st, group, id);
                 }
-                let why = format!("waiting for its turn in its group: {} draining for it", victims.join(", "));
+                let why = format!(
+                    "waiting for its turn in its group: {} draining for it",
+                    victims.join(", ")
+                );
                 return Ok(waiting(st, id, why, None, None, false));
             }
             Decision::Turn { victims } => {

@@ -309,7 +309,12 @@ impl<I: Instance> State<I> {
                     id: id.clone(),
                     charge: effective_charge(charge, instance.as_ref(), e.spec.device),
                     // Requests queued for a model being drained do not hold it.
-                    leases: e.in_flight + if e.draining_for.is_some() { 0 } else { e.interest },
+                    leases: e.in_flight
+                        + if e.draining_for.is_some() {
+                            0
+                        } else {
+                            e.interest
+                        },
                     pinned: e.spec.pinned,
                 })
             })
@@ -385,7 +390,10 @@ impl<I: Instance> State<I> {
         let rooms = self.rooms(&residents, available, headroom_bytes, id);
         // A model draining for another is that model's room: nobody else evicts it.
         for r in residents.iter_mut() {
-            let draining = self.models.get(&r.id).and_then(|e| e.draining_for.as_deref());
+            let draining = self
+                .models
+                .get(&r.id)
+                .and_then(|e| e.draining_for.as_deref());
             if draining.is_some_and(|d| d != id) {
                 r.leases = r.leases.max(1);
             }

@@ -71,9 +71,8 @@ impl ModelSnapshot {
     /// bytes measured then, in percent.
     pub fn prediction_error_pct(&self) -> Option<f64> {
         let fp = self.predicted.as_ref()?;
-        (self.load_measured_bytes > 0).then(|| {
-            super::state::error_pct(fp.at_load_bytes(), self.load_measured_bytes)
-        })
+        (self.load_measured_bytes > 0)
+            .then(|| super::state::error_pct(fp.at_load_bytes(), self.load_measured_bytes))
     }
 }
 

@@ -325,7 +325,14 @@ pub(super) fn start_turn<B: Backend>(
     victims: Vec<String>,
 ) {
     let policy = inner.config.turns;
-    if !begin_drain(inner, st, &victims, incoming, policy.drain_timeout, DrainFor::Turn) {
+    if !begin_drain(
+        inner,
+        st,
+        &victims,
+        incoming,
+        policy.drain_timeout,
+        DrainFor::Turn,
+    ) {
         return;
     }
     st.turns.record();

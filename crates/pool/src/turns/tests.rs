@@ -74,7 +74,10 @@ fn then_the_least_recently_used_busy_model_drains_for_it() {
     let why = Why::Draining {
         victims: vec!["a".into()],
     };
-    assert_eq!(why.to_string(), "waiting for room: its turn has begun (`a` draining for it)");
+    assert_eq!(
+        why.to_string(),
+        "waiting for room: its turn has begun (`a` draining for it)"
+    );
 }
 
 #[test]
@@ -90,14 +93,21 @@ fn a_model_resident_under_min_residency_stays_and_the_wait_says_how_long() {
         panic!("a young model was drained");
     };
     assert_eq!((retry_in, eta), (Some(s(6)), Some(s(7))));
-    assert!(why.to_string().starts_with("waiting for its turn: `a` stays resident 6.0s"), "{why}");
+    assert!(
+        why.to_string()
+            .starts_with("waiting for its turn: `a` stays resident 6.0s"),
+        "{why}"
+    );
 }
 
 #[test]
 fn the_longest_waiting_model_goes_first_and_one_turn_runs_at_a_time() {
     let busy = [holder("a", 100, 60), holder("b", 100, 60)];
     let waiters = [waiter("c", 5), waiter("d", 9)];
-    assert_eq!(plan(&busy, &waiters, "d"), TurnPlan::Drain(vec!["a".into()]));
+    assert_eq!(
+        plan(&busy, &waiters, "d"),
+        TurnPlan::Drain(vec!["a".into()])
+    );
     let TurnPlan::Wait { why, eta, .. } = plan(&busy, &waiters, "c") else {
         panic!("two turns at once");
     };
@@ -118,7 +128,10 @@ fn the_longest_waiting_model_goes_first_and_one_turn_runs_at_a_time() {
     ));
     assert!(matches!(
         plan(&draining, &running, "d"),
-        TurnPlan::Wait { why: Why::Draining { .. }, .. }
+        TurnPlan::Wait {
+            why: Why::Draining { .. },
+            ..
+        }
     ));
 }
 
@@ -133,7 +146,10 @@ fn pinned_models_never_drain_and_what_fits_only_without_them_is_refused() {
     let mut small = pinned;
     small.resident.charge = Charge::on(Device::Cpu, 100);
     let both = [small, holder("b", 100, 600)];
-    assert_eq!(plan(&both, &[waiter("c", 60)], "c"), TurnPlan::Drain(vec!["b".into()]));
+    assert_eq!(
+        plan(&both, &[waiter("c", 60)], "c"),
+        TurnPlan::Drain(vec!["b".into()])
+    );
 }
 
 /// Room for `slots` of the unpinned models; every model is wanted all the time.
@@ -149,9 +165,18 @@ struct Scenario {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Sim {
-    Out { since: u64, turn: bool },
-    Loading { done: u64 },
-    Ready { since: u64, drained_at: Option<u64>, pinned: bool },
+    Out {
+        since: u64,
+        turn: bool,
+    },
+    Loading {
+        done: u64,
+    },
+    Ready {
+        since: u64,
+        drained_at: Option<u64>,
+        pinned: bool,
+    },
 }
 
 struct Outcome {
@@ -168,9 +193,16 @@ fn simulate(sc: &Scenario, seconds: u64) -> Outcome {
         .map(|i| {
             if i < sc.pinned + sc.slots {
                 let pinned = i < sc.pinned;
-                Sim::Ready { since: 0, drained_at: None, pinned }
+                Sim::Ready {
+                    since: 0,
+                    drained_at: None,
+                    pinned,
+                }
             } else {
-                Sim::Out { since: 0, turn: false }
+                Sim::Out {
+                    since: 0,
+                    turn: false,
+                }
             }
         })
         .collect();
@@ -189,13 +221,23 @@ fn simulate(sc: &Scenario, seconds: u64) -> Outcome {
         for (i, m) in sim.iter_mut().enumerate() {
             match *m {
                 Sim::Loading { done } if done <= t => {
-                    *m = Sim::Ready { since: t, drained_at: None, pinned: false };
+                    *m = Sim::Ready {
+                        since: t,
+                        drained_at: None,
+                        pinned: false,
+                    };
                     out.served[i] = true;
                     lru.retain(|&x| x != i);
                     lru.push(i);
                 }
-                Sim::Ready { drained_at: Some(at), .. } if at <= t => {
-                    *m = Sim::Out { since: t, turn: false };
+                Sim::Ready {
+                    drained_at: Some(at),
+                    ..
+                } if at <= t => {
+                    *m = Sim::Out {
+                        since: t,
+                        turn: false,
+                    };
                     draining_for[i] = None;
                 }
                 _ => {}
@@ -234,16 +276,22 @@ fn simulate(sc: &Scenario, seconds: u64) -> Outcome {
             .collect();
         let used = sim.iter().filter(|m| !matches!(m, Sim::Out { .. })).count() as u64;
         let mut free = budget - used;
-        let running = sim.iter().position(|m| matches!(m, Sim::Out { turn: true, .. }));
+        let running = sim
+            .iter()
+            .position(|m| matches!(m, Sim::Out { turn: true, .. }));
         for i in 0..sc.models {
-            let Sim::Out { since, turn } = sim[i] else { continue };
+            let Sim::Out { since, turn } = sim[i] else {
+                continue;
+            };
             if running.is_some_and(|r| r != i) {
                 continue;
             }
             if free > 0 {
                 free -= 1;
                 out.longest_wait_s = out.longest_wait_s.max(t - since);
-                sim[i] = Sim::Loading { done: t + sc.load_s };
+                sim[i] = Sim::Loading {
+                    done: t + sc.load_s,
+                };
                 continue;
             }
             if turn {
@@ -262,7 +310,10 @@ fn simulate(sc: &Scenario, seconds: u64) -> Outcome {
                 sim[i] = Sim::Out { since, turn: true };
                 for v in victims {
                     let vi = ids.iter().position(|x| *x == v).unwrap();
-                    if let Sim::Ready { drained_at, pinned, .. } = &mut sim[vi] {
+                    if let Sim::Ready {
+                        drained_at, pinned, ..
+                    } = &mut sim[vi]
+                    {
                         out.pinned_drained |= *pinned;
                         *drained_at = Some(t + drain_s);
                     }
@@ -276,23 +327,32 @@ fn simulate(sc: &Scenario, seconds: u64) -> Outcome {
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (2usize..7, 0usize..2, 1u64..5, 1u64..20, 0u64..8, 1u64..30, 1u64..40).prop_flat_map(
-        |(models, pinned, load_s, request_s, window_s, min_res_s, drain_s)| {
-            let pinned = pinned.min(models - 2);
-            (1..models - pinned).prop_map(move |slots| Scenario {
-                models,
-                pinned,
-                slots,
-                load_s,
-                request_s,
-                policy: TurnPolicy {
-                    fairness_window: s(window_s),
-                    min_residency: s(min_res_s),
-                    drain_timeout: s(drain_s),
-                },
-            })
-        },
+    (
+        2usize..7,
+        0usize..2,
+        1u64..5,
+        1u64..20,
+        0u64..8,
+        1u64..30,
+        1u64..40,
     )
+        .prop_flat_map(
+            |(models, pinned, load_s, request_s, window_s, min_res_s, drain_s)| {
+                let pinned = pinned.min(models - 2);
+                (1..models - pinned).prop_map(move |slots| Scenario {
+                    models,
+                    pinned,
+                    slots,
+                    load_s,
+                    request_s,
+                    policy: TurnPolicy {
+                        fairness_window: s(window_s),
+                        min_residency: s(min_res_s),
+                        drain_timeout: s(drain_s),
+                    },
+                })
+            },
+        )
 }
 
 proptest! {

@@ -246,10 +246,10 @@ fn waits(models: &[ModelInfo]) -> Result<(), Failure> {
         .iter()
         .filter(|m| !m.waiting_reason.is_empty())
         .map(|m| {
-            let waited = m.waiting_for.as_ref().map_or_else(
-                || "-".to_owned(),
-                |d| format!("{:.1}s", secs(Some(d))),
-            );
+            let waited = m
+                .waiting_for
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |d| format!("{:.1}s", secs(Some(d))));
             vec![
                 m.id.clone(),
                 m.waiting_requests.to_string(),

@@ -201,10 +201,7 @@ fn engine_of(
     };
     engine.check(format, None).map_err(|e| ("engine", e))?;
     if engine != EngineKind::LlamaCpp {
-        for (field, set) in [
-            ("repack", repack.is_some()),
-            ("mlock", mlock == Some(true)),
-        ] {
+        for (field, set) in [("repack", repack.is_some()), ("mlock", mlock == Some(true))] {
             if set {
                 return Err((
                     field,

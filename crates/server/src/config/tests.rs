@@ -214,7 +214,11 @@ fn engines_default_by_format_and_are_checked() {
     };
     let s = model("").unwrap();
     assert_eq!(
-        (s.models[0].engine.as_str(), s.models[0].repack, s.models[0].mlock),
+        (
+            s.models[0].engine.as_str(),
+            s.models[0].repack,
+            s.models[0].mlock
+        ),
         ("llama.cpp", false, false)
     );
     let s = model("engine = \"mistral.rs\"").unwrap();
@@ -222,12 +226,31 @@ fn engines_default_by_format_and_are_checked() {
     let s = model("repack = true\nmlock = true").unwrap();
     assert!(s.models[0].repack && s.models[0].mlock);
     for (extra, key, says) in [
-        ("engine = \"vllm\"", "models[0].engine", "llama.cpp, mistral.rs"),
-        ("format = \"safetensors\"\nengine = \"llama.cpp\"", "models[0].engine", "cannot read safetensors"),
-        ("engine = \"mistral.rs\"\nrepack = true", "models[0].repack", "llama.cpp setting"),
-        ("engine = \"mistral.rs\"\nmlock = true", "models[0].mlock", "llama.cpp setting"),
+        (
+            "engine = \"vllm\"",
+            "models[0].engine",
+            "llama.cpp, mistral.rs",
+        ),
+        (
+            "format = \"safetensors\"\nengine = \"llama.cpp\"",
+            "models[0].engine",
+            "cannot read safetensors",
+        ),
+        (
+            "engine = \"mistral.rs\"\nrepack = true",
+            "models[0].repack",
+            "llama.cpp setting",
+        ),
+        (
+            "engine = \"mistral.rs\"\nmlock = true",
+            "models[0].mlock",
+            "llama.cpp setting",
+        ),
     ] {
         let err = model(extra).unwrap_err().to_string();
-        assert!(err.contains(&format!("`{key}`")) && err.contains(says), "{extra:?} gave {err}");
+        assert!(
+            err.contains(&format!("`{key}`")) && err.contains(says),
+            "{extra:?} gave {err}"
+        );
     }
 }

@@ -56,14 +56,20 @@ async fn a_model_that_fits_once_busy_models_stop_waits_for_its_turn() {
     // Past it, but `a` and `b` are younger than min_residency (10 s).
     tokio::time::sleep(Duration::from_secs(4)).await;
     let why = reason(&pool, "c");
-    assert!(why.starts_with("waiting for its turn: `a` stays resident"), "{why}");
+    assert!(
+        why.starts_with("waiting for its turn: `a` stays resident"),
+        "{why}"
+    );
     assert!(turns(&mut events).is_empty());
     // At 10 s the least recently used (`a`) drains for `c`: it keeps its lease, and a
     // new request for it queues.
     tokio::time::sleep(Duration::from_secs(6)).await;
     assert_eq!(reason(&pool, "a"), "draining for model `c`");
     let why = reason(&pool, "c");
-    assert!(why.contains("its turn has begun (`a` draining for it)"), "{why}");
+    assert!(
+        why.contains("its turn has begun (`a` draining for it)"),
+        "{why}"
+    );
     let a_again = acquire_later(&pool, "a");
     settle().await;
     assert!(!a_again.is_finished());
@@ -141,10 +147,7 @@ async fn pinned_models_are_never_drained_and_what_fits_only_without_them_is_refu
     let started = Instant::now();
     let err = pool.acquire("c", None).await.err().unwrap();
     assert_eq!(started.elapsed(), Duration::ZERO);
-    assert!(
-        matches!(err, PoolError::InsufficientMemory { .. }),
-        "{err}"
-    );
+    assert!(matches!(err, PoolError::InsufficientMemory { .. }), "{err}");
     // Unpinned, it could go: `c` waits and gets its turn.
     pool.set_pinned("big", false).unwrap();
     let c = acquire_later(&pool, "c");
@@ -181,7 +184,10 @@ async fn a_deadline_the_next_turn_cannot_meet_is_told_early_with_the_estimate() 
     assert!(*by_client);
     assert!(*eta > *left && *eta <= Duration::from_secs(7), "{err}");
     let text = err.to_string();
-    assert!(text.contains("waiting for its turn: `a` stays resident"), "{text}");
+    assert!(
+        text.contains("waiting for its turn: `a` stays resident"),
+        "{text}"
+    );
     assert!(text.contains("the next turn serves it in"), "{text}");
     // Nobody waits now: no turn was started, nothing drained.
     assert_eq!(pool.status().turns_total, 0);
@@ -201,7 +207,10 @@ async fn the_longest_waiting_model_goes_first() {
     tokio::time::sleep(Duration::from_secs(9)).await;
     // `d` waited longer: its turn runs, `c` waits behind it.
     let why = reason(&pool, "c");
-    assert!(why.starts_with("waiting for its turn: `d` goes first"), "{why}");
+    assert!(
+        why.starts_with("waiting for its turn: `d` goes first"),
+        "{why}"
+    );
     drop(held_a);
     let lease_d = d.await.unwrap().unwrap();
     // Then `c`: `b` drains for it.
@@ -249,7 +258,11 @@ async fn three_models_wanted_with_room_for_two_are_all_served() {
     assert!(!backend.over_budget.load(Ordering::SeqCst));
     let status = pool.status();
     // Two slots, min_residency 10 s: at most 2 * (60 / 10 + 1) turns a minute.
-    assert!(status.turns_last_minute <= 14, "{}", status.turns_last_minute);
+    assert!(
+        status.turns_last_minute <= 14,
+        "{}",
+        status.turns_last_minute
+    );
     assert!(status.turns_total >= 2, "{}", status.turns_total);
 }
 
