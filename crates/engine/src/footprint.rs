@@ -76,7 +76,7 @@ pub use modelpool_engines::MISTRAL_RS_ARCHITECTURES as SUPPORTED_ARCHITECTURES;
 /// KV cache bytes for `spec`'s context and sequences, and the prefill scratch, for a
 /// model of `shape`; `None` when the numbers overflow.
 pub(crate) fn kv_and_activation(shape: &gguf::KvShape, spec: &ModelSpec) -> Option<(u64, u64)> {
-    let context = u64::from(spec.context_length).min(shape.max_context.unwrap_or(u64::MAX));
+    let context = context_tokens(shape, spec);
     let blocks = context.div_ceil(KV_BLOCK_TOKENS) * KV_BLOCK_TOKENS;
     let one = shape.kv_bytes(blocks, KV_ELEMENT_BYTES);
     let per_sequence = (one != u64::MAX).then(|| one.checked_mul(KV_HALVES))?? / 2;
@@ -169,12 +169,23 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
 /// Bytes of the token embedding as a dense f32 table (vocabulary x hidden size);
 /// `None` when the header's numbers overflow.
 fn embedding_table_bytes(info: &GgufInfo) -> Option<u64> {
-    let hidden = info.arch_u64("embedding_length").unwrap_or(0);
+    let (vocab, hidden) = vocab_and_hidden(info);
+    vocab.checked_mul(hidden)?.checked_mul(4)
+}
+
+/// The vocabulary size and hidden size the header states (0 where it does not).
+pub(crate) fn vocab_and_hidden(info: &GgufInfo) -> (u64, u64) {
     let vocab = info
         .get("tokenizer.ggml.tokens")
         .and_then(gguf::Value::array_len)
         .unwrap_or(0);
-    vocab.checked_mul(hidden)?.checked_mul(4)
+    (vocab, info.arch_u64("embedding_length").unwrap_or(0))
+}
+
+/// Tokens of context a worker allocates for: the configured length, capped by the
+/// model's own.
+pub(crate) fn context_tokens(shape: &gguf::KvShape, spec: &ModelSpec) -> u64 {
+    u64::from(spec.context_length).min(shape.max_context.unwrap_or(u64::MAX))
 }
 
 #[cfg(test)]

@@ -132,15 +132,6 @@ impl LoadedModel {
         }
     }
 
-    /// The context length in force: the configured one, capped by the model's own.
-    pub fn context_length(&self) -> u32 {
-        self.context_length
-    }
-
-    pub fn counters(&self) -> &Arc<Counters> {
-        &self.counters
-    }
-
     /// Starts one generation. Parameters must have passed [`sampling::validate`].
     pub async fn generate(
         &self,

@@ -263,14 +263,10 @@ impl Decoder<'_> {
             }
             self.drop_cancelled();
             self.admit();
-            self.counters
-                .active_sequences
-                .store(self.active.len() as u32, Ordering::Relaxed);
-            if self.active.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.step() {
-                self.fail_all(&e);
+            if !self.active.is_empty() {
+                if let Err(e) = self.step() {
+                    self.fail_all(&e);
+                }
             }
             self.counters
                 .active_sequences

@@ -16,7 +16,7 @@
 use modelpool_pool::gguf::GgufInfo;
 use modelpool_pool::{BackendError, Device, Footprint, ModelSpec};
 
-use crate::footprint::assemble_with;
+use crate::footprint::{assemble_with, context_tokens, vocab_and_hidden};
 use crate::EngineKind;
 
 /// Fixed resident bytes of a CPU worker besides weights, KV cache and compute buffers:
@@ -66,7 +66,7 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
     let shape = info
         .kv_shape()
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", spec.source)))?;
-    let context = u64::from(spec.context_length).min(shape.max_context.unwrap_or(u64::MAX));
+    let context = context_tokens(&shape, spec);
     let cells = context
         .checked_mul(u64::from(spec.max_sequences.max(1)))
         .ok_or_else(implausible)?
@@ -76,11 +76,7 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
     if kv_bytes == u64::MAX {
         return Err(implausible());
     }
-    let hidden = info.arch_u64("embedding_length").unwrap_or(0);
-    let vocab = info
-        .get("tokenizer.ggml.tokens")
-        .and_then(modelpool_pool::gguf::Value::array_len)
-        .unwrap_or(0);
+    let (vocab, hidden) = vocab_and_hidden(info);
     let activation_bytes = hidden
         .checked_mul(4 * SCRATCH_HIDDEN_MULTIPLE)
         .and_then(|b| b.checked_mul(UBATCH_TOKENS.min(context)))

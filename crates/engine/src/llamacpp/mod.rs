@@ -104,7 +104,7 @@ impl LlamaEngine {
         self.jobs
             .send(job)
             .await
-            .map_err(|_| EngineError::Generation("the llama.cpp decode thread stopped".into()))
+            .map_err(|_| thread_stopped())
     }
 }
 
@@ -129,7 +129,7 @@ impl Engine for LlamaEngine {
         .await?;
         answer
             .await
-            .map_err(|_| EngineError::Generation("the llama.cpp decode thread stopped".into()))
+            .map_err(|_| thread_stopped())
     }
 
     async fn generate(
@@ -155,7 +155,7 @@ impl Engine for LlamaEngine {
         .await?;
         let prompt_tokens = verdict
             .await
-            .map_err(|_| EngineError::Generation("the llama.cpp decode thread stopped".into()))??;
+            .map_err(|_| thread_stopped())??;
         let state = Relay {
             steps: steps_rx,
             prompt_tokens,
@@ -189,7 +189,7 @@ impl Relay {
             }
             None => {
                 self.done = true;
-                let e = EngineError::Generation("the llama.cpp decode thread stopped".into());
+                let e = thread_stopped();
                 return Some((Err(e), self));
             }
         };
@@ -212,4 +212,10 @@ impl Relay {
         }
         Some((Ok(chunk), self))
     }
+}
+
+/// The decode thread is gone (it only ends when the engine is dropped, or the worker
+/// exits after a panic in it).
+fn thread_stopped() -> EngineError {
+    EngineError::Generation("the llama.cpp decode thread stopped".into())
 }
