@@ -20,8 +20,6 @@ PROG=$(basename "$0")
 SCRIPT_DIR=$(cd "$(dirname "$0")" && pwd -P)
 REPO_ROOT=$(cd "$SCRIPT_DIR/../.." && pwd -P)
 DEST="$REPO_ROOT/.tools/peers"
-TOOLS="$REPO_ROOT/.tools/build"
-CMAKE_SPEC='cmake==4.4.4'
 PKG='llama-cpp-python'
 PKG_VERSION='0.3.36'
 # llama.cpp commit it vendors (from its changelog), for the record.
@@ -67,20 +65,8 @@ ggml_feature_flags() {
         done
 }
 
-find_cmake() {
-    if [ -n "${CMAKE:-}" ]; then
-        printf '%s\n' "$CMAKE"
-    elif command -v cmake >/dev/null 2>&1; then
-        command -v cmake
-    else
-        if [ ! -x "$TOOLS/cmake/data/bin/cmake" ]; then
-            log "installing $CMAKE_SPEC into $TOOLS with pip"
-            python3 -m pip install --disable-pip-version-check --no-cache-dir --quiet \
-                --upgrade --target "$TOOLS" "$CMAKE_SPEC" >&2 || die "pip install of $CMAKE_SPEC failed"
-        fi
-        printf '%s\n' "$TOOLS/cmake/data/bin/cmake"
-    fi
-}
+# shellcheck source=scripts/lib/build-tools.sh
+. "$REPO_ROOT/scripts/lib/build-tools.sh"
 
 command -v rustc >/dev/null 2>&1 || die "rustc is required (to read modelpool's CPU features)"
 command -v python3 >/dev/null 2>&1 || die "python3 with pip is required"
