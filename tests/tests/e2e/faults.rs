@@ -26,26 +26,11 @@ async fn a_worker_killed_mid_stream_fails_fast_and_the_next_request_reloads() {
     assert_eq!(unsafe { libc::kill(victim as i32, libc::SIGKILL) }, 0);
     // The client learns from the dead stream itself, not from a timeout: the bound only
     // turns a hang into a failure (the stream would otherwise wait for 300 tokens).
-    let err = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream ended cleanly after its worker was killed"),
-                Err(status) => break status,
-            }
-        }
-    })
-    .await
-    .expect("the stream of a killed worker ends, not hangs");
+    let err = ends_in_error(&mut stream, "its worker was killed").await;
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
     // The pool notices: a is cold again with the reason, its bytes are released.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut a = t.model("a").await;
-    while a.state() != ModelState::Failed && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        a = t.model("a").await;
-    }
+    let a = failed_within_a_minute(&t, "a").await;
     assert_eq!(a.state(), ModelState::Failed);
     assert!(a.last_error.contains("SIGKILL"), "{}", a.last_error);
     let status = t.pool_status().await;
@@ -220,25 +205,10 @@ async fn a_mapped_file_truncated_under_its_worker_ends_that_worker_only() {
         .unwrap()
         .set_len(0)
         .unwrap();
-    let err = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => panic!("the stream ended cleanly after its file was truncated"),
-                Err(status) => break status,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends, not hangs");
+    let err = ends_in_error(&mut stream, "its file was truncated").await;
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut m = t.model("mapped").await;
-    while m.state() != ModelState::Failed && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        m = t.model("mapped").await;
-    }
+    let m = failed_within_a_minute(&t, "mapped").await;
     assert_eq!(m.state(), ModelState::Failed);
     assert!(m.last_error.contains("SIGBUS"), "{}", m.last_error);
     assert!(
@@ -255,4 +225,36 @@ async fn a_mapped_file_truncated_under_its_worker_ends_that_worker_only() {
     );
     assert!(t.ask_capital("other").await.contains("Paris"));
     t.stop().await;
+}
+
+/// Reads `stream` until it fails; a clean end or a hang (60 s) fails the test. The
+/// client learns from the dead stream itself, not from a timeout: the bound only turns
+/// a hang into a failure.
+async fn ends_in_error(
+    stream: &mut tonic::Streaming<modelpool_proto::v1::GenerateChunk>,
+    after: &str,
+) -> tonic::Status {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the stream ended cleanly after {after}"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the stream after {after} hung for 60 s"))
+}
+
+/// `id` as GetModel shows it once it is Failed, or after a minute of waiting for that
+/// (the caller asserts the state).
+async fn failed_within_a_minute(t: &TestServer, id: &str) -> modelpool_proto::v1::ModelInfo {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut m = t.model(id).await;
+    while m.state() != ModelState::Failed && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        m = t.model(id).await;
+    }
+    m
 }

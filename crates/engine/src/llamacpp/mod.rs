@@ -101,10 +101,7 @@ impl LlamaEngine {
     }
 
     async fn send(&self, job: Job) -> Result<(), EngineError> {
-        self.jobs
-            .send(job)
-            .await
-            .map_err(|_| thread_stopped())
+        self.jobs.send(job).await.map_err(|_| thread_stopped())
     }
 }
 
@@ -127,9 +124,7 @@ impl Engine for LlamaEngine {
             reply,
         })
         .await?;
-        answer
-            .await
-            .map_err(|_| thread_stopped())
+        answer.await.map_err(|_| thread_stopped())
     }
 
     async fn generate(
@@ -153,9 +148,7 @@ impl Engine for LlamaEngine {
             out,
         }))
         .await?;
-        let prompt_tokens = verdict
-            .await
-            .map_err(|_| thread_stopped())??;
+        let prompt_tokens = verdict.await.map_err(|_| thread_stopped())??;
         let state = Relay {
             steps: steps_rx,
             prompt_tokens,
