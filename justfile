@@ -44,6 +44,12 @@ bench-swap phase="90": fetch-models
 bench-tiers reps="3": fetch-models
     scripts/cargo.sh run -p modelpool-benches --bin reload_tiers -- --reps {{reps}}
 
+# A 10-turn chat over the OpenAI API, each turn resending the conversation: time to first
+# token per turn, cached prompt tokens, the model evicted after turn 5, and llama-server
+# with cache_prompt on the same file when `just peers` has built it.
+bench-chat rounds="3" model="models/SmolLM2-135M-Instruct.Q4_1.gguf": fetch-models
+    scripts/cargo.sh run -p modelpool-benches --bin chat_turns -- --rounds {{rounds}} --model {{model}}
+
 # llama.cpp's own llama-bench and llama-server into .tools/peers, built with modelpool's
 # CPU flags from the llama.cpp tree the llama-cpp-python sdist vendors. Idempotent.
 peers:

@@ -1,8 +1,8 @@
 //! llama.cpp's own tools as peers for `engines`: `llama-bench` run once per measurement,
 //! `llama-server` started on loopback and driven over its HTTP `/completion` endpoint with
-//! a small HTTP/1.1 client, and the memory of any process read from
-//! `/proc/PID/smaps_rollup`. `benches/peers/build.sh` builds the two tools into
-//! `.tools/peers/`.
+//! a small HTTP/1.1 client (which also reads event streams as they arrive, for any
+//! loopback server), and the memory of any process read from `/proc/PID/smaps_rollup`.
+//! `benches/peers/build.sh` builds the two tools into `.tools/peers/`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -272,6 +272,124 @@ pub async fn http(
     parse_response(&raw)
 }
 
+/// One server-sent event: the `data:` of its lines (joined by newlines) and when the
+/// read that completed it returned.
+#[derive(Clone, Debug)]
+pub struct SseEvent {
+    pub at: Instant,
+    pub data: String,
+}
+
+/// POSTs `body` (JSON) to `path` on 127.0.0.1:`port` and reads the answer as an event
+/// stream to its end, stamping each event as it lands; comments (`: loading ...`) and
+/// events without data are skipped. A status other than 200 is an error with the body.
+/// Chunked framing (llama-server) and a bare stream (HTTP/1.0 style) are both read.
+pub async fn post_events(port: u16, path: &str, body: &str) -> anyhow::Result<Vec<SseEvent>> {
+    let mut stream = send(port, "POST", path, body).await?;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut head = Vec::new();
+    let (status, chunked, rest) = loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            bail!("the connection closed before the response headers ended");
+        }
+        head.extend_from_slice(&buf[..n]);
+        if let Some(split) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            let text = String::from_utf8_lossy(&head[..split]).to_ascii_lowercase();
+            let status: u16 = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .context("an HTTP response without a status")?;
+            let chunked = text.contains("transfer-encoding: chunked");
+            break (status, chunked, head.split_off(split + 4));
+        }
+    };
+    if status != 200 {
+        let mut raw = rest;
+        stream.read_to_end(&mut raw).await?;
+        let body = if chunked {
+            dechunk(&raw).unwrap_or(raw)
+        } else {
+            raw
+        };
+        bail!(
+            "{path} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let mut reader = EventReader::new(chunked);
+    let mut events = Vec::new();
+    reader.push(&rest, Instant::now(), &mut events)?;
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(events);
+        }
+        reader.push(&buf[..n], Instant::now(), &mut events)?;
+    }
+}
+
+/// Splits a body that arrives piece by piece into events, undoing chunked framing.
+struct EventReader {
+    chunked: bool,
+    /// Framed bytes not yet decoded (chunked only).
+    framed: Vec<u8>,
+    /// Decoded bytes not yet part of a whole event.
+    text: Vec<u8>,
+}
+
+impl EventReader {
+    fn new(chunked: bool) -> Self {
+        Self {
+            chunked,
+            framed: Vec::new(),
+            text: Vec::new(),
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8], at: Instant, out: &mut Vec<SseEvent>) -> anyhow::Result<()> {
+        if self.chunked {
+            self.framed.extend_from_slice(bytes);
+            self.unframe()?;
+        } else {
+            self.text.extend_from_slice(bytes);
+        }
+        while let Some(end) = self.text.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = self.text.drain(..end + 2).collect();
+            let data: Vec<&str> = std::str::from_utf8(&event)
+                .context("an event that is not UTF-8")?
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(|d| d.strip_prefix(' ').unwrap_or(d))
+                .collect();
+            if !data.is_empty() {
+                out.push(SseEvent {
+                    at,
+                    data: data.join("\n"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves every whole chunk from `framed` to `text`.
+    fn unframe(&mut self) -> anyhow::Result<()> {
+        while let Some(line_end) = self.framed.windows(2).position(|w| w == b"\r\n") {
+            let size_text = String::from_utf8_lossy(&self.framed[..line_end]);
+            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+                .with_context(|| format!("chunk size {size_text:?}"))?;
+            let end = line_end + 2 + size;
+            if size == 0 || self.framed.len() < end + 2 {
+                return Ok(());
+            }
+            self.text.extend_from_slice(&self.framed[line_end + 2..end]);
+            self.framed.drain(..end + 2);
+        }
+        Ok(())
+    }
+}
+
 /// Status and body (de-chunked when chunked) of a whole HTTP/1.1 response.
 fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
     let split = raw
@@ -329,6 +447,33 @@ mod tests {
         let (status, body) = parse_response(raw.as_bytes()).unwrap();
         assert_eq!(status, 200);
         assert_eq!(last_event_field(&body, "tokens_predicted"), Some(7));
+    }
+
+    #[test]
+    fn events_come_whole_from_chunks_cut_anywhere() {
+        let body = ": loading m\n\ndata: {\"a\":1}\n\ndata: [DONE]\n\n";
+        let framed = format!(
+            "7\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            &body[..7],
+            body.len() - 7,
+            &body[7..]
+        );
+        for cut in 0..framed.len() {
+            let (mut reader, mut events) = (EventReader::new(true), Vec::new());
+            reader
+                .push(&framed.as_bytes()[..cut], Instant::now(), &mut events)
+                .unwrap();
+            reader
+                .push(&framed.as_bytes()[cut..], Instant::now(), &mut events)
+                .unwrap();
+            let data: Vec<&str> = events.iter().map(|e| e.data.as_str()).collect();
+            assert_eq!(data, ["{\"a\":1}", "[DONE]"], "cut at {cut}");
+        }
+        let (mut reader, mut events) = (EventReader::new(false), Vec::new());
+        reader
+            .push(body.as_bytes(), Instant::now(), &mut events)
+            .unwrap();
+        assert_eq!(events.len(), 2);
     }
 
     #[test]
