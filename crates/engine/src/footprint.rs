@@ -64,10 +64,21 @@ pub fn predict_each(
     precisions
         .iter()
         .map(|precision| match engine {
-            crate::EngineKind::LlamaCpp => crate::llamacpp::footprint::predict_from(&info, spec),
+            crate::EngineKind::LlamaCpp => crate::llamacpp::footprint::predict_from(&info, spec)
+                .map(|footprint| mapped_from_file(footprint, &info, spec)),
             crate::EngineKind::MistralRs => predict_from(&info, &spec.at_precision(precision)),
         })
         .collect()
+}
+
+/// llama.cpp maps the file's tensors into a CPU worker (repacking copies some of them as
+/// well, but leaves their pages mapped): pages of the page cache that every worker
+/// mapping the same file shares, which the pool charges once.
+fn mapped_from_file(mut footprint: Footprint, info: &GgufInfo, spec: &ModelSpec) -> Footprint {
+    if spec.device == Device::Cpu {
+        footprint.mapped_bytes = info.weight_bytes.min(footprint.weights_bytes);
+    }
+    footprint
 }
 
 /// GGUF architectures mistral.rs 0.8 loads.
@@ -132,6 +143,7 @@ pub(crate) fn assemble_with(
     Some(Footprint {
         kv_resident_at_load: false,
         weights_bytes,
+        mapped_bytes: 0,
         kv_bytes,
         overhead_bytes,
         activation_bytes,
@@ -227,5 +239,29 @@ mod tests {
             let err = predict_from(&bad, &spec).unwrap_err();
             assert!(err.to_string().contains("implausible shape"), "{err}");
         }
+    }
+
+    #[test]
+    fn llama_cpp_maps_the_file_tensors_on_the_cpu_only() {
+        let info = info(32, 4096, 32000);
+        let mut spec = ModelSpec::new("m", "/m.gguf");
+        spec.engine = "llama.cpp".into();
+        let predict = |spec: &ModelSpec| {
+            let footprint = crate::llamacpp::footprint::predict_from(&info, spec).unwrap();
+            mapped_from_file(footprint, &info, spec)
+        };
+        let cpu = predict(&spec);
+        assert_eq!(cpu.mapped_bytes, info.weight_bytes);
+        assert!(cpu.mapped_bytes <= cpu.charge.get(Device::Cpu));
+        // Offloaded to a GPU, the weights are copies there.
+        spec.device = Device::Cuda(0);
+        assert_eq!(predict(&spec).mapped_bytes, 0);
+        // mistral.rs copies them.
+        assert_eq!(
+            predict_from(&info, &ModelSpec::new("m", "/m.gguf"))
+                .unwrap()
+                .mapped_bytes,
+            0
+        );
     }
 }

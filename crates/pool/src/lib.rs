@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod groups;
 pub mod memory;
 mod pool;
+pub mod sharing;
 mod spec;
 pub mod store;
 pub mod turns;

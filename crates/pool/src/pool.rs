@@ -23,6 +23,7 @@ use crate::{Backend, BackendError, Device, Instance, ModelSpec, PoolError};
 
 mod admission;
 mod lifecycle;
+mod sharing;
 mod state;
 mod status;
 mod swap;

@@ -124,6 +124,10 @@ impl Charge {
 pub struct Footprint {
     /// Weights as the engine holds them.
     pub weights_bytes: u64,
+    /// Bytes of `weights_bytes` that are pages of the model's file mapped shared (as
+    /// llama.cpp maps a GGUF's tensors): host memory the page cache holds once, however
+    /// many workers map that file. Zero when the engine copies its weights.
+    pub mapped_bytes: u64,
     /// KV cache for the configured context and sequences, fully grown.
     pub kv_bytes: u64,
     /// Runtime, tokenizer, buffers: measured per engine.

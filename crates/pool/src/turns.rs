@@ -18,8 +18,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::budget::{choose_victims, Resident, Room, Shortfall};
-use crate::{Charge, Device};
+use crate::budget::{choose_victims, Need, Resident, Room, Shortfall};
+use crate::Device;
 
 /// How turns are given; the server reads it from `[pool]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,7 +132,7 @@ pub fn plan_turn(
     holders: &[Holder],
     waiters: &[Waiter],
     id: &str,
-    needed: &Charge,
+    needed: &Need,
 ) -> TurnPlan {
     if let Err(shortfall) = fits_when_all_unpinned_gone(rooms, holders, needed) {
         return TurnPlan::Never(shortfall);
@@ -222,7 +222,7 @@ pub fn residency_left(resident_for: Duration, min_residency: Duration) -> Option
 fn fits_when_all_unpinned_gone(
     rooms: &BTreeMap<Device, Room>,
     holders: &[Holder],
-    needed: &Charge,
+    needed: &Need,
 ) -> Result<(), Shortfall> {
     let empty: BTreeMap<Device, Room> = rooms
         .iter()
@@ -241,7 +241,12 @@ fn fits_when_all_unpinned_gone(
             ..h.resident.clone()
         })
         .collect();
-    choose_victims(&empty, &gone, needed).map(|_| ())
+    // Files that loads and exiting workers map are unmapped when they end, too.
+    let needed = Need {
+        held: Vec::new(),
+        ..needed.clone()
+    };
+    choose_victims(&empty, &gone, &needed).map(|_| ())
 }
 
 #[cfg(test)]

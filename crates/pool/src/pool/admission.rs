@@ -14,14 +14,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::state::{Slot, State};
-use super::{lifecycle, swap, tiers, LoadOutcome, Pool};
+use super::{lifecycle, sharing, swap, tiers, LoadOutcome, Pool};
 use crate::events::EvictReason;
 use crate::groups::SwapPlan;
 use crate::memory::DeviceMemory;
+use crate::sharing::FileId;
 use crate::spec::NATIVE_PRECISION;
 use crate::turns::{TurnPlan, Why};
 use crate::{
-    Backend, BackendError, Charge, Footprint, Instance, ModelFormat, PoolError, Quantized, Source,
+    Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, PoolError, Quantized,
+    Source,
 };
 
 /// A precision a load may use and what the load would cost at it.
@@ -75,6 +77,7 @@ impl<B: Backend> Pool<B> {
             entry.spec.clone()
         };
         let resolved = tiers::resolve(&self.inner, &spec).await?;
+        let file_id = FileId::of(&resolved.file);
         {
             let mut st = self.inner.lock();
             let entry = st.entry(id)?;
@@ -117,6 +120,7 @@ impl<B: Backend> Pool<B> {
                 e.prediction = candidates.first().map(|(_, fp)| fp.clone());
                 e.candidates = candidates.clone();
                 e.resolved = Some(resolved);
+                e.file_id = file_id;
             }
         }
         Ok(Some(candidates))
@@ -134,7 +138,12 @@ impl<B: Backend> Pool<B> {
     ) -> Result<Decision, PoolError> {
         let mut forced = Vec::new();
         let mut swapping = None;
-        if let Some((group, plan)) = st.plan_in_group(id, footprint.total_bytes()) {
+        let file_id = st.models.get(id).and_then(|e| e.file_id);
+        let (own, mapped) = sharing::split(footprint, file_id);
+        // Pages of a file another model maps already cost the group nothing more.
+        let shared = mapped.filter(|m| st.mapped_by_another(id, m.file));
+        let group_bytes = footprint.total_bytes() - shared.map_or(0, |m| m.bytes);
+        if let Some((group, plan)) = st.plan_in_group(id, group_bytes) {
             match plan {
                 SwapPlan::Fits => {}
                 SwapPlan::Evict(victims) => {
@@ -160,7 +169,7 @@ impl<B: Backend> Pool<B> {
             }
         }
         let headroom_bytes = self.inner.config.headroom_bytes;
-        let shortfall = match st.admit(id, &footprint.charge, available, headroom_bytes, &forced) {
+        let shortfall = match st.admit(id, (&own, mapped), available, headroom_bytes, &forced) {
             Ok(victims) => {
                 return Ok(Decision::Start {
                     victims,
@@ -179,7 +188,7 @@ impl<B: Backend> Pool<B> {
             return Err(refused());
         }
         let policy = &self.inner.config.turns;
-        match st.plan_turn(id, &footprint.charge, available, headroom_bytes, policy) {
+        match st.plan_turn(id, (&own, mapped), available, headroom_bytes, policy) {
             TurnPlan::Never(_) => Err(refused()),
             TurnPlan::Drain(victims) => Ok(Decision::Turn { victims }),
             TurnPlan::Wait { why, retry_in, eta } => Ok(Decision::Wait {
@@ -306,12 +315,16 @@ impl<B: Backend> Pool<B> {
             .collect();
         // The victims stay charged until their workers exit; the load is charged only
         // what they do not cover, and takes over their bytes as each exits (see
-        // `finish_unload`), so the books never count the same room twice.
-        let mut covered = Charge::default();
+        // `finish_unload`), so the books never count the same room twice. Its file's
+        // pages are charged apart, once with the other models mapping that file.
+        let file_id = st.models.get(id).and_then(|e| e.file_id);
+        let (own, mapped) = sharing::split(&footprint, file_id);
+        let victim_ids: Vec<String> = evicted.iter().map(|(v, ..)| v.clone()).collect();
+        let mut covered = Charge::on(Device::Cpu, st.files_freed_by(&victim_ids, mapped.as_ref()));
         for (victim, _, _, charge) in &evicted {
             covered.add(charge);
             st.handoffs
-                .insert(victim.clone(), (id.to_owned(), footprint.charge.clone()));
+                .insert(victim.clone(), (id.to_owned(), own.clone()));
         }
         let evicted: Vec<_> = evicted
             .into_iter()
@@ -324,7 +337,8 @@ impl<B: Backend> Pool<B> {
         entry.waiting_why = None;
         entry.slot = Slot::Loading {
             done: rx.clone(),
-            charge: footprint.charge.saturating_sub(&covered),
+            charge: own.saturating_sub(&covered),
+            mapped,
         };
         entry.loads_started += 1;
         entry.cut_reason = None;

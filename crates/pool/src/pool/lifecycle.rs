@@ -10,7 +10,7 @@ use super::state::{self, Slot};
 use super::tiers;
 use super::{Inner, Pool};
 use crate::events::{EventKind, EvictReason};
-use crate::{Backend, BackendError, Footprint, Instance, ModelSpec, PoolError};
+use crate::{Backend, BackendError, Charge, Device, Footprint, Instance, ModelSpec, PoolError};
 
 /// Runs one load and records its result; returns what waiters should see.
 pub(super) async fn run_load<B: Backend>(
@@ -68,7 +68,13 @@ pub(super) async fn run_load<B: Backend>(
         match result {
             Ok(instance) if !shutting_down => {
                 let measured = state::measure(inner.probe.as_ref(), &instance, spec.device);
-                let charge = state::charge_after_load(&footprint, &measured, spec.device);
+                let mapped = entry.slot.mapped().copied();
+                let mut charge = state::charge_after_load(&footprint, &measured, spec.device);
+                // Its file's pages are charged apart (see `sharing`).
+                if let Some(m) = mapped {
+                    let ram = charge.0.entry(Device::Cpu).or_default();
+                    *ram = ram.saturating_sub(m.bytes);
+                }
                 let base_predicted = footprint.at_load_bytes();
                 let base_measured = measured.get(spec.device);
                 let error_pct = state::error_pct(base_predicted, base_measured);
@@ -82,6 +88,7 @@ pub(super) async fn run_load<B: Backend>(
                     charge,
                     measured,
                     loaded_at: SystemTime::now(),
+                    mapped,
                 };
                 entry.base_measured_bytes = base_measured;
                 entry.ready_since = Instant::now();
@@ -185,7 +192,9 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
                 // Stopped by the pool (eviction, shutdown): not a crash.
                 return;
             }
-            let Slot::Ready { charge, .. } = std::mem::replace(&mut entry.slot, Slot::Absent)
+            let Slot::Ready {
+                mut charge, mapped, ..
+            } = std::mem::replace(&mut entry.slot, Slot::Absent)
             else {
                 return;
             };
@@ -194,6 +203,7 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
             entry.record_failure();
             let resolved = (entry.resolved.clone(), entry.quantized_key.clone());
             st.lru.pop(&id);
+            charge.add(&Charge::on(Device::Cpu, st.unmapped_bytes(mapped.as_ref())));
             (charge.total(), resolved)
         };
         inner.kick();

@@ -10,29 +10,49 @@ use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
 use super::LoadOutcome;
-use crate::budget::{choose_victims, Resident, Room, Shortfall};
+use crate::budget::{choose_victims, Need, Resident, Room, Shortfall};
 use crate::memory::{DeviceMemory, MemoryProbe};
+use crate::sharing::{mapped_bytes, FileId, Mapped};
 use crate::{Charge, Device, Footprint, Instance, ModelSpec, PoolError};
 
+/// A model's bytes are charged in two parts: `charge`, its own, and `mapped`, the
+/// pages of a file it maps, which are charged once for all the models mapping that
+/// file (see [`crate::sharing`]) for as long as any of them, in any slot, maps it.
 pub(super) enum Slot<I> {
     Absent,
     /// A load in progress reserves its predicted bytes.
     Loading {
         done: watch::Receiver<LoadOutcome>,
         charge: Charge,
+        mapped: Option<Mapped>,
     },
     Ready {
         instance: Arc<I>,
-        /// Bytes charged: measured at load plus the KV cache still to grow.
+        /// Bytes charged: measured at load plus the KV cache still to grow, less the
+        /// mapped pages.
         charge: Charge,
         /// Bytes the worker held per device right after loading.
         measured: Charge,
         loaded_at: SystemTime,
+        mapped: Option<Mapped>,
     },
     /// Stopping; its bytes stay charged until the worker has exited.
     Unloading {
         charge: Charge,
+        mapped: Option<Mapped>,
     },
+}
+
+impl<I> Slot<I> {
+    /// The file pages this slot maps (or will, or still does).
+    pub fn mapped(&self) -> Option<&Mapped> {
+        match self {
+            Slot::Absent => None,
+            Slot::Loading { mapped, .. }
+            | Slot::Ready { mapped, .. }
+            | Slot::Unloading { mapped, .. } => mapped.as_ref(),
+        }
+    }
 }
 
 /// A turn given to a model that waited for room.
@@ -83,6 +103,8 @@ pub(super) struct Entry<I> {
     pub failures: Vec<Instant>,
     /// The file its last prediction and load used, and that file's tier.
     pub resolved: Option<super::tiers::Resolved>,
+    /// That file as the kernel knows it, to find other models mapping it.
+    pub file_id: Option<FileId>,
     /// Being drained for this model (a group swap or a pool turn): it takes no new
     /// requests, and is evicted once those running have finished.
     pub draining_for: Option<String>,
@@ -155,6 +177,7 @@ impl<I> Entry<I> {
             last_load: None,
             failures: Vec::new(),
             resolved: None,
+            file_id: None,
             draining_for: None,
             ready_since: Instant::now(),
             wanting_room_since: None,
@@ -217,32 +240,41 @@ impl<I: Instance> State<I> {
             return None;
         }
         let Slot::Ready {
-            instance, charge, ..
+            instance,
+            charge,
+            mapped,
+            ..
         } = std::mem::replace(&mut entry.slot, Slot::Absent)
         else {
             return None;
         };
         entry.slot = Slot::Unloading {
             charge: charge.clone(),
+            mapped,
         };
         self.lru.pop(id);
         Some((instance, charge))
     }
 
     /// The worker has exited: release its bytes (to the load it made room for, if
-    /// any). Returns how many were charged.
+    /// any), with its file's pages when nothing else maps that file. Returns how many
+    /// were released.
     pub fn finish_unload(&mut self, id: &str) -> u64 {
         let Some(entry) = self.models.get_mut(id) else {
             return 0;
         };
-        let released = match std::mem::replace(&mut entry.slot, Slot::Absent) {
-            Slot::Unloading { charge } => charge,
+        let (mut released, mapped) = match std::mem::replace(&mut entry.slot, Slot::Absent) {
+            Slot::Unloading { charge, mapped } => (charge, mapped),
             other => {
                 entry.slot = other;
                 return 0;
             }
         };
         entry.draining_for = None;
+        let unmapped = self.unmapped_bytes(mapped.as_ref());
+        if unmapped > 0 {
+            released.add(&Charge::on(Device::Cpu, unmapped));
+        }
         if let Some((incoming, target)) = self.handoffs.remove(id) {
             if let Some(Slot::Loading { charge, .. }) =
                 self.models.get_mut(&incoming).map(|e| &mut e.slot)
@@ -263,7 +295,7 @@ impl<I: Instance> State<I> {
         let mut total = Charge::default();
         for (id, e) in &self.models {
             match &e.slot {
-                Slot::Loading { charge, .. } | Slot::Unloading { charge } => total.add(charge),
+                Slot::Loading { charge, .. } | Slot::Unloading { charge, .. } => total.add(charge),
                 Slot::Absent if id != except => {
                     if let Some(held) = self.held_for_turn(e) {
                         total.add(&held);
@@ -279,11 +311,12 @@ impl<I: Instance> State<I> {
     /// room nobody else may take meanwhile.
     fn held_for_turn(&self, e: &Entry<I>) -> Option<Charge> {
         let turn = e.turn.as_ref()?;
-        let needed = e.prediction.as_ref()?.charge.clone();
+        // Its file's pages are held apart (see `held_files`).
+        let (needed, _) = super::sharing::split(e.prediction.as_ref()?, e.file_id);
         let mut covered = Charge::default();
         for v in &turn.victims {
             match self.models.get(v).map(|v| &v.slot) {
-                Some(Slot::Ready { charge, .. }) | Some(Slot::Unloading { charge }) => {
+                Some(Slot::Ready { charge, .. }) | Some(Slot::Unloading { charge, .. }) => {
                     covered.add(charge)
                 }
                 _ => {}
@@ -300,14 +333,18 @@ impl<I: Instance> State<I> {
             .filter_map(|(id, ())| {
                 let e = self.models.get(id)?;
                 let Slot::Ready {
-                    charge, instance, ..
+                    charge,
+                    instance,
+                    mapped,
+                    ..
                 } = &e.slot
                 else {
                     return None;
                 };
                 Some(Resident {
                     id: id.clone(),
-                    charge: effective_charge(charge, instance.as_ref(), e.spec.device),
+                    charge: effective_charge(charge, instance.as_ref(), e.spec.device, mapped),
+                    mapped: *mapped,
                     // Requests queued for a model being drained do not hold it.
                     leases: e.in_flight
                         + if e.draining_for.is_some() {
@@ -335,13 +372,21 @@ impl<I: Instance> State<I> {
         except: &str,
     ) -> BTreeMap<Device, Room> {
         let reserved = self.reserved(except);
+        let held = self.held_files(except);
+        let files = mapped_bytes(
+            residents
+                .iter()
+                .filter_map(|r| r.mapped.as_ref())
+                .chain(&held),
+        );
         self.budgets
             .iter()
             .map(|(&device, &budget)| {
                 let mut budget_bytes = budget;
                 if let Some(mem) = available.iter().find(|m| m.device == device) {
                     let promised = residents.iter().map(|r| r.charge.get(device)).sum::<u64>()
-                        + reserved.get(device);
+                        + reserved.get(device)
+                        + if device == Device::Cpu { files } else { 0 };
                     let cap = promised.min(self.measured_on(device))
                         + mem.available_bytes.saturating_sub(headroom_bytes);
                     budget_bytes = budget_bytes.min(cap);
@@ -356,32 +401,44 @@ impl<I: Instance> State<I> {
             .collect()
     }
 
-    /// Bytes our ready workers hold on `device`: live RSS for RAM, the figure measured
-    /// at load for a GPU.
+    /// Bytes our ready workers hold on `device`: live RSS for RAM (a file several of
+    /// them map counted once), the figure measured at load for a GPU.
     fn measured_on(&self, device: Device) -> u64 {
-        self.models
+        let own: u64 = self
+            .models
             .values()
             .map(|e| match &e.slot {
                 Slot::Ready {
-                    instance, measured, ..
+                    instance,
+                    measured,
+                    mapped,
+                    ..
                 } => {
                     if device == Device::Cpu {
-                        instance.resident_bytes()
+                        let file = mapped.map_or(0, |m| m.bytes);
+                        instance.resident_bytes().saturating_sub(file)
                     } else {
                         measured.get(device)
                     }
                 }
                 _ => 0,
             })
-            .sum()
+            .sum();
+        let ready = self
+            .models
+            .values()
+            .filter(|e| matches!(e.slot, Slot::Ready { .. }));
+        let files = mapped_bytes(ready.filter_map(|e| e.slot.mapped()));
+        own + if device == Device::Cpu { files } else { 0 }
     }
 
-    /// Decides whether `id`, needing `needed`, fits once `forced` (victims chosen by the model's
-    /// group) are gone, returning every victim to evict first, `forced` leading.
+    /// Decides whether `id`, needing `needed` and mapping `mapped`, fits once `forced`
+    /// (victims chosen by the model's group) are gone, returning every victim to evict
+    /// first, `forced` leading.
     pub fn admit(
         &self,
         id: &str,
-        needed: &Charge,
+        (needed, mapped): (&Charge, Option<Mapped>),
         available: &[DeviceMemory],
         headroom_bytes: u64,
         forced: &[String],
@@ -402,22 +459,31 @@ impl<I: Instance> State<I> {
             .into_iter()
             .filter(|r| !forced.contains(&r.id))
             .collect();
+        // Victims' bytes, their files' pages among them, pass to this load as their
+        // workers exit (see `finish_unload`): they count as freed.
+        let need = Need {
+            charge: needed.clone(),
+            mapped,
+            held: self.held_files(id),
+        };
         let mut victims = forced.to_vec();
-        victims.extend(choose_victims(&rooms, &rest, needed)?);
+        victims.extend(choose_victims(&rooms, &rest, &need)?);
         Ok(victims)
     }
 }
 
 /// A ready model's charge: the larger of its charge at load and what its worker holds
-/// now (a model can outgrow its prediction).
+/// now (a model can outgrow its prediction), less the file pages it maps.
 pub(super) fn effective_charge<I: Instance>(
     charge: &Charge,
     instance: &I,
     device: Device,
+    mapped: &Option<Mapped>,
 ) -> Charge {
     let mut out = charge.clone();
     if device == Device::Cpu {
-        let now = instance.resident_bytes();
+        let file = mapped.map_or(0, |m| m.bytes);
+        let now = instance.resident_bytes().saturating_sub(file);
         let e = out.0.entry(Device::Cpu).or_default();
         *e = (*e).max(now);
     }

@@ -121,6 +121,8 @@ fn waiting_reason<I>(e: &super::state::Entry<I>) -> Option<String> {
 
 fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
     let e = st.models.get(id)?;
+    // A shared file's pages show on one of the models mapping it (see `sharing`).
+    let file_bytes = st.file_bytes_shown_on(id);
     let (state, charge, instance, loaded_at) = match &e.slot {
         Slot::Absent if e.last_error.is_some() => (SlotState::Failed, None, None, None),
         Slot::Absent => (SlotState::Registered, None, None, None),
@@ -129,14 +131,20 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
             instance,
             charge,
             loaded_at,
+            mapped,
             ..
         } => (
             SlotState::Ready,
-            Some(effective_charge(charge, instance.as_ref(), e.spec.device)),
+            Some(effective_charge(
+                charge,
+                instance.as_ref(),
+                e.spec.device,
+                mapped,
+            )),
             Some(Arc::clone(instance)),
             Some(*loaded_at),
         ),
-        Slot::Unloading { charge } => (SlotState::Unloading, Some(charge.clone()), None, None),
+        Slot::Unloading { charge, .. } => (SlotState::Unloading, Some(charge.clone()), None, None),
     };
     let snap = ModelSnapshot {
         spec: e.spec.clone(),
@@ -149,7 +157,7 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
         } else {
             0
         },
-        charged_bytes: charge.map_or(0, |c| c.total()),
+        charged_bytes: charge.map_or(0, |c| c.total() + file_bytes),
         predicted: e.prediction.clone(),
         in_flight: e.in_flight,
         waiting: e.interest,
@@ -256,12 +264,29 @@ impl<B: Backend> Pool<B> {
             let st = self.inner.lock();
             let residents = st.residents();
             let rooms = st.rooms(&residents, &machine, self.inner.config.headroom_bytes, "");
+            // Shared files' pages: used when a ready model shows them, else reserved.
+            let ready_files: u64 = residents
+                .iter()
+                .map(|r| st.file_bytes_shown_on(&r.id))
+                .sum();
+            let all_files = crate::sharing::mapped_bytes(
+                residents
+                    .iter()
+                    .filter_map(|r| r.mapped.as_ref())
+                    .chain(&st.held_files("")),
+            );
+            let files_on =
+                |device: Device, bytes: u64| if device == Device::Cpu { bytes } else { 0 };
             st.budgets
                 .iter()
                 .map(|(&device, &budget_bytes)| {
                     let mem = machine.iter().find(|m| m.device == device);
                     let room = rooms.get(&device).copied().unwrap_or_default();
-                    let used_bytes: u64 = residents.iter().map(|r| r.charge.get(device)).sum();
+                    let used_bytes: u64 =
+                        residents.iter().map(|r| r.charge.get(device)).sum::<u64>()
+                            + files_on(device, ready_files);
+                    let reserved_bytes =
+                        room.reserved_bytes + files_on(device, all_files - ready_files);
                     DeviceStatus {
                         device,
                         name: mem.map_or_else(|| "not found".into(), |m| m.name.clone()),
@@ -269,10 +294,10 @@ impl<B: Backend> Pool<B> {
                         available_bytes: mem.map_or(0, |m| m.available_bytes),
                         budget_bytes,
                         used_bytes,
-                        reserved_bytes: room.reserved_bytes,
+                        reserved_bytes,
                         free_bytes: room
                             .budget_bytes
-                            .saturating_sub(used_bytes + room.reserved_bytes),
+                            .saturating_sub(used_bytes + reserved_bytes),
                     }
                 })
                 .collect()

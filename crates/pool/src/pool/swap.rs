@@ -12,9 +12,11 @@ use tokio::time::Instant;
 
 use super::state::{Slot, State, Turn};
 use super::Inner;
+use crate::budget::Need;
 use crate::events::{EventKind, EvictReason};
 use crate::groups::{plan_swap, GroupSpec, Member, SwapPlan};
 use crate::memory::DeviceMemory;
+use crate::sharing::Mapped;
 use crate::turns::{plan_turn, Holder, TurnPlan, TurnPolicy, Waiter};
 use crate::{Backend, Charge, Instance};
 
@@ -96,14 +98,15 @@ impl<I: Instance> State<I> {
             .filter(|m| *m != id && spec.members.contains(m))
             .filter_map(|m| {
                 let e = self.models.get(m)?;
+                let shared = self.file_bytes_shown_on(m);
                 let (transitional, bytes, resident_for) = match &e.slot {
                     Slot::Absent => return None,
-                    Slot::Loading { charge, .. } | Slot::Unloading { charge } => {
-                        (true, charge.total(), Duration::ZERO)
+                    Slot::Loading { charge, .. } | Slot::Unloading { charge, .. } => {
+                        (true, charge.total() + shared, Duration::ZERO)
                     }
                     Slot::Ready { charge, .. } => (
                         e.draining_for.is_some(),
-                        charge.total(),
+                        charge.total() + shared,
                         e.ready_since.elapsed(),
                     ),
                 };
@@ -131,9 +134,9 @@ impl<I: Instance> State<I> {
                 match self.models.get(m).map(|e| &e.slot) {
                     Some(Slot::Loading { charge, .. })
                     | Some(Slot::Ready { charge, .. })
-                    | Some(Slot::Unloading { charge }) => {
+                    | Some(Slot::Unloading { charge, .. }) => {
                         resident.push(m.clone());
-                        resident_bytes += charge.total();
+                        resident_bytes += charge.total() + self.file_bytes_shown_on(m);
                     }
                     _ => {}
                 }
@@ -152,11 +155,12 @@ impl<I: Instance> State<I> {
 }
 
 impl<I: Instance> State<I> {
-    /// What a turn for `id`, needing `needed`, would do now (see [`plan_turn`]).
+    /// What a turn for `id`, needing `needed` and mapping `mapped`, would do now (see
+    /// [`plan_turn`]).
     pub fn plan_turn(
         &self,
         id: &str,
-        needed: &Charge,
+        (needed, mapped): (&Charge, Option<Mapped>),
         available: &[DeviceMemory],
         headroom_bytes: u64,
         policy: &TurnPolicy,
@@ -188,7 +192,12 @@ impl<I: Instance> State<I> {
                 })
             })
             .collect();
-        plan_turn(policy, &rooms, &holders, &waiters, id, needed)
+        let need = Need {
+            charge: needed.clone(),
+            mapped,
+            held: self.held_files(id),
+        };
+        plan_turn(policy, &rooms, &holders, &waiters, id, &need)
     }
 }
 

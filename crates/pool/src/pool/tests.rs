@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use tokio::sync::watch;
 
 mod removal;
+mod sharing;
 mod turns;
 
 /// Loads take 50 ms; each model's footprint is its entry in `sizes` (100 by default).
@@ -16,6 +17,9 @@ struct FakeBackend {
     loads: AtomicU32,
     fail: AtomicBool,
     sizes: HashMap<String, u64>,
+    /// Bytes of a model's footprint that are pages of its file, mapped (none unless
+    /// listed).
+    mapped: HashMap<String, u64>,
     /// Instances alive now: (id, bytes).
     live: Mutex<Vec<(String, u64)>>,
     /// Set when a load started while live bytes plus its own exceeded `budget`.
@@ -100,6 +104,7 @@ impl Backend for Arc<FakeBackend> {
         let bytes = self.size(&spec.id) / precision_divisor(spec);
         Ok(Footprint {
             weights_bytes: bytes,
+            mapped_bytes: self.mapped.get(&spec.id).copied().unwrap_or(0),
             kv_bytes: 0,
             overhead_bytes: 0,
             activation_bytes: 0,

@@ -1,4 +1,5 @@
 use super::*;
+use crate::Charge;
 use proptest::prelude::*;
 
 fn s(secs: u64) -> Duration {
@@ -16,6 +17,7 @@ fn holder(id: &str, bytes: u64, resident_s: u64) -> Holder {
             charge: Charge::on(Device::Cpu, bytes),
             leases: 2,
             pinned: false,
+            mapped: None,
         },
         resident_for: s(resident_s),
         draining_for: None,
@@ -47,7 +49,7 @@ fn plan(holders: &[Holder], waiters: &[Waiter], id: &str) -> TurnPlan {
         holders,
         waiters,
         id,
-        &Charge::on(Device::Cpu, 100),
+        &Charge::on(Device::Cpu, 100).into(),
     )
 }
 
@@ -252,6 +254,7 @@ fn simulate(sc: &Scenario, seconds: u64) -> Outcome {
                         charge: Charge::on(Device::Cpu, 1),
                         leases: 1,
                         pinned,
+                        mapped: None,
                     },
                     resident_for: s(t - since),
                     draining_for: draining_for[i].map(|w| ids[w].clone()),
@@ -303,7 +306,7 @@ fn simulate(sc: &Scenario, seconds: u64) -> Outcome {
                 &holders,
                 &waiters,
                 &ids[i],
-                &Charge::on(Device::Cpu, 1),
+                &Charge::on(Device::Cpu, 1).into(),
             );
             if let TurnPlan::Drain(victims) = plan {
                 out.turn_starts.push(t);
@@ -408,7 +411,7 @@ proptest! {
             &holders,
             &[waiter("x", waited)],
             "x",
-            &Charge::on(Device::Cpu, needed),
+            &Charge::on(Device::Cpu, needed).into(),
         );
         match plan {
             TurnPlan::Never(_) => prop_assert!(pinned + needed > budget),

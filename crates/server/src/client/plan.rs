@@ -121,6 +121,7 @@ pub(crate) fn analyse(budgets: &BTreeMap<Device, u64>, cands: &[Candidate]) -> A
                     charge: cands[i].charge.clone(),
                     leases: 0,
                     pinned: cands[i].pinned,
+                    mapped: None,
                 })
                 .collect();
             let rooms: BTreeMap<Device, Room> = cands[index]
@@ -129,7 +130,7 @@ pub(crate) fn analyse(budgets: &BTreeMap<Device, u64>, cands: &[Candidate]) -> A
                 .keys()
                 .map(|&d| (d, Room::new(budget(budgets, d), 0)))
                 .collect();
-            let outcome = choose_victims(&rooms, &residents, &cands[index].charge);
+            let outcome = choose_victims(&rooms, &residents, &cands[index].charge.clone().into());
             Largest {
                 index,
                 others,
