@@ -308,3 +308,82 @@ async fn twenty_load_evict_cycles_return_memory() {
     t.assert_nothing_charged().await;
     t.stop().await;
 }
+
+/// Two ids on the one GGUF, both on llama.cpp, which maps its tensors: the file's pages
+/// are charged once, in a budget two full charges would overflow; they stay charged
+/// while either id is resident, and nothing is charged once both are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ids_mapping_one_file_are_charged_its_weights_once() {
+    let mut spec = modelpool_pool::ModelSpec::new("probe", model_path());
+    spec.engine = "llama.cpp".into();
+    (spec.context_length, spec.max_sequences) = (CONTEXT, 1);
+    let predicted = modelpool_engine::footprint::predict(&spec).expect("the header reads");
+    let weights = predicted.mapped_bytes;
+    assert!(weights > 0, "llama.cpp maps the tensors: {predicted:?}");
+    // One full charge and the other's own bytes fit; two full charges do not.
+    let budget = 2 * predicted.total_bytes() - weights / 2;
+    if let Err(why) = modelpool_tests::memory_for_budget(budget) {
+        modelpool_tests::skipped(&why);
+        return;
+    }
+    let t = TestServer::start_with(|runtime| {
+        let extra =
+            format!("engine = \"llama.cpp\"\ncontext_length = {CONTEXT}\nmax_sequences = 1\n");
+        let models = model_toml("one", &extra) + &model_toml("two", &extra);
+        settings_toml(&format!("ram_budget = \"{budget}\"\n"), &models, runtime)
+    })
+    .await;
+    let events = watch(&t).await;
+    let mut control = t.control();
+    for id in ["one", "two"] {
+        let load = LoadModelRequest {
+            id: id.into(),
+            ..Default::default()
+        };
+        control.load_model(load).await.unwrap();
+    }
+    let (one, two) = (t.model("one").await, t.model("two").await);
+    assert_eq!(
+        (one.state(), two.state()),
+        (ModelState::Ready, ModelState::Ready)
+    );
+    assert_ne!(one.worker_pid, two.worker_pid);
+    assert!(evictions(&events).is_empty(), "{:?}", evictions(&events));
+    let used_both = t.pool_status().await.devices[0].used_bytes;
+    // The first to map the file shows its pages, the second only its own bytes, and
+    // the device counts the file once.
+    assert_eq!(used_both, one.charged_bytes + two.charged_bytes);
+    let near = |a: u64, b: u64| a.abs_diff(b) <= 8 << 20;
+    assert!(
+        near(one.charged_bytes, two.charged_bytes + weights),
+        "one {} two {} weights {weights}",
+        one.charged_bytes,
+        two.charged_bytes
+    );
+    // Charged twice, the pages would not have fitted beside each other.
+    assert!(
+        used_both + weights > budget,
+        "{used_both} + {weights} of {budget}"
+    );
+
+    // Evicting one keeps the pages charged, now on the other.
+    control
+        .evict_model(EvictModelRequest { id: "one".into() })
+        .await
+        .unwrap();
+    let two_alone = t.model("two").await.charged_bytes;
+    assert!(
+        near(two_alone, two.charged_bytes + weights),
+        "two alone {two_alone}, beside one {} weights {weights}",
+        two.charged_bytes
+    );
+    let ram = &t.pool_status().await.devices[0];
+    assert_eq!((ram.used_bytes, ram.reserved_bytes), (two_alone, 0));
+
+    control
+        .evict_model(EvictModelRequest { id: "two".into() })
+        .await
+        .unwrap();
+    t.assert_nothing_charged().await;
+    t.stop().await;
+}
