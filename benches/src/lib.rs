@@ -155,6 +155,44 @@ pub fn read_through_bps(mut file: impl std::io::Read, buf: &mut [u8]) -> std::io
     Ok(total as f64 / started.elapsed().as_secs_f64())
 }
 
+/// Reads `path` through with O_DIRECT (the disk, not the page cache); bytes per second.
+pub fn direct_read_bps(path: &Path) -> anyhow::Result<f64> {
+    use anyhow::Context;
+    use std::os::unix::fs::OpenOptionsExt;
+    const CHUNK: usize = 8 << 20;
+    const ALIGN: usize = 4096;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
+    let mut raw = vec![0u8; CHUNK + ALIGN];
+    let offset = raw.as_ptr().align_offset(ALIGN);
+    Ok(read_through_bps(file, &mut raw[offset..offset + CHUNK])?)
+}
+
+/// Reads `path` through twice, timing the second (page-cache) read; bytes per second.
+pub fn cached_read_bps(path: &Path) -> anyhow::Result<f64> {
+    modelpool_pool::store::pagecache::prefetch(path)?;
+    Ok(read_through_bps(
+        std::fs::File::open(path)?,
+        &mut vec![0u8; 8 << 20],
+    )?)
+}
+
+/// Page faults of process `pid` so far: (minor, major), from /proc/PID/stat.
+pub fn page_faults(pid: u32) -> anyhow::Result<(u64, u64)> {
+    use anyhow::Context;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at the state, field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> anyhow::Result<u64> {
+        Ok(fields.get(n - 3).context("short /proc/PID/stat")?.parse()?)
+    };
+    Ok((field(10)?, field(12)?))
+}
+
 pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }

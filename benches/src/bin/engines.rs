@@ -6,7 +6,9 @@
 //!   128-token greedy generation through gRPC on each engine; time to first token;
 //! - aggregate tok/s at 1, 4 and 8 concurrent streams on one model (`max_sequences` =
 //!   streams) against `llama-server --parallel N` driven over `/completion`;
-//! - reload from the page cache, request to ready (LoadModel), on each engine;
+//! - reload from the page cache and from the disk, request to ready (LoadModel), on each
+//!   engine, and the first request after it against the same request on the model
+//!   resident (the mapped pages it faults in, counted);
 //! - resident footprint (Rss, anonymous, file-backed) after load and after one request,
 //!   against llama-server's for the same model and context.
 //!
@@ -546,32 +548,107 @@ impl Bench {
     }
 }
 
+/// One reload of a model: request to ready, then the first request after it, the same
+/// request again (the model now resident throughout), and the mapped pages the first
+/// request faulted in.
+struct Reload {
+    wall_ms: f64,
+    pool_ms: f64,
+    first_ms: f64,
+    resident_ms: f64,
+    faulted_file_mib: f64,
+    faults: (u64, u64),
+}
+
+/// Tokens of the request after a reload: enough to run every layer for the prompt and
+/// a few decode steps.
+const RELOAD_REQUEST_TOKENS: u32 = 8;
+
 impl Bench {
     async fn reload(&mut self) -> anyhow::Result<()> {
-        println!("### Reload from the page cache, request to ready\n");
-        println!("| engine | LoadModel RPC ms p50 (min-max) | pool's load_time ms p50 | reloads |");
-        println!("|---|---|---|---|");
+        let bytes = std::fs::metadata(&self.model)?.len();
+        let cache_bps = modelpool_benches::cached_read_bps(&self.model)?;
+        let disk_bps = modelpool_benches::direct_read_bps(&self.model)?;
+        let limit_ms = |bps: f64| 2.0 * bytes as f64 / bps * 1e3 + 300.0;
+        println!("### Reload, request to ready, and the first request after it\n");
+        println!(
+            "File {:.0} MiB; page cache {:.2} GB/s, disk (O_DIRECT) {:.2} GB/s, so 2 x bytes / \
+             bandwidth + 0.3 s = {:.0} ms from the page cache, {:.0} ms from the disk. \
+             The request: {RELOAD_REQUEST_TOKENS} tokens after a {}-byte prompt.\n",
+            mib(bytes),
+            cache_bps / 1e9,
+            disk_bps / 1e9,
+            limit_ms(cache_bps),
+            limit_ms(disk_bps),
+            PROMPT.len()
+        );
+        println!(
+            "| engine | from | LoadModel RPC ms p50 (min-max) | pool's load_time ms p50 | \
+             first request ms p50 | same request, resident, ms p50 | first-request extra ms \
+             p50 (max) | file pages faulted in by it, MiB | minor / major faults | reloads |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
         for engine in self.args.engines.clone() {
             let id = single_id(&engine);
             self.evict_singles_but(&id).await?;
-            let (mut wall, mut pool) = (Vec::new(), Vec::new());
-            for _ in 0..self.args.reloads {
-                self.evict(&id).await?;
-                pagecache::prefetch(&self.model)?;
-                let (w, p) = self.load(&id).await?;
-                wall.push(ms(w));
-                pool.push(ms(p));
+            for (tier, warm) in [("page cache", true), ("disk", false)] {
+                let mut runs = Vec::new();
+                for _ in 0..self.args.reloads {
+                    runs.push(self.reload_once(&id, warm).await?);
+                }
+                print_reloads(&engine, tier, &runs);
             }
-            println!(
-                "| {engine} | {} | {:.0} | {} |",
-                spread(&wall, 0),
-                median(&pool),
-                self.args.reloads
-            );
         }
         println!();
         Ok(())
     }
+
+    /// Evicts `id`, warms or drops its file's pages, reloads it and runs the request.
+    async fn reload_once(&mut self, id: &str, warm: bool) -> anyhow::Result<Reload> {
+        self.evict(id).await?;
+        if warm {
+            pagecache::prefetch(&self.model)?;
+        } else {
+            pagecache::drop_cached(&self.model)?;
+        }
+        let (wall, pool) = self.load(id).await?;
+        let pid = self.info(id).await?.worker_pid;
+        let (smaps, faults) = (
+            peers::smaps_rollup(pid)?,
+            modelpool_benches::page_faults(pid)?,
+        );
+        let first = self.generate(id, PROMPT, RELOAD_REQUEST_TOKENS).await?;
+        let after = peers::smaps_rollup(pid)?;
+        let faults_after = modelpool_benches::page_faults(pid)?;
+        let resident = self.generate(id, PROMPT, RELOAD_REQUEST_TOKENS).await?;
+        Ok(Reload {
+            wall_ms: ms(wall),
+            pool_ms: ms(pool),
+            first_ms: ms(first.last_chunk),
+            resident_ms: ms(resident.last_chunk),
+            faulted_file_mib: mib(after.file_bytes().saturating_sub(smaps.file_bytes())),
+            faults: (faults_after.0 - faults.0, faults_after.1 - faults.1),
+        })
+    }
+}
+
+fn print_reloads(engine: &str, tier: &str, runs: &[Reload]) {
+    let col = |f: fn(&Reload) -> f64| runs.iter().map(f).collect::<Vec<f64>>();
+    let extra = col(|r| r.first_ms - r.resident_ms);
+    let faults = runs.iter().map(|r| r.faults).max().unwrap_or_default();
+    println!(
+        "| {engine} | {tier} | {} | {:.0} | {:.0} | {:.0} | {:.0} ({:.0}) | {:.0} | {} / {} (most) | {} |",
+        spread(&col(|r| r.wall_ms), 0),
+        median(&col(|r| r.pool_ms)),
+        median(&col(|r| r.first_ms)),
+        median(&col(|r| r.resident_ms)),
+        median(&extra),
+        extra.iter().copied().fold(f64::MIN, f64::max),
+        median(&col(|r| r.faulted_file_mib)),
+        faults.0,
+        faults.1,
+        runs.len()
+    );
 }
 
 /// Memory of one process after load and after one request, and what the pool charged.

@@ -46,6 +46,10 @@ struct Args {
     /// Context length of every model (its KV cache is part of what the budget holds).
     #[arg(long, default_value_t = 1024)]
     context: u32,
+    /// Sequences each model decodes in one batch (`max_sequences`; llama.cpp batches
+    /// them). Each model takes `max_concurrency = 4` requests at once.
+    #[arg(long, default_value_t = 4)]
+    sequences: u32,
     #[arg(long, default_value = "30s")]
     queue_timeout: String,
     #[arg(long, default_value = "3s")]
@@ -98,8 +102,9 @@ struct Tally {
     latency_ms: Vec<f64>,
     /// Code -> (count, a sample message).
     errors: BTreeMap<String, (u64, String)>,
-    /// Model -> (served, refused or failed, time to first chunk of each served, ms).
-    per_model: BTreeMap<String, (u64, u64, Vec<f64>)>,
+    /// Model -> (served, refused or failed, time to first chunk of each served, ms,
+    /// and the pool's wait for its model, `load_wait`, of each served, ms).
+    per_model: BTreeMap<String, (u64, u64, Vec<f64>, Vec<f64>)>,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -107,14 +112,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
     let mut spec = modelpool_pool::ModelSpec::new("p", &model);
     spec.context_length = args.context;
+    spec.max_sequences = args.sequences;
     let one = modelpool_engine::footprint::predict(&spec)?.total_bytes();
     let budget = one * args.fit + one / 2;
     let mut models = String::new();
     for i in 1..=args.models {
         models += &format!(
-            "[[models]]\nid = \"m{i}\"\npath = \"{}\"\ncontext_length = {}\nmax_concurrency = 4\n",
+            "[[models]]\nid = \"m{i}\"\npath = \"{}\"\ncontext_length = {}\nmax_concurrency = 4\n\
+             max_sequences = {}\n",
             model.display(),
-            args.context
+            args.context,
+            args.sequences
         );
     }
     let runtime = tempfile::tempdir()?;
@@ -200,13 +208,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         }),
                     };
                     let mut first_ms = None;
+                    let mut pool_wait_ms = 0.0;
                     let outcome = match c.generate(req).await {
                         Ok(s) => {
                             let mut s = s.into_inner();
                             loop {
                                 match s.message().await {
-                                    Ok(Some(_)) => {
+                                    Ok(Some(chunk)) => {
                                         first_ms.get_or_insert(t0.elapsed().as_secs_f64() * 1e3);
+                                        let wait = chunk.usage.and_then(|u| u.load_wait);
+                                        if let Some(w) =
+                                            wait.and_then(|w| Duration::try_from(w).ok())
+                                        {
+                                            pool_wait_ms = w.as_secs_f64() * 1e3;
+                                        }
                                     }
                                     Ok(None) => break Ok(()),
                                     Err(e) => break Err(e),
@@ -222,6 +237,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                             Ok(()) => {
                                 per.0 += 1;
                                 per.2.push(first_ms.unwrap_or(0.0));
+                                per.3.push(pool_wait_ms);
                             }
                             Err(_) => per.1 += 1,
                         }
@@ -291,14 +307,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mib(*peak_charged.lock().unwrap()),
         mib(budget)
     );
-    println!("\n| model | served | refused or failed | wait p50 / p99 (ms, to first chunk) |\n|---|---|---|---|");
-    for (id, (ok, failed, first)) in &t.per_model {
-        let waits = if first.is_empty() {
-            "-".to_owned()
-        } else {
-            format!("{:.0} / {:.0}", median(first), percentile(first, 0.99))
-        };
-        println!("| {id} | {ok} | {failed} | {waits} |");
+    println!(
+        "\n| model | served | refused or failed | wait p50 / p99 (ms, to first chunk) | \
+         pool wait p50 / p99 (ms, load_wait) |\n|---|---|---|---|---|"
+    );
+    let p50_p99 = |v: &[f64]| match v.is_empty() {
+        true => "-".to_owned(),
+        false => format!("{:.0} / {:.0}", median(v), percentile(v, 0.99)),
+    };
+    for (id, (ok, failed, first, pool)) in &t.per_model {
+        println!(
+            "| {id} | {ok} | {failed} | {} | {} |",
+            p50_p99(first),
+            p50_p99(pool)
+        );
     }
     println!("\n| code: reason | count | sample message |\n|---|---|---|");
     for (code, (n, msg)) in &t.errors {

@@ -12,14 +12,11 @@
 //!
 //! `cargo run -p modelpool-benches --bin reload_tiers -- --reps 3`
 
-use std::fs::File;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Parser;
-use modelpool_benches::{median, mib, read_through_bps};
+use modelpool_benches::{cached_read_bps, direct_read_bps, median, mib};
 use modelpool_pool::store::pagecache;
 use modelpool_pool::Instance;
 
@@ -45,29 +42,6 @@ fn main() -> anyhow::Result<()> {
     modelpool_benches::run_as_worker_if_asked();
     let args = Args::parse();
     tokio::runtime::Runtime::new()?.block_on(run(args))
-}
-
-/// Reads `path` through with O_DIRECT (the disk, not the page cache); bytes per second.
-fn direct_read_bps(path: &Path) -> anyhow::Result<f64> {
-    const CHUNK: usize = 8 << 20;
-    const ALIGN: usize = 4096;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .with_context(|| format!("opening {} with O_DIRECT", path.display()))?;
-    let mut raw = vec![0u8; CHUNK + ALIGN];
-    let offset = raw.as_ptr().align_offset(ALIGN);
-    Ok(read_through_bps(file, &mut raw[offset..offset + CHUNK])?)
-}
-
-/// Reads `path` through twice, timing the second (page-cache) read; bytes per second.
-fn cached_read_bps(path: &Path) -> anyhow::Result<f64> {
-    pagecache::prefetch(path)?;
-    Ok(read_through_bps(
-        File::open(path)?,
-        &mut vec![0u8; 8 << 20],
-    )?)
 }
 
 struct Row {

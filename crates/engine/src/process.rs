@@ -25,6 +25,9 @@ use crate::EngineKind;
 /// Lines of a worker's stderr kept to explain a failed start.
 const STDERR_TAIL_LINES: usize = 12;
 
+/// Turns an idle OpenMP thread of a worker spins before it sleeps (`GOMP_SPINCOUNT`).
+const WORKER_OMP_SPIN_COUNT: &str = "10000";
+
 /// How the server starts workers.
 #[derive(Clone, Debug)]
 pub struct WorkerBackendConfig {
@@ -217,6 +220,17 @@ impl WorkerProcess {
         // the page cache 8.0 -> 5.3 s. The operator's own GLIBC_TUNABLES win.
         if huge_pages && std::env::var_os("GLIBC_TUNABLES").is_none() {
             cmd.env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1");
+        }
+        // llama.cpp's OpenMP threads spin at each barrier before they sleep (libgomp's
+        // default: 300,000 turns). Several workers busy on few cores then spin against
+        // each other: 3 SmolLM2 workers on 2 cores served 1.8 requests/s by default,
+        // 4.8 at 10,000 turns, 7.1 at 3,000; one worker alone decoded as fast at 10,000
+        // as by default (98 against 97 tok/s) and ~10% slower at 3,000 (BENCHMARKS.md).
+        // The operator's own OpenMP settings win.
+        if std::env::var_os("GOMP_SPINCOUNT").is_none()
+            && std::env::var_os("OMP_WAIT_POLICY").is_none()
+        {
+            cmd.env("GOMP_SPINCOUNT", WORKER_OMP_SPIN_COUNT);
         }
         die_with_parent(&mut cmd);
         load_at_low_priority(&mut cmd, config.load_nice);

@@ -256,3 +256,30 @@ async fn sequences_of_one_llama_cpp_model_decode_together() {
     assert_eq!(after.peak_batch_sequences, 2, "two sequences in one step");
     t.stop().await;
 }
+
+/// Weight repacking is a build-time choice of llama.cpp here (`GGML_CPU_REPACK=OFF` in
+/// .cargo/config.toml): a model asking for `repack = true` is refused by its worker with
+/// the reason and the way out, instead of silently running with mapped weights.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_asking_for_repacking_this_build_lacks_is_refused_with_the_reason() {
+    let t = TestServer::start_with(|runtime| {
+        let models = model_toml("repacked", "engine = \"llama.cpp\"\nrepack = true\n");
+        settings_toml("", &models, runtime)
+    })
+    .await;
+    let err = match t.inference().chat(chat("repacked", "Hi", greedy(4))).await {
+        Err(e) => e,
+        Ok(stream) => collect(stream.into_inner())
+            .await
+            .expect_err("this build cannot repack"),
+    };
+    assert!(
+        err.message().contains("repack") && err.message().contains("GGML_CPU_REPACK"),
+        "{err:?}"
+    );
+    let m = t.model("repacked").await;
+    assert!(m.last_error.contains("GGML_CPU_REPACK"), "{m:?}");
+    assert_eq!(m.worker_pid, 0, "{m:?}");
+    t.assert_nothing_charged().await;
+    t.stop().await;
+}

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use modelpool_proto::v1::pool_event::Kind;
 use modelpool_tests::{
-    chat, collect, greedy, model_toml, predicted_bytes, settings_toml, TestServer,
+    chat, collect, greedy, model_toml, modelpool_exe, parse_prometheus, predicted_bytes,
+    sample_value, scrape, settings_toml, TestServer,
 };
 
 const CONTEXT: u32 = 1024;
@@ -64,10 +65,13 @@ async fn three_models_with_room_for_two_are_all_served_in_turns() {
             Ok::<_, tonic::Status>(())
         }));
     }
-    // While they run, status shows a model waiting and why.
-    let mut reasons = Vec::new();
+    // While they run, status shows a model waiting and why: in GetPoolStatus, in
+    // `modelpool status` (its WAITING table) and in the metrics.
+    let (mut reasons, mut tables, mut waiting_metric) = (Vec::new(), Vec::new(), 0.0f64);
+    let metrics = t.server.metrics_addr.expect("metrics are on");
     while !done.load(Ordering::SeqCst) && reasons.len() < 50 {
         let status = t.pool_status().await;
+        let before = reasons.len();
         reasons.extend(
             status
                 .models
@@ -75,6 +79,16 @@ async fn three_models_with_room_for_two_are_all_served_in_turns() {
                 .filter(|m| !m.waiting_reason.is_empty())
                 .map(|m| (m.id, m.waiting_reason)),
         );
+        if reasons.len() > before {
+            tables.push(status_text(&t).await);
+            let parsed = parse_prometheus(&scrape(metrics).await);
+            for id in IDS {
+                for reason in ["room", "turn", "draining"] {
+                    let labels = [("model", id), ("reason", reason)];
+                    waiting_metric += sample_value(&parsed, "modelpool_waiting_requests", &labels);
+                }
+            }
+        }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for c in clients {
@@ -94,6 +108,19 @@ async fn three_models_with_room_for_two_are_all_served_in_turns() {
     for (id, why) in &reasons {
         assert!(known.iter().any(|k| why.starts_with(k)), "{id}: {why}");
     }
+    // Waits are short-lived: the CLI and the scrape, a moment after the status that
+    // showed one, see at least one of them.
+    let shown = tables.iter().find(|text| {
+        text.lines().any(|l| l.starts_with("WAITING")) && known.iter().any(|k| text.contains(k))
+    });
+    assert!(
+        shown.is_some(),
+        "`modelpool status` never showed a wait: {tables:?}"
+    );
+    assert!(
+        waiting_metric > 0.0,
+        "modelpool_waiting_requests never counted a wait"
+    );
     let events = seen.lock().unwrap().clone();
     let turns = events
         .iter()
@@ -114,4 +141,19 @@ async fn three_models_with_room_for_two_are_all_served_in_turns() {
         assert!(d.used_bytes + d.reserved_bytes <= d.budget_bytes, "{d:?}");
     }
     t.stop().await;
+}
+
+/// `modelpool status` against the test server, as an operator runs it.
+async fn status_text(t: &TestServer) -> String {
+    let out = tokio::process::Command::new(modelpool_exe())
+        .args(["status", "--addr", &t.server.local_addr.to_string()])
+        .env_remove("MODELPOOL_ADDR")
+        .env_remove("MODELPOOL_CONFIG")
+        .env_remove("RUST_LOG")
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("modelpool status runs");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -4,9 +4,11 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use modelpool_proto::v1::ModelState;
+use modelpool_proto::v1::{ModelState, RegisterModelRequest};
 use modelpool_server::auth::{AuthSettings, Secret};
-use modelpool_tests::{python_client, run_python_client, settings_with_openai, TestServer};
+use modelpool_tests::{
+    chat, greedy, model_path, python_client, run_python_client, settings_with_openai, TestServer,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 fn base_url(t: &TestServer) -> String {
@@ -215,5 +217,79 @@ async fn openai_request_over_the_stream_limit_is_429_with_the_numbers() {
     let message = body["error"]["message"].as_str().unwrap();
     assert!(message.contains("all 1 allowed"), "{body}");
     drop(held);
+    t.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_maps_over_budget_to_429_and_removal_to_503() {
+    let t = TestServer::start_with(|rt| settings_with_openai(&["smollm2"], rt)).await;
+    let url = format!("{}/chat/completions", base_url(&t));
+    let ask = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","max_tokens":4,"messages":[{{"role":"user","content":"hi"}}]}}"#
+        )
+    };
+    // 64 sequences of 8192 tokens: gigabytes of KV cache, more than the whole budget.
+    t.control()
+        .register_model(RegisterModelRequest {
+            id: "huge".into(),
+            path: model_path().display().to_string(),
+            context_length: Some(8192),
+            max_sequences: Some(64),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let body = ask("huge");
+    let json = ["-H", "Content-Type: application/json", "-d", &body];
+    let (code, body) = status_and_body(&url, &json).await;
+    assert_eq!(code, "429", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("needs") && message.contains("budget is"),
+        "{body}"
+    );
+
+    // A model being removed: a request in flight holds the removal in its drain, and
+    // new requests over HTTP are refused with 503 meanwhile.
+    let mut running = t
+        .inference()
+        .chat(chat("smollm2", "Tell me a long story.", greedy(2000)))
+        .await
+        .expect("a long stream")
+        .into_inner();
+    running.message().await.unwrap().expect("a first chunk");
+    let pool = t.server.pool.clone();
+    let removal =
+        tokio::spawn(async move { pool.retire("smollm2", Duration::from_secs(120)).await });
+    // Once the pool refuses new leases the removal has begun (a lease taken before
+    // that is dropped at once).
+    let mut begun = false;
+    for _ in 0..500 {
+        if t.server.pool.acquire("smollm2", None).await.is_err() {
+            begun = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(begun, "the removal never began");
+    let body = ask("smollm2");
+    let json = ["-H", "Content-Type: application/json", "-d", &body];
+    let (code, body) = status_and_body(&url, &json).await;
+    assert_eq!(code, "503", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("being removed"),
+        "{body}"
+    );
+    drop(running);
+    removal
+        .await
+        .unwrap()
+        .expect("the model is removed once its request ends");
+    assert!(!t.model_ids().await.contains(&"smollm2".to_owned()));
+    t.assert_nothing_charged().await;
     t.stop().await;
 }

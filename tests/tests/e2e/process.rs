@@ -301,6 +301,16 @@ async fn workers_of_large_models_ask_for_huge_pages_and_small_ones_do_not() {
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
         assert!(env.iter().any(|e| e == "RUST_LIB_BACKTRACE=0"), "{env:?}");
     }
+    // OpenMP threads spin briefly, then sleep, unless the operator set OpenMP's own.
+    let omp_set = ["GOMP_SPINCOUNT", "OMP_WAIT_POLICY"]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some());
+    let spin = env_value(&env, "GOMP_SPINCOUNT");
+    if omp_set {
+        assert_eq!(spin, std::env::var("GOMP_SPINCOUNT").ok(), "{env:?}");
+    } else {
+        assert_eq!(spin.as_deref(), Some("10000"), "{env:?}");
+    }
     let small_advised = modelpool_benches::huge_advised_bytes(small_pid);
     t.stop().await;
 

@@ -168,12 +168,10 @@ fn load_model(backend: &LlamaBackend, opts: &LlamaOptions) -> Result<LlamaModel,
                 .with_main_gpu(n as i32)
         }
     };
-    let mut params = Box::pin(params);
-    if !opts.repack && opts.device == Device::Cpu {
-        // Every tensor in the plain CPU buffer type: weights stay mapped from the file
-        // instead of being repacked into an anonymous copy (see `LlamaOptions::repack`).
-        params.as_mut().add_cpu_buft_override(c".*");
+    if opts.device == Device::Cpu {
+        super::repack::check(opts.repack)?;
     }
+    let params = Box::pin(params);
     LlamaModel::load_from_file(backend, &opts.path, &params).map_err(|e| {
         EngineError::Load(format!(
             "llama.cpp could not load {}: {e}",
@@ -191,8 +189,10 @@ fn new_context<'m>(
     n_batch: u32,
 ) -> Result<LlamaContext<'m>, EngineError> {
     let threads = opts.threads.max(1) as i32;
-    // Each sequence gets `context_length` cells of its own (the cache is split per
-    // sequence), so one long conversation cannot take another's room.
+    // `context_length` cells per sequence, in one cache the sequences share (unified):
+    // a sequence never holds more than `context_length` cells (prompt and answer are
+    // capped by it), so the shared cache cannot run out, and a step attends over one
+    // buffer instead of one per sequence (measured faster at 4 and 8 streams).
     let cells = context_length
         .checked_mul(sequences)
         .and_then(NonZeroU32::new)
@@ -202,7 +202,7 @@ fn new_context<'m>(
         .with_n_batch(n_batch)
         .with_n_ubatch(n_batch.min(512))
         .with_n_seq_max(sequences)
-        .with_kv_unified(false)
+        .with_kv_unified(true)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
     model

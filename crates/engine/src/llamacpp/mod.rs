@@ -8,6 +8,7 @@
 
 mod decode;
 pub mod footprint;
+mod repack;
 mod template;
 
 use std::path::PathBuf;
@@ -41,7 +42,9 @@ pub struct LlamaOptions {
     pub device: Device,
     /// Let ggml repack weights for its CPU kernels. Repacking copies every weight into
     /// anonymous memory at load (CPU-bound seconds for a 7B model, and the mapped file
-    /// no longer backs the weights); off, weights stay mapped from the page cache.
+    /// no longer backs the weights); off, weights stay mapped from the page cache. The
+    /// build decides which one llama.cpp does (`GGML_CPU_REPACK`); a model asking for
+    /// the other is refused at load (see `repack.rs`).
     pub repack: bool,
     /// Lock the mapped weights in memory (needs RLIMIT_MEMLOCK or CAP_IPC_LOCK; without
     /// them llama.cpp warns and goes on unlocked).

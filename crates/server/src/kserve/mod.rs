@@ -5,14 +5,13 @@
 //! open, like gRPC health; inference needs the inference token, the repository the
 //! control token.
 
+mod stream;
 mod tensors;
 
-use std::collections::HashMap;
 use std::pin::Pin;
 
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use modelpool_proto::kserve::grpc_inference_service_server::GrpcInferenceService;
-use modelpool_proto::kserve::infer_parameter::ParameterChoice;
 use modelpool_proto::kserve::model_metadata_response::TensorMetadata;
 use modelpool_proto::kserve::repository_index_response::ModelIndex;
 use modelpool_proto::kserve::{
@@ -27,17 +26,12 @@ use modelpool_proto::v1::model_control_server::ModelControl;
 use modelpool_proto::v1::{
     EvictModelRequest, ListModelsRequest, LoadModelRequest, ModelInfo, ModelState,
 };
-use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::Scope;
 use crate::error::ServerError;
-use crate::inference::{collect_text, deadline_of, FrontEnd, InferenceService};
-use tensors::{finish_parameters, param, parse, response, Parsed, FINAL};
-
-/// Responses buffered per `ModelStreamInfer` call before a slow reader holds up its
-/// generations.
-const STREAM_BUFFER: usize = 64;
+use crate::inference::{collect_text, deadline_of, FrontEnd};
+use tensors::{finish_parameters, parse, response, Parsed};
 
 /// The service; see the module documentation.
 pub struct KServe(FrontEnd);
@@ -88,139 +82,6 @@ fn tensor(name: &str, datatype: &str) -> TensorMetadata {
         datatype: datatype.into(),
         shape: vec![1],
     }
-}
-
-/// A failed request of a stream: the stream stays open for the others.
-fn stream_error(model: &str, id: &str, status: &Status) -> ModelStreamInferResponse {
-    ModelStreamInferResponse {
-        error_message: status.message().to_owned(),
-        infer_response: Some(response(model, id, None, HashMap::new())),
-    }
-}
-
-/// Runs one request of a `ModelStreamInfer` call, sending its responses to `tx`;
-/// returns when it is done or the client is gone (dropping the chunks cancels it).
-async fn stream_one(
-    inference: InferenceService,
-    r: ModelInferRequest,
-    deadline: Option<tokio::time::Instant>,
-    tx: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
-) {
-    let (model, id) = (r.model_name.clone(), r.id.clone());
-    let send = |resp: ModelInferResponse| {
-        tx.send(Ok(ModelStreamInferResponse {
-            error_message: String::new(),
-            infer_response: Some(resp),
-        }))
-    };
-    let opened = match parse(&r, "kserve.stream", deadline) {
-        Ok(p) => inference
-            .open(p.generation)
-            .await
-            .map(|chunks| (chunks, p.stream, p.mark_final)),
-        Err(status) => Err(status),
-    };
-    let (mut chunks, stream, mark_final) = match opened {
-        Ok(v) => v,
-        Err(status) => {
-            let _ = tx.send(Ok(stream_error(&model, &id, &status))).await;
-            return;
-        }
-    };
-    let flag = |last: bool| -> HashMap<String, _> {
-        if mark_final {
-            HashMap::from([(FINAL.to_owned(), param(ParameterChoice::BoolParam(last)))])
-        } else {
-            HashMap::new()
-        }
-    };
-    let mut text = String::new();
-    while let Some(item) = chunks.next().await {
-        let chunk = match item {
-            Ok(chunk) => chunk,
-            Err(status) => {
-                let _ = tx.send(Ok(stream_error(&model, &id, &status))).await;
-                return;
-            }
-        };
-        let last = chunk.usage.is_some();
-        if !stream {
-            text.push_str(&chunk.text);
-        } else if !chunk.text.is_empty()
-            && (mark_final || !last)
-            && send(response(&model, &id, Some(&chunk.text), flag(false)))
-                .await
-                .is_err()
-        {
-            // The client went away: dropping the chunks cancels the generation.
-            return;
-        }
-        if last {
-            let mut params = finish_parameters(&chunk);
-            params.extend(flag(true));
-            let out = match (stream, mark_final) {
-                (false, _) => Some(text.as_str()),
-                // The last delta carries the finish reason when no empty final is asked for.
-                (true, false) => Some(chunk.text.as_str()).filter(|t| !t.is_empty()),
-                (true, true) => None,
-            };
-            if out.is_some() || mark_final {
-                let _ = send(response(&model, &id, out, params)).await;
-            }
-            return;
-        }
-    }
-}
-
-/// The responses of one `ModelStreamInfer` call; dropping it (the client went away)
-/// aborts the task that reads requests, which aborts their generations.
-struct Responses {
-    rx: mpsc::Receiver<Result<ModelStreamInferResponse, Status>>,
-    reader: tokio::task::AbortHandle,
-}
-
-impl Stream for Responses {
-    type Item = Result<ModelStreamInferResponse, Status>;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        self.rx.poll_recv(cx)
-    }
-}
-
-impl Drop for Responses {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-/// Reads the requests of a stream, running each as it arrives; ends when the client
-/// has sent its last request and every generation finished.
-async fn read_requests(
-    inference: InferenceService,
-    mut requests: Streaming<ModelInferRequest>,
-    deadline: Option<tokio::time::Instant>,
-    tx: mpsc::Sender<Result<ModelStreamInferResponse, Status>>,
-) {
-    let mut running = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            next = requests.message() => match next {
-                Ok(Some(r)) => {
-                    running.spawn(stream_one(inference.clone(), r, deadline, tx.clone()));
-                }
-                Ok(None) => break,
-                Err(status) => {
-                    let _ = tx.send(Err(status)).await;
-                    break;
-                }
-            },
-            Some(_) = running.join_next(), if !running.is_empty() => {}
-        }
-    }
-    while running.join_next().await.is_some() {}
 }
 
 #[tonic::async_trait]
@@ -318,17 +179,12 @@ impl GrpcInferenceService for KServe {
     ) -> Result<Response<ResponseStream>, Status> {
         self.auth.check(Scope::Inference, request.metadata())?;
         let deadline = deadline_of(request.metadata());
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let reader = tokio::spawn(read_requests(
+        let requests = request.into_inner();
+        Ok(Response::new(Box::pin(stream::Responses::new(
             self.inference.clone(),
-            request.into_inner(),
+            requests,
             deadline,
-            tx,
-        ));
-        Ok(Response::new(Box::pin(Responses {
-            rx,
-            reader: reader.abort_handle(),
-        })))
+        ))))
     }
 
     async fn repository_index(
