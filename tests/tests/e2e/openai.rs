@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use modelpool_proto::v1::{ModelState, RegisterModelRequest};
 use modelpool_server::auth::{AuthSettings, Secret};
+use modelpool_server::config::BudgetSetting;
 use modelpool_tests::{
     chat, greedy, model_path, python_client, run_python_client, settings_with_openai, TestServer,
 };
@@ -222,14 +223,20 @@ async fn openai_request_over_the_stream_limit_is_429_with_the_numbers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_maps_over_budget_to_429_and_removal_to_503() {
-    let t = TestServer::start_with(|rt| settings_with_openai(&["smollm2"], rt)).await;
+    // A budget of its own, so that "huge" is over it on any host.
+    let t = TestServer::start_with(|rt| {
+        let mut s = settings_with_openai(&["smollm2"], rt);
+        s.pool.ram_budget = BudgetSetting::Bytes(2 << 30);
+        s
+    })
+    .await;
     let url = format!("{}/chat/completions", base_url(&t));
     let ask = |model: &str| {
         format!(
             r#"{{"model":"{model}","max_tokens":4,"messages":[{{"role":"user","content":"hi"}}]}}"#
         )
     };
-    // 64 sequences of 8192 tokens: gigabytes of KV cache, more than the whole budget.
+    // 64 sequences of 8192 tokens: ~12 GiB of KV cache, more than the whole budget.
     t.control()
         .register_model(RegisterModelRequest {
             id: "huge".into(),
