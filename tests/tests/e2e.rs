@@ -15,6 +15,7 @@ mod e2e {
     mod openai;
     mod ops;
     mod pool;
+    mod prefix;
     mod process;
     mod quantized;
     mod security;

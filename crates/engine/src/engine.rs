@@ -42,6 +42,14 @@ pub struct Counters {
     pub cancelled_total: AtomicU64,
     /// The most sequences decoded in one step (engines that batch report it).
     pub peak_batch_sequences: AtomicU32,
+    /// Prompt tokens taken from kept KV cells instead of decoded (engines that reuse
+    /// prefixes report it).
+    pub reused_prompt_tokens_total: AtomicU64,
+    /// Idle slots holding kept cells, and the tokens in them.
+    pub kept_prefixes: AtomicU32,
+    pub kept_prefix_tokens: AtomicU64,
+    /// Saved prefixes restored into a slot instead of prefilled.
+    pub restored_prefixes_total: AtomicU64,
 }
 
 /// A stream of generated chunks; the last one carries finish reason and usage. Dropping
@@ -64,4 +72,10 @@ pub trait Engine: Send + Sync + 'static {
         prompt: Prompt,
         params: &SamplingParams,
     ) -> Result<ChunkStream, EngineError>;
+    /// Saves what the engine keeps of finished sequences so that a later load of the
+    /// same model can restore it: (prefixes, bytes) written. Engines that keep nothing
+    /// write nothing.
+    async fn save_prefixes(&self) -> Result<(u32, u64), EngineError> {
+        Ok((0, 0))
+    }
 }

@@ -348,6 +348,8 @@ fn last_chunk(st: &mut GenState, reason: FinishReason, text: String) -> Generate
         load_wait: None,
         cold_start: false,
         swap_wait: None,
+        // mistral.rs' prefix cache is off (README, lean defaults): nothing is reused.
+        cached_tokens: 0,
     });
     chunk
 }

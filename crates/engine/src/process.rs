@@ -14,16 +14,23 @@ use modelpool_pool::{
 };
 use modelpool_proto::v1::GenerateChunk;
 use modelpool_proto::worker::v1::worker_client::WorkerClient;
-use modelpool_proto::worker::v1::{StatsRequest, StatsResponse, WorkerGenerateRequest};
+use modelpool_proto::worker::v1::{
+    SavePrefixesRequest, StatsRequest, StatsResponse, WorkerGenerateRequest,
+};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{ChildStdin, Command};
 use tonic::transport::{Channel, Endpoint};
 
+use crate::llamacpp::SavedPrefixes;
 use crate::worker::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
 use crate::EngineKind;
 
 /// Lines of a worker's stderr kept to explain a failed start.
 const STDERR_TAIL_LINES: usize = 12;
+
+/// How long a stopping worker may spend saving its kept prefixes before it is killed
+/// anyway (a 7B model's full context is ~1 GiB of KV state).
+const SAVE_PREFIXES_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Turns an idle OpenMP thread of a worker spins before it sleeps (`GOMP_SPINCOUNT`).
 const WORKER_OMP_SPIN_COUNT: &str = "10000";
@@ -44,6 +51,9 @@ pub struct WorkerBackendConfig {
     /// Workers of models whose weights files are at least this large get transparent
     /// huge pages (see [`WorkerProcess::spawn`]); `u64::MAX` turns them off.
     pub huge_pages_from_bytes: u64,
+    /// Where llama.cpp workers save the prefixes they keep before they are stopped
+    /// (and restore them after a load); `None`: kept in memory only.
+    pub saved_prefixes: Option<SavedPrefixes>,
 }
 
 /// Starts one worker process per resident model.
@@ -93,7 +103,7 @@ impl Backend for WorkerBackend {
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
             .take(40)
             .collect();
-        let args = WorkerArgs {
+        let mut args = WorkerArgs {
             socket: self.config.runtime_dir.join(format!("{safe_id}-{n}.sock")),
             model_path: file.to_path_buf(),
             model_id: spec.id.clone(),
@@ -113,7 +123,13 @@ impl Backend for WorkerBackend {
             engine: engine_of(spec)?,
             repack: spec.repack,
             mlock: spec.mlock,
+            saved_prefixes_dir: None,
+            saved_prefixes_budget_bytes: 0,
         };
+        if let (EngineKind::LlamaCpp, Some(saved)) = (args.engine, &self.config.saved_prefixes) {
+            args.saved_prefixes_dir = Some(saved.dir.clone());
+            args.saved_prefixes_budget_bytes = saved.budget_bytes;
+        }
         let huge_pages = weights_file_bytes(file) >= self.config.huge_pages_from_bytes;
         WorkerProcess::spawn(&self.config, &args, huge_pages, &progress).await
     }
@@ -185,6 +201,8 @@ pub struct WorkerProcess {
     channel: Channel,
     socket: PathBuf,
     ready: ReadyInfo,
+    /// Whether it is asked to save its kept prefixes before it is stopped.
+    saves_prefixes: bool,
 }
 
 impl WorkerProcess {
@@ -334,7 +352,34 @@ impl WorkerProcess {
             channel,
             socket: args.socket.clone(),
             ready,
+            saves_prefixes: args.saved_prefixes_dir.is_some(),
         })
+    }
+
+    /// Asks the worker to save the prefixes it keeps, within [`SAVE_PREFIXES_TIMEOUT`];
+    /// a worker that is gone or slow is stopped without them.
+    async fn save_prefixes(&self) {
+        let mut client = WorkerClient::new(self.channel.clone());
+        let call = client.save_prefixes(SavePrefixesRequest {});
+        match tokio::time::timeout(SAVE_PREFIXES_TIMEOUT, call).await {
+            Ok(Ok(r)) if r.get_ref().prefixes > 0 => {
+                let r = r.into_inner();
+                tracing::info!(
+                    pid = self.pid,
+                    prefixes = r.prefixes,
+                    bytes = r.bytes,
+                    "prefixes saved"
+                );
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(status)) => {
+                tracing::debug!(pid = self.pid, "saving prefixes: {}", status.message());
+            }
+            Err(_) => tracing::warn!(
+                pid = self.pid,
+                "saving prefixes took over {SAVE_PREFIXES_TIMEOUT:?}; stopping without them"
+            ),
+        }
     }
 
     /// Streams one generation from the worker.
@@ -406,6 +451,9 @@ impl Instance for WorkerProcess {
     }
 
     async fn shutdown(&self) {
+        if self.saves_prefixes {
+            self.save_prefixes().await;
+        }
         let kill = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(kill) = kill {
             let _ = kill.send(());

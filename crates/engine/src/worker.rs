@@ -18,12 +18,14 @@ use futures::{Stream, StreamExt};
 use modelpool_proto::v1::GenerateChunk;
 use modelpool_proto::worker::v1::worker_generate_request::Prompt as WirePrompt;
 use modelpool_proto::worker::v1::worker_server::{Worker, WorkerServer};
-use modelpool_proto::worker::v1::{StatsRequest, StatsResponse, WorkerGenerateRequest};
+use modelpool_proto::worker::v1::{
+    SavePrefixesRequest, SavePrefixesResponse, StatsRequest, StatsResponse, WorkerGenerateRequest,
+};
 use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, Prompt};
-use crate::llamacpp::{LlamaEngine, LlamaOptions};
+use crate::llamacpp::{LlamaEngine, LlamaOptions, SavedPrefixes};
 use crate::llm::LoadedModel;
 use crate::EngineError;
 use crate::EngineKind;
@@ -83,6 +85,12 @@ pub struct WorkerArgs {
     /// llama.cpp: lock the mapped weights in memory.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub mlock: bool,
+    /// llama.cpp: save kept prefixes here when asked before a stop, and restore them.
+    #[arg(long)]
+    pub saved_prefixes_dir: Option<PathBuf>,
+    /// Bytes of saved prefixes kept per model file and setting.
+    #[arg(long, default_value_t = 0)]
+    pub saved_prefixes_budget_bytes: u64,
 }
 
 impl WorkerArgs {
@@ -109,6 +117,8 @@ impl WorkerArgs {
             self.repack.to_string().into(),
             "--mlock".into(),
             self.mlock.to_string().into(),
+            "--saved-prefixes-budget-bytes".into(),
+            self.saved_prefixes_budget_bytes.to_string().into(),
         ];
         let optional = [
             ("--precision", self.precision.clone().map(OsString::from)),
@@ -119,6 +129,10 @@ impl WorkerArgs {
             (
                 "--write-quantized",
                 self.write_quantized.clone().map(OsString::from),
+            ),
+            (
+                "--saved-prefixes-dir",
+                self.saved_prefixes_dir.clone().map(OsString::from),
             ),
         ];
         for (flag, value) in optional {
@@ -187,6 +201,14 @@ async fn load(args: &WorkerArgs) -> Result<Arc<dyn Engine>, EngineError> {
                 repack: args.repack,
                 mlock: args.mlock,
                 threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+                saved_prefixes: args
+                    .saved_prefixes_dir
+                    .clone()
+                    .filter(|_| args.saved_prefixes_budget_bytes > 0)
+                    .map(|dir| SavedPrefixes {
+                        dir,
+                        budget_bytes: args.saved_prefixes_budget_bytes,
+                    }),
             })
             .await?,
         ),
@@ -279,6 +301,23 @@ impl Worker for WorkerService {
         )))
     }
 
+    async fn save_prefixes(
+        &self,
+        _: Request<SavePrefixesRequest>,
+    ) -> Result<Response<SavePrefixesResponse>, Status> {
+        let started = Instant::now();
+        let (prefixes, bytes) = self.model.save_prefixes().await?;
+        if prefixes > 0 {
+            tracing::info!(
+                prefixes,
+                bytes,
+                ms = started.elapsed().as_millis() as u64,
+                "prefixes saved"
+            );
+        }
+        Ok(Response::new(SavePrefixesResponse { prefixes, bytes }))
+    }
+
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
         let c = self.model.counters();
         Ok(Response::new(StatsResponse {
@@ -287,6 +326,10 @@ impl Worker for WorkerService {
             cancelled_total: c.cancelled_total.load(Ordering::Relaxed),
             max_sequence_length: self.model.context_length(),
             peak_batch_sequences: c.peak_batch_sequences.load(Ordering::Relaxed),
+            restored_prefixes_total: c.restored_prefixes_total.load(Ordering::Relaxed),
+            reused_prompt_tokens_total: c.reused_prompt_tokens_total.load(Ordering::Relaxed),
+            kept_prefixes: c.kept_prefixes.load(Ordering::Relaxed),
+            kept_prefix_tokens: c.kept_prefix_tokens.load(Ordering::Relaxed),
         }))
     }
 }

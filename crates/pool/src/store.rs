@@ -32,6 +32,9 @@ pub mod pagecache;
 
 /// The file that marks a directory as modelpool's own; nothing else is ever deleted.
 pub const MARKER: &str = "MODELPOOL_SPILL_DIR";
+/// The subdirectory where llama.cpp workers save the KV state of kept prefixes. The
+/// workers manage it (checksums, their own byte budget); the store leaves it alone.
+pub const SAVED_PREFIXES_DIR: &str = "prefixes";
 const DATA_EXT: &str = "gguf";
 /// Quantized weights a load wrote (mistral.rs' UQFF), named as mistral.rs expects.
 const QUANTIZED_EXT: &str = "uqff";
@@ -371,7 +374,7 @@ impl Store {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            if name == MARKER {
+            if name == MARKER || name == SAVED_PREFIXES_DIR {
                 continue;
             }
             let (stem, ext) = name.rsplit_once('.').unwrap_or((&name, ""));

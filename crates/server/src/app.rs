@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use modelpool_engine::llamacpp::SavedPrefixes;
 use modelpool_engine::{WorkerBackend, WorkerBackendConfig};
 use modelpool_pool::budget::human_bytes;
 use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, Store, SystemProbe};
@@ -132,6 +133,14 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         load_timeout: settings.load_timeout,
         load_nice: settings.load_nice,
         huge_pages_from_bytes: settings.huge_pages_from_bytes,
+        saved_prefixes: settings
+            .storage
+            .as_ref()
+            .filter(|s| s.saved_prefix_budget_bytes > 0)
+            .map(|s| SavedPrefixes {
+                dir: s.spill_dir.join(modelpool_pool::store::SAVED_PREFIXES_DIR),
+                budget_bytes: s.saved_prefix_budget_bytes,
+            }),
     });
     let probe = Arc::new(SystemProbe::new());
     let mut pool_config = pool_config(&settings.pool, probe.as_ref());

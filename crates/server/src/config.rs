@@ -87,6 +87,9 @@ pub struct StorageSettings {
     pub spill_dir: PathBuf,
     /// Bytes the directory may hold; least recently used artifacts go first.
     pub spill_budget_bytes: u64,
+    /// Bytes of saved KV prefixes (llama.cpp) kept per model file and setting under
+    /// `spill_dir/prefixes`; 0 turns saving off.
+    pub saved_prefix_budget_bytes: u64,
 }
 
 #[derive(Deserialize, Default)]
@@ -94,6 +97,7 @@ pub struct StorageSettings {
 struct RawStorage {
     spill_dir: Option<PathBuf>,
     spill_budget: Option<String>,
+    saved_prefix_budget: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -442,9 +446,13 @@ impl Settings {
                 if spill_budget_bytes == 0 {
                     return Err(invalid("storage.spill_budget", "must be above zero"));
                 }
+                let saved_prefix_budget_bytes =
+                    parse_bytes(raw.storage.saved_prefix_budget.as_deref().unwrap_or("2GiB"))
+                        .map_err(|e| invalid("storage.saved_prefix_budget", e))?;
                 Some(StorageSettings {
                     spill_dir,
                     spill_budget_bytes,
+                    saved_prefix_budget_bytes,
                 })
             }
         };

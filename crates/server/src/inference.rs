@@ -353,6 +353,7 @@ impl Relay {
                     let _entered = self.span.enter();
                     tracing::info!(
                         prompt_tokens = usage.prompt_tokens,
+                        cached_tokens = usage.cached_tokens,
                         completion_tokens = usage.completion_tokens,
                         ttft_ms = (first - self.arrived).as_millis() as u64,
                         total_ms = (now - self.arrived).as_millis() as u64,

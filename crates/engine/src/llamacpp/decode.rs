@@ -3,7 +3,14 @@
 //! batching. Every step decodes one batch holding the prompt of each sequence that
 //! joins and the last token of each sequence already generating; each sequence has its
 //! own sampler and its own KV cells (sequence id = slot). A sequence joins and leaves
-//! between steps; one whose client went away is freed at the next step.
+//! between steps; one whose client went away is freed at the next step. A slot's cells
+//! outlive its sequence: the next prompt that shares their prefix takes that slot and
+//! prefills only what follows it (see [`super::prefix`]); before the worker stops,
+//! what the slots keep can be saved to disk and restored after the next load (see
+//! [`persist`]).
+
+mod persist;
+mod repeat;
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
@@ -22,11 +29,13 @@ use modelpool_pool::Device;
 use modelpool_proto::v1::{FinishReason, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
-use super::LlamaOptions;
+use super::prefix::{self, SlotCache};
+use super::{saved, LlamaOptions};
 use crate::engine::Counters;
 use crate::sampling::{self, StopMatcher};
 use crate::text::Utf8Stream;
 use crate::EngineError;
+pub(super) use persist::SaveReport;
 
 /// What the thread reports once the model is loaded.
 pub(super) struct Loaded {
@@ -45,6 +54,10 @@ pub(super) enum Job {
         reply: oneshot::Sender<u32>,
     },
     Generate(GenJob),
+    /// Write what idle slots keep to the saved-prefix directory.
+    Save {
+        reply: oneshot::Sender<SaveReport>,
+    },
 }
 
 pub(super) struct GenJob {
@@ -64,6 +77,8 @@ pub(super) struct Step {
     pub text: String,
     pub finish: Option<FinishReason>,
     pub completion_tokens: u32,
+    /// Prompt tokens taken from the slot's kept cells instead of decoded.
+    pub cached_tokens: u32,
 }
 
 /// Runs the thread. A panic inside llama.cpp's bindings would leave the worker up but
@@ -91,6 +106,11 @@ fn serve(
     ready: oneshot::Sender<Result<Loaded, EngineError>>,
 ) {
     llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+    // The model file's digest for saved prefixes, read while the model loads.
+    let digest = opts.saved_prefixes.as_ref().map(|_| {
+        let path = opts.path.clone();
+        std::thread::spawn(move || saved::file_digest(&path))
+    });
     let loaded = LlamaBackend::init()
         .map_err(|e| EngineError::Load(format!("llama.cpp backend: {e}")))
         .and_then(|backend| {
@@ -117,6 +137,22 @@ fn serve(
             return;
         }
     };
+    let saved = opts
+        .saved_prefixes
+        .as_ref()
+        .zip(digest)
+        .and_then(|(config, digest)| {
+            let digest = digest
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the digest thread panicked")));
+            let opened = digest.and_then(|digest| {
+                let key = saved_key(&digest, &opts, context_length);
+                persist::Saved::open(config, key, context_length)
+            });
+            opened
+                .inspect_err(|e| tracing::warn!("saved prefixes off for this model: {e}"))
+                .ok()
+        });
     let vocab = model.vocab();
     let token_text = |t: LlamaToken| {
         vocab
@@ -143,6 +179,10 @@ fn serve(
         n_batch,
         context_length,
         free_slots: (0..sequences as i32).rev().collect(),
+        caches: (0..sequences).map(|_| SlotCache::default()).collect(),
+        end_logits: (0..sequences).map(|_| None).collect(),
+        clock: 0,
+        saved,
         active: Vec::new(),
         queued: VecDeque::new(),
         counters,
@@ -210,6 +250,16 @@ fn new_context<'m>(
         .map_err(|e| EngineError::Load(format!("llama.cpp context of {cells} cells: {e}")))
 }
 
+/// What a saved prefix is valid for: this model file's content (its digest, whatever
+/// path or copy it is read from), this engine build, context length and device.
+fn saved_key(file_digest: &str, opts: &LlamaOptions, context_length: u32) -> String {
+    format!(
+        "model={file_digest} engine=llama-cpp-2/{} context={context_length} device={}",
+        super::LLAMA_CPP_2_VERSION,
+        opts.device,
+    )
+}
+
 /// One generating sequence.
 struct Seq {
     slot: i32,
@@ -223,6 +273,7 @@ struct Seq {
     sampler: LlamaSampler,
     max_tokens: u32,
     completion_tokens: u32,
+    cached_tokens: u32,
     utf8: Utf8Stream,
     stop: StopMatcher,
     out: mpsc::Sender<Result<Step, EngineError>>,
@@ -243,6 +294,14 @@ struct Decoder<'m> {
     n_batch: u32,
     context_length: u32,
     free_slots: Vec<i32>,
+    /// What each slot's cells hold, by slot.
+    caches: Vec<SlotCache<LlamaToken>>,
+    /// The logits after each slot's last prompt, while its cells still hold it.
+    end_logits: Vec<Option<repeat::EndLogits>>,
+    /// Ticks once per released slot: orders slots by when they were last used.
+    clock: u64,
+    /// Prefixes saved by earlier workers of this model; `None` when saving is off.
+    saved: Option<persist::Saved>,
     active: Vec<Seq>,
     queued: VecDeque<Pending>,
     counters: Arc<Counters>,
@@ -268,10 +327,23 @@ impl Decoder<'_> {
                     self.fail_all(&e);
                 }
             }
-            self.counters
-                .active_sequences
-                .store(self.active.len() as u32, Ordering::Relaxed);
+            self.publish_counts();
         }
+    }
+
+    /// Active sequences and kept prefixes, for the worker's stats.
+    fn publish_counts(&self) {
+        let c = &self.counters;
+        c.active_sequences
+            .store(self.active.len() as u32, Ordering::Relaxed);
+        let kept = self
+            .free_slots
+            .iter()
+            .map(|&slot| self.caches[slot as usize].tokens.len() as u64)
+            .filter(|&n| n > 0);
+        let (count, tokens) = kept.fold((0, 0), |(c, t), n| (c + 1, t + n));
+        c.kept_prefixes.store(count, Ordering::Relaxed);
+        c.kept_prefix_tokens.store(tokens, Ordering::Relaxed);
     }
 
     fn tokenize(&self, text: &str, add_special: bool) -> Vec<LlamaToken> {
@@ -288,6 +360,9 @@ impl Decoder<'_> {
                 reply,
             } => {
                 let _ = reply.send(self.tokenize(&text, add_special).len() as u32);
+            }
+            Job::Save { reply } => {
+                let _ = reply.send(self.save_prefixes());
             }
             Job::Generate(job) => {
                 let tokens = self.tokenize(&job.text, job.add_special);
@@ -336,7 +411,7 @@ impl Decoder<'_> {
             !gone
         });
         for slot in freed {
-            self.free(slot);
+            self.release(slot);
         }
         let dropped = before - self.queued.len() - self.active.len();
         if dropped > 0 {
@@ -347,27 +422,59 @@ impl Decoder<'_> {
         }
     }
 
-    /// Moves waiting sequences into free slots while their prompts fit this step's batch.
+    /// Moves waiting sequences into free slots while the prompt tokens they still have
+    /// to decode fit this step's batch. Each takes the free slot whose kept cells share
+    /// the longest prefix with its prompt.
     fn admit(&mut self) {
         let mut room = self.n_batch as usize - self.active.len();
         while let Some(next) = self.queued.front() {
-            if next.tokens.len() > room {
-                break;
-            }
-            let Some(slot) = self.free_slots.pop() else {
+            let Some(choice) = prefix::choose(&self.free_slots, &self.caches, &next.tokens) else {
                 break;
             };
+            if next.tokens.len() - choice.skipped() > room {
+                break;
+            }
             let p = self.queued.pop_front().expect("front exists");
-            room -= p.tokens.len();
+            let slot = choice.slot;
+            self.free_slots.retain(|&s| s != slot);
+            let reuse = if self.is_repeat(slot, &p.tokens) {
+                self.keep_prefix(slot, p.tokens.len())
+            } else {
+                let reuse = match choice.copy_from {
+                    Some((source, n)) => self.share_prefix(source, slot, n),
+                    None => choice.reuse,
+                };
+                let reuse = self.restore_saved(slot, &p.tokens, reuse);
+                self.keep_prefix(slot, reuse)
+            };
+            self.caches[slot as usize].prompt_len = p.tokens.len();
+            if reuse == p.tokens.len() {
+                room = room.saturating_sub(1);
+                self.start_repeat(slot, p);
+                continue;
+            }
+            let need = p.tokens.len() - reuse;
+            if need > room {
+                // The slot's memory could not keep the prefix: the whole prompt waits
+                // for the next step.
+                self.queued.push_front(p);
+                self.release(slot);
+                break;
+            }
+            room -= need;
+            self.counters
+                .reused_prompt_tokens_total
+                .fetch_add(reuse as u64, Ordering::Relaxed);
             self.active.push(Seq {
                 slot,
-                pos: 0,
+                pos: reuse as i32,
                 last: p.tokens[p.tokens.len() - 1],
-                prompt: Some(p.tokens),
+                prompt: Some(p.tokens[reuse..].to_vec()),
                 logits_at: 0,
                 sampler: sampler_for(&p.params),
                 max_tokens: p.max_tokens,
                 completion_tokens: 0,
+                cached_tokens: reuse as u32,
                 utf8: Utf8Stream::default(),
                 stop: StopMatcher::new(p.params.stop.clone()),
                 out: p.out,
@@ -375,23 +482,132 @@ impl Decoder<'_> {
         }
     }
 
-    fn free(&mut self, slot: i32) {
+    /// Whether `prompt` is exactly what `slot`'s last prompt was, its cells and its
+    /// final logits still held.
+    fn is_repeat(&self, slot: i32, prompt: &[LlamaToken]) -> bool {
+        let cached = &self.caches[slot as usize].tokens;
+        let end = self.end_logits[slot as usize].as_ref();
+        end.is_some_and(|e| e.len == prompt.len())
+            && cached.len() >= prompt.len()
+            && cached[..prompt.len()] == *prompt
+    }
+
+    /// Starts a sequence whose whole prompt `slot` holds: its first token is sampled
+    /// from the logits kept for that prompt.
+    fn start_repeat(&mut self, slot: i32, p: Pending) {
+        let len = p.tokens.len();
+        let logits = &self.end_logits[slot as usize]
+            .as_ref()
+            .expect("a repeat has its logits")
+            .logits;
+        let mut sampler = sampler_for(&p.params);
+        let token = repeat::sample_from(&mut sampler, logits);
+        self.counters
+            .reused_prompt_tokens_total
+            .fetch_add(len as u64, Ordering::Relaxed);
+        self.counters
+            .generated_tokens_total
+            .fetch_add(1, Ordering::Relaxed);
+        let mut seq = Seq {
+            slot,
+            pos: len as i32,
+            last: token,
+            prompt: None,
+            logits_at: 0,
+            sampler,
+            max_tokens: p.max_tokens,
+            completion_tokens: 0,
+            cached_tokens: len as u32,
+            utf8: Utf8Stream::default(),
+            stop: StopMatcher::new(p.params.stop.clone()),
+            out: p.out,
+        };
+        if next_text(self.model, &mut seq, token) {
+            self.release(slot);
+        } else {
+            self.active.push(seq);
+        }
+    }
+
+    /// Drops `slot`'s cells past its first `reuse` tokens and returns how many it
+    /// keeps: `reuse`, or 0 when the model's memory cannot drop a tail (recurrent
+    /// models) or no longer holds the prefix's start (sliding-window attention).
+    fn keep_prefix(&mut self, slot: i32, reuse: usize) -> usize {
+        let dropped = self
+            .ctx
+            .clear_kv_cache_seq(Some(slot as u32), Some(reuse as u32), None);
+        let whole = reuse == 0 || self.ctx.kv_cache_seq_pos_min(slot) == 0;
+        if matches!(dropped, Ok(true)) && whole {
+            self.caches[slot as usize].tokens.truncate(reuse);
+            if self.end_logits[slot as usize]
+                .as_ref()
+                .is_some_and(|e| e.len > reuse)
+            {
+                self.end_logits[slot as usize] = None;
+            }
+            return reuse;
+        }
+        self.clear_slot(slot);
+        0
+    }
+
+    /// Empties `slot`'s cells and what is known of them.
+    fn clear_slot(&mut self, slot: i32) {
         let _ = self.ctx.clear_kv_cache_seq(Some(slot as u32), None, None);
+        self.caches[slot as usize].tokens.clear();
+        self.caches[slot as usize].prompt_len = 0;
+        self.end_logits[slot as usize] = None;
+    }
+
+    /// Replaces what `slot`'s cells hold with `source`'s first `n` cells, shared (a
+    /// unified cache marks the cells as the slot's too; nothing is copied); returns the
+    /// tokens the slot now holds: `n`, or 0 where the memory cannot share a part.
+    fn share_prefix(&mut self, source: i32, slot: i32, n: usize) -> usize {
+        self.clear_slot(slot);
+        let shared = self
+            .ctx
+            .copy_kv_cache_seq(source, slot, Some(0), Some(n as u32));
+        let whole = self.ctx.kv_cache_seq_pos_min(slot) == 0
+            && self.ctx.kv_cache_seq_pos_max(slot) == n as i32 - 1;
+        if shared.is_ok() && whole {
+            let tokens = self.caches[source as usize].tokens[..n].to_vec();
+            self.caches[slot as usize].tokens = tokens;
+            return n;
+        }
+        self.clear_slot(slot);
+        0
+    }
+
+    /// Frees `slot` for the next sequence, its cells kept for a prompt that shares them.
+    fn release(&mut self, slot: i32) {
+        self.clock += 1;
+        self.caches[slot as usize].released_at = self.clock;
         self.free_slots.push(slot);
+    }
+
+    /// Frees `slot` with its cells cleared: what they hold is not known to be whole.
+    fn forget(&mut self, slot: i32) {
+        self.clear_slot(slot);
+        self.release(slot);
     }
 
     /// Decodes one batch and samples one token for every sequence in it.
     fn step(&mut self) -> Result<(), EngineError> {
         self.batch.clear();
-        for seq in &mut self.active {
+        let mut prefilled = Vec::new();
+        for (i, seq) in self.active.iter_mut().enumerate() {
+            if seq.prompt.is_some() {
+                prefilled.push(i);
+            }
             let tokens = seq.prompt.take().unwrap_or_else(|| vec![seq.last]);
             let last = tokens.len() - 1;
-            for (i, token) in tokens.into_iter().enumerate() {
+            for (i, &token) in tokens.iter().enumerate() {
                 self.batch
                     .add(token, seq.pos, &[seq.slot], i == last)
                     .map_err(|e| EngineError::Generation(format!("batch: {e}")))?;
                 seq.pos += 1;
             }
+            self.caches[seq.slot as usize].tokens.extend(tokens);
             seq.logits_at = self.batch.n_tokens() - 1;
         }
         self.counters
@@ -400,6 +616,13 @@ impl Decoder<'_> {
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| EngineError::Generation(format!("llama.cpp decode: {e}")))?;
+        for i in prefilled {
+            let seq = &self.active[i];
+            self.end_logits[seq.slot as usize] = Some(repeat::EndLogits {
+                len: seq.pos as usize,
+                logits: self.ctx.get_logits_ith(seq.logits_at).to_vec(),
+            });
+        }
         let mut finished = Vec::new();
         for (i, seq) in self.active.iter_mut().enumerate() {
             let token = seq.sampler.sample(&self.ctx, seq.logits_at);
@@ -412,7 +635,7 @@ impl Decoder<'_> {
         }
         for i in finished.into_iter().rev() {
             let seq = self.active.swap_remove(i);
-            self.free(seq.slot);
+            self.release(seq.slot);
         }
         Ok(())
     }
@@ -424,7 +647,7 @@ impl Decoder<'_> {
             let _ = seq
                 .out
                 .try_send(Err(EngineError::Generation(e.to_string())));
-            self.free(seq.slot);
+            self.forget(seq.slot);
         }
     }
 }
@@ -459,6 +682,7 @@ fn next_text(model: &LlamaModel, seq: &mut Seq, token: LlamaToken) -> bool {
         text,
         finish,
         completion_tokens: seq.completion_tokens,
+        cached_tokens: seq.cached_tokens,
     };
     // The channel holds every step a sequence can produce (max_tokens + 1), so it is
     // never full; a closed one is a client gone, freed at the next step.

@@ -8,7 +8,9 @@
 
 mod decode;
 pub mod footprint;
+mod prefix;
 mod repack;
+mod saved;
 mod template;
 
 use std::path::PathBuf;
@@ -29,6 +31,10 @@ pub use template::ChatTemplate;
 /// Generations that may wait for the decode thread to take them; the server bounds
 /// concurrent requests per model far below this.
 const JOB_QUEUE: usize = 256;
+
+/// The llama-cpp-2 release this build links (the workspace pins it): a saved prefix
+/// is only restored by the build that wrote it.
+const LLAMA_CPP_2_VERSION: &str = "0.1.160";
 
 /// GGUF architectures llama.cpp generates text with.
 pub use modelpool_engines::LLAMA_CPP_ARCHITECTURES as ARCHITECTURES;
@@ -51,6 +57,17 @@ pub struct LlamaOptions {
     pub mlock: bool,
     /// Threads for decoding and prompt processing.
     pub threads: u32,
+    /// Where to save kept prefixes before the worker stops, and restore them from;
+    /// `None` keeps them in memory only.
+    pub saved_prefixes: Option<SavedPrefixes>,
+}
+
+/// The saved-prefix directory (one subdirectory per model file and setting) and the
+/// bytes each subdirectory may hold.
+#[derive(Clone, Debug)]
+pub struct SavedPrefixes {
+    pub dir: PathBuf,
+    pub budget_bytes: u64,
 }
 
 /// A GGUF model loaded into llama.cpp, decoded on its own thread.
@@ -161,6 +178,13 @@ impl Engine for LlamaEngine {
         };
         Ok(Box::pin(futures::stream::unfold(state, Relay::next)))
     }
+
+    async fn save_prefixes(&self) -> Result<(u32, u64), EngineError> {
+        let (reply, report) = oneshot::channel();
+        self.send(Job::Save { reply }).await?;
+        let report = report.await.map_err(|_| thread_stopped())?;
+        Ok((report.prefixes, report.bytes))
+    }
 }
 
 /// Turns the thread's steps into chunks, adding usage to the last.
@@ -201,6 +225,7 @@ impl Relay {
             chunk.usage = Some(Usage {
                 prompt_tokens: self.prompt_tokens,
                 completion_tokens: step.completion_tokens,
+                cached_tokens: step.cached_tokens,
                 time_to_first_token: duration(first - self.started),
                 total_time: duration(now - self.started),
                 ..Default::default()
@@ -214,4 +239,18 @@ impl Relay {
 /// exits after a panic in it).
 fn thread_stopped() -> EngineError {
     EngineError::Generation("the llama.cpp decode thread stopped".into())
+}
+
+#[cfg(test)]
+mod tests {
+    /// Saved prefixes name the llama-cpp-2 release; the constant follows the pin.
+    #[test]
+    fn the_saved_prefix_version_is_the_pinned_llama_cpp_2() {
+        let manifest = include_str!("../../../../Cargo.toml");
+        let pin = format!(
+            "llama-cpp-2 = {{ version = \"={}\"",
+            super::LLAMA_CPP_2_VERSION
+        );
+        assert!(manifest.contains(&pin), "Cargo.toml does not pin {pin}");
+    }
 }

@@ -52,6 +52,9 @@ fn spilled_files_survive_a_restart_and_garbage_does_not() {
     fs::write(spill.join(format!("{bad}.gguf")), b"no record").unwrap();
     fs::write(spill.join("p-ffff.json"), b"{}").unwrap();
     fs::write(spill.join("notes.txt"), b"?").unwrap();
+    // The workers' saved prefixes are theirs to manage: left alone.
+    fs::create_dir_all(spill.join(SAVED_PREFIXES_DIR).join("0123")).unwrap();
+    fs::write(spill.join(SAVED_PREFIXES_DIR).join("0123/a.kv"), b"x").unwrap();
     let (store, report) = Store::open(&spill, 1 << 20).unwrap();
     assert_eq!(report.kept, 1, "{report:?}");
     assert_eq!(report.partial, 1, "{report:?}");
@@ -67,9 +70,11 @@ fn spilled_files_survive_a_restart_and_garbage_does_not() {
         vec![
             MARKER.to_owned(),
             format!("{key}.gguf"),
-            format!("{key}.json")
+            format!("{key}.json"),
+            SAVED_PREFIXES_DIR.to_owned(),
         ]
     );
+    assert!(spill.join(SAVED_PREFIXES_DIR).join("0123/a.kv").exists());
 }
 
 #[test]

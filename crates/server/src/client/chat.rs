@@ -143,6 +143,7 @@ fn chunk_json(chunk: &GenerateChunk, turn: Option<u32>) -> Value {
         ));
         out["usage"] = json!({
             "prompt_tokens": u.prompt_tokens,
+            "cached_tokens": u.cached_tokens,
             "completion_tokens": u.completion_tokens,
             "time_to_first_token_s": secs(u.time_to_first_token.as_ref()),
             "load_wait_s": secs(u.load_wait.as_ref()),

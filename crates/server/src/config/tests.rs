@@ -119,6 +119,10 @@ fn errors_name_the_key() {
             "storage.spill_budget",
         ),
         (
+            "[storage]\nspill_dir = \"/s\"\nsaved_prefix_budget = \"lots\"",
+            "storage.saved_prefix_budget",
+        ),
+        (
             "[[models]]\nid = \"a\"\nurl = \"http://h/m.gguf\"\nsha256 = \"00\"",
             "models[0].sha256",
         ),
@@ -253,4 +257,22 @@ fn engines_default_by_format_and_are_checked() {
             "{extra:?} gave {err}"
         );
     }
+}
+
+#[test]
+fn saved_prefixes_follow_the_spill_dir_with_their_own_budget() {
+    let storage = |extra: &str| {
+        let toml = format!("[storage]\nspill_dir = \"/s\"\n{extra}");
+        Settings::from_toml(&toml, Path::new("/"))
+            .unwrap()
+            .storage
+            .unwrap()
+    };
+    assert_eq!(storage("").saved_prefix_budget_bytes, 2 << 30);
+    let small = storage("saved_prefix_budget = \"64MiB\"");
+    assert_eq!(small.saved_prefix_budget_bytes, 64 << 20);
+    assert_eq!(
+        storage("saved_prefix_budget = \"0\"").saved_prefix_budget_bytes,
+        0
+    );
 }

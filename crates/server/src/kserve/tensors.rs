@@ -315,6 +315,10 @@ pub(super) fn finish_parameters(last: &GenerateChunk) -> HashMap<String, InferPa
             "completion_tokens".into(),
             param(ParameterChoice::Int64Param(usage.completion_tokens.into())),
         ),
+        (
+            "cached_tokens".into(),
+            param(ParameterChoice::Int64Param(usage.cached_tokens.into())),
+        ),
     ])
 }
 

@@ -123,6 +123,7 @@ fn usage(chunk: &GenerateChunk) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": { "cached_tokens": u.cached_tokens },
     })
 }
 
@@ -295,6 +296,7 @@ mod tests {
             usage: Some(Usage {
                 prompt_tokens: 5,
                 completion_tokens: 3,
+                cached_tokens: 4,
                 ..Default::default()
             }),
         }
@@ -308,6 +310,7 @@ mod tests {
         assert_eq!(full["choices"][0]["message"]["content"], "Paris");
         assert_eq!(full["choices"][0]["finish_reason"], "length");
         assert_eq!(full["usage"]["total_tokens"], 8);
+        assert_eq!(full["usage"]["prompt_tokens_details"]["cached_tokens"], 4);
         let first = chat.delta("Pa", true, None);
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");

@@ -1,0 +1,222 @@
+//! Prefix reuse in the llama.cpp engine: a request whose prompt shares a prefix with
+//! what a finished request left in the model's KV cells prefills only the rest, and
+//! answers exactly what it would have answered from an empty cache.
+
+use modelpool_proto::v1::{ChatMessage, ChatRequest, EvictModelRequest, Role, Usage};
+use modelpool_tests::{
+    collect, greedy, model_toml, settings_toml, text_of, TestServer, SYSTEM_PROMPT,
+};
+
+const MODEL: &str = "chatty";
+
+fn message(role: Role, content: &str) -> ChatMessage {
+    ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+/// A chat of `turns` (user, assistant, user, ...) after the system prompt.
+fn conversation(turns: &[&str]) -> ChatRequest {
+    let mut messages = vec![message(Role::System, SYSTEM_PROMPT)];
+    for (i, text) in turns.iter().enumerate() {
+        let role = if i % 2 == 0 {
+            Role::User
+        } else {
+            Role::Assistant
+        };
+        messages.push(message(role, text));
+    }
+    ChatRequest {
+        model: MODEL.into(),
+        messages,
+        sampling: Some(greedy(24)),
+    }
+}
+
+/// The answer and its usage.
+async fn turn(t: &TestServer, request: ChatRequest) -> (String, Usage) {
+    let stream = t
+        .inference()
+        .chat(request)
+        .await
+        .expect("chat starts")
+        .into_inner();
+    let chunks = collect(stream).await.expect("chat completes");
+    let usage = chunks.last().and_then(|c| c.usage).expect("usage");
+    (text_of(&chunks), usage)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_turns_reuse_the_kv_of_earlier_turns() {
+    let t = TestServer::start_with(|runtime| {
+        let extra = "engine = \"llama.cpp\"\ncontext_length = 1024\nmax_sequences = 3\n";
+        settings_toml("", &model_toml(MODEL, extra), runtime)
+    })
+    .await;
+    let first_question = "Tell me three facts about the sea.";
+    let (first_answer, first) = turn(&t, conversation(&[first_question])).await;
+    assert_eq!(first.cached_tokens, 0, "nothing was cached yet: {first:?}");
+
+    // The next turn resends the first with its answer: its prompt starts with the
+    // first turn's whole prompt, which the first turn's cells still hold.
+    let second = [first_question, &first_answer, "And three about mountains?"];
+    let (answer, usage) = turn(&t, conversation(&second)).await;
+    assert!(
+        usage.cached_tokens >= first.prompt_tokens - 1 && usage.cached_tokens < usage.prompt_tokens,
+        "turn 2 reused {} of its {} prompt tokens; turn 1's prompt was {}",
+        usage.cached_tokens,
+        usage.prompt_tokens,
+        first.prompt_tokens
+    );
+    // The same request again: all of it is cached, its first token is sampled from
+    // the logits its prompt left, and it reads the cells it read before: the answer
+    // is the same.
+    let (again, same) = turn(&t, conversation(&second)).await;
+    assert_eq!(same.cached_tokens, same.prompt_tokens, "{same:?}");
+    assert_eq!(again, answer, "an exact prefix changed the answer");
+    // A turn that diverges from the cached one after the first exchange reuses what
+    // they share.
+    let diverging = [first_question, &first_answer, "Which sea is the saltiest?"];
+    let (_, partial) = turn(&t, conversation(&diverging)).await;
+    assert!(
+        partial.cached_tokens > first.prompt_tokens / 2
+            && partial.cached_tokens < partial.prompt_tokens - 1,
+        "{partial:?}"
+    );
+    // A second conversation takes a slot nobody's cells are in (the two turns above
+    // hold two), sharing only the system prompt's cells; the first conversation's
+    // cells stay whole.
+    let (_, other) = turn(&t, conversation(&["Name a colour."])).await;
+    assert!(
+        other.cached_tokens > 0 && other.cached_tokens < other.prompt_tokens - 4,
+        "{other:?}"
+    );
+    let (_, back) = turn(&t, conversation(&diverging)).await;
+    assert_eq!(back.cached_tokens, back.prompt_tokens, "{back:?}");
+
+    // A fresh worker has nothing cached.
+    t.control()
+        .evict_model(EvictModelRequest { id: MODEL.into() })
+        .await
+        .expect("evicts");
+    let (_, cold) = turn(&t, conversation(&diverging)).await;
+    assert_eq!(cold.cached_tokens, 0, "{cold:?}");
+    t.stop().await;
+}
+
+/// The saved-prefix files under `spill`, sorted.
+fn saved_files(spill: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let root = spill.join(modelpool_pool::store::SAVED_PREFIXES_DIR);
+    let mut files: Vec<_> = std::fs::read_dir(&root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|setting| {
+            std::fs::read_dir(setting.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    files
+}
+
+async fn evict(t: &TestServer) {
+    t.control()
+        .evict_model(EvictModelRequest { id: MODEL.into() })
+        .await
+        .expect("evicts");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_survives_eviction_through_its_saved_prefix() {
+    let spill = tempfile::tempdir().expect("tempdir");
+    let storage = format!("[storage]\nspill_dir = \"{}\"\n", spill.path().display());
+    let t = TestServer::start_with(|runtime| {
+        let extra = "engine = \"llama.cpp\"\ncontext_length = 1024\nmax_sequences = 2\n";
+        settings_toml(&storage, &model_toml(MODEL, extra), runtime)
+    })
+    .await;
+    let question = "Tell me three facts about the sea.";
+    // The conversation with its model resident throughout: turn 2 reads turn 1's cells.
+    let (first_answer, first) = turn(&t, conversation(&[question])).await;
+    let second = [question, &first_answer, "And three about mountains?"];
+    let (resident_answer, resident) = turn(&t, conversation(&second)).await;
+    assert!(
+        resident.cached_tokens >= first.prompt_tokens - 1,
+        "{resident:?}"
+    );
+    evict(&t).await;
+    for f in saved_files(spill.path()) {
+        std::fs::remove_file(f).unwrap();
+    }
+
+    // The same conversation with an eviction between the turns: turn 1's state is
+    // saved as the worker stops and restored after the reload, so turn 2 reads the
+    // same cells and answers exactly as it did resident.
+    let (again, _) = turn(&t, conversation(&[question])).await;
+    assert_eq!(
+        again, first_answer,
+        "greedy turn 1 repeats on a fresh worker"
+    );
+    evict(&t).await;
+    let files = saved_files(spill.path());
+    assert_eq!(
+        files.len(),
+        1,
+        "one kept prefix saved at eviction: {files:?}"
+    );
+    let (answer, usage) = turn(&t, conversation(&second)).await;
+    assert!(usage.cold_start, "{usage:?}");
+    assert_eq!(
+        usage.cached_tokens, resident.cached_tokens,
+        "turn 2 after a reload reused what it reused resident: {usage:?}"
+    );
+    assert_eq!(
+        answer, resident_answer,
+        "a restored prefix changed the answer"
+    );
+    let stats = {
+        let lease = t.server.pool.acquire(MODEL, None).await.unwrap();
+        lease.instance().stats().await.unwrap()
+    };
+    assert_eq!(stats.restored_prefixes_total, 1, "{stats:?}");
+    assert!(stats.reused_prompt_tokens_total >= u64::from(usage.cached_tokens));
+    assert_eq!(stats.kept_prefixes, 1, "{stats:?}");
+
+    // A truncated file is never loaded: it is deleted and the turn prefills in full.
+    evict(&t).await;
+    for f in saved_files(spill.path()) {
+        let bytes = std::fs::read(&f).unwrap();
+        std::fs::write(&f, &bytes[..bytes.len() / 2]).unwrap();
+    }
+    let files = saved_files(spill.path());
+    assert!(!files.is_empty(), "the last turn was saved too");
+    let (_, refused) = turn(&t, conversation(&second)).await;
+    assert_eq!(refused.cached_tokens, 0, "{refused:?}");
+    let left = saved_files(spill.path());
+    assert!(
+        files.iter().all(|f| !left.contains(f)),
+        "truncated files deleted: {left:?}"
+    );
+
+    // A server that stops saves what its workers keep; the next one restores it.
+    t.stop().await;
+    let t = TestServer::start_with(|runtime| {
+        let extra = "engine = \"llama.cpp\"\ncontext_length = 1024\nmax_sequences = 2\n";
+        settings_toml(&storage, &model_toml(MODEL, extra), runtime)
+    })
+    .await;
+    // (The logits of the prompt's last token are not saved: it is decoded again.)
+    let (after_restart, restarted) = turn(&t, conversation(&second)).await;
+    assert_eq!(
+        restarted.cached_tokens,
+        restarted.prompt_tokens - 1,
+        "{restarted:?}"
+    );
+    assert!(!after_restart.is_empty());
+    t.stop().await;
+}
