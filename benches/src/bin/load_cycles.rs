@@ -9,6 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use modelpool_benches::{mem_available_bytes, meminfo_bytes, mib, percentile, thread_count};
 use modelpool_engine::process::rss_bytes;
+use modelpool_pool::store::pagecache;
 use modelpool_pool::Instance;
 
 #[derive(Parser)]
@@ -18,6 +19,9 @@ struct Args {
     /// Measured load/unload cycles (after one warm-up cycle).
     #[arg(long, default_value_t = 20)]
     cycles: usize,
+    /// The engine the model loads on.
+    #[arg(long, default_value = "llama.cpp")]
+    engine: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,7 +34,11 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
     let runtime = tempfile::tempdir()?;
-    let server = modelpool_benches::start_server(&model, "m", runtime.path()).await?;
+    let keys = format!(
+        "context_length = 4096\nmax_sequences = 1\nengine = \"{}\"\n",
+        args.engine
+    );
+    let server = modelpool_benches::start_server_with(&model, "m", runtime.path(), &keys).await?;
     let pool = server.pool.clone();
     let me = std::process::id();
 
@@ -50,6 +58,8 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
         "AnonPages",
     ];
     let other_start: Vec<u64> = other.iter().map(|f| meminfo_bytes(f)).collect();
+    let file_bytes = std::fs::metadata(&model)?.len();
+    let cached_start = pagecache::cached_bytes(&model)?;
     let mut load_ms = Vec::new();
     let mut unload_ms = Vec::new();
     let mut worker_rss = Vec::new();
@@ -72,11 +82,13 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
     let threads_end = thread_count();
     let avail_end = mem_available_bytes();
     let other_end: Vec<u64> = other.iter().map(|f| meminfo_bytes(f)).collect();
+    let cached_end = pagecache::cached_bytes(&model)?;
     server.stop().await?;
 
     println!(
-        "model {}, {} load/unload cycles after one warm-up\n",
+        "model {} on {}, {} load/unload cycles after one warm-up\n",
         model.file_name().unwrap_or_default().to_string_lossy(),
+        args.engine,
         args.cycles
     );
     println!("| figure | start | end | drift |");
@@ -105,6 +117,13 @@ async fn cycles(args: Args) -> anyhow::Result<()> {
             mib(other_end[i]) - mib(other_start[i])
         );
     }
+    // The warm tier: an unloaded model's file stays in the page cache.
+    println!(
+        "| model file in the page cache % | {:.1} | {:.1} | {:+.1} |",
+        100.0 * cached_start as f64 / file_bytes as f64,
+        100.0 * cached_end as f64 / file_bytes as f64,
+        100.0 * (cached_end as f64 - cached_start as f64) / file_bytes as f64
+    );
     let worker: Vec<f64> = worker_rss.iter().map(|&b| mib(b)).collect();
     println!(
         "\nworker RSS while loaded: median {:.1} MiB",
