@@ -50,6 +50,9 @@ pub struct Counters {
     pub kept_prefix_tokens: AtomicU64,
     /// Saved prefixes restored into a slot instead of prefilled.
     pub restored_prefixes_total: AtomicU64,
+    /// Saved prefixes on disk for this model and setting, and their bytes.
+    pub saved_prefixes: AtomicU32,
+    pub saved_prefix_bytes: AtomicU64,
 }
 
 /// A stream of generated chunks; the last one carries finish reason and usage. Dropping

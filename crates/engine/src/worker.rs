@@ -327,6 +327,8 @@ impl Worker for WorkerService {
             max_sequence_length: self.model.context_length(),
             peak_batch_sequences: c.peak_batch_sequences.load(Ordering::Relaxed),
             restored_prefixes_total: c.restored_prefixes_total.load(Ordering::Relaxed),
+            saved_prefixes: c.saved_prefixes.load(Ordering::Relaxed),
+            saved_prefix_bytes: c.saved_prefix_bytes.load(Ordering::Relaxed),
             reused_prompt_tokens_total: c.reused_prompt_tokens_total.load(Ordering::Relaxed),
             kept_prefixes: c.kept_prefixes.load(Ordering::Relaxed),
             kept_prefix_tokens: c.kept_prefix_tokens.load(Ordering::Relaxed),

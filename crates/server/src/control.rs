@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::time::SystemTime;
 
 use futures::Stream;
-use modelpool_engine::WorkerBackend;
+use modelpool_engine::{EngineKind, WorkerBackend};
 use modelpool_pool::{
     EventKind, EvictReason, ModelFormat as PoolFormat, ModelSnapshot, Pool, PoolEvent, SlotState,
     Source,
@@ -17,7 +17,7 @@ use modelpool_proto::v1::{
     DeviceBudget, DeviceStatus, EvictModelRequest, EvictModelResponse, Footprint, GetModelRequest,
     GetPoolStatusRequest, GroupStatus, ListModelsRequest, ListModelsResponse, LoadModelRequest,
     LoadModelResponse, ModelFormat, ModelInfo, ModelState, PinModelRequest, PoolStatus,
-    RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse, SpillStatus,
+    PrefixCache, RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse, SpillStatus,
     UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse, WatchEventsRequest,
 };
 use tokio::sync::broadcast::error::RecvError;
@@ -29,6 +29,9 @@ use crate::error::ServerError;
 use crate::inference::deadline_of;
 use crate::reload::{ReloadError, Reloader};
 use std::sync::Arc;
+
+/// How long GetModel waits for a worker's own figures.
+const PREFIX_STATS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 pub struct ControlService {
     pool: Pool<WorkerBackend>,
@@ -56,6 +59,24 @@ impl ControlService {
             draining,
             spill_dir,
         }
+    }
+
+    /// What a ready model's worker keeps for later requests; `None` when it is not
+    /// ready or does not answer within a second.
+    async fn prefixes(&self, id: &str) -> Option<PrefixCache> {
+        let instance = self.pool.ready_instance(id)?;
+        let stats = tokio::time::timeout(PREFIX_STATS_TIMEOUT, instance.stats())
+            .await
+            .ok()?
+            .ok()?;
+        Some(PrefixCache {
+            kept: stats.kept_prefixes,
+            kept_tokens: stats.kept_prefix_tokens,
+            saved: stats.saved_prefixes,
+            saved_bytes: stats.saved_prefix_bytes,
+            reused_prompt_tokens_total: stats.reused_prompt_tokens_total,
+            restored_total: stats.restored_prefixes_total,
+        })
     }
 
     fn info(&self, id: &str) -> Result<Response<ModelInfo>, Status> {
@@ -260,7 +281,13 @@ impl ModelControl for ControlService {
         &self,
         request: Request<GetModelRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
-        self.info(&required_id(request.into_inner().id)?)
+        let id = required_id(request.into_inner().id)?;
+        let mut info = self.info(&id)?;
+        // mistral.rs keeps no prefixes (its prefix cache is off).
+        if info.get_ref().engine != EngineKind::MistralRs.as_str() {
+            info.get_mut().prefixes = self.prefixes(&id).await;
+        }
+        Ok(info)
     }
 
     async fn register_model(

@@ -94,6 +94,18 @@ async fn chat_turns_reuse_the_kv_of_earlier_turns() {
     );
     let (_, back) = turn(&t, conversation(&diverging)).await;
     assert_eq!(back.cached_tokens, back.prompt_tokens, "{back:?}");
+    // GetModel shows the conversations kept (no spill directory: nothing saved).
+    let kept = t
+        .model(MODEL)
+        .await
+        .prefixes
+        .expect("a ready llama.cpp model");
+    assert_eq!(kept.kept, 3, "{kept:?}");
+    assert_eq!(
+        (kept.saved, kept.saved_bytes, kept.restored_total),
+        (0, 0, 0)
+    );
+    assert!(kept.reused_prompt_tokens_total >= u64::from(back.cached_tokens));
 
     // A fresh worker has nothing cached.
     t.control()
@@ -179,13 +191,22 @@ async fn a_conversation_survives_eviction_through_its_saved_prefix() {
         answer, resident_answer,
         "a restored prefix changed the answer"
     );
-    let stats = {
-        let lease = t.server.pool.acquire(MODEL, None).await.unwrap();
-        lease.instance().stats().await.unwrap()
-    };
-    assert_eq!(stats.restored_prefixes_total, 1, "{stats:?}");
-    assert!(stats.reused_prompt_tokens_total >= u64::from(usage.cached_tokens));
-    assert_eq!(stats.kept_prefixes, 1, "{stats:?}");
+    // GetModel shows what the worker keeps and what is saved.
+    let prefixes = t
+        .model(MODEL)
+        .await
+        .prefixes
+        .expect("a ready llama.cpp model");
+    assert_eq!(prefixes.restored_total, 1, "{prefixes:?}");
+    assert!(prefixes.reused_prompt_tokens_total >= u64::from(usage.cached_tokens));
+    assert_eq!(prefixes.kept, 1, "{prefixes:?}");
+    assert!(
+        prefixes.kept_tokens > u64::from(usage.prompt_tokens),
+        "{prefixes:?}"
+    );
+    assert_eq!(prefixes.saved, 1, "{prefixes:?}");
+    let on_disk = std::fs::metadata(&files[0]).unwrap().len();
+    assert_eq!(prefixes.saved_bytes, on_disk, "{prefixes:?}");
 
     // A truncated file is never loaded: it is deleted and the turn prefills in full.
     evict(&t).await;

@@ -187,6 +187,7 @@ fn serve(
         queued: VecDeque::new(),
         counters,
     };
+    decoder.publish_saved();
     decoder.run(jobs);
 }
 

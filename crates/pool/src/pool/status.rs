@@ -242,6 +242,16 @@ impl<B: Backend> Pool<B> {
         Ok(finish_row(&self.inner, row))
     }
 
+    /// The worker of `id` when it is ready, to ask it about itself. Holding it takes no
+    /// lease: the model may be evicted meanwhile, and the worker then answers with an
+    /// error.
+    pub fn ready_instance(&self, id: &str) -> Option<Arc<B::Instance>> {
+        match &self.inner.lock().models.get(id)?.slot {
+            Slot::Ready { instance, .. } => Some(Arc::clone(instance)),
+            _ => None,
+        }
+    }
+
     /// Whether `id` is registered (reads only the table).
     pub fn is_registered(&self, id: &str) -> bool {
         self.inner.lock().models.contains_key(id)

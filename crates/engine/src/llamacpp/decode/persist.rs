@@ -60,6 +60,26 @@ impl Saved {
 }
 
 impl Decoder<'_> {
+    /// Publishes how many prefixes are saved and their bytes, for the worker's stats.
+    pub(super) fn publish_saved(&self) {
+        let Some(saved) = self.saved.as_ref() else {
+            return;
+        };
+        let bytes: u64 = saved
+            .prefixes
+            .iter()
+            .filter_map(|p| std::fs::metadata(&p.path).ok())
+            .map(|m| m.len())
+            .sum();
+        let c = &self.counters;
+        c.saved_prefixes.store(
+            saved.prefixes.len() as u32,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        c.saved_prefix_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Restores into `slot` a saved prefix of `prompt` longer than the `reuse` tokens
     /// the slot's cells already give it; returns the tokens the slot now lets it skip.
     /// A file that fails its checks is deleted and the next best one tried.
@@ -92,6 +112,7 @@ impl Decoder<'_> {
                     if let Some(saved) = self.saved.as_mut() {
                         saved.prefixes.retain(|p| p.path != path);
                     }
+                    self.publish_saved();
                 }
             }
         }
@@ -176,6 +197,7 @@ impl Decoder<'_> {
             saved.prefixes.extend(written);
             saved.prefixes.retain(|p| !dropped.contains(&p.path));
         }
+        self.publish_saved();
         report
     }
 }
