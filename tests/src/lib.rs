@@ -152,6 +152,44 @@ pub fn predicted_bytes(context_length: u32) -> u64 {
         .total_bytes()
 }
 
+/// The pool's prediction for the real model at `context_length` and one sequence, split
+/// as the pool charges ids that map the one file (llama.cpp on the CPU, the default for a
+/// GGUF): the file's pages, charged once however many of them map it, and each id's own
+/// bytes. The split is the pool's own (`modelpool_pool`'s `sharing::split`): the mapped
+/// part is the prediction's `mapped_bytes`, at most its RAM charge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OneFileFootprint {
+    /// The file's mapped pages: charged once while any id maps the file.
+    pub mapped_bytes: u64,
+    /// The rest of one id's charge: charged per id.
+    pub own_bytes: u64,
+}
+
+impl OneFileFootprint {
+    pub fn predict(context_length: u32) -> Self {
+        let mut spec = modelpool_pool::ModelSpec::new("probe", model_path());
+        spec.context_length = context_length;
+        let footprint =
+            modelpool_engine::footprint::predict(&spec).expect("the model's header reads");
+        let ram = footprint.charge.get(modelpool_pool::Device::Cpu);
+        let mapped_bytes = footprint.mapped_bytes.min(ram);
+        assert!(
+            mapped_bytes > 0,
+            "the GGUF's tensors are mapped (llama.cpp on the CPU): {footprint:?}"
+        );
+        Self {
+            mapped_bytes,
+            own_bytes: footprint.total_bytes() - mapped_bytes,
+        }
+    }
+
+    /// Bytes `models` ids on the file need together (a fraction of an id is room for
+    /// part of one more): the file's pages once and each id's own bytes.
+    pub fn bytes_for(&self, models: f64) -> u64 {
+        self.mapped_bytes + (self.own_bytes as f64 * models) as u64
+    }
+}
+
 /// End-to-end tests take this lock for their whole run, so only one test's workers
 /// use the CPU and memory at a time on a 2-core machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use modelpool_proto::v1::pool_event::Kind;
 use modelpool_tests::{
-    chat, collect, greedy, model_toml, modelpool_exe, parse_prometheus, predicted_bytes,
-    sample_value, scrape, settings_toml, TestServer,
+    chat, collect, greedy, model_toml, modelpool_exe, parse_prometheus, sample_value, scrape,
+    settings_toml, OneFileFootprint, TestServer,
 };
 
 const CONTEXT: u32 = 1024;
@@ -19,7 +19,9 @@ const IDS: [&str; 3] = ["a", "b", "c"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_models_with_room_for_two_are_all_served_in_turns() {
-    let budget = (predicted_bytes(CONTEXT) as f64 * 2.5) as u64;
+    // Room for two and a half: the three ids map the one GGUF, whose pages the pool
+    // charges once, so each id more needs only its own bytes.
+    let budget = OneFileFootprint::predict(CONTEXT).bytes_for(2.5);
     let models: String = IDS
         .iter()
         .map(|id| {

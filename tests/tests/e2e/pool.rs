@@ -1,6 +1,7 @@
 //! The pool with the real model: budgets, LRU eviction, leases, single-flight loads,
 //! and memory that returns after load/evict cycles. Budgets are sized from the pool's
-//! own prediction for SmolLM2 so that exactly two instances fit.
+//! own prediction for SmolLM2 so that exactly two instances fit: every id maps the one
+//! GGUF, whose pages the pool charges once, so an instance more is its own bytes.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,18 +12,19 @@ use modelpool_proto::v1::{
     RegisterModelRequest, WatchEventsRequest,
 };
 use modelpool_tests::{
-    chat, collect, eventually, greedy, model_path, model_toml, predicted_bytes, process_alive,
-    settings_toml, TestServer,
+    chat, collect, eventually, greedy, model_path, model_toml, process_alive, settings_toml,
+    OneFileFootprint, TestServer,
 };
 use tonic::Code;
 
 const CONTEXT: u32 = 1024;
 
-/// A server with models `ids` (one sequence, 1024 tokens each) and a RAM budget of
-/// `instances` predicted SmolLM2 footprints; `None`, said as a skip, where the machine
-/// has too little memory available for the pool to keep that budget.
+/// A server with models `ids` (one sequence, 1024 tokens each, all on the one GGUF) and
+/// a RAM budget of `instances` predicted SmolLM2 instances: the file's pages once and
+/// each instance's own bytes; `None`, said as a skip, where the machine has too little
+/// memory available for the pool to keep that budget.
 async fn server(ids: &[&str], instances: f64) -> Option<TestServer> {
-    let budget = (predicted_bytes(CONTEXT) as f64 * instances) as u64;
+    let budget = OneFileFootprint::predict(CONTEXT).bytes_for(instances);
     if let Err(why) = modelpool_tests::memory_for_budget(budget) {
         modelpool_tests::skipped(&why);
         return None;
