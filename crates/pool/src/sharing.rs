@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::{Charge, Device, Footprint};
+
 /// A file as the kernel knows it: two spellings of one path (a symlink, `..`, a hard
 /// link) are one file, and a file replaced under the same path is another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -32,6 +34,19 @@ impl FileId {
 pub struct Mapped {
     pub file: FileId,
     pub bytes: u64,
+}
+
+/// A footprint split into the bytes of the model's own and the pages of `file` it
+/// maps (none when the engine copies its weights, or the file is unknown).
+pub fn split(footprint: &Footprint, file: Option<FileId>) -> (Charge, Option<Mapped>) {
+    let mut own = footprint.charge.clone();
+    let ram = own.get(Device::Cpu);
+    let bytes = footprint.mapped_bytes.min(ram);
+    let (Some(file), true) = (file, bytes > 0) else {
+        return (own, None);
+    };
+    own.0.insert(Device::Cpu, ram - bytes);
+    (own, Some(Mapped { file, bytes }))
 }
 
 /// Bytes of host memory the files in `mapped` hold: each file once, at the most any of

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use modelpool_tests::{model_path, model_toml, modelpool_exe, predicted_bytes, TestServer};
+use modelpool_tests::{
+    model_path, model_toml, modelpool_exe, predicted_bytes, OneFileFootprint, TestServer,
+};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
@@ -464,9 +466,12 @@ fn write_plan_config(dir: &Path, budget: u64) -> std::path::PathBuf {
 async fn plan_says_what_fits_without_a_server() {
     let _serial = modelpool_tests::serial().await;
     let dir = tempfile::tempdir().expect("tempdir");
+    // a and b map one file: its pages are charged once, each its own bytes.
+    let fp = OneFileFootprint::predict(1024);
     let one = predicted_bytes(1024);
+    assert_eq!(fp.bytes_for(1.0), one);
     // Room for one and a half: one model fits, not both.
-    let budget = one * 3 / 2;
+    let budget = fp.bytes_for(1.5);
     let config = write_plan_config(dir.path(), budget);
     let config = config.to_str().expect("UTF-8 path");
 
@@ -491,7 +496,11 @@ async fn plan_says_what_fits_without_a_server() {
     assert_eq!(plan["fits"], serde_json::json!(["a"]), "{plan}");
     assert_eq!(plan["left_out"], serde_json::json!(["b"]), "{plan}");
     assert_eq!(plan["devices"][0]["budget_bytes"], budget, "{plan}");
-    assert_eq!(plan["devices"][0]["needed_bytes"], 2 * one, "{plan}");
+    assert_eq!(
+        plan["devices"][0]["needed_bytes"],
+        fp.bytes_for(2.0),
+        "{plan}"
+    );
     for m in plan["models"].as_array().expect("models") {
         assert_eq!(m["predicted"]["total_bytes"], one, "{m}");
         assert_eq!(m["copies_alone"], 1, "{m}");
@@ -504,7 +513,7 @@ async fn plan_says_what_fits_without_a_server() {
     );
 
     // Room for two and a half: both fit, two copies of each alone.
-    let config = write_plan_config(dir.path(), one * 5 / 2);
+    let config = write_plan_config(dir.path(), fp.bytes_for(2.5));
     let config = config.to_str().expect("UTF-8 path");
     let mut c = command(&["plan", "--json"]);
     c.env("MODELPOOL_CONFIG", config); // the same variable as `serve`

@@ -8,23 +8,10 @@
 //! has been ready longest, else one stopping, else one loading (ties by id). The others
 //! show only their own bytes; when the holder goes, the next takes the pages over.
 
+pub(super) use crate::sharing::split;
 use crate::sharing::{released_bytes, FileId, Mapped};
-use crate::{Charge, Device, Footprint};
 
 use super::state::{Slot, State};
-
-/// A footprint split into the bytes of the model's own and the pages of `file` it
-/// maps (none when the engine copies its weights, or the file is unknown).
-pub(super) fn split(footprint: &Footprint, file: Option<FileId>) -> (Charge, Option<Mapped>) {
-    let mut own = footprint.charge.clone();
-    let ram = own.get(Device::Cpu);
-    let bytes = footprint.mapped_bytes.min(ram);
-    let (Some(file), true) = (file, bytes > 0) else {
-        return (own, None);
-    };
-    own.0.insert(Device::Cpu, ram - bytes);
-    (own, Some(Mapped { file, bytes }))
-}
 
 impl<I> State<I> {
     /// The file pages of every model that maps a file, with its id.
@@ -109,6 +96,7 @@ impl<I> State<I> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{Charge, Device, Footprint};
 
     #[test]
     fn a_footprint_splits_into_its_own_bytes_and_its_file_pages() {

@@ -7,7 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use modelpool_pool::budget::{choose_victims, Resident, Room, Shortfall};
+use modelpool_pool::budget::{choose_victims, Need, Resident, Room, Shortfall};
+use modelpool_pool::sharing::{self, FileId, Mapped};
 use modelpool_pool::{
     Charge, Device, DeviceMemory, Footprint, MemoryProbe, ModelSpec, SystemProbe,
 };
@@ -22,7 +23,41 @@ use crate::config::{BudgetSetting, PoolSettings};
 pub(crate) struct Candidate {
     pub id: String,
     pub pinned: bool,
+    /// All it is charged alone, mapped file pages included.
     pub charge: Charge,
+    /// Pages of a file it maps (llama.cpp on the CPU): charged once however many
+    /// models map that file, as the pool does.
+    pub mapped: Option<Mapped>,
+}
+
+impl Candidate {
+    /// Its bytes without the pages of the file it maps.
+    fn own(&self) -> Charge {
+        let mut own = self.charge.clone();
+        if let Some(m) = self.mapped {
+            own.0
+                .insert(Device::Cpu, own.get(Device::Cpu).saturating_sub(m.bytes));
+        }
+        own
+    }
+}
+
+/// What the candidates in `chosen` hold per device, each mapped file once.
+fn used_by(
+    cands: &[Candidate],
+    chosen: impl Iterator<Item = usize> + Clone,
+) -> BTreeMap<Device, u64> {
+    let mut used: BTreeMap<Device, u64> = BTreeMap::new();
+    for i in chosen.clone() {
+        for (&d, &b) in &cands[i].own().0 {
+            *used.entry(d).or_default() += b;
+        }
+    }
+    let files = sharing::mapped_bytes(chosen.filter_map(|i| cands[i].mapped.as_ref()));
+    if files > 0 {
+        *used.entry(Device::Cpu).or_default() += files;
+    }
+    used
 }
 
 /// The largest model and what loading it would do with everything else resident.
@@ -62,17 +97,10 @@ fn greedy(budgets: &BTreeMap<Device, u64>, cands: &[Candidate], skip: Option<usi
         .filter(|&i| cands[i].pinned)
         .chain((0..cands.len()).filter(|&i| !cands[i].pinned))
         .filter(|&i| Some(i) != skip);
-    let mut used: BTreeMap<Device, u64> = BTreeMap::new();
     let mut chosen = Vec::new();
     for i in order {
-        let charge = &cands[i].charge;
-        let fits = charge.0.iter().all(|(&d, &b)| {
-            used.get(&d).copied().unwrap_or(0).saturating_add(b) <= budget(budgets, d)
-        });
-        if fits {
-            for (&d, &b) in &charge.0 {
-                *used.entry(d).or_default() += b;
-            }
+        let with = used_by(cands, chosen.iter().copied().chain([i]));
+        if with.iter().all(|(&d, &b)| b <= budget(budgets, d)) {
             chosen.push(i);
         }
     }
@@ -80,30 +108,28 @@ fn greedy(budgets: &BTreeMap<Device, u64>, cands: &[Candidate], skip: Option<usi
     chosen
 }
 
-fn copies_alone(budgets: &BTreeMap<Device, u64>, charge: &Charge) -> u64 {
-    charge
+/// Copies of `c` alone that fit its budgets: the file it maps once, its own bytes for
+/// each copy.
+fn copies_alone(budgets: &BTreeMap<Device, u64>, c: &Candidate) -> u64 {
+    let file = |d: Device| match c.mapped {
+        Some(m) if d == Device::Cpu => m.bytes,
+        _ => 0,
+    };
+    c.own()
         .0
         .iter()
         .filter(|(_, &b)| b > 0)
-        .map(|(&d, &b)| budget(budgets, d) / b)
+        .map(|(&d, &b)| budget(budgets, d).saturating_sub(file(d)) / b)
         .min()
         .unwrap_or(0)
 }
 
 pub(crate) fn analyse(budgets: &BTreeMap<Device, u64>, cands: &[Candidate]) -> Analysis {
-    let mut needed: BTreeMap<Device, u64> = BTreeMap::new();
-    for c in cands {
-        for (&d, &b) in &c.charge.0 {
-            *needed.entry(d).or_default() += b;
-        }
-    }
+    let needed = used_by(cands, 0..cands.len());
     let all_fit = needed.iter().all(|(&d, &b)| b <= budget(budgets, d));
     let fitting = greedy(budgets, cands, None);
     let left_out = (0..cands.len()).filter(|i| !fitting.contains(i)).collect();
-    let copies = cands
-        .iter()
-        .map(|c| copies_alone(budgets, &c.charge))
-        .collect();
+    let copies = cands.iter().map(|c| copies_alone(budgets, c)).collect();
     // The first of the largest, in config order.
     let largest = cands
         .iter()
@@ -118,10 +144,10 @@ pub(crate) fn analyse(budgets: &BTreeMap<Device, u64>, cands: &[Candidate]) -> A
                 .iter()
                 .map(|&i| Resident {
                     id: cands[i].id.clone(),
-                    charge: cands[i].charge.clone(),
+                    charge: cands[i].own(),
                     leases: 0,
                     pinned: cands[i].pinned,
-                    mapped: None,
+                    mapped: cands[i].mapped,
                 })
                 .collect();
             let rooms: BTreeMap<Device, Room> = cands[index]
@@ -130,7 +156,12 @@ pub(crate) fn analyse(budgets: &BTreeMap<Device, u64>, cands: &[Candidate]) -> A
                 .keys()
                 .map(|&d| (d, Room::new(budget(budgets, d), 0)))
                 .collect();
-            let outcome = choose_victims(&rooms, &residents, &cands[index].charge.clone().into());
+            let need = Need {
+                charge: cands[index].own(),
+                mapped: cands[index].mapped,
+                held: Vec::new(),
+            };
+            let outcome = choose_victims(&rooms, &residents, &need);
             Largest {
                 index,
                 others,
@@ -221,6 +252,7 @@ pub(super) fn run(args: &PlanArgs) -> Result<(), Failure> {
             id: s.id.clone(),
             pinned: s.pinned,
             charge: f.charge.clone(),
+            mapped: sharing::split(f, s.local_file().ok().and_then(FileId::of)).1,
         })
         .collect();
     let analysis = analyse(&budgets, &cands);
@@ -548,7 +580,39 @@ mod tests {
             id: id.into(),
             pinned,
             charge: Charge::on(Device::Cpu, mib << 20),
+            mapped: None,
         }
+    }
+
+    /// A model charged `mib`, `file_mib` of it pages of file number `file`.
+    fn mapping(id: &str, mib: u64, file: u64, file_mib: u64) -> Candidate {
+        Candidate {
+            mapped: Some(Mapped {
+                file: FileId { dev: 1, ino: file },
+                bytes: file_mib << 20,
+            }),
+            ..cand(id, mib, false)
+        }
+    }
+
+    #[test]
+    fn models_mapping_one_file_count_it_once() {
+        // Two models of 300 MiB on one file of 200 MiB: 200 + 2 x 100 together.
+        let cands = [mapping("a", 300, 7, 200), mapping("b", 300, 7, 200)];
+        let a = analyse(&cpu(450), &cands);
+        assert!(a.all_fit, "{a:?}");
+        assert_eq!(a.needed[&Device::Cpu], 400 << 20);
+        assert_eq!((a.fitting, a.copies), (vec![0, 1], vec![2, 2]));
+        // Evicting b would free only its own 100 MiB: not enough for another file's
+        // 300 MiB model, so both go.
+        let c = mapping("c", 310, 8, 200);
+        let a = analyse(&cpu(450), &[cands[0].clone(), cands[1].clone(), c]);
+        let l = a.largest.unwrap();
+        assert_eq!(l.index, 2);
+        assert_eq!(l.outcome, Ok(vec!["a".to_string(), "b".to_string()]));
+        // Two files are two charges.
+        let apart = [mapping("a", 300, 7, 200), mapping("b", 300, 9, 200)];
+        assert!(!analyse(&cpu(450), &apart).all_fit);
     }
 
     fn cpu(mib: u64) -> BTreeMap<Device, u64> {
@@ -595,6 +659,7 @@ mod tests {
             id: "g".into(),
             pinned: false,
             charge: Charge::on(Device::Cuda(0), 1 << 20),
+            mapped: None,
         };
         assert_eq!(analyse(&cpu(100), &[gpu]).copies, vec![0]);
     }
