@@ -106,11 +106,13 @@ pub fn main() -> ExitCode {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    // Handlers first: once the port is open a client (or a test) may signal at once,
+    // and SIGHUP's default action would end the process.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let server = crate::start(settings).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let reloads = crate::reload::reload_on_sighup(std::sync::Arc::clone(&server.reloader))
-        .context("installing the SIGHUP handler")?;
+    let reloads = crate::reload::reload_on_sighup(hup, std::sync::Arc::clone(&server.reloader));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),

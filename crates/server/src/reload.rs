@@ -187,15 +187,19 @@ impl Reloader {
     }
 }
 
-/// Reloads on every SIGHUP until the returned task is aborted.
-pub fn reload_on_sighup(reloader: Arc<Reloader>) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    Ok(tokio::spawn(async move {
+/// Reloads on every SIGHUP that `hup` receives until the returned task is aborted.
+/// Make `hup` before the server starts: until then SIGHUP's default action ends the
+/// process.
+pub fn reload_on_sighup(
+    mut hup: tokio::signal::unix::Signal,
+    reloader: Arc<Reloader>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading the configuration");
             if let Err(e) = reloader.reload().await {
                 tracing::error!("{e}");
             }
         }
-    }))
+    })
 }
