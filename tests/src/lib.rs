@@ -799,3 +799,34 @@ pub async fn run_python_client(script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// Waits (up to 10 s) until `worker` has no active sequence, and returns its counters
+/// then (or the last ones read).
+pub async fn stats_once_drained(
+    worker: &modelpool_engine::WorkerProcess,
+) -> modelpool_proto::worker::v1::StatsResponse {
+    let mut stats = worker.stats().await.expect("worker stats");
+    for _ in 0..500 {
+        if stats.active_sequences == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = worker.stats().await.expect("worker stats");
+    }
+    stats
+}
+
+/// Registers `huge` on the real model: 64 sequences of 8192 tokens, ~12 GiB of KV
+/// cache, over any budget a test sets.
+pub async fn register_huge(t: &TestServer) {
+    t.control()
+        .register_model(modelpool_proto::v1::RegisterModelRequest {
+            id: "huge".into(),
+            path: model_path().display().to_string(),
+            context_length: Some(8192),
+            max_sequences: Some(64),
+            ..Default::default()
+        })
+        .await
+        .expect("registers");
+}

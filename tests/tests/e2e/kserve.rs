@@ -1,13 +1,11 @@
 //! KServe v2 / Triton `inference.GRPCInferenceService` on the gRPC port, driven by the
 //! `tritonclient[grpc]` Python package: real server, real model, real gRPC.
 
-use std::time::Duration;
-
 use modelpool_proto::kserve::grpc_inference_service_client::GrpcInferenceServiceClient;
 use modelpool_proto::kserve::model_infer_request::InferInputTensor;
 use modelpool_proto::kserve::{InferTensorContents, ModelInferRequest};
 use modelpool_proto::v1::ModelState;
-use modelpool_tests::{grpcurl_path, run_python_client, TestServer};
+use modelpool_tests::{grpcurl_path, run_python_client, stats_once_drained, TestServer};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tritonclient_loads_and_unloads_through_the_repository() {
@@ -124,14 +122,7 @@ async fn kserve_client_that_disconnects_mid_stream_frees_its_sequence() {
     assert_eq!(worker.stats().await.unwrap().active_sequences, 1);
     // The client goes away: its request stream and the call both dropped.
     drop((responses, requests, client));
-    let mut stats = worker.stats().await.unwrap();
-    for _ in 0..500 {
-        if stats.active_sequences == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        stats = worker.stats().await.unwrap();
-    }
+    let stats = stats_once_drained(worker).await;
     assert_eq!(
         stats.active_sequences, 0,
         "the sequence outlived its client"

@@ -4,11 +4,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use modelpool_proto::v1::{ModelState, RegisterModelRequest};
+use modelpool_proto::v1::ModelState;
 use modelpool_server::auth::{AuthSettings, Secret};
 use modelpool_server::config::BudgetSetting;
 use modelpool_tests::{
-    chat, greedy, model_path, python_client, run_python_client, settings_with_openai, TestServer,
+    chat, greedy, python_client, register_huge, run_python_client, settings_with_openai,
+    stats_once_drained, TestServer,
 };
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
@@ -145,14 +146,7 @@ async fn openai_client_that_disconnects_frees_its_sequence() {
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"close\n").await.unwrap();
     assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("closed"));
-    let mut stats = worker.stats().await.unwrap();
-    for _ in 0..500 {
-        if stats.active_sequences == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        stats = worker.stats().await.unwrap();
-    }
+    let stats = stats_once_drained(worker).await;
     assert_eq!(
         stats.active_sequences, 0,
         "the sequence outlived its client"
@@ -236,17 +230,7 @@ async fn openai_maps_over_budget_to_429_and_removal_to_503() {
             r#"{{"model":"{model}","max_tokens":4,"messages":[{{"role":"user","content":"hi"}}]}}"#
         )
     };
-    // 64 sequences of 8192 tokens: ~12 GiB of KV cache, more than the whole budget.
-    t.control()
-        .register_model(RegisterModelRequest {
-            id: "huge".into(),
-            path: model_path().display().to_string(),
-            context_length: Some(8192),
-            max_sequences: Some(64),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    register_huge(&t).await;
     let body = ask("huge");
     let json = ["-H", "Content-Type: application/json", "-d", &body];
     let (code, body) = status_and_body(&url, &json).await;

@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use modelpool_proto::v1::pool_event::Kind;
 use modelpool_proto::v1::{
-    EvictModelRequest, GetModelRequest, LoadModelRequest, ModelState, PoolEvent,
-    RegisterModelRequest, WatchEventsRequest,
+    EvictModelRequest, GetModelRequest, LoadModelRequest, ModelState, PoolEvent, WatchEventsRequest,
 };
 use modelpool_tests::{
-    chat, collect, eventually, greedy, model_path, model_toml, process_alive, settings_toml,
-    OneFileFootprint, TestServer,
+    chat, collect, eventually, greedy, model_path, model_toml, process_alive, register_huge,
+    settings_toml, OneFileFootprint, TestServer,
 };
 use tonic::Code;
 
@@ -227,17 +226,7 @@ async fn a_model_bigger_than_the_budget_fails_at_once() {
     };
     let events = watch(&t).await;
     t.ask_capital("a").await;
-    // 64 sequences of 8192 tokens: gigabytes of KV cache.
-    t.control()
-        .register_model(RegisterModelRequest {
-            id: "huge".into(),
-            path: model_path().display().to_string(),
-            context_length: Some(8192),
-            max_sequences: Some(64),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    register_huge(&t).await;
     let err = t
         .control()
         .load_model(LoadModelRequest {
