@@ -448,7 +448,6 @@ impl Decoder<'_> {
                 let reuse = self.restore_saved(slot, &p.tokens, reuse);
                 self.keep_prefix(slot, reuse)
             };
-            self.caches[slot as usize].prompt_len = p.tokens.len();
             if reuse == p.tokens.len() {
                 room = room.saturating_sub(1);
                 self.start_repeat(slot, p);
@@ -463,6 +462,7 @@ impl Decoder<'_> {
                 break;
             }
             room -= need;
+            self.caches[slot as usize].prompt_len = p.tokens.len();
             self.counters
                 .reused_prompt_tokens_total
                 .fetch_add(reuse as u64, Ordering::Relaxed);
@@ -497,6 +497,7 @@ impl Decoder<'_> {
     /// from the logits kept for that prompt.
     fn start_repeat(&mut self, slot: i32, p: Pending) {
         let len = p.tokens.len();
+        self.caches[slot as usize].prompt_len = len;
         let logits = &self.end_logits[slot as usize]
             .as_ref()
             .expect("a repeat has its logits")
