@@ -106,6 +106,19 @@ async fn curl_reads_loading_comments_then_deltas_then_done() {
     }
     assert!(text.contains("Paris"), "{out}");
 
+    // The same chat again, whole: every prompt token comes from the cells the first
+    // one left, and the usage says so as OpenAI's does.
+    let again = body.replace(r#""stream":true,"#, "");
+    let json = ["-H", "Content-Type: application/json", "-d", &again];
+    let (code, answer) = status_and_body(&url, &json).await;
+    assert_eq!(code, "200", "{answer}");
+    let usage = &answer["usage"];
+    assert!(usage["prompt_tokens"].as_u64().unwrap() > 0, "{answer}");
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"], usage["prompt_tokens"],
+        "{answer}"
+    );
+
     // Errors: the status and OpenAI's JSON shape, naming the field or the ids.
     let bad = r#"{"model":"smollm2","messages":[{"role":"user","content":"hi"}],"top_p":7}"#;
     let json = ["-H", "Content-Type: application/json", "-d", bad];
