@@ -34,8 +34,8 @@ soak cycles="500": fetch-models
     scripts/cargo.sh run -p modelpool-benches --bin load_cycles -- --cycles {{cycles}}
 
 # The seed scenario: small models under load while a swap slot alternates between two
-# 7B-shaped synthetic models (make them first with `just synth-model 7b ...`); writes
-# benches/swap_scenario.svg.
+# 7B-shaped synthetic models (made in models/ when missing: ~3.9 GiB each, the disk
+# checked first); writes benches/swap_scenario.svg.
 bench-swap phase="90": fetch-models
     scripts/cargo.sh run -p modelpool-benches --bin swap_scenario -- --phase-secs {{phase}}
 
