@@ -58,7 +58,7 @@ async fn ask(t: &TestServer, model: &str, sampling: SamplingParams) -> Vec<Gener
 
 fn last(chunks: &[GenerateChunk]) -> (FinishReason, u32, u32) {
     let c = chunks.last().expect("a last chunk");
-    let usage = c.usage.clone().expect("usage on the last chunk");
+    let usage = c.usage.expect("usage on the last chunk");
     (
         c.finish_reason(),
         usage.prompt_tokens,

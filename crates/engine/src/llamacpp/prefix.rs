@@ -217,8 +217,8 @@ mod tests {
                     prop_assert!(skipped < prompt.len());
                     let source = c.copy_from.map_or(c.slot, |(s, _)| s);
                     prop_assert_eq!(&caches[source as usize].tokens[..skipped], &prompt[..skipped]);
-                    for other in 0..caches.len() {
-                        prop_assert!(reusable(&caches[other].tokens, &prompt) <= skipped);
+                    for other in &caches {
+                        prop_assert!(reusable(&other.tokens, &prompt) <= skipped);
                     }
                 }
             }
