@@ -320,11 +320,22 @@ impl<B: Backend> Pool<B> {
         let file_id = st.models.get(id).and_then(|e| e.file_id);
         let (own, mapped) = sharing::split(&footprint, file_id);
         let victim_ids: Vec<String> = evicted.iter().map(|(v, ..)| v.clone()).collect();
-        let mut covered = Charge::on(Device::Cpu, st.files_freed_by(&victim_ids, mapped.as_ref()));
+        // A file nobody staying maps is handed over like the rest: charged in `target`
+        // as the victims free room, counted as mapped once the last one has exited.
+        let file_pending = !victim_ids.is_empty()
+            && mapped.is_some_and(|m| !st.mapped_by_staying(id, m.file, &victim_ids));
+        let (target, freed_files) = if file_pending {
+            let mut target = own.clone();
+            target.add(&Charge::on(Device::Cpu, mapped.map_or(0, |m| m.bytes)));
+            (target, st.files_freed_by(&victim_ids, None))
+        } else {
+            (own.clone(), st.files_freed_by(&victim_ids, mapped.as_ref()))
+        };
+        let mut covered = Charge::on(Device::Cpu, freed_files);
         for (victim, _, _, charge) in &evicted {
             covered.add(charge);
             st.handoffs
-                .insert(victim.clone(), (id.to_owned(), own.clone()));
+                .insert(victim.clone(), (id.to_owned(), target.clone()));
         }
         let evicted: Vec<_> = evicted
             .into_iter()
@@ -337,8 +348,9 @@ impl<B: Backend> Pool<B> {
         entry.waiting_why = None;
         entry.slot = Slot::Loading {
             done: rx.clone(),
-            charge: own.saturating_sub(&covered),
+            charge: target.saturating_sub(&covered),
             mapped,
+            file_pending,
         };
         entry.loads_started += 1;
         entry.cut_reason = None;

@@ -68,7 +68,11 @@ pub(super) async fn run_load<B: Backend>(
         match result {
             Ok(instance) if !shutting_down => {
                 let measured = state::measure(inner.probe.as_ref(), &instance, spec.device);
-                let mapped = entry.slot.mapped().copied();
+                // The file it maps, handed over or not (its victims have exited).
+                let mapped = match &entry.slot {
+                    Slot::Loading { mapped, .. } => *mapped,
+                    other => other.mapped().copied(),
+                };
                 let mut charge = state::charge_after_load(&footprint, &measured, spec.device);
                 // Its file's pages are charged apart (see `sharing`).
                 if let Some(m) = mapped {

@@ -27,7 +27,12 @@ impl<I> State<I> {
         self.models
             .iter()
             .filter_map(|(id, e)| match &e.slot {
-                Slot::Loading { mapped, .. } | Slot::Unloading { mapped, .. } => *mapped,
+                Slot::Loading {
+                    mapped,
+                    file_pending: false,
+                    ..
+                }
+                | Slot::Unloading { mapped, .. } => *mapped,
                 Slot::Absent if id != except && e.turn.is_some() => {
                     split(e.prediction.as_ref()?, e.file_id).1
                 }
@@ -84,6 +89,12 @@ impl<I> State<I> {
             .map(|(_, m)| m.bytes)
             .max()
             .unwrap_or(0)
+    }
+
+    /// Whether a model other than `id`, and not among `leaving`, maps `file` now.
+    pub fn mapped_by_staying(&self, id: &str, file: FileId, leaving: &[String]) -> bool {
+        self.mappers()
+            .any(|(m, mapped)| m != id && !leaving.contains(m) && mapped.file == file)
     }
 
     /// Whether a model other than `id` maps `file` now.

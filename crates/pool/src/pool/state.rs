@@ -25,6 +25,10 @@ pub(super) enum Slot<I> {
         done: watch::Receiver<LoadOutcome>,
         charge: Charge,
         mapped: Option<Mapped>,
+        /// Its file's pages are still being handed over by the victims it evicted: they
+        /// count in `charge` (growing as each victim exits), not as a mapped file,
+        /// until the last victim has exited (see `finish_unload`).
+        file_pending: bool,
     },
     Ready {
         instance: Arc<I>,
@@ -48,6 +52,9 @@ impl<I> Slot<I> {
     pub fn mapped(&self) -> Option<&Mapped> {
         match self {
             Slot::Absent => None,
+            Slot::Loading {
+                file_pending: true, ..
+            } => None,
             Slot::Loading { mapped, .. }
             | Slot::Ready { mapped, .. }
             | Slot::Unloading { mapped, .. } => mapped.as_ref(),
@@ -276,12 +283,24 @@ impl<I: Instance> State<I> {
             released.add(&Charge::on(Device::Cpu, unmapped));
         }
         if let Some((incoming, target)) = self.handoffs.remove(id) {
-            if let Some(Slot::Loading { charge, .. }) =
-                self.models.get_mut(&incoming).map(|e| &mut e.slot)
+            let last = !self.handoffs.values().any(|(i, _)| *i == incoming);
+            if let Some(Slot::Loading {
+                charge,
+                mapped,
+                file_pending,
+                ..
+            }) = self.models.get_mut(&incoming).map(|e| &mut e.slot)
             {
                 for (device, want) in &target.0 {
                     let now = charge.0.entry(*device).or_default();
                     *now = (*now + released.get(*device)).min(*want);
+                }
+                // Handed over in full: its file counts as mapped from now on.
+                if last && *file_pending {
+                    let file = mapped.map_or(0, |m| m.bytes);
+                    let ram = charge.0.entry(Device::Cpu).or_default();
+                    *ram = ram.saturating_sub(file);
+                    *file_pending = false;
                 }
             }
         }

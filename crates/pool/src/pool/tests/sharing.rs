@@ -161,3 +161,43 @@ async fn swap_slot_members_on_one_file_share_the_group_share() {
     assert_eq!(status.groups[0].resident_bytes, 130);
     assert_eq!(status.devices[0].used_bytes, 130);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_load_making_room_is_charged_its_file_only_as_its_victim_frees_it() {
+    // `a` and `c` map 70 of their 100 bytes each, from two files; room for one.
+    let mut backend = FakeBackend {
+        sizes: [("a", 100), ("c", 100)]
+            .map(|(k, v)| (k.to_owned(), v))
+            .into(),
+        ..Default::default()
+    };
+    backend.mapped = [("a", 70), ("c", 70)]
+        .map(|(k, v)| (k.to_owned(), v))
+        .into();
+    let backend = Arc::new(backend);
+    let (_dir, pool) = pool_on_one_file(&backend, 110, Vec::new());
+    pool.load("a", false, None).await.unwrap();
+    let loading = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.load("c", false, None).await }
+    });
+    // While `a`'s worker stops (5 ms, and the clock stands still here), the books hold
+    // its bytes and `c`'s reservation: never more than the budget, in total or as
+    // status shows it per model.
+    let mut seen_handover = false;
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+        let (used, reserved) = used_and_reserved(&pool);
+        let shown: u64 = charged(&pool).iter().map(|(_, b)| b).sum();
+        assert!(used + reserved <= 110, "used {used} + reserved {reserved}");
+        assert!(shown <= 110, "{:?}", charged(&pool));
+        let states: Vec<SlotState> = pool.snapshot().into_iter().map(|s| s.state).collect();
+        seen_handover |=
+            states.contains(&SlotState::Loading) && states.contains(&SlotState::Unloading);
+    }
+    assert!(seen_handover, "the test saw `c` loading while `a` stopped");
+    loading.await.unwrap().unwrap();
+    assert_eq!(backend.live_ids(), ["c"]);
+    assert_eq!(used_and_reserved(&pool), (100, 0));
+    assert_eq!(charged(&pool).iter().map(|(_, b)| b).sum::<u64>(), 100);
+}
