@@ -44,9 +44,10 @@ pub struct WorkerBackendConfig {
     pub runtime_dir: PathBuf,
     /// A worker not ready after this long is killed and the load fails.
     pub load_timeout: Duration,
-    /// Nice value a worker loads at (0: none), so a load, which keeps every core busy
-    /// for seconds, yields the CPU to the models already serving. Set back to 0 once
-    /// ready where the process may raise priority (root or CAP_SYS_NICE).
+    /// Nice value a mistral.rs worker loads at (0: none), so a load, which keeps every
+    /// core busy for seconds, yields the CPU to the models already serving. Set back to
+    /// 0 once ready where the process may raise priority (root or CAP_SYS_NICE).
+    /// llama.cpp workers, whose loads map the weights, load at normal priority.
     pub load_nice: i32,
     /// Workers of models whose weights files are at least this large get transparent
     /// huge pages (see [`WorkerProcess::spawn`]); `u64::MAX` turns them off.
@@ -251,7 +252,14 @@ impl WorkerProcess {
             cmd.env("GOMP_SPINCOUNT", WORKER_OMP_SPIN_COUNT);
         }
         die_with_parent(&mut cmd);
-        load_at_low_priority(&mut cmd, config.load_nice);
+        // Only mistral.rs loads are CPU-bound for seconds (it copies and converts the
+        // weights); a llama.cpp load maps them, and starving it behind busy models
+        // turned a 0.4 s 7B swap-in into 6.5 s with no gain for them (BENCHMARKS.md).
+        let load_nice = match args.engine {
+            EngineKind::MistralRs => config.load_nice,
+            EngineKind::LlamaCpp => 0,
+        };
+        load_at_low_priority(&mut cmd, load_nice);
         let mut child = cmd.spawn().map_err(|e| {
             BackendError::Failed(format!(
                 "cannot start worker {}: {e}",
@@ -308,7 +316,7 @@ impl WorkerProcess {
                 )));
             }
         };
-        if config.load_nice > 0 {
+        if load_nice > 0 {
             restore_priority(pid);
         }
         // Keep draining stdout so the worker never blocks on a full pipe.

@@ -60,7 +60,8 @@ pub struct Settings {
     pub tls: Option<TlsSettings>,
     /// A worker not ready after this long is killed.
     pub load_timeout: Duration,
-    /// Nice value of a loading worker (0: off); see `WorkerBackendConfig::load_nice`.
+    /// Nice value of a loading mistral.rs worker (0: off); see
+    /// `WorkerBackendConfig::load_nice`. llama.cpp workers load at normal priority.
     pub load_nice: i32,
     /// Workers of models at least this large get transparent huge pages (`u64::MAX`:
     /// never); see `WorkerBackendConfig::huge_pages_from_bytes`.
