@@ -4,7 +4,7 @@
 //! meaningless: they exist to measure memory, load and swap times at real sizes.
 
 use std::io::{BufWriter, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 use modelpool_engine::sampling::SplitMix64;
@@ -209,6 +209,48 @@ impl Cursor<'_> {
         ensure!(self.at <= self.buf.len(), "gguf header ends early");
         Ok(())
     }
+}
+
+/// Vocabulary of SmolLM2, whose tokenizer the synthetic models copy.
+const SMOLLM2_VOCAB: u64 = 49_152;
+
+/// Makes the large models that do not exist yet (7B-shaped, Q4_0, random weights),
+/// after saying how much disk they take and checking that the file system has it.
+pub fn make_missing_7b(large: &[PathBuf], tokenizer_from: &Path) -> anyhow::Result<()> {
+    let missing: Vec<&PathBuf> = large.iter().filter(|p| !p.exists()).collect();
+    let Some(first) = missing.first() else {
+        return Ok(());
+    };
+    let each = Shape::LLAMA_7B.estimated_file_bytes(Quant::Q4_0, SMOLLM2_VOCAB);
+    let need = each * missing.len() as u64;
+    let dir = match first.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let free = crate::free_disk_bytes(dir)?;
+    eprintln!(
+        "making {} 7B-shaped model(s) in {}: about {:.1} GiB of disk ({:.1} GiB free)",
+        missing.len(),
+        dir.display(),
+        need as f64 / 1073741824.0,
+        free as f64 / 1073741824.0
+    );
+    anyhow::ensure!(
+        free > need + need / 10,
+        "not enough disk for the large models: about {need} bytes needed (and 10% to spare), {free} free in {}",
+        dir.display()
+    );
+    for (i, path) in missing.into_iter().enumerate() {
+        write_llama(
+            path,
+            Shape::LLAMA_7B,
+            Quant::Q4_0,
+            tokenizer_from,
+            42 + i as u64,
+        )?;
+    }
+    Ok(())
 }
 
 /// Writes a llama GGUF of `shape` to `out`, its tokenizer taken from `tokenizer_from`.

@@ -22,7 +22,8 @@ use modelpool_pool::Instance;
 
 #[derive(Parser)]
 struct Args {
-    /// GGUF files to reload (missing ones are skipped with a note).
+    /// GGUF files to reload: synthetic 7B-shaped ones (`synth-llama-7b*`) are made when
+    /// missing (tokenizer from the first real one); other missing ones are skipped.
     #[arg(
         long,
         value_delimiter = ',',
@@ -65,6 +66,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("| model | MiB | tier | reload p50 ms (min-max) | effective GB/s | physical limit ms | reload / limit | file cached at start | worker MADV_HUGEPAGE MiB | worker AnonHugePages MiB |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let mut evicts = Vec::new();
+    // The synthetic 7B-shaped models are made when missing (the disk checked first).
+    let synthetic: Vec<PathBuf> = args
+        .models
+        .iter()
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("synth-llama-7b"))
+        })
+        .cloned()
+        .collect();
+    if let Some(real) = args.models.iter().find(|p| !synthetic.contains(p)) {
+        modelpool_benches::synth::make_missing_7b(&synthetic, real)?;
+    }
     for model in &args.models {
         let Ok(model) = std::fs::canonicalize(model) else {
             eprintln!("skipping {}: missing", model.display());

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use modelpool_benches::synth::{write_llama, Quant, Shape};
+use modelpool_benches::synth;
 use modelpool_benches::{median, mib, percentile, svg};
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::model_control_client::ModelControlClient;
@@ -80,52 +80,10 @@ struct Sample {
     charged: BTreeMap<String, u64>,
 }
 
-/// Vocabulary of SmolLM2, whose tokenizer the synthetic models copy.
-const SMOLLM2_VOCAB: u64 = 49_152;
-
-/// Makes the large models that do not exist yet (7B-shaped, Q4_0, random weights),
-/// after saying how much disk they take and checking that the file system has it.
-fn make_missing_large(large: &[PathBuf], tokenizer_from: &Path) -> anyhow::Result<()> {
-    let missing: Vec<&PathBuf> = large.iter().filter(|p| !p.exists()).collect();
-    let Some(first) = missing.first() else {
-        return Ok(());
-    };
-    let each = Shape::LLAMA_7B.estimated_file_bytes(Quant::Q4_0, SMOLLM2_VOCAB);
-    let need = each * missing.len() as u64;
-    let dir = match first.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)?;
-    let free = modelpool_benches::free_disk_bytes(dir)?;
-    eprintln!(
-        "making {} 7B-shaped model(s) in {}: about {:.1} GiB of disk ({:.1} GiB free)",
-        missing.len(),
-        dir.display(),
-        need as f64 / 1073741824.0,
-        free as f64 / 1073741824.0
-    );
-    anyhow::ensure!(
-        free > need + need / 10,
-        "not enough disk for the large models: about {need} bytes needed (and 10% to spare), {free} free in {}",
-        dir.display()
-    );
-    for (i, path) in missing.into_iter().enumerate() {
-        write_llama(
-            path,
-            Shape::LLAMA_7B,
-            Quant::Q4_0,
-            tokenizer_from,
-            42 + i as u64,
-        )?;
-    }
-    Ok(())
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let small = std::fs::canonicalize(&args.small)
         .with_context(|| format!("{} (run `just fetch-models`)", args.small.display()))?;
-    make_missing_large(&args.large, &small)?;
+    synth::make_missing_7b(&args.large, &small)?;
     let large: Vec<PathBuf> = args
         .large
         .iter()
