@@ -800,11 +800,9 @@ pub async fn run_python_client(script: &str, args: &[&str]) -> String {
     stdout
 }
 
-/// Waits (up to 10 s) until `worker` has no active sequence, and returns its counters
-/// then (or the last ones read).
-pub async fn stats_once_drained(
-    worker: &modelpool_engine::WorkerProcess,
-) -> modelpool_proto::worker::v1::StatsResponse {
+/// Waits (up to 10 s) until `worker` has no active sequence, then checks that its one
+/// generation (of up to 2000 tokens) was cancelled early because its client left.
+pub async fn assert_one_generation_cancelled(worker: &modelpool_engine::WorkerProcess) {
     let mut stats = worker.stats().await.expect("worker stats");
     for _ in 0..500 {
         if stats.active_sequences == 0 {
@@ -813,7 +811,12 @@ pub async fn stats_once_drained(
         tokio::time::sleep(Duration::from_millis(20)).await;
         stats = worker.stats().await.expect("worker stats");
     }
-    stats
+    assert_eq!(
+        stats.active_sequences, 0,
+        "the sequence outlived its client"
+    );
+    assert_eq!(stats.cancelled_total, 1, "{stats:?}");
+    assert!(stats.generated_tokens_total < 2000, "{stats:?}");
 }
 
 /// Registers `huge` on the real model: 64 sequences of 8192 tokens, ~12 GiB of KV
