@@ -84,6 +84,16 @@ const PROMPT: &str = "Once upon a time, in a small village by the sea, there liv
 /// Tokens of the long prompt (prompt speed): " the" is one token in llama vocabularies.
 const LONG_PROMPT_TOKENS: usize = 511;
 
+/// `base` made unique with a request number in front: the llama.cpp engine reuses the
+/// KV cells of a prompt it has seen (and samples a repeat from kept logits), so a
+/// repeated prompt would measure the cache, not the prompt's processing. Both sides of
+/// every comparison get such prompts.
+fn fresh(base: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{n}:{base}")
+}
+
 fn main() -> anyhow::Result<()> {
     modelpool_benches::run_as_worker_if_asked();
     let args = Args::parse();
@@ -369,7 +379,7 @@ impl Bench {
         let long_prompt = " the".repeat(LONG_PROMPT_TOKENS);
         let engines = self.args.engines.clone();
         for engine in &engines {
-            self.generate(&single_id(engine), PROMPT, 8).await?;
+            self.generate(&single_id(engine), &fresh(PROMPT), 8).await?;
         }
         let mut rounds = Vec::new();
         for _ in 0..self.args.rounds {
@@ -380,8 +390,10 @@ impl Bench {
             let mut runs = Vec::new();
             for engine in &engines {
                 let id = single_id(engine);
-                let run = self.generate(&id, PROMPT, self.args.max_tokens).await?;
-                let long = self.generate(&id, &long_prompt, 1).await?;
+                let run = self
+                    .generate(&id, &fresh(PROMPT), self.args.max_tokens)
+                    .await?;
+                let long = self.generate(&id, &fresh(&long_prompt), 1).await?;
                 runs.push((run, long));
             }
             rounds.push(DecodeRound {
@@ -462,8 +474,11 @@ impl Bench {
     async fn modelpool_streams(&self, n: u32) -> anyhow::Result<Aggregate> {
         let id = multi_id(n);
         let started = Instant::now();
+        let prompts: Vec<String> = (0..n).map(|_| fresh(PROMPT)).collect();
         let runs = futures::future::try_join_all(
-            (0..n).map(|_| generate(self.inference.clone(), &id, PROMPT, self.args.max_tokens)),
+            prompts
+                .iter()
+                .map(|p| generate(self.inference.clone(), &id, p, self.args.max_tokens)),
         )
         .await?;
         let wall = started.elapsed();
@@ -478,8 +493,11 @@ impl Bench {
 
     async fn server_streams(&self, port: u16, n: u32) -> anyhow::Result<Aggregate> {
         let started = Instant::now();
+        let prompts: Vec<String> = (0..n).map(|_| fresh(PROMPT)).collect();
         let runs = futures::future::try_join_all(
-            (0..n).map(|_| peers::completion(port, PROMPT, self.args.max_tokens)),
+            prompts
+                .iter()
+                .map(|p| peers::completion(port, p, self.args.max_tokens)),
         )
         .await?;
         let wall = started.elapsed();
@@ -617,10 +635,14 @@ impl Bench {
             peers::smaps_rollup(pid)?,
             modelpool_benches::page_faults(pid)?,
         );
-        let first = self.generate(id, PROMPT, RELOAD_REQUEST_TOKENS).await?;
+        let first = self
+            .generate(id, &fresh(PROMPT), RELOAD_REQUEST_TOKENS)
+            .await?;
         let after = peers::smaps_rollup(pid)?;
         let faults_after = modelpool_benches::page_faults(pid)?;
-        let resident = self.generate(id, PROMPT, RELOAD_REQUEST_TOKENS).await?;
+        let resident = self
+            .generate(id, &fresh(PROMPT), RELOAD_REQUEST_TOKENS)
+            .await?;
         Ok(Reload {
             wall_ms: ms(wall),
             pool_ms: ms(pool),
@@ -668,7 +690,8 @@ impl Bench {
             self.load(&id).await?;
             let pid = self.info(&id).await?.worker_pid;
             let after_load = peers::smaps_rollup(pid)?;
-            self.generate(&id, PROMPT, self.args.max_tokens).await?;
+            self.generate(&id, &fresh(PROMPT), self.args.max_tokens)
+                .await?;
             let after_request = peers::smaps_rollup(pid)?;
             let charged = self.info(&id).await?.charged_bytes;
             self.evict(&id).await?;
@@ -688,7 +711,7 @@ impl Bench {
         })
         .await?;
         let after_load = peers::smaps_rollup(server.pid)?;
-        peers::completion(server.port, PROMPT, self.args.max_tokens).await?;
+        peers::completion(server.port, &fresh(PROMPT), self.args.max_tokens).await?;
         let after_request = peers::smaps_rollup(server.pid)?;
         let ready_ms = ms(server.ready_after);
         server.stop().await?;
