@@ -238,7 +238,8 @@ fn valid_key(key: &str) -> bool {
         && key[2..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+/// `bytes` as lowercase hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

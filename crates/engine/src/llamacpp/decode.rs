@@ -145,7 +145,7 @@ fn serve(
             let digest = digest
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("the digest thread panicked")));
-            let opened = digest.and_then(|digest| {
+            let opened = digest.map(|digest| {
                 let key = saved_key(&digest, &opts, context_length);
                 persist::Saved::open(config, key, context_length)
             });

@@ -22,6 +22,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use modelpool_pool::store::hex;
 use sha2::{Digest, Sha256};
 
 const MAGIC: &[u8; 8] = b"MPKVSEQ1";
@@ -73,11 +74,7 @@ pub(super) fn file_digest(path: &Path) -> io::Result<String> {
     f.seek(SeekFrom::Start(size - tail))?;
     f.read_exact(&mut buf[..tail as usize])?;
     h.update(&buf[..tail as usize]);
-    let hex: String = h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok(format!("{hex}/{size}"))
+    Ok(format!("{}/{size}", hex(&h.finalize()[..16])))
 }
 
 /// The file name of a prefix of `tokens`.
@@ -86,9 +83,7 @@ pub(super) fn file_name(tokens: &[i32]) -> String {
     for t in tokens {
         h.update(t.to_le_bytes());
     }
-    let digest = h.finalize();
-    let hex: String = digest[..12].iter().map(|b| format!("{b:02x}")).collect();
-    format!("{hex}.{SUFFIX}")
+    format!("{}.{SUFFIX}", hex(&h.finalize()[..12]))
 }
 
 fn header(key: &str, tokens: &[i32]) -> Vec<u8> {

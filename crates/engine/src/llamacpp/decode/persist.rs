@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::LlamaStateSeqFlags;
+use modelpool_pool::store::hex;
 use sha2::{Digest, Sha256};
 
 use super::Decoder;
@@ -34,18 +35,16 @@ pub(in crate::llamacpp) struct SaveReport {
 impl Saved {
     /// The directory under `config.dir` for this model file and setting, indexed (it
     /// is made at the first save).
-    pub fn open(config: &SavedPrefixes, key: String, context_length: u32) -> std::io::Result<Self> {
-        let digest = Sha256::digest(key.as_bytes());
-        let name: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        let dir = config.dir.join(name);
+    pub fn open(config: &SavedPrefixes, key: String, context_length: u32) -> Self {
+        let dir = config.dir.join(hex(&Sha256::digest(key.as_bytes())[..8]));
         let prefixes = saved::index(&dir, &key, context_length);
         tracing::info!(dir = %dir.display(), saved = prefixes.len(), "saved prefixes indexed");
-        Ok(Self {
+        Self {
             dir,
             key,
             budget_bytes: config.budget_bytes,
             prefixes,
-        })
+        }
     }
 
     /// The saved prefix that lets `prompt` skip the most tokens, and how many.
