@@ -7,16 +7,20 @@ use crate::GroupSpec;
 /// Models of 100 bytes, 70 of them pages of their file, and a model `c` of `c_bytes`
 /// that maps nothing.
 fn mapping_backend(c_bytes: u64) -> Arc<FakeBackend> {
-    let mut backend = FakeBackend {
-        sizes: [("a", 100), ("b", 100), ("c", c_bytes)]
-            .map(|(k, v)| (k.to_owned(), v))
-            .into(),
+    backend_of(
+        &[("a", 100), ("b", 100), ("c", c_bytes)],
+        &[("a", 70), ("b", 70)],
+    )
+}
+
+/// A fake backend with these model sizes, `mapped` bytes of which are file pages.
+fn backend_of(sizes: &[(&str, u64)], mapped: &[(&str, u64)]) -> Arc<FakeBackend> {
+    let owned = |kv: &[(&str, u64)]| kv.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    Arc::new(FakeBackend {
+        sizes: owned(sizes),
+        mapped: owned(mapped),
         ..Default::default()
-    };
-    backend.mapped = [("a", 70), ("b", 70)]
-        .map(|(k, v)| (k.to_owned(), v))
-        .into();
-    Arc::new(backend)
+    })
 }
 
 /// Specs of `a` and `b` on one file, spelled two ways (the file and a symlink to it),
@@ -165,16 +169,7 @@ async fn swap_slot_members_on_one_file_share_the_group_share() {
 #[tokio::test(start_paused = true)]
 async fn a_load_making_room_is_charged_its_file_only_as_its_victim_frees_it() {
     // `a` and `c` map 70 of their 100 bytes each, from two files; room for one.
-    let mut backend = FakeBackend {
-        sizes: [("a", 100), ("c", 100)]
-            .map(|(k, v)| (k.to_owned(), v))
-            .into(),
-        ..Default::default()
-    };
-    backend.mapped = [("a", 70), ("c", 70)]
-        .map(|(k, v)| (k.to_owned(), v))
-        .into();
-    let backend = Arc::new(backend);
+    let backend = backend_of(&[("a", 100), ("c", 100)], &[("a", 70), ("c", 70)]);
     let (_dir, pool) = pool_on_one_file(&backend, 110, Vec::new());
     pool.load("a", false, None).await.unwrap();
     let loading = tokio::spawn({
