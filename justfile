@@ -64,7 +64,21 @@ bench-engines rounds="3" model="models/SmolLM2-135M-Instruct.Q4_1.gguf": fetch-m
 loadgen secs="60": fetch-models
     scripts/cargo.sh run -p modelpool-benches --bin loadgen -- --secs {{secs}}
 
-# A synthetic llama GGUF (random weights, real shape: 1b or 7b) for benchmarks.
+# The server with llama.cpp's CUDA backend compiled in, for GPU architecture `arch` (90:
+# H100/H200, 89: L4/RTX 40xx, 86: A10/RTX 30xx, 80: A100), with Debian's CUDA toolkit
+# (installed when missing; needs root). mistral.rs' CUDA kernels stay off: add
+# `--features modelpool-server/cuda-mistralrs` for them (a much longer build).
+build-cuda arch="90" *args="":
+    scripts/install-cuda-toolkit.sh
+    CMAKE_CUDA_ARCHITECTURES={{arch}} scripts/cargo.sh build --release --bin modelpool --features modelpool-server/cuda {{args}}
+
+# Packs .gpu/ for a lent GPU machine (test binaries built with `llama-shared`, llama.cpp's
+# sources, SmolLM2's tokenizer); there, `scripts/gpu-check.sh` builds llama.cpp with CUDA
+# and runs the GPU tests and the seed scenario on the GPU.
+gpu-pack: fetch-models
+    scripts/gpu-pack.sh
+
+# A synthetic llama GGUF (random weights, real shape: 135m, 1b or 7b) for benchmarks.
 synth-model shape="1b" out="models/synth-llama-1b-q4_0.gguf": fetch-models
     scripts/cargo.sh run -p modelpool-benches --bin synth_gguf -- --shape {{shape}} --out {{out}}
 

@@ -40,6 +40,17 @@ impl Shape {
         context: 8192,
     };
 
+    /// SmolLM2-135M's shape: hidden 576, 30 layers, 9 heads, 3 KV heads, FFN 1536 (a
+    /// small model where the real file cannot be had, e.g. on a lent GPU machine).
+    pub const SMOL_135M: Shape = Shape {
+        hidden: 576,
+        layers: 30,
+        heads: 9,
+        kv_heads: 3,
+        ffn: 1536,
+        context: 8192,
+    };
+
     /// About the bytes a file of this shape takes with `vocab` tokens: the layers'
     /// matrices in `quant`, the token embeddings in Q8_0 (norms and the header are
     /// small). 4.14 GB for the 7B shape in Q4_0 with SmolLM2's vocabulary, as written.

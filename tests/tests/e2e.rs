@@ -8,6 +8,7 @@ mod e2e {
     mod engines;
     mod fair;
     mod faults;
+    mod gpu;
     mod grpcurl;
     mod invalid;
     mod kserve;

@@ -56,6 +56,9 @@ struct Args {
     load_nice: i32,
     #[arg(long, default_value = "benches/swap_scenario.svg")]
     svg: PathBuf,
+    /// Where every model runs: "cpu" (budget: RAM) or "cuda:N" (budget: that GPU's VRAM).
+    #[arg(long, default_value = "cpu")]
+    device: modelpool_pool::Device,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -78,6 +81,8 @@ struct Sample {
     t: f64,
     budget: u64,
     charged: BTreeMap<String, u64>,
+    /// Charged and reserved on the scenario's device, as its status says.
+    device_used: u64,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -100,16 +105,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let small_ids: Vec<String> = (1..=args.small_count)
         .map(|i| format!("small-{i}"))
         .collect();
+    let device = args.device;
     let mut models = String::new();
     for id in &small_ids {
         models += &format!(
-            "[[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = 1024\n",
+            "[[models]]\nid = \"{id}\"\npath = \"{}\"\ncontext_length = 1024\ndevice = \"{device}\"\n",
             small.display()
         );
     }
     for (i, p) in large.iter().enumerate() {
         models += &format!(
-            "[[models]]\nid = \"large-{}\"\npath = \"{}\"\ncontext_length = 1024\n",
+            "[[models]]\nid = \"large-{}\"\npath = \"{}\"\ncontext_length = 1024\ndevice = \"{device}\"\n",
             i + 1,
             p.display()
         );
@@ -118,7 +124,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let predict = |p: &Path| -> anyhow::Result<u64> {
         let mut spec = modelpool_pool::ModelSpec::new("p", p);
         spec.context_length = 1024;
-        Ok(modelpool_engine::footprint::predict(&spec)?.total_bytes())
+        spec.device = device;
+        Ok(modelpool_engine::footprint::predict(&spec)?
+            .charge
+            .get(device))
     };
     let needed = predict(&small)? * args.small_count as u64
         + large
@@ -133,9 +142,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => needed * 11 / 10,
     };
     let runtime = tempfile::tempdir()?;
+    let budget_key = if device == modelpool_pool::Device::Cpu {
+        "ram_budget"
+    } else {
+        "vram_budget"
+    };
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n[workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\nload_timeout = \"600s\"\nload_nice = {}\n\
-         [pool]\nram_budget = \"{budget}\"\nreserve = \"0\"\nqueue_timeout = \"600s\"\n{models}",
+         [pool]\n{budget_key} = \"{budget}\"\nreserve = \"0\"\nqueue_timeout = \"600s\"\n{models}",
         runtime.path().display(),
         std::env::current_exe()?.display(),
         args.load_nice,
@@ -153,7 +167,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let bandwidth = read_bandwidth(&large[0])?;
     let large_bytes = std::fs::metadata(&large[0])?.len();
     eprintln!(
-        "budget {:.0} MiB; large file {:.0} MiB read at {:.0} MiB/s",
+        "{budget_key} {:.0} MiB; large file {:.0} MiB read at {:.0} MiB/s",
         mib(budget),
         mib(large_bytes),
         bandwidth / 1048576.0
@@ -177,10 +191,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             while !stop.load(Ordering::SeqCst) {
                 if let Ok(s) = c.get_pool_status(GetPoolStatusRequest {}).await {
                     let s = s.into_inner();
-                    let cpu = s.devices.iter().find(|d| d.device == "cpu");
+                    let dev = s.devices.iter().find(|d| d.device == device.to_string());
                     samples.lock().unwrap().push(Sample {
                         t: started.elapsed().as_secs_f64(),
-                        budget: cpu.map_or(0, |d| d.budget_bytes),
+                        budget: dev.map_or(0, |d| d.budget_bytes),
+                        device_used: dev.map_or(0, |d| d.used_bytes + d.reserved_bytes),
                         charged: s
                             .models
                             .iter()
@@ -265,15 +280,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (swap_in_ms, swap_out_ms) = swap_events.await?;
 
     let samples = samples.lock().unwrap();
-    let peak = samples
-        .iter()
-        .map(|s| s.charged.values().sum::<u64>())
-        .max()
-        .unwrap_or(0);
-    let over = samples
-        .iter()
-        .filter(|s| s.charged.values().sum::<u64>() > s.budget)
-        .count();
+    // On the CPU, models' charges sum to what the budget holds; a GPU model's charge
+    // is part host RAM, so there the device's own books are read.
+    let charged = |s: &Sample| {
+        if device == modelpool_pool::Device::Cpu {
+            s.charged.values().sum::<u64>()
+        } else {
+            s.device_used
+        }
+    };
+    let peak = samples.iter().map(charged).max().unwrap_or(0);
+    let over = samples.iter().filter(|s| charged(s) > s.budget).count();
     let ideal_ms = large_bytes as f64 / bandwidth * 1e3;
     println!("| | without swaps | with swaps | ratio |\n|---|---|---|---|");
     let row = |name: &str, a: f64, b: f64| println!("| {name} | {a:.0} | {b:.0} | {:.2}x |", b / a);
@@ -317,7 +334,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         2.0 * ideal_ms + 300.0
     );
     println!(
-        "budget {:.0} MiB; peak charged {:.0} MiB; samples over budget: {over} of {}",
+        "{budget_key} {:.0} MiB; peak charged on {device} {:.0} MiB; samples over budget: {over} of {}",
         mib(budget),
         mib(peak),
         samples.len()

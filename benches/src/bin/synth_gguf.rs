@@ -15,6 +15,9 @@ enum ShapeArg {
     /// About 1B parameters (hidden 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192).
     #[value(name = "1b")]
     Llama1b,
+    /// SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads, 3 KV heads, FFN 1536).
+    #[value(name = "135m")]
+    Smol135m,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     let shape = match args.shape {
         ShapeArg::Llama7b => Shape::LLAMA_7B,
         ShapeArg::Llama1b => Shape::LLAMA_1B,
+        ShapeArg::Smol135m => Shape::SMOL_135M,
     };
     let quant = match args.quant {
         QuantArg::Q8_0 => Quant::Q8_0,

@@ -220,9 +220,15 @@ mod tests {
                     gguf::Value::Array(vocab),
                 ),
             ]),
-            tensor_count: 0,
+            tensor_count: 1,
             weight_bytes: 1 << 30,
-            tensors: Vec::new(),
+            tensors: vec![gguf::TensorEntry {
+                name: "token_embd.weight".into(),
+                dims: vec![hidden as u64, vocab],
+                ggml_type: 8,
+                offset: 0,
+                bytes: 100 << 20,
+            }],
             data_start: 0,
         }
     }
@@ -256,6 +262,19 @@ mod tests {
         // Offloaded to a GPU, the weights are copies there.
         spec.device = Device::Cuda(0);
         assert_eq!(predict(&spec).mapped_bytes, 0);
+        // ...but for the token embedding, which stays on the host: every weight on the
+        // GPU (the output projection is tied to the embedding, so a copy is there too).
+        let gpu = predict(&spec);
+        let embedding = 100 << 20;
+        assert_eq!(
+            gpu.charge.get(Device::Cpu),
+            crate::llamacpp::footprint::GPU_HOST_BYTES + embedding
+        );
+        assert_eq!(gpu.weights_bytes, info.weight_bytes);
+        assert_eq!(
+            gpu.charge.get(Device::Cuda(0)),
+            gpu.at_load_bytes() + gpu.growth_bytes()
+        );
         // mistral.rs copies them.
         assert_eq!(
             predict_from(&info, &ModelSpec::new("m", "/m.gguf"))

@@ -19,6 +19,14 @@ pub mod text;
 pub mod worker;
 
 pub use engine::Engine;
+
+/// Whether this build can put a llama.cpp model on a GPU: the CUDA backend compiled in
+/// (`cuda`), or llama.cpp linked as shared libraries (`llama-shared`), whose libggml may
+/// carry one; the worker's load then says whether it does.
+pub const LLAMA_GPU_BUILD: bool = cfg!(any(feature = "cuda", feature = "llama-shared"));
+
+/// Whether this build has mistral.rs' CUDA kernels (`cuda-mistralrs`).
+pub const MISTRALRS_GPU_BUILD: bool = cfg!(feature = "cuda-mistralrs");
 pub use error::EngineError;
 pub use llm::LoadedModel;
 pub use modelpool_engines::EngineKind;

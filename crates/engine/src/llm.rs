@@ -441,11 +441,11 @@ impl LoadedModel {
 fn on_cpu(device: Device) -> Result<bool, EngineError> {
     match device {
         Device::Cpu => Ok(true),
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "cuda-mistralrs")]
         Device::Cuda(_) => Ok(false),
-        #[cfg(not(feature = "cuda"))]
+        #[cfg(not(feature = "cuda-mistralrs"))]
         Device::Cuda(_) => Err(EngineError::Load(format!(
-            "{device} requested, but this modelpool was built without the `cuda` feature"
+            "{device} requested for mistral.rs, but this modelpool was built without the `cuda-mistralrs` feature"
         ))),
     }
 }

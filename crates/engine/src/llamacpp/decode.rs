@@ -195,18 +195,20 @@ fn load_model(backend: &LlamaBackend, opts: &LlamaOptions) -> Result<LlamaModel,
     let mut params = LlamaModelParams::default().with_use_mlock(opts.mlock);
     params = match opts.device {
         Device::Cpu => params.with_n_gpu_layers(0),
-        Device::Cuda(n) => {
+        Device::Cuda(_) => {
             if !backend.supports_gpu_offload() {
                 return Err(EngineError::Load(format!(
-                    "{} requested, but this modelpool was built without the `cuda` feature",
-                    opts.device
+                    "{} requested, but llama.cpp has no GPU backend here: {}",
+                    opts.device,
+                    no_gpu_reason()
                 )));
             }
-            // Every layer on GPU n or the load fails; never split or left on the CPU.
+            // Every layer on the GPU or the load fails; never split or left on the CPU.
+            // The worker sees only its own GPU (CUDA_VISIBLE_DEVICES), as device 0.
             params
                 .with_n_gpu_layers(u32::MAX)
                 .with_split_mode(LlamaSplitMode::None)
-                .with_main_gpu(n as i32)
+                .with_main_gpu(0)
         }
     };
     if opts.device == Device::Cpu {
@@ -219,6 +221,17 @@ fn load_model(backend: &LlamaBackend, opts: &LlamaOptions) -> Result<LlamaModel,
             opts.path.display()
         ))
     })
+}
+
+/// Why llama.cpp found no GPU: the build, or the machine.
+fn no_gpu_reason() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "no CUDA device is visible to the worker (driver, CUDA_VISIBLE_DEVICES)"
+    } else if cfg!(feature = "llama-shared") {
+        "the libggml on the library path was built without CUDA, or no CUDA device is visible"
+    } else {
+        "this modelpool was built without the `cuda` feature"
+    }
 }
 
 fn new_context<'m>(

@@ -131,12 +131,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         "" => Device::Cpu,
         text => text.parse::<Device>().map_err(|e| ("device", e))?,
     };
-    if device != Device::Cpu && !cfg!(feature = "cuda") {
-        return Err((
-            "device",
-            format!("{device} needs modelpool built with the `cuda` feature; this build is CPU-only (use \"cpu\" or \"auto\")"),
-        ));
-    }
+    gpu_build_check(device, engine)?;
     let context_length = m.context_length.unwrap_or(4096);
     if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
         return Err((
@@ -213,10 +208,37 @@ fn engine_of(
     Ok(engine)
 }
 
+/// A GPU model on a build whose engine cannot reach a GPU is refused here, at start-up,
+/// never quietly run on the CPU.
+fn gpu_build_check(device: Device, engine: EngineKind) -> Result<(), (&'static str, String)> {
+    if device == Device::Cpu {
+        return Ok(());
+    }
+    if !crate::CUDA_BUILD {
+        return Err((
+            "device",
+            format!("{device} needs modelpool built with the `cuda` feature; this build is CPU-only (use \"cpu\" or \"auto\")"),
+        ));
+    }
+    let (engine_gpu, feature) = match engine {
+        EngineKind::LlamaCpp => (modelpool_engine::LLAMA_GPU_BUILD, "cuda"),
+        EngineKind::MistralRs => (modelpool_engine::MISTRALRS_GPU_BUILD, "cuda-mistralrs"),
+    };
+    if !engine_gpu {
+        return Err((
+            "device",
+            format!(
+                "{device} with engine {engine} needs modelpool built with the `{feature}` feature"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// `device = "auto"`: the first GPU when this build has CUDA and the machine a GPU,
 /// otherwise the CPU.
 fn auto_device() -> Device {
-    if cfg!(feature = "cuda") {
+    if crate::CUDA_BUILD {
         let probe = modelpool_pool::SystemProbe::new();
         if probe.devices().iter().any(|d| d.device == Device::Cuda(0)) {
             return Device::Cuda(0);

@@ -58,7 +58,7 @@ fn budgets_and_model_options() {
         (m.idle_ttl, m.max_concurrency),
         (Some(Duration::from_secs(600)), 2)
     );
-    if !cfg!(feature = "cuda") {
+    if !crate::CUDA_BUILD {
         let err = Settings::from_toml(
             "[[models]]\nid = \"a\"\npath = \"a\"\ndevice = \"cuda:0\"",
             Path::new("/"),
