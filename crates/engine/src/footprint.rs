@@ -266,9 +266,10 @@ mod tests {
         // GPU (the output projection is tied to the embedding, so a copy is there too).
         let gpu = predict(&spec);
         let embedding = 100 << 20;
+        let kept_logits = 2 * 4 * 32000;
         assert_eq!(
             gpu.charge.get(Device::Cpu),
-            crate::llamacpp::footprint::GPU_HOST_BYTES + embedding
+            crate::llamacpp::footprint::GPU_HOST_BYTES + embedding + kept_logits
         );
         assert_eq!(gpu.weights_bytes, info.weight_bytes);
         assert_eq!(

@@ -124,10 +124,16 @@ impl Backend for WorkerBackend {
             engine: engine_of(spec)?,
             repack: spec.repack,
             mlock: spec.mlock,
+            prefix_cache: spec.prefix_cache,
             saved_prefixes_dir: None,
             saved_prefixes_budget_bytes: 0,
         };
-        if let (EngineKind::LlamaCpp, Some(saved)) = (args.engine, &self.config.saved_prefixes) {
+        let saved = self
+            .config
+            .saved_prefixes
+            .as_ref()
+            .filter(|_| spec.prefix_cache);
+        if let (EngineKind::LlamaCpp, Some(saved)) = (args.engine, saved) {
             args.saved_prefixes_dir = Some(saved.dir.clone());
             args.saved_prefixes_budget_bytes = saved.budget_bytes;
         }

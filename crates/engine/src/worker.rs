@@ -85,6 +85,10 @@ pub struct WorkerArgs {
     /// llama.cpp: lock the mapped weights in memory.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub mlock: bool,
+    /// llama.cpp: reuse the KV of shared prompt prefixes (off: every request prefills
+    /// from its first token, and nothing is saved).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_cache: bool,
     /// llama.cpp: save kept prefixes here when asked before a stop, and restore them.
     #[arg(long)]
     pub saved_prefixes_dir: Option<PathBuf>,
@@ -117,6 +121,8 @@ impl WorkerArgs {
             self.repack.to_string().into(),
             "--mlock".into(),
             self.mlock.to_string().into(),
+            "--prefix-cache".into(),
+            self.prefix_cache.to_string().into(),
             "--saved-prefixes-budget-bytes".into(),
             self.saved_prefixes_budget_bytes.to_string().into(),
         ];
@@ -200,6 +206,7 @@ async fn load(args: &WorkerArgs) -> Result<Arc<dyn Engine>, EngineError> {
                 device,
                 repack: args.repack,
                 mlock: args.mlock,
+                prefix_cache: args.prefix_cache,
                 threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
                 saved_prefixes: args
                     .saved_prefixes_dir

@@ -244,6 +244,8 @@ pub struct ModelSpec {
     pub repack: bool,
     /// llama.cpp: lock the mapped weights in memory.
     pub mlock: bool,
+    /// llama.cpp: reuse the KV of shared prompt prefixes, and save them across eviction.
+    pub prefix_cache: bool,
 }
 
 impl ModelSpec {
@@ -293,6 +295,7 @@ impl ModelSpec {
             engine: String::new(),
             repack: false,
             mlock: false,
+            prefix_cache: true,
         }
     }
 }

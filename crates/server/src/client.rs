@@ -211,6 +211,10 @@ pub struct RegisterArgs {
     /// llama.cpp: lock the mapped weights in memory.
     #[arg(long)]
     pub mlock: bool,
+    /// llama.cpp: reuse the KV of shared prompt prefixes and save them across eviction
+    /// (default true).
+    #[arg(long)]
+    pub prefix_cache: Option<bool>,
     #[command(flatten)]
     pub conn: Conn,
 }

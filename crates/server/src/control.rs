@@ -319,6 +319,7 @@ impl ModelControl for ControlService {
             engine: Some(r.engine).filter(|e| !e.is_empty()),
             repack: r.repack,
             mlock: Some(r.mlock).filter(|m| *m),
+            prefix_cache: r.prefix_cache,
         };
         let mut spec = model_spec(raw, Path::new("/"))
             .map_err(|(field, reason)| ServerError::invalid(field, reason))?;

@@ -241,3 +241,49 @@ async fn a_conversation_survives_eviction_through_its_saved_prefix() {
     assert!(!after_restart.is_empty());
     t.stop().await;
 }
+
+/// `prefix_cache = false`: every prompt is prefilled from its first token, a repeat
+/// included, nothing is kept in the cells or saved at eviction, and the answers are the
+/// ones the cache gives (greedy).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_prefix_cache_off_nothing_is_reused_kept_or_saved() {
+    let spill = tempfile::tempdir().expect("tempdir");
+    let storage = format!("[storage]\nspill_dir = \"{}\"\n", spill.path().display());
+    let t = TestServer::start_with(|runtime| {
+        let extra =
+            "engine = \"llama.cpp\"\ncontext_length = 1024\nmax_sequences = 2\nprefix_cache = false\n";
+        settings_toml(&storage, &model_toml(MODEL, extra), runtime)
+    })
+    .await;
+    let question = "Tell me three facts about the sea.";
+    let (first_answer, first) = turn(&t, conversation(&[question])).await;
+    let (again_answer, again) = turn(&t, conversation(&[question])).await;
+    assert_eq!((first.cached_tokens, again.cached_tokens), (0, 0));
+    assert_eq!(again_answer, first_answer, "greedy answers stay the same");
+    let second = [
+        question,
+        first_answer.as_str(),
+        "And three about mountains?",
+    ];
+    let (_, longer) = turn(&t, conversation(&second)).await;
+    assert_eq!(longer.cached_tokens, 0, "{longer:?}");
+    let prefixes = t
+        .model(MODEL)
+        .await
+        .prefixes
+        .expect("a ready llama.cpp model");
+    assert_eq!(
+        (prefixes.kept, prefixes.reused_prompt_tokens_total),
+        (0, 0),
+        "{prefixes:?}"
+    );
+    evict(&t).await;
+    assert!(
+        saved_files(spill.path()).is_empty(),
+        "{:?}",
+        saved_files(spill.path())
+    );
+    let (_, reloaded) = turn(&t, conversation(&second)).await;
+    assert_eq!(reloaded.cached_tokens, 0, "{reloaded:?}");
+    t.stop().await;
+}

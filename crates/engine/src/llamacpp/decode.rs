@@ -140,6 +140,7 @@ fn serve(
     let saved = opts
         .saved_prefixes
         .as_ref()
+        .filter(|_| opts.prefix_cache)
         .zip(digest)
         .and_then(|(config, digest)| {
             let digest = digest
@@ -182,6 +183,7 @@ fn serve(
         caches: (0..sequences).map(|_| SlotCache::default()).collect(),
         end_logits: (0..sequences).map(|_| None).collect(),
         clock: 0,
+        prefix_cache: opts.prefix_cache,
         saved,
         active: Vec::new(),
         queued: VecDeque::new(),
@@ -314,6 +316,9 @@ struct Decoder<'m> {
     end_logits: Vec<Option<repeat::EndLogits>>,
     /// Ticks once per released slot: orders slots by when they were last used.
     clock: u64,
+    /// Whether finished sequences keep their cells for a prompt that shares them; off,
+    /// every prompt is prefilled from its first token and nothing is kept or saved.
+    prefix_cache: bool,
     /// Prefixes saved by earlier workers of this model; `None` when saving is off.
     saved: Option<persist::Saved>,
     active: Vec<Seq>,
@@ -442,7 +447,12 @@ impl Decoder<'_> {
     fn admit(&mut self) {
         let mut room = self.n_batch as usize - self.active.len();
         while let Some(next) = self.queued.front() {
-            let Some(choice) = prefix::choose(&self.free_slots, &self.caches, &next.tokens) else {
+            let choice = if self.prefix_cache {
+                prefix::choose(&self.free_slots, &self.caches, &next.tokens)
+            } else {
+                prefix::fresh(&self.free_slots)
+            };
+            let Some(choice) = choice else {
                 break;
             };
             if next.tokens.len() - choice.skipped() > room {
@@ -451,7 +461,7 @@ impl Decoder<'_> {
             let p = self.queued.pop_front().expect("front exists");
             let slot = choice.slot;
             self.free_slots.retain(|&s| s != slot);
-            let reuse = if self.is_repeat(slot, &p.tokens) {
+            let reuse = if self.prefix_cache && self.is_repeat(slot, &p.tokens) {
                 self.keep_prefix(slot, p.tokens.len())
             } else {
                 let reuse = match choice.copy_from {
@@ -593,8 +603,12 @@ impl Decoder<'_> {
         0
     }
 
-    /// Frees `slot` for the next sequence, its cells kept for a prompt that shares them.
+    /// Frees `slot` for the next sequence, its cells kept for a prompt that shares them
+    /// (with the prefix cache off, cleared).
     fn release(&mut self, slot: i32) {
+        if !self.prefix_cache && !self.caches[slot as usize].tokens.is_empty() {
+            self.clear_slot(slot);
+        }
         self.clock += 1;
         self.caches[slot as usize].released_at = self.clock;
         self.free_slots.push(slot);
@@ -631,7 +645,7 @@ impl Decoder<'_> {
         self.ctx
             .decode(&mut self.batch)
             .map_err(|e| EngineError::Generation(format!("llama.cpp decode: {e}")))?;
-        for i in prefilled {
+        for i in prefilled.into_iter().filter(|_| self.prefix_cache) {
             let seq = &self.active[i];
             self.end_logits[seq.slot as usize] = Some(repeat::EndLogits {
                 len: seq.pos as usize,

@@ -10,7 +10,7 @@
 //! - the KV cache in f16 for `context_length` x `max_sequences` cells (rounded up to 256
 //!   cells), cleared, and so resident, at load;
 //! - compute buffers for a batch of up to 512 tokens, and the logits of one output per
-//!   sequence;
+//!   sequence (twice with the prefix cache on: a slot keeps its last prompt's);
 //! - a fixed runtime overhead (binary, OpenMP threads, tokenizer tables).
 
 use modelpool_pool::gguf::GgufInfo;
@@ -97,7 +97,7 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
     let activation_bytes = hidden
         .checked_mul(4 * SCRATCH_HIDDEN_MULTIPLE)
         .and_then(|b| b.checked_mul(UBATCH_TOKENS.min(context)))
-        .and_then(|b| b.checked_add(vocab.checked_mul(4 * u64::from(spec.max_sequences.max(1)))?))
+        .and_then(|b| b.checked_add(logits_bytes(vocab, spec)?))
         .ok_or_else(implausible)?;
     let repacked = if spec.repack && spec.device == Device::Cpu {
         repacked_bytes(info)
@@ -119,6 +119,13 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
     // llama.cpp clears its KV cache at load: it is resident from the start.
     footprint.kv_resident_at_load = true;
     Ok(footprint)
+}
+
+/// The logits a worker holds on the host: one output per sequence, and with the prefix
+/// cache on, a copy of each slot's last prompt's (what an exact repeat samples from).
+fn logits_bytes(vocab: u64, spec: &ModelSpec) -> Option<u64> {
+    let copies = if spec.prefix_cache { 2 } else { 1 };
+    vocab.checked_mul(4 * copies * u64::from(spec.max_sequences.max(1)))
 }
 
 /// Every layer offloaded to the GPU (the worker allows nothing else): weights, KV cache,
@@ -150,9 +157,11 @@ fn gpu_footprint(
         .checked_add(overhead_bytes)?
         .checked_add(GPU_FIRST_USE_BYTES)?;
     let mut charge = modelpool_pool::Charge::on(spec.device, vram);
-    charge
-        .0
-        .insert(Device::Cpu, GPU_HOST_BYTES.checked_add(embedding)?);
+    let (vocab, _) = vocab_and_hidden(info);
+    let host = GPU_HOST_BYTES
+        .checked_add(embedding)?
+        .checked_add(logits_bytes(vocab, spec)?)?;
+    charge.0.insert(Device::Cpu, host);
     Some(Footprint {
         kv_resident_at_load: true,
         weights_bytes,
@@ -235,14 +244,21 @@ mod tests {
         );
         let vram = tied.charge.get(Device::Cuda(0));
         assert!((915.0..935.0).contains(&mib(vram)), "{}", mib(vram));
-        assert_eq!(tied.charge.get(Device::Cpu), GPU_HOST_BYTES + (30 << 20));
+        let logits = 2 * 4 * 49152;
+        assert_eq!(
+            tied.charge.get(Device::Cpu),
+            GPU_HOST_BYTES + (30 << 20) + logits
+        );
         // An output projection of its own: the embedding stays on the host only.
         let untied = predict_from(&smol(true), &spec).unwrap();
         assert_eq!(untied.weights_bytes, tied.weights_bytes - (30 << 20));
         assert_eq!(untied.charge.get(Device::Cuda(0)), vram - (30 << 20));
-        // On the CPU nothing is on a GPU.
+        // On the CPU nothing is on a GPU; without the prefix cache no logits are kept.
         spec.device = Device::Cpu;
         let cpu = predict_from(&smol(false), &spec).unwrap();
         assert_eq!(cpu.charge.get(Device::Cuda(0)), 0);
+        spec.prefix_cache = false;
+        let uncached = predict_from(&smol(false), &spec).unwrap();
+        assert_eq!(cpu.activation_bytes - uncached.activation_bytes, 4 * 49152);
     }
 }

@@ -55,6 +55,9 @@ pub struct LlamaOptions {
     /// Lock the mapped weights in memory (needs RLIMIT_MEMLOCK or CAP_IPC_LOCK; without
     /// them llama.cpp warns and goes on unlocked).
     pub mlock: bool,
+    /// Reuse the KV of shared prompt prefixes across requests. Off, a finished
+    /// sequence keeps nothing and every request prefills from its first token.
+    pub prefix_cache: bool,
     /// Threads for decoding and prompt processing.
     pub threads: u32,
     /// Where to save kept prefixes before the worker stops, and restore them from;

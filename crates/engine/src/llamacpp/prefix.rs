@@ -107,6 +107,16 @@ pub(super) fn choose<T: PartialEq>(
     })
 }
 
+/// A free slot for a prompt that reuses nothing (the prefix cache is off): the one
+/// freed first, its cells cleared when taken. `None` when no slot is free.
+pub(super) fn fresh(free: &[i32]) -> Option<Choice> {
+    free.first().map(|&slot| Choice {
+        slot,
+        reuse: 0,
+        copy_from: None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -532,6 +532,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         engine: args.engine.unwrap_or_default(),
         repack: args.repack,
         mlock: args.mlock,
+        prefix_cache: args.prefix_cache,
     };
     let model = client(&args.conn)
         .await?

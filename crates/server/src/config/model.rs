@@ -38,6 +38,9 @@ pub struct RawModel {
     pub repack: Option<bool>,
     /// llama.cpp: lock the mapped weights in memory (default off).
     pub mlock: Option<bool>,
+    /// llama.cpp: reuse the KV of shared prompt prefixes and save them across eviction
+    /// (default on).
+    pub prefix_cache: Option<bool>,
 }
 
 /// Validates one model; an error names the field (without the `models[i].` prefix).
@@ -72,7 +75,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
                     format!("must be an http:// or https:// URL, got {url:?}"),
                 ));
             }
-            let sha256 = m.sha256.unwrap_or_default().to_ascii_lowercase();
+            let sha256 = m.sha256.as_deref().unwrap_or_default().to_ascii_lowercase();
             if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err((
                     "sha256",
@@ -125,7 +128,12 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
                 .into(),
         ));
     }
-    let engine = engine_of(m.engine.as_deref(), m.repack, m.mlock, format)?;
+    let llama_only = [
+        ("repack", m.repack.is_some()),
+        ("mlock", m.mlock == Some(true)),
+        ("prefix_cache", m.prefix_cache == Some(false)),
+    ];
+    let engine = engine_of(m.engine.as_deref(), &llama_only, format)?;
     let device = match m.device.as_deref().unwrap_or("cpu") {
         "auto" => auto_device(),
         "" => Device::Cpu,
@@ -179,15 +187,16 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         engine: engine.as_str().to_owned(),
         repack: m.repack.unwrap_or(false),
         mlock: m.mlock.unwrap_or(false),
+        prefix_cache: m.prefix_cache.unwrap_or(true),
     })
 }
 
 /// The model's engine: the one it names, or the default for its format; one that cannot
-/// read the format, or llama.cpp switches on another engine, name the field.
+/// read the format, or a llama.cpp switch set (`llama_only`: field, set) on another
+/// engine, name the field.
 fn engine_of(
     name: Option<&str>,
-    repack: Option<bool>,
-    mlock: Option<bool>,
+    llama_only: &[(&'static str, bool)],
     format: ModelFormat,
 ) -> Result<EngineKind, (&'static str, String)> {
     let engine = match name {
@@ -196,7 +205,7 @@ fn engine_of(
     };
     engine.check(format, None).map_err(|e| ("engine", e))?;
     if engine != EngineKind::LlamaCpp {
-        for (field, set) in [("repack", repack.is_some()), ("mlock", mlock == Some(true))] {
+        for &(field, set) in llama_only {
             if set {
                 return Err((
                     field,

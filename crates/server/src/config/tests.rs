@@ -221,10 +221,12 @@ fn engines_default_by_format_and_are_checked() {
         (
             s.models[0].engine.as_str(),
             s.models[0].repack,
-            s.models[0].mlock
+            s.models[0].mlock,
+            s.models[0].prefix_cache
         ),
-        ("llama.cpp", false, false)
+        ("llama.cpp", false, false, true)
     );
+    assert!(!model("prefix_cache = false").unwrap().models[0].prefix_cache);
     let s = model("engine = \"mistral.rs\"").unwrap();
     assert_eq!(s.models[0].engine, "mistral.rs");
     let s = model("repack = true\nmlock = true").unwrap();
@@ -248,6 +250,11 @@ fn engines_default_by_format_and_are_checked() {
         (
             "engine = \"mistral.rs\"\nmlock = true",
             "models[0].mlock",
+            "llama.cpp setting",
+        ),
+        (
+            "engine = \"mistral.rs\"\nprefix_cache = false",
+            "models[0].prefix_cache",
             "llama.cpp setting",
         ),
     ] {
