@@ -15,6 +15,7 @@ pub mod llamacpp;
 pub mod llm;
 pub mod process;
 pub mod sampling;
+pub mod saved_index;
 pub mod text;
 pub mod worker;
 

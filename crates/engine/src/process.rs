@@ -22,6 +22,7 @@ use tokio::process::{ChildStdin, Command};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::llamacpp::SavedPrefixes;
+use crate::saved_index::SavedPrefixIndex;
 use crate::worker::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
 use crate::EngineKind;
 
@@ -55,6 +56,9 @@ pub struct WorkerBackendConfig {
     /// Where llama.cpp workers save the prefixes they keep before they are stopped
     /// (and restore them after a load); `None`: kept in memory only.
     pub saved_prefixes: Option<SavedPrefixes>,
+    /// The index that keeps every saved prefix within one byte budget; rescanned after
+    /// each save.
+    pub saved_index: Option<Arc<SavedPrefixIndex>>,
 }
 
 /// Starts one worker process per resident model.
@@ -210,6 +214,8 @@ pub struct WorkerProcess {
     ready: ReadyInfo,
     /// Whether it is asked to save its kept prefixes before it is stopped.
     saves_prefixes: bool,
+    /// Told of what it saved.
+    saved_index: Option<Arc<SavedPrefixIndex>>,
 }
 
 impl WorkerProcess {
@@ -367,6 +373,7 @@ impl WorkerProcess {
             socket: args.socket.clone(),
             ready,
             saves_prefixes: args.saved_prefixes_dir.is_some(),
+            saved_index: config.saved_index.clone(),
         })
     }
 
@@ -467,6 +474,9 @@ impl Instance for WorkerProcess {
     async fn shutdown(&self) {
         if self.saves_prefixes {
             self.save_prefixes().await;
+            if let Some(index) = self.saved_index.clone() {
+                let _ = tokio::task::spawn_blocking(move || index.rescan()).await;
+            }
         }
         let kill = self.kill.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(kill) = kill {

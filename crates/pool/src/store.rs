@@ -33,7 +33,8 @@ pub mod pagecache;
 /// The file that marks a directory as modelpool's own; nothing else is ever deleted.
 pub const MARKER: &str = "MODELPOOL_SPILL_DIR";
 /// The subdirectory where llama.cpp workers save the KV state of kept prefixes. The
-/// workers manage it (checksums, their own byte budget); the store leaves it alone.
+/// workers write and verify its files and the engine's saved-prefix index keeps them
+/// within their budget; the store leaves it alone.
 pub const SAVED_PREFIXES_DIR: &str = "prefixes";
 const DATA_EXT: &str = "gguf";
 /// Quantized weights a load wrote (mistral.rs' UQFF), named as mistral.rs expects.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use modelpool_engine::llamacpp::SavedPrefixes;
+use modelpool_engine::saved_index::SavedPrefixIndex;
 use modelpool_engine::{WorkerBackend, WorkerBackendConfig};
 use modelpool_pool::budget::human_bytes;
 use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, Store, SystemProbe};
@@ -127,20 +128,26 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     // Refuse a bad certificate or key now, not at the first connection.
     grpc_server(tls.as_ref())?;
     let runtime_dir = prepare_runtime_dir(&settings.runtime_dir)?;
+    let saved_prefixes = settings
+        .storage
+        .as_ref()
+        .filter(|s| s.saved_prefix_budget_bytes > 0)
+        .map(|s| SavedPrefixes {
+            dir: s.spill_dir.join(modelpool_pool::store::SAVED_PREFIXES_DIR),
+            budget_bytes: s.saved_prefix_budget_bytes,
+        });
+    // Reads the saved-prefix directory's listing once (no file contents).
+    let saved_index = saved_prefixes
+        .as_ref()
+        .map(|s| Arc::new(SavedPrefixIndex::open(&s.dir, s.budget_bytes)));
     let backend = WorkerBackend::new(WorkerBackendConfig {
         worker_exe,
         runtime_dir: runtime_dir.clone(),
         load_timeout: settings.load_timeout,
         load_nice: settings.load_nice,
         huge_pages_from_bytes: settings.huge_pages_from_bytes,
-        saved_prefixes: settings
-            .storage
-            .as_ref()
-            .filter(|s| s.saved_prefix_budget_bytes > 0)
-            .map(|s| SavedPrefixes {
-                dir: s.spill_dir.join(modelpool_pool::store::SAVED_PREFIXES_DIR),
-                budget_bytes: s.saved_prefix_budget_bytes,
-            }),
+        saved_prefixes,
+        saved_index,
     });
     let probe = Arc::new(SystemProbe::new());
     let mut pool_config = pool_config(&settings.pool, probe.as_ref());

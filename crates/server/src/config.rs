@@ -88,8 +88,8 @@ pub struct StorageSettings {
     pub spill_dir: PathBuf,
     /// Bytes the directory may hold; least recently used artifacts go first.
     pub spill_budget_bytes: u64,
-    /// Bytes of saved KV prefixes (llama.cpp) kept per model file and setting under
-    /// `spill_dir/prefixes`; 0 turns saving off.
+    /// Bytes of saved KV prefixes (llama.cpp) kept under `spill_dir/prefixes`, all
+    /// models together; 0 turns saving off.
     pub saved_prefix_budget_bytes: u64,
 }
 

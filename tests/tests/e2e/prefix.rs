@@ -18,6 +18,11 @@ fn message(role: Role, content: &str) -> ChatMessage {
 
 /// A chat of `turns` (user, assistant, user, ...) after the system prompt.
 fn conversation(turns: &[&str]) -> ChatRequest {
+    conversation_with(MODEL, turns)
+}
+
+/// As [`conversation`], with model `model`.
+fn conversation_with(model: &str, turns: &[&str]) -> ChatRequest {
     let mut messages = vec![message(Role::System, SYSTEM_PROMPT)];
     for (i, text) in turns.iter().enumerate() {
         let role = if i % 2 == 0 {
@@ -28,7 +33,7 @@ fn conversation(turns: &[&str]) -> ChatRequest {
         messages.push(message(role, text));
     }
     ChatRequest {
-        model: MODEL.into(),
+        model: model.into(),
         messages,
         sampling: Some(greedy(24)),
     }
@@ -94,12 +99,23 @@ async fn chat_turns_reuse_the_kv_of_earlier_turns() {
     );
     let (_, back) = turn(&t, conversation(&diverging)).await;
     assert_eq!(back.cached_tokens, back.prompt_tokens, "{back:?}");
-    // GetModel shows the conversations kept (no spill directory: nothing saved).
-    let kept = t
-        .model(MODEL)
-        .await
-        .prefixes
-        .expect("a ready llama.cpp model");
+    // GetModel shows the conversations kept (no spill directory: nothing saved). The
+    // last answer's slot is freed just after its final chunk went out: wait for it.
+    let mut kept = None;
+    for _ in 0..250 {
+        let now = t
+            .model(MODEL)
+            .await
+            .prefixes
+            .expect("a ready llama.cpp model");
+        let done = now.kept == 3;
+        kept = Some(now);
+        if done {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let kept = kept.expect("read at least once");
     assert_eq!(kept.kept, 3, "{kept:?}");
     assert_eq!(
         (kept.saved, kept.saved_bytes, kept.restored_total),
@@ -137,8 +153,12 @@ fn saved_files(spill: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 async fn evict(t: &TestServer) {
+    evict_id(t, MODEL).await;
+}
+
+async fn evict_id(t: &TestServer, id: &str) {
     t.control()
-        .evict_model(EvictModelRequest { id: MODEL.into() })
+        .evict_model(EvictModelRequest { id: id.into() })
         .await
         .expect("evicts");
 }
@@ -285,5 +305,48 @@ async fn with_the_prefix_cache_off_nothing_is_reused_kept_or_saved() {
     );
     let (_, reloaded) = turn(&t, conversation(&second)).await;
     assert_eq!(reloaded.cached_tokens, 0, "{reloaded:?}");
+    t.stop().await;
+}
+
+/// The saved prefixes of every model share one `saved_prefix_budget`: the server drops
+/// the least recently used, at start-up and after each save, across settings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_models_saved_prefixes_share_one_budget() {
+    let spill = tempfile::tempdir().expect("tempdir");
+    // One file under two context lengths: two settings, two directories.
+    let models = model_toml("one", "engine = \"llama.cpp\"\ncontext_length = 1024\n")
+        + &model_toml("two", "engine = \"llama.cpp\"\ncontext_length = 2048\n");
+    let start = |budget: String| {
+        let storage = format!(
+            "[storage]\nspill_dir = \"{}\"\nsaved_prefix_budget = \"{budget}\"\n",
+            spill.path().display()
+        );
+        let models = models.clone();
+        TestServer::start_with(move |runtime| settings_toml(&storage, &models, runtime))
+    };
+    let question = "Tell me three facts about the sea.";
+    let t = start("64MiB".into()).await;
+    for id in ["one", "two"] {
+        turn(&t, conversation_with(id, &[question])).await;
+        evict_id(&t, id).await;
+    }
+    let mut files = saved_files(spill.path());
+    assert_eq!(files.len(), 2, "{files:?}");
+    let used = |p: &std::path::PathBuf| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    files.sort_by_key(used);
+    let (one, two) = (files[0].clone(), files[1].clone());
+    let size = |p: &std::path::PathBuf| std::fs::metadata(p).map_or(0, |m| m.len());
+    t.stop().await;
+
+    // Room for the larger one only: at start-up the older (`one`'s) goes.
+    let budget = size(&one).max(size(&two)) + 1024;
+    let t = start(budget.to_string()).await;
+    assert_eq!(saved_files(spill.path()), vec![two.clone()]);
+    // A new save of `one` makes `two`'s the least recently used: it goes.
+    turn(&t, conversation_with("one", &[question])).await;
+    evict_id(&t, "one").await;
+    let now = saved_files(spill.path());
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert_eq!(now[0].parent(), one.parent(), "{now:?}");
     t.stop().await;
 }
