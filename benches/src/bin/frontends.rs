@@ -187,10 +187,13 @@ async fn start(
     model: &Path,
     runtime_dir: &Path,
 ) -> anyhow::Result<modelpool_server::RunningServer> {
+    // One prompt for every run of every front end: with the prefix cache off each one
+    // prefills it, instead of the runs after the first sampling from kept logits.
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nopenai_listen = \"127.0.0.1:0\"\nmetrics_listen = \"\"\n\
          [workers]\nruntime_dir = \"{}\"\nexe = \"{}\"\n\
-         [[models]]\nid = \"{MODEL}\"\npath = \"{}\"\ncontext_length = 4096\nmax_sequences = 1\n",
+         [[models]]\nid = \"{MODEL}\"\npath = \"{}\"\ncontext_length = 4096\nmax_sequences = 1\n\
+         prefix_cache = false\n",
         runtime_dir.display(),
         std::env::current_exe()?.display(),
         model.display()
