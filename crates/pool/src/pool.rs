@@ -303,6 +303,8 @@ impl<B: Backend> Pool<B> {
     }
 
     async fn retire_attached(&self, id: &str, drain: Duration) -> Result<(), PoolError> {
+        // Subscribed before the first look: a change after it wakes the wait below.
+        let mut changes = self.inner.room.subscribe();
         self.inner.lock().entry(id)?.retiring = true;
         let until = Instant::now() + drain;
         loop {
@@ -317,7 +319,8 @@ impl<B: Backend> Pool<B> {
                 }
                 break;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            // A lease or a waiter going, or a load ending, kicks the room watch.
+            let _ = tokio::time::timeout_at(until, changes.changed()).await;
         }
         let instance = self.inner.lock().take_ready(id).map(|(inst, _)| inst);
         if let Some(instance) = instance {
@@ -328,11 +331,15 @@ impl<B: Backend> Pool<B> {
         // A worker stopping on another task (evicted for room or swapped out just
         // before) keeps its bytes charged until it has exited: forget the entry only
         // then, so the books never drop bytes a live process still holds.
+        let mut changes = self.inner.room.subscribe();
         while matches!(
             self.inner.lock().models.get(id).map(|e| &e.slot),
             Some(Slot::Unloading { .. })
         ) {
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            // `stop_worker` kicks once the worker has exited and its bytes are released.
+            if changes.changed().await.is_err() {
+                break;
+            }
         }
         // A load still running past the drain finishes into a removed entry and is
         // stopped by its own task (see `run_load`).

@@ -347,9 +347,7 @@ async fn serve(
         health_for_shutdown
             .set_not_serving::<GrpcInferenceServiceServer<KServe>>()
             .await;
-        while pool_for_drain.has_requests() {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        pool_for_drain.requests_done().await;
     };
 
     let router = grpc_server(tls.as_ref())?

@@ -257,7 +257,7 @@ impl<B: Backend> Pool<B> {
         self.inner.lock().models.contains_key(id)
     }
 
-    /// Whether any request holds or waits for a model: what a drain polls. Reads only
+    /// Whether any request holds or waits for a model: what a drain waits for. Reads only
     /// the table, unlike [`snapshot`](Self::snapshot), which also reads `/proc`, the
     /// page cache and the spill index.
     pub fn has_requests(&self) -> bool {
@@ -265,6 +265,17 @@ impl<B: Backend> Pool<B> {
         st.models
             .values()
             .any(|e| e.in_flight > 0 || e.interest > 0)
+    }
+
+    /// Returns once no request holds or waits for a model (see
+    /// [`has_requests`](Self::has_requests)), woken by the leases and waiters that go.
+    pub async fn requests_done(&self) {
+        let mut changes = self.inner.room.subscribe();
+        while self.has_requests() {
+            if changes.changed().await.is_err() {
+                return;
+            }
+        }
     }
 
     /// Budgets, usage and free room per device, and every model.

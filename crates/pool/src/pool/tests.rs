@@ -749,3 +749,23 @@ async fn a_model_that_fits_at_no_precision_is_refused_with_the_smallest_numbers(
     );
     assert_eq!(backend.loads.load(Ordering::SeqCst), 0);
 }
+
+/// A retire waits for its model's last request by notification: it goes on the moment
+/// the lease is dropped, not at the next tick of a timer (paused clock: the only time
+/// that passes is the fake worker's shutdown).
+#[tokio::test(start_paused = true)]
+async fn a_retire_goes_on_when_its_last_request_ends() {
+    let backend = FakeBackend::with(0, &[]);
+    let pool = pool_with(&backend, 1000, &["a"]);
+    let lease = pool.acquire("a", None).await.unwrap();
+    let retiring = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.retire("a", Duration::from_secs(60)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(1234)).await;
+    let dropped_at = tokio::time::Instant::now();
+    drop(lease);
+    retiring.await.unwrap().unwrap();
+    assert_eq!(dropped_at.elapsed(), Duration::from_millis(5));
+    assert!(backend.live_ids().is_empty());
+}
