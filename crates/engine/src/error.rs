@@ -22,14 +22,30 @@ impl EngineError {
     }
 }
 
+/// The metadata key of an INVALID_ARGUMENT status that names the request field at
+/// fault, so front ends read the field instead of parsing the message.
+pub const FIELD_METADATA_KEY: &str = "modelpool-field";
+
+/// INVALID_ARGUMENT with `message`, naming `field` in its metadata.
+pub fn invalid_argument_status(field: &str, message: String) -> tonic::Status {
+    let mut status = tonic::Status::invalid_argument(message);
+    if let Ok(value) = field.parse() {
+        status.metadata_mut().insert(FIELD_METADATA_KEY, value);
+    }
+    status
+}
+
+/// The gRPC status of an engine error, wherever it shows (worker, server).
+pub fn engine_status(e: &EngineError) -> tonic::Status {
+    match e {
+        EngineError::InvalidArgument { field, .. } => invalid_argument_status(field, e.to_string()),
+        EngineError::Load(_) => tonic::Status::failed_precondition(e.to_string()),
+        EngineError::Generation(_) | EngineError::Io(_) => tonic::Status::internal(e.to_string()),
+    }
+}
+
 impl From<EngineError> for tonic::Status {
     fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::InvalidArgument { .. } => tonic::Status::invalid_argument(e.to_string()),
-            EngineError::Load(_) => tonic::Status::failed_precondition(e.to_string()),
-            EngineError::Generation(_) | EngineError::Io(_) => {
-                tonic::Status::internal(e.to_string())
-            }
-        }
+        engine_status(&e)
     }
 }

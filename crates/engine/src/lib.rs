@@ -28,7 +28,7 @@ pub const LLAMA_GPU_BUILD: bool = cfg!(any(feature = "cuda", feature = "llama-sh
 
 /// Whether this build has mistral.rs' CUDA kernels (`cuda-mistralrs`).
 pub const MISTRALRS_GPU_BUILD: bool = cfg!(feature = "cuda-mistralrs");
-pub use error::EngineError;
+pub use error::{engine_status, invalid_argument_status, EngineError, FIELD_METADATA_KEY};
 pub use llm::LoadedModel;
 pub use modelpool_engines::EngineKind;
 pub use process::{WorkerBackend, WorkerBackendConfig, WorkerProcess};

@@ -297,7 +297,12 @@ impl Worker for WorkerService {
         let prompt = match req.prompt {
             Some(WirePrompt::Chat(chat)) => Prompt::Chat(chat.messages),
             Some(WirePrompt::Raw(text)) => Prompt::Raw(text),
-            None => return Err(Status::invalid_argument("prompt: missing")),
+            None => {
+                return Err(crate::invalid_argument_status(
+                    "prompt",
+                    "prompt: missing".into(),
+                ))
+            }
         };
         let stream = self
             .model

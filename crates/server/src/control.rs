@@ -341,10 +341,8 @@ impl ModelControl for ControlService {
                     .into());
                 }
                 if let Some(roots) = &self.model_roots {
-                    let confined = crate::modelmesh::confine(roots, &path.to_string_lossy())
-                        .map_err(|s| {
-                            Status::invalid_argument(s.message().replacen("modelPath", "path", 1))
-                        })?;
+                    let confined =
+                        crate::modelmesh::confine(roots, &path.to_string_lossy(), "path")?;
                     spec.source = Source::Path(confined);
                 }
                 // Refuse what cannot load now (not a GGUF, truncated, an architecture

@@ -28,7 +28,9 @@ impl ServerError {
 impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
         match &e {
-            ServerError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
+            ServerError::InvalidArgument { field, .. } => {
+                modelpool_engine::invalid_argument_status(field, e.to_string())
+            }
             ServerError::Pool(p) => match p {
                 PoolError::NotFound { .. } => Status::not_found(e.to_string()),
                 PoolError::ShuttingDown
@@ -67,18 +69,17 @@ impl From<ServerError> for Status {
                     StoreError::Dir { .. } | StoreError::Io(_) => Status::internal(e.to_string()),
                 },
             },
-            ServerError::Engine(inner) => match inner {
-                modelpool_engine::EngineError::InvalidArgument { .. } => {
-                    Status::invalid_argument(e.to_string())
-                }
-                _ => Status::internal(e.to_string()),
-            },
+            // The engine's own table: one mapping for an engine error wherever it shows.
+            ServerError::Engine(inner) => modelpool_engine::engine_status(inner),
             ServerError::Worker { status, .. } => match status.code() {
-                // The worker judged the request: pass its verdict through.
+                // The worker judged the request: pass its verdict (and the field it
+                // names) through.
                 tonic::Code::InvalidArgument
                 | tonic::Code::FailedPrecondition
                 | tonic::Code::ResourceExhausted
-                | tonic::Code::Cancelled => Status::new(status.code(), e.to_string()),
+                | tonic::Code::Cancelled => {
+                    Status::with_metadata(status.code(), e.to_string(), status.metadata().clone())
+                }
                 // Anything else means the worker or its socket broke.
                 _ => Status::unavailable(e.to_string()),
             },
@@ -110,17 +111,19 @@ pub fn http_status(code: tonic::Code) -> (u16, &'static str) {
     }
 }
 
-/// The field an INVALID_ARGUMENT message names (`"<field>: <reason>"`, the shape of
+/// The field an INVALID_ARGUMENT status names in its metadata (set by
 /// [`ServerError::InvalidArgument`] and the engine's own), without the `sampling.`
 /// prefix of the gRPC message layout; `None` for other codes.
 pub fn invalid_field(status: &Status) -> Option<&str> {
     if status.code() != tonic::Code::InvalidArgument {
         return None;
     }
-    let (field, _) = status.message().split_once(": ")?;
-    let field = field.strip_prefix("sampling.").unwrap_or(field);
-    let plain = |c: char| c.is_ascii_alphanumeric() || "_.[]".contains(c);
-    (!field.is_empty() && field.chars().all(plain)).then_some(field)
+    let field = status
+        .metadata()
+        .get(modelpool_engine::FIELD_METADATA_KEY)?
+        .to_str()
+        .ok()?;
+    Some(field.strip_prefix("sampling.").unwrap_or(field))
 }
 
 #[cfg(test)]
@@ -180,8 +183,19 @@ mod tests {
     fn invalid_field_names_the_field() {
         let s = Status::from(ServerError::invalid("messages[1].role", "bad"));
         assert_eq!(invalid_field(&s), Some("messages[1].role"));
-        let s = Status::invalid_argument("sampling.temperature: must be between 0 and 2, got 5");
+        let engine =
+            modelpool_engine::EngineError::invalid("sampling.temperature", "must be 0..=2");
+        let s = Status::from(ServerError::from(engine));
         assert_eq!(invalid_field(&s), Some("temperature"));
+        // A worker's verdict keeps the field it names.
+        let worker = ServerError::Worker {
+            model: "m".into(),
+            status: s,
+        };
+        assert_eq!(invalid_field(&Status::from(worker)), Some("temperature"));
+        // The message is not parsed.
+        let bare = Status::invalid_argument("temperature: must be 0..=2");
+        assert_eq!(invalid_field(&bare), None);
         assert_eq!(
             invalid_field(&Status::invalid_argument("no field here")),
             None

@@ -59,7 +59,7 @@ impl ModelMeshRuntime {
         if id.is_empty() {
             return Err(ServerError::invalid("modelId", "required").into());
         }
-        let source = confine(&self.settings.model_roots, path)?;
+        let source = confine(&self.settings.model_roots, path, "modelPath")?;
         let mut spec = ModelSpec::new(id, source);
         spec.context_length = self.settings.context_length;
         spec.max_concurrency = self.settings.max_concurrency;
@@ -79,18 +79,23 @@ impl ModelMeshRuntime {
     }
 }
 
-/// Resolves `path` (following symlinks) and accepts it only inside one of `roots`.
-pub(crate) fn confine(roots: &[PathBuf], path: &str) -> Result<PathBuf, Status> {
+/// Resolves `path` (following symlinks) and accepts it only inside one of `roots`; an
+/// error names `field`, the path's name in the caller's API.
+pub(crate) fn confine(
+    roots: &[PathBuf],
+    path: &str,
+    field: &'static str,
+) -> Result<PathBuf, Status> {
     if path.is_empty() {
-        return Err(ServerError::invalid("modelPath", "required").into());
+        return Err(ServerError::invalid(field, "required").into());
     }
     let resolved = Path::new(path)
         .canonicalize()
-        .map_err(|e| Status::from(ServerError::invalid("modelPath", format!("{path}: {e}"))))?;
+        .map_err(|e| Status::from(ServerError::invalid(field, format!("{path}: {e}"))))?;
     // A directory (ModelMesh's usual layout) holds exactly one .gguf file.
     let file = if resolved.is_dir() {
         let ggufs: Vec<PathBuf> = std::fs::read_dir(&resolved)
-            .map_err(|e| Status::from(ServerError::invalid("modelPath", format!("{path}: {e}"))))?
+            .map_err(|e| Status::from(ServerError::invalid(field, format!("{path}: {e}"))))?
             .flatten()
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
@@ -98,13 +103,13 @@ pub(crate) fn confine(roots: &[PathBuf], path: &str) -> Result<PathBuf, Status> 
         match ggufs.as_slice() {
             [one] => one.canonicalize().map_err(|e| {
                 Status::from(ServerError::invalid(
-                    "modelPath",
+                    field,
                     format!("{}: {e}", one.display()),
                 ))
             })?,
             _ => {
                 return Err(ServerError::invalid(
-                    "modelPath",
+                    field,
                     format!(
                         "{path} is a directory with {} .gguf files; expected one",
                         ggufs.len()
@@ -119,7 +124,7 @@ pub(crate) fn confine(roots: &[PathBuf], path: &str) -> Result<PathBuf, Status> 
     if !roots.iter().any(|root| file.starts_with(root)) {
         let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
         return Err(ServerError::invalid(
-            "modelPath",
+            field,
             format!(
                 "{path} resolves to {}, outside the model roots ({})",
                 file.display(),
@@ -191,7 +196,7 @@ impl ModelRuntime for ModelMeshRuntime {
         let r = request.into_inner();
         let spec = self.spec(&r.model_id, &r.model_path)?;
         let footprint = modelpool_engine::footprint::predict(&spec)
-            .map_err(|e| Status::invalid_argument(format!("modelPath: {e}")))?;
+            .map_err(|e| Status::from(ServerError::invalid("modelPath", e.to_string())))?;
         Ok(Response::new(PredictModelSizeResponse {
             size_in_bytes: footprint.total_bytes(),
         }))
@@ -282,7 +287,7 @@ mod tests {
         let secret = outside.path().join("s.gguf");
         std::fs::write(&secret, b"GGUF").unwrap();
         let roots = vec![root.path().canonicalize().unwrap()];
-        let ok = |p: &Path| confine(&roots, p.to_str().unwrap());
+        let ok = |p: &Path| confine(&roots, p.to_str().unwrap(), "modelPath");
         assert!(ok(&inside).is_ok());
         assert_eq!(
             ok(root.path()).unwrap(),
