@@ -12,6 +12,7 @@ mod e2e {
     mod grpcurl;
     mod invalid;
     mod kserve;
+    mod kv;
     mod modelmesh;
     mod openai;
     mod ops;

@@ -53,6 +53,11 @@ pub struct Counters {
     /// Saved prefixes on disk for this model and setting, and their bytes.
     pub saved_prefixes: AtomicU32,
     pub saved_prefix_bytes: AtomicU64,
+    /// The KV cache's cells, those the running sequences may take, and the requests
+    /// waiting for room in it.
+    pub kv_cells: AtomicU32,
+    pub kv_cells_reserved: AtomicU64,
+    pub waiting_for_kv_room: AtomicU32,
 }
 
 /// A stream of generated chunks; the last one carries finish reason and usage. Dropping

@@ -129,6 +129,7 @@ impl Backend for WorkerBackend {
             repack: spec.repack,
             mlock: spec.mlock,
             prefix_cache: spec.prefix_cache,
+            kv_budget_tokens: spec.kv_budget_tokens.unwrap_or(0),
             saved_prefixes_dir: None,
             saved_prefixes_budget_bytes: 0,
         };

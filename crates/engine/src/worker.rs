@@ -89,6 +89,9 @@ pub struct WorkerArgs {
     /// from its first token, and nothing is saved).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub prefix_cache: bool,
+    /// llama.cpp: cells of the KV cache the sequences share (0: context length for each).
+    #[arg(long, default_value_t = 0)]
+    pub kv_budget_tokens: u32,
     /// llama.cpp: save kept prefixes here when asked before a stop, and restore them.
     #[arg(long)]
     pub saved_prefixes_dir: Option<PathBuf>,
@@ -123,6 +126,8 @@ impl WorkerArgs {
             self.mlock.to_string().into(),
             "--prefix-cache".into(),
             self.prefix_cache.to_string().into(),
+            "--kv-budget-tokens".into(),
+            self.kv_budget_tokens.to_string().into(),
             "--saved-prefixes-budget-bytes".into(),
             self.saved_prefixes_budget_bytes.to_string().into(),
         ];
@@ -207,6 +212,7 @@ async fn load(args: &WorkerArgs) -> Result<Arc<dyn Engine>, EngineError> {
                 repack: args.repack,
                 mlock: args.mlock,
                 prefix_cache: args.prefix_cache,
+                kv_budget_tokens: Some(args.kv_budget_tokens).filter(|&t| t > 0),
                 threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
                 saved_prefixes: args
                     .saved_prefixes_dir
@@ -344,6 +350,9 @@ impl Worker for WorkerService {
             reused_prompt_tokens_total: c.reused_prompt_tokens_total.load(Ordering::Relaxed),
             kept_prefixes: c.kept_prefixes.load(Ordering::Relaxed),
             kept_prefix_tokens: c.kept_prefix_tokens.load(Ordering::Relaxed),
+            kv_cells: c.kv_cells.load(Ordering::Relaxed),
+            kv_cells_reserved: c.kv_cells_reserved.load(Ordering::Relaxed),
+            waiting_for_kv_room: c.waiting_for_kv_room.load(Ordering::Relaxed),
         }))
     }
 }

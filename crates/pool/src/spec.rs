@@ -246,9 +246,22 @@ pub struct ModelSpec {
     pub mlock: bool,
     /// llama.cpp: reuse the KV of shared prompt prefixes, and save them across eviction.
     pub prefix_cache: bool,
+    /// llama.cpp: cells of the one KV cache its sequences share; a request runs when
+    /// its prompt and answer fit the cells free. `None`: `context_length` for each of
+    /// `max_sequences` (every sequence can always run).
+    pub kv_budget_tokens: Option<u32>,
 }
 
 impl ModelSpec {
+    /// Cells of the model's KV cache: its `kv_budget_tokens`, or `context_length` for
+    /// each of `max_sequences`.
+    pub fn kv_cells(&self) -> u64 {
+        self.kv_budget_tokens.map_or_else(
+            || u64::from(self.context_length) * u64::from(self.max_sequences.max(1)),
+            u64::from,
+        )
+    }
+
     /// The local file a backend loads (see [`ModelSpec::source`]).
     pub fn local_file(&self) -> Result<&std::path::Path, BackendError> {
         self.source.path().ok_or_else(|| {
@@ -296,6 +309,7 @@ impl ModelSpec {
             repack: false,
             mlock: false,
             prefix_cache: true,
+            kv_budget_tokens: None,
         }
     }
 }

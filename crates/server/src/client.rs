@@ -215,6 +215,10 @@ pub struct RegisterArgs {
     /// (default true).
     #[arg(long)]
     pub prefix_cache: Option<bool>,
+    /// llama.cpp: tokens of KV cache its sequences share (default: context length for
+    /// each sequence).
+    #[arg(long)]
+    pub kv_budget: Option<u32>,
     #[command(flatten)]
     pub conn: Conn,
 }

@@ -15,10 +15,11 @@ use modelpool_proto::v1::model_control_server::ModelControl;
 use modelpool_proto::v1::pool_event::{self, Kind};
 use modelpool_proto::v1::{
     DeviceBudget, DeviceStatus, EvictModelRequest, EvictModelResponse, Footprint, GetModelRequest,
-    GetPoolStatusRequest, GroupStatus, ListModelsRequest, ListModelsResponse, LoadModelRequest,
-    LoadModelResponse, ModelFormat, ModelInfo, ModelState, PinModelRequest, PoolStatus,
-    PrefixCache, RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse, SpillStatus,
-    UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse, WatchEventsRequest,
+    GetPoolStatusRequest, GroupStatus, KvCache, ListModelsRequest, ListModelsResponse,
+    LoadModelRequest, LoadModelResponse, ModelFormat, ModelInfo, ModelState, PinModelRequest,
+    PoolStatus, PrefixCache, RegisterModelRequest, ReloadConfigRequest, ReloadConfigResponse,
+    SpillStatus, UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse,
+    WatchEventsRequest,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
@@ -61,22 +62,29 @@ impl ControlService {
         }
     }
 
-    /// What a ready model's worker keeps for later requests; `None` when it is not
-    /// ready or does not answer within a second.
-    async fn prefixes(&self, id: &str) -> Option<PrefixCache> {
+    /// What a ready llama.cpp model's worker keeps for later requests, and its KV
+    /// cache; `None` when it is not ready or does not answer within a second.
+    async fn worker_state(&self, id: &str) -> Option<(PrefixCache, KvCache)> {
         let instance = self.pool.ready_instance(id)?;
         let stats = tokio::time::timeout(PREFIX_STATS_TIMEOUT, instance.stats())
             .await
             .ok()?
             .ok()?;
-        Some(PrefixCache {
+        let kv = KvCache {
+            cells: stats.kv_cells,
+            cells_reserved: stats.kv_cells_reserved,
+            waiting_for_room: stats.waiting_for_kv_room,
+            peak_running: stats.peak_batch_sequences,
+        };
+        let prefixes = PrefixCache {
             kept: stats.kept_prefixes,
             kept_tokens: stats.kept_prefix_tokens,
             saved: stats.saved_prefixes,
             saved_bytes: stats.saved_prefix_bytes,
             reused_prompt_tokens_total: stats.reused_prompt_tokens_total,
             restored_total: stats.restored_prefixes_total,
-        })
+        };
+        Some((prefixes, kv))
     }
 
     fn info(&self, id: &str) -> Result<Response<ModelInfo>, Status> {
@@ -285,7 +293,17 @@ impl ModelControl for ControlService {
         let mut info = self.info(&id)?;
         // mistral.rs keeps no prefixes (its prefix cache is off).
         if info.get_ref().engine != EngineKind::MistralRs.as_str() {
-            info.get_mut().prefixes = self.prefixes(&id).await;
+            if let Some((prefixes, kv)) = self.worker_state(&id).await {
+                let info = info.get_mut();
+                if kv.waiting_for_room > 0 && info.waiting_reason.is_empty() {
+                    info.waiting_reason = format!(
+                        "waiting for KV room: {} requests; {} of {} cells taken by the running sequences",
+                        kv.waiting_for_room, kv.cells_reserved, kv.cells
+                    );
+                }
+                info.prefixes = Some(prefixes);
+                info.kv_cache = Some(kv);
+            }
         }
         Ok(info)
     }
@@ -320,6 +338,7 @@ impl ModelControl for ControlService {
             repack: r.repack,
             mlock: Some(r.mlock).filter(|m| *m),
             prefix_cache: r.prefix_cache,
+            kv_budget: r.kv_budget,
         };
         let mut spec = model_spec(raw, Path::new("/"))
             .map_err(|(field, reason)| ServerError::invalid(field, reason))?;

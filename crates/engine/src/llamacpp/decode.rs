@@ -30,7 +30,7 @@ use modelpool_proto::v1::{FinishReason, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
 use super::prefix::{self, SlotCache};
-use super::{saved, LlamaOptions};
+use super::{room, saved, LlamaOptions};
 use crate::engine::Counters;
 use crate::sampling::{self, StopMatcher};
 use crate::text::Utf8Stream;
@@ -173,12 +173,15 @@ fn serve(
     if ready.send(Ok(info)).is_err() {
         return;
     }
+    let kv_cells = u64::from(ctx.n_ctx());
     let mut decoder = Decoder {
         model: &model,
         ctx,
         batch: LlamaBatch::new(n_batch as usize, 1),
         n_batch,
         context_length,
+        kv_cells,
+        waiting_for_room: 0,
         free_slots: (0..sequences as i32).rev().collect(),
         caches: (0..sequences).map(|_| SlotCache::default()).collect(),
         end_logits: (0..sequences).map(|_| None).collect(),
@@ -249,10 +252,14 @@ fn new_context<'m>(
     // a sequence never holds more than `context_length` cells (prompt and answer are
     // capped by it), so the shared cache cannot run out, and a step attends over one
     // buffer instead of one per sequence (measured faster at 4 and 8 streams).
-    let cells = context_length
+    let every_sequence = context_length
         .checked_mul(sequences)
-        .and_then(NonZeroU32::new)
         .ok_or_else(|| EngineError::Load("context length x sequences overflows".into()))?;
+    let cells = opts
+        .kv_budget_tokens
+        .map_or(every_sequence, |t| t.min(every_sequence));
+    let cells =
+        NonZeroU32::new(cells).ok_or_else(|| EngineError::Load("a KV cache of no cells".into()))?;
     let params = LlamaContextParams::default()
         .with_n_ctx(Some(cells))
         .with_n_batch(n_batch)
@@ -288,6 +295,8 @@ struct Seq {
     logits_at: i32,
     sampler: LlamaSampler,
     max_tokens: u32,
+    /// Cells its prompt and answer may take: what admission set aside for it.
+    reserved: u64,
     completion_tokens: u32,
     cached_tokens: u32,
     utf8: Utf8Stream,
@@ -309,6 +318,10 @@ struct Decoder<'m> {
     batch: LlamaBatch<'static>,
     n_batch: u32,
     context_length: u32,
+    /// Cells of the KV cache the sequences share.
+    kv_cells: u64,
+    /// Requests queued behind one whose prompt and answer do not fit the cells free.
+    waiting_for_room: u32,
     free_slots: Vec<i32>,
     /// What each slot's cells hold, by slot.
     caches: Vec<SlotCache<LlamaToken>>,
@@ -363,6 +376,11 @@ impl Decoder<'_> {
         let (count, tokens) = kept.fold((0, 0), |(c, t), n| (c + 1, t + n));
         c.kept_prefixes.store(count, Ordering::Relaxed);
         c.kept_prefix_tokens.store(tokens, Ordering::Relaxed);
+        c.kv_cells.store(self.kv_cells as u32, Ordering::Relaxed);
+        let reserved = self.active.iter().map(|s| s.reserved).sum();
+        c.kv_cells_reserved.store(reserved, Ordering::Relaxed);
+        c.waiting_for_kv_room
+            .store(self.waiting_for_room, Ordering::Relaxed);
     }
 
     fn tokenize(&self, text: &str, add_special: bool) -> Vec<LlamaToken> {
@@ -445,6 +463,7 @@ impl Decoder<'_> {
     /// to decode fit this step's batch. Each takes the free slot whose kept cells share
     /// the longest prefix with its prompt.
     fn admit(&mut self) {
+        self.waiting_for_room = 0;
         let mut room = self.n_batch as usize - self.active.len();
         while let Some(next) = self.queued.front() {
             let choice = if self.prefix_cache {
@@ -456,6 +475,12 @@ impl Decoder<'_> {
                 break;
             };
             if next.tokens.len() - choice.skipped() > room {
+                break;
+            }
+            if !self.make_kv_room(choice.slot, self.reserve(next)) {
+                // Its prompt and answer do not fit beside the sequences running: it
+                // waits (first in line) for one of them to finish.
+                self.waiting_for_room = self.queued.len() as u32;
                 break;
             }
             let p = self.queued.pop_front().expect("front exists");
@@ -497,12 +522,43 @@ impl Decoder<'_> {
                 logits_at: 0,
                 sampler: sampler_for(&p.params),
                 max_tokens: p.max_tokens,
+                reserved: self.reserve(&p),
                 completion_tokens: 0,
                 cached_tokens: reuse as u32,
                 utf8: Utf8Stream::default(),
                 stop: StopMatcher::new(p.params.stop.clone()),
                 out: p.out,
             });
+        }
+    }
+
+    /// Cells `p` may take: its prompt and answer, capped by the context.
+    fn reserve(&self, p: &Pending) -> u64 {
+        let most = p.tokens.len() as u64 + u64::from(p.max_tokens);
+        most.min(u64::from(self.context_length))
+    }
+
+    /// Makes room in the KV cache for a sequence that may take `need` cells in `slot`,
+    /// dropping what other idle slots keep (least recently used first) if it must;
+    /// false when it cannot fit beside the sequences running.
+    fn make_kv_room(&mut self, slot: i32, need: u64) -> bool {
+        let running = self.active.iter().map(|s| s.reserved).sum();
+        let idle: Vec<room::Idle> = self
+            .free_slots
+            .iter()
+            .filter(|&&s| s != slot)
+            .map(|&s| room::Idle {
+                slot: s,
+                cells: self.caches[s as usize].tokens.len() as u64,
+                released_at: self.caches[s as usize].released_at,
+            })
+            .collect();
+        match room::make_room(self.kv_cells, running, &idle, need) {
+            Some(dropped) => {
+                dropped.into_iter().for_each(|s| self.clear_slot(s));
+                true
+            }
+            None => false,
         }
     }
 
@@ -541,6 +597,7 @@ impl Decoder<'_> {
             logits_at: 0,
             sampler,
             max_tokens: p.max_tokens,
+            reserved: self.reserve(&p),
             completion_tokens: 0,
             cached_tokens: len as u32,
             utf8: Utf8Stream::default(),

@@ -81,9 +81,13 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
         .kv_shape()
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", spec.source)))?;
     let context = context_tokens(&shape, spec);
-    let cells = context
+    let every_sequence = context
         .checked_mul(u64::from(spec.max_sequences.max(1)))
-        .ok_or_else(implausible)?
+        .ok_or_else(implausible)?;
+    // The cells the sequences share (`kv_budget`), never more than all at full context.
+    let cells = spec
+        .kv_budget_tokens
+        .map_or(every_sequence, |t| u64::from(t).min(every_sequence))
         .div_ceil(KV_PAD_CELLS)
         * KV_PAD_CELLS;
     let kv_bytes = shape.kv_bytes(cells, KV_ELEMENT_BYTES);
@@ -260,5 +264,21 @@ mod tests {
         spec.prefix_cache = false;
         let uncached = predict_from(&smol(false), &spec).unwrap();
         assert_eq!(cpu.activation_bytes - uncached.activation_bytes, 4 * 49152);
+    }
+
+    #[test]
+    fn the_kv_cache_is_the_budget_the_sequences_share() {
+        let mut spec = ModelSpec::new("m", "/m.gguf");
+        spec.engine = "llama.cpp".into();
+        spec.context_length = 1024;
+        spec.max_sequences = 4;
+        let every = predict_from(&smol(false), &spec).unwrap();
+        spec.kv_budget_tokens = Some(2048);
+        let shared = predict_from(&smol(false), &spec).unwrap();
+        assert_eq!(shared.kv_bytes * 2, every.kv_bytes);
+        assert_eq!(
+            every.charge.get(Device::Cpu) - shared.charge.get(Device::Cpu),
+            shared.kv_bytes
+        );
     }
 }

@@ -10,6 +10,7 @@ mod decode;
 pub mod footprint;
 mod prefix;
 mod repack;
+mod room;
 mod saved;
 mod template;
 
@@ -58,6 +59,9 @@ pub struct LlamaOptions {
     /// Reuse the KV of shared prompt prefixes across requests. Off, a finished
     /// sequence keeps nothing and every request prefills from its first token.
     pub prefix_cache: bool,
+    /// Cells of the KV cache the sequences share; `None`: `context_length` for each of
+    /// `max_sequences`. A request starts once its prompt and answer fit the cells free.
+    pub kv_budget_tokens: Option<u32>,
     /// Threads for decoding and prompt processing.
     pub threads: u32,
     /// Where to save kept prefixes before the worker stops, and restore them from;

@@ -533,6 +533,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         repack: args.repack,
         mlock: args.mlock,
         prefix_cache: args.prefix_cache,
+        kv_budget: args.kv_budget,
     };
     let model = client(&args.conn)
         .await?

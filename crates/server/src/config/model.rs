@@ -41,6 +41,9 @@ pub struct RawModel {
     /// llama.cpp: reuse the KV of shared prompt prefixes and save them across eviction
     /// (default on).
     pub prefix_cache: Option<bool>,
+    /// llama.cpp: tokens of KV cache the sequences share (default: context_length for
+    /// each of max_sequences); requests run as their prompt and answer fit it.
+    pub kv_budget: Option<u32>,
 }
 
 /// Validates one model; an error names the field (without the `models[i].` prefix).
@@ -132,6 +135,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         ("repack", m.repack.is_some()),
         ("mlock", m.mlock == Some(true)),
         ("prefix_cache", m.prefix_cache == Some(false)),
+        ("kv_budget", m.kv_budget.is_some()),
     ];
     let engine = engine_of(m.engine.as_deref(), &llama_only, format)?;
     let device = match m.device.as_deref().unwrap_or("cpu") {
@@ -154,6 +158,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
             format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
         ));
     }
+    let kv_budget_tokens = kv_budget(m.kv_budget, context_length, max_sequences)?;
     let max_concurrency = m.max_concurrency.unwrap_or(4);
     if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
         return Err((
@@ -188,6 +193,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         repack: m.repack.unwrap_or(false),
         mlock: m.mlock.unwrap_or(false),
         prefix_cache: m.prefix_cache.unwrap_or(true),
+        kv_budget_tokens,
     })
 }
 
@@ -215,6 +221,28 @@ fn engine_of(
         }
     }
     Ok(engine)
+}
+
+/// `kv_budget`: at least one full context (a request may use it all), at most what
+/// every sequence at full context would take (more could never be used).
+fn kv_budget(
+    tokens: Option<u32>,
+    context_length: u32,
+    max_sequences: u32,
+) -> Result<Option<u32>, (&'static str, String)> {
+    let Some(tokens) = tokens else {
+        return Ok(None);
+    };
+    let most = u64::from(context_length) * u64::from(max_sequences);
+    if tokens < context_length || u64::from(tokens) > most {
+        return Err((
+            "kv_budget",
+            format!(
+                "must be {context_length}..={most} tokens (context_length {context_length} to its {max_sequences} sequences at full context), got {tokens}"
+            ),
+        ));
+    }
+    Ok(Some(tokens))
 }
 
 /// A GPU model on a build whose engine cannot reach a GPU is refused here, at start-up,

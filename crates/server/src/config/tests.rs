@@ -227,6 +227,10 @@ fn engines_default_by_format_and_are_checked() {
         ("llama.cpp", false, false, true)
     );
     assert!(!model("prefix_cache = false").unwrap().models[0].prefix_cache);
+    let shared = model("context_length = 1024\nmax_sequences = 4\nkv_budget = 2048").unwrap();
+    assert_eq!(shared.models[0].kv_budget_tokens, Some(2048));
+    assert_eq!(shared.models[0].kv_cells(), 2048);
+    assert_eq!(model("").unwrap().models[0].kv_cells(), 4096);
     let s = model("engine = \"mistral.rs\"").unwrap();
     assert_eq!(s.models[0].engine, "mistral.rs");
     let s = model("repack = true\nmlock = true").unwrap();
@@ -255,6 +259,21 @@ fn engines_default_by_format_and_are_checked() {
         (
             "engine = \"mistral.rs\"\nprefix_cache = false",
             "models[0].prefix_cache",
+            "llama.cpp setting",
+        ),
+        (
+            "context_length = 1024\nmax_sequences = 4\nkv_budget = 512",
+            "models[0].kv_budget",
+            "must be 1024..=4096 tokens",
+        ),
+        (
+            "context_length = 1024\nmax_sequences = 4\nkv_budget = 5000",
+            "models[0].kv_budget",
+            "got 5000",
+        ),
+        (
+            "engine = \"mistral.rs\"\nkv_budget = 4096",
+            "models[0].kv_budget",
             "llama.cpp setting",
         ),
     ] {
