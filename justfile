@@ -68,12 +68,8 @@ loadgen secs="60": fetch-models
 # H100/H200, 89: L4/RTX 40xx, 86: A10/RTX 30xx, 80: A100), with Debian's CUDA toolkit
 # (installed when missing; needs root). mistral.rs' CUDA kernels stay off: add
 # `--features modelpool-server/cuda-mistralrs` for them (a much longer build).
-# Debian's CUDA 11.8 lacks two device functions ggml uses on Hopper: a header of ours
-# declares them (scripts/cuda/cuda11-pdl.cuh; it does nothing on CUDA 12 and later).
 build-cuda arch="90" *args="":
-    scripts/install-cuda-toolkit.sh
-    CMAKE_CUDA_ARCHITECTURES={{arch}} CMAKE_CUDA_FLAGS="-include {{justfile_directory()}}/scripts/cuda/cuda11-pdl.cuh" \
-        scripts/cargo.sh build --release --bin modelpool --features modelpool-server/cuda {{args}}
+    scripts/build-cuda.sh {{arch}} {{args}}
 
 # Packs .gpu/ for a lent GPU machine (test binaries built with `llama-shared`, llama.cpp's
 # sources, SmolLM2's tokenizer); there, `scripts/gpu-check.sh` builds llama.cpp with CUDA
