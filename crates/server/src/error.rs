@@ -131,6 +131,168 @@ mod tests {
     use super::*;
     use tonic::Code;
 
+    /// Every error the pool reports, with the gRPC code and HTTP status a client sees:
+    /// the one table, read in one place.
+    #[test]
+    fn every_pool_error_has_one_grpc_code_and_http_status() {
+        use modelpool_pool::budget::Shortfall;
+        use modelpool_pool::Device;
+        use std::time::Duration;
+        let id = || "m".to_string();
+        let shortfall = Shortfall {
+            device: Device::Cpu,
+            needed_bytes: 2,
+            budget_bytes: 1,
+            configured_budget_bytes: 1,
+            pinned_bytes: 0,
+            in_use_bytes: 0,
+            reserved_bytes: 0,
+        };
+        let timeout = |by_client| PoolError::QueueTimeout {
+            id: id(),
+            by_client,
+            waited: Duration::from_secs(1),
+            reason: "r".into(),
+        };
+        let late = |by_client| PoolError::TurnTooLate {
+            id: id(),
+            by_client,
+            left: Duration::from_secs(1),
+            eta: Duration::from_secs(2),
+            why: "w".into(),
+        };
+        let load = |source| PoolError::LoadFailed { id: id(), source };
+        let store = |source| PoolError::Storage { id: id(), source };
+        let table = [
+            (
+                PoolError::NotFound {
+                    id: id(),
+                    known: "a".into(),
+                },
+                Code::NotFound,
+                404,
+            ),
+            (
+                PoolError::AlreadyExists { id: id() },
+                Code::AlreadyExists,
+                409,
+            ),
+            (
+                load(BackendError::InvalidModel("x".into())),
+                Code::FailedPrecondition,
+                400,
+            ),
+            (
+                load(BackendError::Timeout("x".into())),
+                Code::DeadlineExceeded,
+                504,
+            ),
+            (
+                load(BackendError::Failed("x".into())),
+                Code::Unavailable,
+                503,
+            ),
+            (
+                PoolError::InsufficientMemory {
+                    id: id(),
+                    shortfall,
+                    precisions_tried: vec![],
+                },
+                Code::ResourceExhausted,
+                429,
+            ),
+            (
+                PoolError::Busy {
+                    id: id(),
+                    in_flight: 1,
+                    waiting: 0,
+                    loading: false,
+                },
+                Code::FailedPrecondition,
+                400,
+            ),
+            (
+                PoolError::Pinned { id: id() },
+                Code::FailedPrecondition,
+                400,
+            ),
+            (
+                PoolError::QueueFull {
+                    id: id(),
+                    waiting: 9,
+                },
+                Code::ResourceExhausted,
+                429,
+            ),
+            (timeout(true), Code::DeadlineExceeded, 504),
+            (timeout(false), Code::ResourceExhausted, 429),
+            (late(true), Code::DeadlineExceeded, 504),
+            (late(false), Code::ResourceExhausted, 429),
+            (PoolError::Retiring { id: id() }, Code::Unavailable, 503),
+            (
+                PoolError::CrashLoop {
+                    id: id(),
+                    failures: 3,
+                    last_error: "e".into(),
+                    retry_in: Duration::from_secs(5),
+                },
+                Code::FailedPrecondition,
+                400,
+            ),
+            (
+                store(StoreError::NoSpace {
+                    dir: "d".into(),
+                    written: "1".into(),
+                    total: "2".into(),
+                }),
+                Code::ResourceExhausted,
+                429,
+            ),
+            (
+                store(StoreError::Checksum {
+                    url: "u".into(),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                }),
+                Code::DataLoss,
+                500,
+            ),
+            (
+                store(StoreError::Fetch {
+                    url: "u".into(),
+                    reason: "r".into(),
+                }),
+                Code::Unavailable,
+                503,
+            ),
+            (store(StoreError::Io("e".into())), Code::Internal, 500),
+            (
+                PoolError::SwappingOut {
+                    id: id(),
+                    incoming: "n".into(),
+                },
+                Code::Unavailable,
+                503,
+            ),
+            (
+                PoolError::GroupFull {
+                    id: id(),
+                    reason: "r".into(),
+                },
+                Code::FailedPrecondition,
+                400,
+            ),
+            (PoolError::ShuttingDown, Code::Unavailable, 503),
+        ];
+        for (error, code, http) in table {
+            let said = error.to_string();
+            let status = Status::from(ServerError::from(error));
+            assert_eq!(status.code(), code, "{said}");
+            assert_eq!(status.message(), said, "the message is the error's own");
+            assert_eq!(http_status(code).0, http, "{said}");
+        }
+    }
+
     #[test]
     fn every_grpc_code_has_one_http_status() {
         let table = [
