@@ -4,10 +4,8 @@
 
 use std::path::Path;
 
-pub mod dequant;
 pub mod peers;
 pub mod svg;
-pub mod synth;
 pub mod timing;
 
 use modelpool_server::{RunningServer, Settings};
@@ -119,23 +117,6 @@ pub fn anon_huge_bytes(pid: u32) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// Bytes of `pid`'s mappings whose VmFlags carry `hg`: madvise(MADV_HUGEPAGE) was called
-/// on them, whatever the kernel then granted. `None` when /proc/PID/smaps is unreadable.
-pub fn huge_advised_bytes(pid: u32) -> Option<u64> {
-    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
-    let (mut total_kib, mut size_kib) = (0u64, 0u64);
-    for line in smaps.lines() {
-        if let Some(v) = line.strip_prefix("Size:") {
-            size_kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
-            if flags.split_whitespace().any(|f| f == "hg") {
-                total_kib += size_kib;
-            }
-        }
-    }
-    Some(total_kib * 1024)
-}
-
 /// Threads of this process.
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
@@ -197,14 +178,5 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
-/// Bytes free for an unprivileged writer on the file system holding `dir`.
-pub fn free_disk_bytes(dir: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
-    // SAFETY: `c` is a valid C string and `stat` a plain struct statvfs fills.
-    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
-}
+pub use modelpool_fixtures::{dequant, free_disk_bytes, synth};
+pub use modelpool_pool::memory::huge_advised_bytes;

@@ -32,7 +32,7 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// A safetensors model directory with SmolLM2's real weights (dequantized from its
-/// GGUF by `modelpool_benches::dequant`), made once per checkout under `target/`
+/// GGUF by `modelpool_fixtures::dequant`), made once per checkout under `target/`
 /// and reused: written into a temporary directory and renamed into place, so
 /// concurrent test processes never see half of one.
 pub fn safetensors_model_dir() -> PathBuf {
@@ -48,7 +48,7 @@ pub fn safetensors_model_dir() -> PathBuf {
     let parent = dir.parent().expect("has a parent");
     std::fs::create_dir_all(parent).expect("creating target/test-models");
     let tmp = tempfile::tempdir_in(parent).expect("tempdir");
-    modelpool_benches::dequant::gguf_to_safetensors(&model_path(), tmp.path())
+    modelpool_fixtures::dequant::gguf_to_safetensors(&model_path(), tmp.path())
         .expect("dequantizing SmolLM2 into a safetensors directory");
     match std::fs::rename(tmp.path(), &dir) {
         Ok(()) => std::mem::forget(tmp),

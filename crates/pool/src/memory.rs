@@ -164,6 +164,23 @@ pub fn process_rss(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// Bytes of `pid`'s mappings whose VmFlags carry `hg`: madvise(MADV_HUGEPAGE) was called
+/// on them, whatever the kernel then granted. `None` when /proc/PID/smaps is unreadable.
+pub fn huge_advised_bytes(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let (mut total_kib, mut size_kib) = (0u64, 0u64);
+    for line in smaps.lines() {
+        if let Some(v) = line.strip_prefix("Size:") {
+            size_kib = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+        } else if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "hg") {
+                total_kib += size_kib;
+            }
+        }
+    }
+    Some(total_kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -311,7 +311,7 @@ async fn workers_of_large_models_ask_for_huge_pages_and_small_ones_do_not() {
     } else {
         assert_eq!(spin.as_deref(), Some("10000"), "{env:?}");
     }
-    let small_advised = modelpool_benches::huge_advised_bytes(small_pid);
+    let small_advised = modelpool_pool::memory::huge_advised_bytes(small_pid);
     t.stop().await;
 
     // Threshold 0: every worker is "large".
@@ -330,7 +330,7 @@ async fn workers_of_large_models_ask_for_huge_pages_and_small_ones_do_not() {
         Some(expected.as_str()),
         "{env:?}"
     );
-    let large_advised = modelpool_benches::huge_advised_bytes(large_pid);
+    let large_advised = modelpool_pool::memory::huge_advised_bytes(large_pid);
     t.stop().await;
 
     if let Some(reason) = why_glibc_gives_no_advice() {

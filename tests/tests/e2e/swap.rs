@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use modelpool_benches::synth::{write_llama, Quant, Shape};
+use modelpool_fixtures::synth::{write_llama, Quant, Shape};
 use modelpool_proto::v1::pool_event::Kind;
 use modelpool_proto::v1::{GenerateRequest, ModelState, PoolEvent};
 use modelpool_tests::{

@@ -2,7 +2,7 @@
 //! generate through the real server, so benchmarks can use them as stand-ins for
 //! larger models. Their text is meaningless; only that it streams is checked.
 
-use modelpool_benches::synth::{write_llama, Quant, Shape};
+use modelpool_fixtures::synth::{write_llama, Quant, Shape};
 use modelpool_proto::v1::{GenerateRequest, RegisterModelRequest};
 use modelpool_tests::{collect, greedy, model_path, TestServer};
 
