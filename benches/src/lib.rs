@@ -180,3 +180,21 @@ pub fn mib(bytes: u64) -> f64 {
 
 pub use modelpool_fixtures::{dequant, free_disk_bytes, synth};
 pub use modelpool_pool::memory::huge_advised_bytes;
+
+/// A modelpool.v1 generation of `model` on a raw `prompt`, greedy, up to `max_tokens`:
+/// the request every decode comparison sends.
+pub fn greedy_request(
+    model: &str,
+    prompt: impl Into<String>,
+    max_tokens: u32,
+) -> modelpool_proto::v1::GenerateRequest {
+    modelpool_proto::v1::GenerateRequest {
+        model: model.into(),
+        prompt: prompt.into(),
+        sampling: Some(modelpool_proto::v1::SamplingParams {
+            max_tokens: Some(max_tokens),
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+    }
+}

@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use modelpool_benches::{median, percentile};
 use modelpool_proto::v1::inference_client::InferenceClient;
-use modelpool_proto::v1::{GenerateRequest, SamplingParams};
 
 #[derive(Parser)]
 struct Args {
@@ -43,15 +42,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (mut to_idle_ms, mut to_last_token_ms) = (Vec::new(), Vec::new());
     for _ in 0..args.reps {
         let mut stream = client
-            .generate(GenerateRequest {
-                model: "m".into(),
-                prompt: "1, 2, 3, 4, 5, 6, 7, 8,".into(),
-                sampling: Some(SamplingParams {
-                    max_tokens: Some(2000),
-                    temperature: Some(0.0),
-                    ..Default::default()
-                }),
-            })
+            .generate(modelpool_benches::greedy_request(
+                "m",
+                "1, 2, 3, 4, 5, 6, 7, 8,",
+                2000,
+            ))
             .await?
             .into_inner();
         for _ in 0..5 {

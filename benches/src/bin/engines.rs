@@ -27,10 +27,7 @@ use modelpool_benches::{median, mib};
 use modelpool_pool::store::pagecache;
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::model_control_client::ModelControlClient;
-use modelpool_proto::v1::{
-    EvictModelRequest, GenerateRequest, GetModelRequest, LoadModelRequest, ModelInfo,
-    SamplingParams,
-};
+use modelpool_proto::v1::{EvictModelRequest, GetModelRequest, LoadModelRequest, ModelInfo};
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -337,15 +334,7 @@ async fn generate(
 ) -> anyhow::Result<GrpcRun> {
     let started = Instant::now();
     let mut stream = client
-        .generate(GenerateRequest {
-            model: id.into(),
-            prompt: prompt.into(),
-            sampling: Some(SamplingParams {
-                max_tokens: Some(max_tokens),
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-        })
+        .generate(modelpool_benches::greedy_request(id, prompt, max_tokens))
         .await
         .with_context(|| format!("generate on {id}"))?
         .into_inner();

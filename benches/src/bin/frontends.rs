@@ -19,7 +19,6 @@ use modelpool_proto::kserve::grpc_inference_service_client::GrpcInferenceService
 use modelpool_proto::kserve::model_infer_request::InferInputTensor;
 use modelpool_proto::kserve::ModelInferRequest;
 use modelpool_proto::v1::inference_client::InferenceClient;
-use modelpool_proto::v1::{GenerateRequest, SamplingParams};
 use modelpool_server::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
@@ -47,15 +46,7 @@ fn main() -> anyhow::Result<()> {
 async fn v1(client: &mut InferenceClient<Channel>, max_tokens: u32) -> anyhow::Result<Run> {
     let start = Instant::now();
     let mut stream = client
-        .generate(GenerateRequest {
-            model: MODEL.into(),
-            prompt: PROMPT.into(),
-            sampling: Some(SamplingParams {
-                max_tokens: Some(max_tokens),
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-        })
+        .generate(modelpool_benches::greedy_request(MODEL, PROMPT, max_tokens))
         .await?
         .into_inner();
     let (mut stamps, mut tokens) = (Vec::new(), 0);

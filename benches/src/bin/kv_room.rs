@@ -14,7 +14,7 @@ use clap::Parser;
 use modelpool_benches::median;
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::model_control_client::ModelControlClient;
-use modelpool_proto::v1::{GenerateRequest, LoadModelRequest, SamplingParams};
+use modelpool_proto::v1::LoadModelRequest;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -114,17 +114,10 @@ async fn burst(
     let tasks: Vec<_> = (0..args.requests)
         .map(|n| {
             let mut client = client.clone();
-            let request = GenerateRequest {
-                model: id.into(),
-                prompt: format!(
-                    "Request {round}-{n}: write one short sentence about the sea, the wind and the boats."
-                ),
-                sampling: Some(SamplingParams {
-                    max_tokens: Some(args.max_tokens),
-                    temperature: Some(0.0),
-                    ..Default::default()
-                }),
-            };
+            let prompt = format!(
+                "Request {round}-{n}: write one short sentence about the sea, the wind and the boats."
+            );
+            let request = modelpool_benches::greedy_request(id, prompt, args.max_tokens);
             tokio::spawn(async move {
                 let mut stream = client.generate(request).await?.into_inner();
                 while stream.message().await?.is_some() {}

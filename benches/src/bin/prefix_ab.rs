@@ -15,7 +15,7 @@ use modelpool_benches::median;
 use modelpool_benches::timing::{figures, Run, RunArgs};
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::model_control_client::ModelControlClient;
-use modelpool_proto::v1::{GenerateRequest, LoadModelRequest, SamplingParams};
+use modelpool_proto::v1::LoadModelRequest;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -111,15 +111,7 @@ async fn generate(
 ) -> anyhow::Result<Run> {
     let start = Instant::now();
     let mut stream = client
-        .generate(GenerateRequest {
-            model: id.into(),
-            prompt: prompt.into(),
-            sampling: Some(SamplingParams {
-                max_tokens: Some(max_tokens),
-                temperature: Some(0.0),
-                ..Default::default()
-            }),
-        })
+        .generate(modelpool_benches::greedy_request(id, prompt, max_tokens))
         .await?
         .into_inner();
     let (mut stamps, mut tokens, mut cached) = (Vec::new(), 0, 0);
