@@ -248,28 +248,22 @@ fn kv_budget(
 /// A GPU model on a build whose engine cannot reach a GPU is refused here, at start-up,
 /// never quietly run on the CPU.
 fn gpu_build_check(device: Device, engine: EngineKind) -> Result<(), (&'static str, String)> {
-    if device == Device::Cpu {
-        return Ok(());
-    }
-    if !crate::CUDA_BUILD {
-        return Err((
-            "device",
-            format!("{device} needs modelpool built with the `cuda` feature; this build is CPU-only (use \"cpu\" or \"auto\")"),
-        ));
-    }
     let (engine_gpu, feature) = match engine {
         EngineKind::LlamaCpp => (modelpool_engine::LLAMA_GPU_BUILD, "cuda"),
         EngineKind::MistralRs => (modelpool_engine::MISTRALRS_GPU_BUILD, "cuda-mistralrs"),
     };
-    if !engine_gpu {
-        return Err((
-            "device",
-            format!(
-                "{device} with engine {engine} needs modelpool built with the `{feature}` feature"
-            ),
-        ));
+    if device == Device::Cpu || engine_gpu {
+        return Ok(());
     }
-    Ok(())
+    let cpu_only = if crate::CUDA_BUILD {
+        ""
+    } else {
+        "; this build is CPU-only (use \"cpu\" or \"auto\")"
+    };
+    Err((
+        "device",
+        format!("{device} with engine {engine} needs modelpool built with the `{feature}` feature{cpu_only}"),
+    ))
 }
 
 /// `device = "auto"`: the first GPU when this build has CUDA and the machine a GPU,
