@@ -9,7 +9,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use modelpool_pool::gguf;
+use modelpool_catalog::gguf;
 
 fuzz_target!(|data: &[u8]| {
     // Keeping arrays (the safetensors converter's mode) must be as safe as skipping them.

@@ -12,9 +12,9 @@ use clap::Parser;
 use futures::StreamExt;
 use modelpool_benches::median;
 use modelpool_benches::timing::{figures, Run, RunArgs};
-use modelpool_engine::llm::{LoadedModel, Prompt};
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::{GenerateRequest, SamplingParams};
+use modelpool_worker::llm::{LoadedModel, Prompt};
 
 #[derive(Parser)]
 struct Args {

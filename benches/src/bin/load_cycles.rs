@@ -8,9 +8,9 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use modelpool_benches::{mem_available_bytes, meminfo_bytes, mib, percentile, thread_count};
-use modelpool_engine::process::rss_bytes;
 use modelpool_pool::store::pagecache;
 use modelpool_pool::Instance;
+use modelpool_supervisor::process::rss_bytes;
 
 #[derive(Parser)]
 struct Args {

@@ -8,7 +8,6 @@
 pub mod budget;
 mod error;
 pub mod events;
-pub mod gguf;
 pub mod groups;
 pub mod memory;
 mod pool;

@@ -9,14 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use modelpool_engine::llamacpp::SavedPrefixes;
-use modelpool_engine::saved_index::SavedPrefixIndex;
-use modelpool_engine::{WorkerBackend, WorkerBackendConfig};
 use modelpool_pool::budget::human_bytes;
 use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, Store, SystemProbe};
 use modelpool_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
 use modelpool_proto::v1::inference_server::InferenceServer;
 use modelpool_proto::v1::model_control_server::ModelControlServer;
+use modelpool_supervisor::saved_index::SavedPrefixIndex;
+use modelpool_supervisor::SavedPrefixes;
+use modelpool_supervisor::{WorkerBackend, WorkerBackendConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;

@@ -39,7 +39,7 @@ enum Command {
     },
     /// Run one model in a worker process (started by `serve`).
     #[command(hide = true)]
-    Worker(modelpool_engine::WorkerArgs),
+    Worker(modelpool_worker::WorkerArgs),
     /// Client commands: talk to a running server (and the offline `plan`).
     #[command(flatten)]
     Client(crate::client::ClientCommand),
@@ -79,7 +79,7 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Client(command) => crate::client::run(command, &runtime),
-        Command::Worker(args) => match runtime.block_on(modelpool_engine::worker::run(args)) {
+        Command::Worker(args) => match runtime.block_on(modelpool_worker::worker::run(args)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");

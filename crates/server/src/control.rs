@@ -6,7 +6,6 @@ use std::pin::Pin;
 use std::time::SystemTime;
 
 use futures::Stream;
-use modelpool_engine::{EngineKind, WorkerBackend};
 use modelpool_pool::{
     EventKind, EvictReason, ModelFormat as PoolFormat, ModelSnapshot, Pool, PoolEvent, SlotState,
     Source,
@@ -21,6 +20,7 @@ use modelpool_proto::v1::{
     SpillStatus, UnpinModelRequest, UnregisterModelRequest, UnregisterModelResponse,
     WatchEventsRequest,
 };
+use modelpool_supervisor::{EngineKind, WorkerBackend};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -367,7 +367,7 @@ impl ModelControl for ControlService {
                 // Refuse what cannot load now (not a GGUF, truncated, an architecture
                 // its engine does not run), not at the first request.
                 check_engine_runs(&spec)?;
-                modelpool_engine::footprint::predict(&spec)
+                modelpool_catalog::footprint::predict(&spec)
                     .map_err(|e| ServerError::invalid("path", e.to_string()))?;
             }
             // Checked once downloaded: the checksum, then the header.
@@ -579,11 +579,11 @@ fn check_engine_runs(spec: &modelpool_pool::ModelSpec) -> Result<(), Status> {
     let Ok(path) = spec.local_file() else {
         return Ok(());
     };
-    let Ok(header) = modelpool_pool::gguf::read_header(path) else {
+    let Ok(header) = modelpool_catalog::gguf::read_header(path) else {
         // An unreadable header is the path's problem, reported by the prediction.
         return Ok(());
     };
-    let engine: modelpool_engines::EngineKind = spec
+    let engine: modelpool_catalog::EngineKind = spec
         .engine
         .parse()
         .map_err(|e: String| ServerError::invalid("engine", e))?;

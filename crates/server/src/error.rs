@@ -11,7 +11,7 @@ pub enum ServerError {
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error(transparent)]
-    Engine(#[from] modelpool_engine::EngineError),
+    Engine(#[from] modelpool_supervisor::EngineError),
     #[error("model `{model}`: worker stream failed: {status}")]
     Worker { model: String, status: Status },
 }
@@ -29,7 +29,7 @@ impl From<ServerError> for Status {
     fn from(e: ServerError) -> Self {
         match &e {
             ServerError::InvalidArgument { field, .. } => {
-                modelpool_engine::invalid_argument_status(field, e.to_string())
+                modelpool_supervisor::invalid_argument_status(field, e.to_string())
             }
             ServerError::Pool(p) => match p {
                 PoolError::NotFound { .. } => Status::not_found(e.to_string()),
@@ -70,7 +70,7 @@ impl From<ServerError> for Status {
                 },
             },
             // The engine's own table: one mapping for an engine error wherever it shows.
-            ServerError::Engine(inner) => modelpool_engine::engine_status(inner),
+            ServerError::Engine(inner) => modelpool_supervisor::engine_status(inner),
             ServerError::Worker { status, .. } => match status.code() {
                 // The worker judged the request: pass its verdict (and the field it
                 // names) through.
@@ -120,7 +120,7 @@ pub fn invalid_field(status: &Status) -> Option<&str> {
     }
     let field = status
         .metadata()
-        .get(modelpool_engine::FIELD_METADATA_KEY)?
+        .get(modelpool_supervisor::FIELD_METADATA_KEY)?
         .to_str()
         .ok()?;
     Some(field.strip_prefix("sampling.").unwrap_or(field))
@@ -346,7 +346,7 @@ mod tests {
         let s = Status::from(ServerError::invalid("messages[1].role", "bad"));
         assert_eq!(invalid_field(&s), Some("messages[1].role"));
         let engine =
-            modelpool_engine::EngineError::invalid("sampling.temperature", "must be 0..=2");
+            modelpool_supervisor::EngineError::invalid("sampling.temperature", "must be 0..=2");
         let s = Status::from(ServerError::from(engine));
         assert_eq!(invalid_field(&s), Some("temperature"));
         // A worker's verdict keeps the field it names.

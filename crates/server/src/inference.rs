@@ -8,8 +8,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::{Stream, StreamExt};
-use modelpool_engine::llm::duration;
-use modelpool_engine::{sampling, WorkerBackend};
 use modelpool_pool::{Lease, Pool};
 use modelpool_proto::v1::inference_server::Inference;
 use modelpool_proto::v1::{
@@ -17,6 +15,8 @@ use modelpool_proto::v1::{
 };
 pub(crate) use modelpool_proto::worker::v1::worker_generate_request::Prompt;
 use modelpool_proto::worker::v1::{ChatPrompt, WorkerGenerateRequest};
+use modelpool_supervisor::duration;
+use modelpool_supervisor::{sampling, WorkerBackend};
 use tonic::{Request, Response, Status};
 
 use crate::error::ServerError;

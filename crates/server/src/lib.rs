@@ -19,7 +19,7 @@ pub mod reload;
 /// Whether this build can put a model on a GPU at all (llama.cpp's CUDA backend, compiled
 /// in or found in a shared libggml; mistral.rs' CUDA kernels).
 pub const CUDA_BUILD: bool =
-    modelpool_engine::LLAMA_GPU_BUILD || modelpool_engine::MISTRALRS_GPU_BUILD;
+    modelpool_supervisor::LLAMA_GPU_BUILD || modelpool_supervisor::MISTRALRS_GPU_BUILD;
 
 pub use app::{start, RunningServer, StartError};
 pub use config::{ConfigError, Settings, EXIT_CONFIG};

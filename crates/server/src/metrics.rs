@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use modelpool_engine::WorkerBackend;
 use modelpool_pool::{EventKind, EvictReason, Pool, SlotState};
+use modelpool_supervisor::WorkerBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast::error::RecvError;

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use modelpool_engine::WorkerBackend;
 use modelpool_pool::{Device, ModelSpec, Pool, PoolError};
 use modelpool_proto::mmesh::model_runtime_server::ModelRuntime;
 use modelpool_proto::mmesh::runtime_status_response::{MethodInfo, Status as RuntimeState};
@@ -19,6 +18,7 @@ use modelpool_proto::mmesh::{
     PredictModelSizeRequest, PredictModelSizeResponse, RuntimeStatusRequest, RuntimeStatusResponse,
     UnloadModelRequest, UnloadModelResponse,
 };
+use modelpool_supervisor::WorkerBackend;
 use tonic::{Request, Response, Status};
 
 use crate::config::ModelMeshSettings;
@@ -195,7 +195,7 @@ impl ModelRuntime for ModelMeshRuntime {
     ) -> Result<Response<PredictModelSizeResponse>, Status> {
         let r = request.into_inner();
         let spec = self.spec(&r.model_id, &r.model_path)?;
-        let footprint = modelpool_engine::footprint::predict(&spec)
+        let footprint = modelpool_catalog::footprint::predict(&spec)
             .map_err(|e| Status::from(ServerError::invalid("modelPath", e.to_string())))?;
         Ok(Response::new(PredictModelSizeResponse {
             size_in_bytes: footprint.total_bytes(),

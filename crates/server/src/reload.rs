@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use modelpool_engine::WorkerBackend;
 use modelpool_pool::{Device, ModelSpec, Pool, PoolError, SystemProbe};
+use modelpool_supervisor::WorkerBackend;
 
 use crate::config::{ConfigError, Settings};
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use modelpool_engines::EngineKind;
+use modelpool_catalog::EngineKind;
 use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec, Source};
 use serde::Deserialize;
 
@@ -249,8 +249,8 @@ fn kv_budget(
 /// never quietly run on the CPU.
 fn gpu_build_check(device: Device, engine: EngineKind) -> Result<(), (&'static str, String)> {
     let (engine_gpu, feature) = match engine {
-        EngineKind::LlamaCpp => (modelpool_engine::LLAMA_GPU_BUILD, "cuda"),
-        EngineKind::MistralRs => (modelpool_engine::MISTRALRS_GPU_BUILD, "cuda-mistralrs"),
+        EngineKind::LlamaCpp => (modelpool_supervisor::LLAMA_GPU_BUILD, "cuda"),
+        EngineKind::MistralRs => (modelpool_supervisor::MISTRALRS_GPU_BUILD, "cuda-mistralrs"),
     };
     if device == Device::Cpu || engine_gpu {
         return Ok(());

@@ -3,7 +3,7 @@
 //! A worker holds one model in one engine: llama.cpp (`llama-cpp-2`, GGUF files, weights
 //! mapped from the page cache) or mistral.rs (GGUF files and safetensors directories,
 //! quantized at load). Everything outside the worker (the worker protocol, `ReadyInfo`,
-//! the pool) is engine-neutral; it asks `modelpool_engines::EngineKind` what an engine
+//! the pool) is engine-neutral; it asks `modelpool_catalog::EngineKind` what an engine
 //! can read.
 
 use std::pin::Pin;

@@ -7,11 +7,10 @@
 //! worker protocol's chunks.
 
 mod decode;
-pub mod footprint;
+
 mod prefix;
 mod repack;
 mod room;
-mod saved;
 mod template;
 
 use std::path::PathBuf;
@@ -27,6 +26,7 @@ use crate::llm::duration;
 use crate::sampling;
 use crate::EngineError;
 use decode::{GenJob, Job, Step};
+pub use modelpool_supervisor::saved::SavedPrefixes;
 pub use template::ChatTemplate;
 
 /// Generations that may wait for the decode thread to take them; the server bounds
@@ -38,7 +38,7 @@ const JOB_QUEUE: usize = 256;
 const LLAMA_CPP_2_VERSION: &str = "0.1.160";
 
 /// GGUF architectures llama.cpp generates text with.
-pub use modelpool_engines::LLAMA_CPP_ARCHITECTURES as ARCHITECTURES;
+pub use modelpool_catalog::LLAMA_CPP_ARCHITECTURES as ARCHITECTURES;
 
 /// How to load a model into llama.cpp.
 #[derive(Clone, Debug)]
@@ -67,14 +67,6 @@ pub struct LlamaOptions {
     /// Where to save kept prefixes before the worker stops, and restore them from;
     /// `None` keeps them in memory only.
     pub saved_prefixes: Option<SavedPrefixes>,
-}
-
-/// The saved-prefix directory (one subdirectory per model file and setting) and the
-/// bytes each subdirectory may hold.
-#[derive(Clone, Debug)]
-pub struct SavedPrefixes {
-    pub dir: PathBuf,
-    pub budget_bytes: u64,
 }
 
 /// A GGUF model loaded into llama.cpp, decoded on its own thread.

@@ -11,8 +11,8 @@ use sha2::{Digest, Sha256};
 
 use super::Decoder;
 use crate::llamacpp::prefix;
-use crate::llamacpp::saved::{self, SavedPrefix};
 use crate::llamacpp::SavedPrefixes;
+use modelpool_supervisor::saved::{self, SavedPrefix};
 
 /// Prefixes shorter than this are cheaper to prefill again than to write and read.
 const MIN_SAVED_TOKENS: usize = 32;

@@ -31,11 +31,12 @@ use modelpool_proto::v1::{FinishReason, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
 use super::prefix::{self, SlotCache};
-use super::{saved, LlamaOptions};
+use super::LlamaOptions;
 use crate::engine::Counters;
 use crate::sampling::{self, StopMatcher};
 use crate::text::Utf8Stream;
 use crate::EngineError;
+use modelpool_supervisor::saved;
 pub(super) use persist::SaveReport;
 
 /// What the thread reports once the model is loaded.

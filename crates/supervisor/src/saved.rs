@@ -25,6 +25,14 @@ use std::time::SystemTime;
 use modelpool_pool::store::hex;
 use sha2::{Digest, Sha256};
 
+/// The saved-prefix directory (one subdirectory per model file and setting) and the
+/// bytes each subdirectory may hold.
+#[derive(Clone, Debug)]
+pub struct SavedPrefixes {
+    pub dir: PathBuf,
+    pub budget_bytes: u64,
+}
+
 const MAGIC: &[u8; 8] = b"MPKVSEQ1";
 const SUFFIX: &str = "kv";
 /// Longest key read from a header, so a foreign file cannot make the index allocate.
@@ -34,14 +42,14 @@ const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A saved prefix found in the directory.
 #[derive(Clone, Debug, PartialEq)]
-pub(super) struct SavedPrefix {
+pub struct SavedPrefix {
     pub path: PathBuf,
     pub tokens: Vec<i32>,
 }
 
 /// Why a saved file was refused.
 #[derive(Debug, thiserror::Error)]
-pub(super) enum SavedError {
+pub enum SavedError {
     #[error("{0}")]
     Io(#[from] io::Error),
     #[error("not a saved prefix (bad magic)")]
@@ -61,7 +69,7 @@ const DIGEST_SPAN_BYTES: u64 = 16 << 20;
 /// 16 MiB (the header, tensor table and the embedding and output weights that GGUF
 /// writers put at the ends), so the same weights match under any path or copy, and a
 /// file rewritten in place does not. ~6 ms from the page cache.
-pub(super) fn file_digest(path: &Path) -> io::Result<String> {
+pub fn file_digest(path: &Path) -> io::Result<String> {
     use std::io::{Seek, SeekFrom};
     let mut f = File::open(path)?;
     let size = f.metadata()?.len();
@@ -78,7 +86,7 @@ pub(super) fn file_digest(path: &Path) -> io::Result<String> {
 }
 
 /// The file name of a prefix of `tokens`.
-pub(super) fn file_name(tokens: &[i32]) -> String {
+pub fn file_name(tokens: &[i32]) -> String {
     let mut h = Sha256::new();
     for t in tokens {
         h.update(t.to_le_bytes());
@@ -100,12 +108,7 @@ fn header(key: &str, tokens: &[i32]) -> Vec<u8> {
 
 /// Writes a prefix's `state` into `dir` (temporary name, then rename); returns its path
 /// and size.
-pub(super) fn write(
-    dir: &Path,
-    key: &str,
-    tokens: &[i32],
-    state: &[u8],
-) -> io::Result<(PathBuf, u64)> {
+pub fn write(dir: &Path, key: &str, tokens: &[i32], state: &[u8]) -> io::Result<(PathBuf, u64)> {
     let path = dir.join(file_name(tokens));
     let tmp = dir.join(format!(".{}.{}.tmp", file_name(tokens), std::process::id()));
     let mut h = Sha256::new();
@@ -162,11 +165,7 @@ fn read_header(r: &mut impl Read, key: &str, max_tokens: u32) -> Result<Vec<i32>
 
 /// Reads the whole file at `path` and returns its tokens and state once its checksum
 /// matches.
-pub(super) fn read(
-    path: &Path,
-    key: &str,
-    max_tokens: u32,
-) -> Result<(Vec<i32>, Vec<u8>), SavedError> {
+pub fn read(path: &Path, key: &str, max_tokens: u32) -> Result<(Vec<i32>, Vec<u8>), SavedError> {
     let bytes = fs::read(path)?;
     if bytes.len() < 32 {
         return Err(SavedError::Checksum);
@@ -187,7 +186,7 @@ pub(super) fn read(
 
 /// The saved prefixes in `dir` for `key`, deleting every file that is not one (a
 /// foreign key, a bad header, a leftover temporary file).
-pub(super) fn index(dir: &Path, key: &str, max_tokens: u32) -> Vec<SavedPrefix> {
+pub fn index(dir: &Path, key: &str, max_tokens: u32) -> Vec<SavedPrefix> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -224,7 +223,7 @@ pub(super) fn index(dir: &Path, key: &str, max_tokens: u32) -> Vec<SavedPrefix> 
 
 /// Deletes the least recently used files of `dir` (by modification time; a restore
 /// touches its file) until the rest fit `budget_bytes`; returns the paths deleted.
-pub(super) fn prune(dir: &Path, budget_bytes: u64) -> Vec<PathBuf> {
+pub fn prune(dir: &Path, budget_bytes: u64) -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -250,7 +249,7 @@ pub(super) fn prune(dir: &Path, budget_bytes: u64) -> Vec<PathBuf> {
 }
 
 /// Marks `path` as just used, for [`prune`].
-pub(super) fn touch(path: &Path) {
+pub fn touch(path: &Path) {
     if let Ok(f) = File::options().append(true).open(path) {
         let _ = f.set_modified(SystemTime::now());
     }

@@ -6,9 +6,7 @@
 //! when the server closes the pipe or dies for any reason, so no worker outlives its
 //! server (the server also sets a parent-death signal).
 
-use std::ffi::OsString;
 use std::io::{Read, Write};
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -21,146 +19,20 @@ use modelpool_proto::worker::v1::worker_server::{Worker, WorkerServer};
 use modelpool_proto::worker::v1::{
     SavePrefixesRequest, SavePrefixesResponse, StatsRequest, StatsResponse, WorkerGenerateRequest,
 };
-use serde::{Deserialize, Serialize};
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, Prompt};
 use crate::llamacpp::{LlamaEngine, LlamaOptions, SavedPrefixes};
 use crate::llm::LoadedModel;
 use crate::EngineError;
-use crate::EngineKind;
+use modelpool_catalog::EngineKind;
 use modelpool_pool::{Device, ModelFormat, Quantized};
-
-/// Prefix of the line a worker prints on stdout once it serves.
-pub const READY_PREFIX: &str = "MODELPOOL_WORKER_READY ";
-
-/// Prefix of the lines a worker prints on stdout as it reaches each load stage.
-pub const STAGE_PREFIX: &str = "MODELPOOL_WORKER_STAGE ";
+use modelpool_supervisor::protocol::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
 
 fn stage(text: &str) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{STAGE_PREFIX}{text}");
     let _ = out.flush();
-}
-
-/// Command-line arguments of `modelpool worker`.
-#[derive(clap::Args, Debug, Clone)]
-pub struct WorkerArgs {
-    /// Unix socket to serve on; must not exist yet.
-    #[arg(long)]
-    pub socket: PathBuf,
-    /// GGUF file to load.
-    #[arg(long)]
-    pub model_path: PathBuf,
-    /// The model's id, for logs.
-    #[arg(long)]
-    pub model_id: String,
-    /// Tokens of context.
-    #[arg(long)]
-    pub context_length: u32,
-    /// Sequences batched at once.
-    #[arg(long)]
-    pub max_sequences: u32,
-    /// "cpu" or "cuda:N"; a GPU model loads entirely on that GPU or fails.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// "gguf" (a file) or "safetensors" (a model directory).
-    #[arg(long, default_value = "gguf")]
-    pub format: String,
-    /// Safetensors: quantize to this precision at load ("none" keeps the files' own).
-    #[arg(long)]
-    pub precision: Option<String>,
-    /// Safetensors: load these already-quantized weights (UQFF) instead of quantizing.
-    #[arg(long, conflicts_with = "write_quantized")]
-    pub reuse_quantized: Option<PathBuf>,
-    /// Safetensors: write the quantized weights here (UQFF) for the next load.
-    #[arg(long)]
-    pub write_quantized: Option<PathBuf>,
-    /// The engine: "llama.cpp" or "mistral.rs".
-    #[arg(long, default_value = "llama.cpp")]
-    pub engine: EngineKind,
-    /// llama.cpp: let ggml repack weights for its CPU kernels (an anonymous copy).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    pub repack: bool,
-    /// llama.cpp: lock the mapped weights in memory.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
-    pub mlock: bool,
-    /// llama.cpp: reuse the KV of shared prompt prefixes (off: every request prefills
-    /// from its first token, and nothing is saved).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub prefix_cache: bool,
-    /// llama.cpp: cells of the KV cache the sequences share (0: context length for each).
-    #[arg(long, default_value_t = 0)]
-    pub kv_budget_tokens: u32,
-    /// llama.cpp: save kept prefixes here when asked before a stop, and restore them.
-    #[arg(long)]
-    pub saved_prefixes_dir: Option<PathBuf>,
-    /// Bytes of saved prefixes kept per model file and setting.
-    #[arg(long, default_value_t = 0)]
-    pub saved_prefixes_budget_bytes: u64,
-}
-
-impl WorkerArgs {
-    /// The same arguments as a command line, after the `worker` subcommand.
-    pub fn to_args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
-            "--socket".into(),
-            self.socket.clone().into(),
-            "--model-path".into(),
-            self.model_path.clone().into(),
-            "--model-id".into(),
-            self.model_id.clone().into(),
-            "--context-length".into(),
-            self.context_length.to_string().into(),
-            "--max-sequences".into(),
-            self.max_sequences.to_string().into(),
-            "--device".into(),
-            self.device.clone().into(),
-            "--format".into(),
-            self.format.clone().into(),
-            "--engine".into(),
-            self.engine.as_str().into(),
-            "--repack".into(),
-            self.repack.to_string().into(),
-            "--mlock".into(),
-            self.mlock.to_string().into(),
-            "--prefix-cache".into(),
-            self.prefix_cache.to_string().into(),
-            "--kv-budget-tokens".into(),
-            self.kv_budget_tokens.to_string().into(),
-            "--saved-prefixes-budget-bytes".into(),
-            self.saved_prefixes_budget_bytes.to_string().into(),
-        ];
-        let optional = [
-            ("--precision", self.precision.clone().map(OsString::from)),
-            (
-                "--reuse-quantized",
-                self.reuse_quantized.clone().map(OsString::from),
-            ),
-            (
-                "--write-quantized",
-                self.write_quantized.clone().map(OsString::from),
-            ),
-            (
-                "--saved-prefixes-dir",
-                self.saved_prefixes_dir.clone().map(OsString::from),
-            ),
-        ];
-        for (flag, value) in optional {
-            if let Some(v) = value {
-                args.push(flag.into());
-                args.push(v);
-            }
-        }
-        args
-    }
-}
-
-/// What a worker reports when it is ready.
-#[derive(Serialize, Deserialize, Debug, Clone)]
-pub struct ReadyInfo {
-    pub context_length: u32,
-    pub load_ms: u64,
 }
 
 /// Runs the worker until its parent goes away.
@@ -304,7 +176,7 @@ impl Worker for WorkerService {
             Some(WirePrompt::Chat(chat)) => Prompt::Chat(chat.messages),
             Some(WirePrompt::Raw(text)) => Prompt::Raw(text),
             None => {
-                return Err(crate::invalid_argument_status(
+                return Err(modelpool_supervisor::invalid_argument_status(
                     "prompt",
                     "prompt: missing".into(),
                 ))

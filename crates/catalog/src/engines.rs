@@ -1,9 +1,10 @@
-//! Which engines exist and what each can run: their names, the formats they read and
-//! the GGUF architectures they generate with. Configuration, the server and the worker
-//! all ask here; this crate links no engine and does no I/O, so config validation (and
-//! its fuzz target) build without llama.cpp or mistral.rs.
+//! Which engines exist and what each can run: their names, the formats they read, the
+//! GGUF architectures they generate with, and which engine a model gets when its
+//! configuration names none.
 
-use modelpool_pool::ModelFormat;
+use std::path::Path;
+
+use modelpool_pool::{BackendError, ModelFormat, ModelSpec};
 
 /// GGUF architectures llama.cpp generates text with (its `general.architecture`
 /// names; encoders, embedding-only, speech and draft-only architectures left out).
@@ -227,6 +228,48 @@ impl std::str::FromStr for EngineKind {
                 )
             })
     }
+}
+
+/// The engine `spec` names, or the default for its format.
+pub fn engine_of(spec: &ModelSpec) -> Result<EngineKind, BackendError> {
+    if spec.engine.is_empty() {
+        return Ok(EngineKind::default_for(spec.format));
+    }
+    spec.engine
+        .parse()
+        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))
+}
+
+/// Refuses a GGUF model whose file is clearly not one, and a model its engine cannot
+/// run, before anything is predicted or started for it.
+pub fn check_loadable(spec: &ModelSpec) -> Result<(), BackendError> {
+    let engine = engine_of(spec)?;
+    engine
+        .check(spec.format, None)
+        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))?;
+    if spec.format == ModelFormat::Gguf {
+        check_gguf(spec.local_file()?)?;
+    }
+    Ok(())
+}
+
+/// Refuses what is clearly not a GGUF file before a process is started for it.
+fn check_gguf(path: &Path) -> Result<(), BackendError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| BackendError::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
+    f.read_exact(&mut magic).map_err(|_| {
+        BackendError::InvalidModel(format!("{} is too short to be a gguf file", path.display()))
+    })?;
+    if &magic != b"GGUF" {
+        return Err(BackendError::InvalidModel(format!(
+            "{} is not a gguf file (magic {:02x?})",
+            path.display(),
+            magic
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

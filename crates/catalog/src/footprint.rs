@@ -1,5 +1,7 @@
-//! Predicts a worker's memory before it is started, from the GGUF header and figures
-//! measured for mistral.rs 0.8 on the CPU (`just bench-footprint`, BENCHMARKS.md).
+//! Predicts a worker's memory before it is started: [`predict`] picks the engine's
+//! predictor (llama.cpp in [`llamacpp`], safetensors directories in [`hf`]); this module
+//! holds mistral.rs' for GGUF files, from the header and figures measured for
+//! mistral.rs 0.8 on the CPU (`just bench-footprint`, BENCHMARKS.md).
 //!
 //! What a worker holds, from reading mistral.rs and measuring it:
 //! - the tensors as stored in the file (quantized weights stay quantized), plus the
@@ -11,7 +13,10 @@
 //!   with the square of the prompt length;
 //! - a fixed runtime overhead (binary, tokenizer, thread pools).
 
-use modelpool_pool::gguf::{self, GgufInfo};
+pub mod hf;
+pub mod llamacpp;
+
+use crate::gguf::{self, GgufInfo};
 use modelpool_pool::{BackendError, Charge, Device, Footprint, ModelFormat, ModelSpec};
 
 /// Fixed resident bytes of a CPU worker besides weights: measured with SmolLM2-135M as
@@ -55,16 +60,16 @@ pub fn predict_each(
     precisions: &[Option<String>],
 ) -> Result<Vec<Footprint>, BackendError> {
     if spec.format == ModelFormat::Safetensors {
-        return crate::hf::predict_each(spec, precisions);
+        return hf::predict_each(spec, precisions);
     }
     let file = spec.local_file()?;
     let info = gguf::read_header(file)
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", file.display())))?;
-    let engine = crate::process::engine_of(spec)?;
+    let engine = crate::engine_of(spec)?;
     precisions
         .iter()
         .map(|precision| match engine {
-            crate::EngineKind::LlamaCpp => crate::llamacpp::footprint::predict_from(&info, spec)
+            crate::EngineKind::LlamaCpp => llamacpp::predict_from(&info, spec)
                 .map(|footprint| mapped_from_file(footprint, &info, spec)),
             crate::EngineKind::MistralRs => predict_from(&info, &spec.at_precision(precision)),
         })
@@ -82,7 +87,7 @@ fn mapped_from_file(mut footprint: Footprint, info: &GgufInfo, spec: &ModelSpec)
 }
 
 /// GGUF architectures mistral.rs 0.8 loads.
-pub use modelpool_engines::MISTRAL_RS_ARCHITECTURES as SUPPORTED_ARCHITECTURES;
+pub use crate::MISTRAL_RS_ARCHITECTURES as SUPPORTED_ARCHITECTURES;
 
 /// KV cache bytes for `spec`'s context and sequences, and the prefill scratch, for a
 /// model of `shape`; `None` when the numbers overflow.
@@ -253,7 +258,7 @@ mod tests {
         let mut spec = ModelSpec::new("m", "/m.gguf");
         spec.engine = "llama.cpp".into();
         let predict = |spec: &ModelSpec| {
-            let footprint = crate::llamacpp::footprint::predict_from(&info, spec).unwrap();
+            let footprint = llamacpp::predict_from(&info, spec).unwrap();
             mapped_from_file(footprint, &info, spec)
         };
         let cpu = predict(&spec);
@@ -269,7 +274,7 @@ mod tests {
         let kept_logits = 2 * 4 * 32000;
         assert_eq!(
             gpu.charge.get(Device::Cpu),
-            crate::llamacpp::footprint::GPU_HOST_BYTES + embedding + kept_logits
+            llamacpp::GPU_HOST_BYTES + embedding + kept_logits
         );
         assert_eq!(gpu.weights_bytes, info.weight_bytes);
         assert_eq!(

@@ -12,11 +12,11 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use modelpool_pool::gguf::KvShape;
+use crate::gguf::KvShape;
 use modelpool_pool::{BackendError, Footprint, ModelSpec, NATIVE_PRECISION};
 use serde::Deserialize;
 
-use crate::footprint::{assemble, kv_and_activation};
+use super::{assemble, kv_and_activation};
 
 /// Bytes per element of unquantized weights: mistral.rs loads f16 on the CPU.
 const NATIVE_ELEMENT_BYTES: u64 = 2;
@@ -41,7 +41,7 @@ pub fn block_layout(precision: &str) -> Option<(u64, u64)> {
         "q8k" => 15,
         _ => return None,
     };
-    modelpool_pool::gguf::block_layout(ggml_type)
+    crate::gguf::block_layout(ggml_type)
 }
 
 /// The fields of config.json the prediction needs.

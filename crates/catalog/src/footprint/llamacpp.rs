@@ -13,10 +13,10 @@
 //!   sequence (twice with the prefix cache on: a slot keeps its last prompt's);
 //! - a fixed runtime overhead (binary, OpenMP threads, tokenizer tables).
 
-use modelpool_pool::gguf::GgufInfo;
+use crate::gguf::GgufInfo;
 use modelpool_pool::{BackendError, Device, Footprint, ModelSpec};
 
-use crate::footprint::{assemble_with, context_tokens, vocab_and_hidden};
+use super::{assemble_with, context_tokens, vocab_and_hidden};
 use crate::EngineKind;
 
 /// Fixed resident bytes of a CPU worker besides weights, KV cache and compute buffers:
@@ -197,7 +197,7 @@ fn gpu_compute_bytes(info: &GgufInfo, cells: u64, context: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use modelpool_pool::gguf::{TensorEntry, Value};
+    use crate::gguf::{TensorEntry, Value};
     use std::collections::BTreeMap;
 
     /// A SmolLM2-shaped header: 30 layers, hidden 576, 9 heads (3 KV), FFN 1536.

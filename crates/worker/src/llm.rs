@@ -354,13 +354,7 @@ fn last_chunk(st: &mut GenState, reason: FinishReason, text: String) -> Generate
     chunk
 }
 
-/// A `std` duration as the protobuf well-known type.
-pub fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {
-    Some(prost_types::Duration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    })
-}
+pub use modelpool_supervisor::duration;
 
 /// mistral.rs takes chat turns as maps of `role` and `content`.
 fn chat_messages(turns: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>> {

@@ -9,9 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use modelpool_pool::{
-    Backend, BackendError, Footprint, Instance, ModelFormat, ModelSpec, Progress, Quantized,
-};
+use modelpool_pool::{Backend, BackendError, Footprint, Instance, ModelSpec, Progress, Quantized};
 use modelpool_proto::v1::GenerateChunk;
 use modelpool_proto::worker::v1::worker_client::WorkerClient;
 use modelpool_proto::worker::v1::{
@@ -21,10 +19,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{ChildStdin, Command};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::llamacpp::SavedPrefixes;
+use crate::protocol::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
+use crate::saved::SavedPrefixes;
 use crate::saved_index::SavedPrefixIndex;
-use crate::worker::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
-use crate::EngineKind;
+use modelpool_catalog::{check_loadable, engine_of, EngineKind};
 
 /// Lines of a worker's stderr kept to explain a failed start.
 const STDERR_TAIL_LINES: usize = 12;
@@ -81,7 +79,7 @@ impl Backend for WorkerBackend {
 
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
         check_loadable(spec)?;
-        crate::footprint::predict(spec)
+        modelpool_catalog::footprint::predict(spec)
     }
 
     fn footprints(
@@ -90,7 +88,7 @@ impl Backend for WorkerBackend {
         precisions: &[Option<String>],
     ) -> Result<Vec<Footprint>, BackendError> {
         check_loadable(spec)?;
-        crate::footprint::predict_each(spec, precisions)
+        modelpool_catalog::footprint::predict_each(spec, precisions)
     }
 
     async fn load(
@@ -157,48 +155,6 @@ fn weights_file_bytes(path: &Path) -> u64 {
             .sum(),
         Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
     }
-}
-
-/// Refuses a GGUF model whose file is clearly not one, and a model its engine cannot
-/// run, before anything is predicted or started for it.
-fn check_loadable(spec: &ModelSpec) -> Result<(), BackendError> {
-    let engine = engine_of(spec)?;
-    engine
-        .check(spec.format, None)
-        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))?;
-    if spec.format == ModelFormat::Gguf {
-        check_gguf(spec.local_file()?)?;
-    }
-    Ok(())
-}
-
-/// The engine `spec` names, or the default for its format.
-pub fn engine_of(spec: &ModelSpec) -> Result<EngineKind, BackendError> {
-    if spec.engine.is_empty() {
-        return Ok(EngineKind::default_for(spec.format));
-    }
-    spec.engine
-        .parse()
-        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))
-}
-
-/// Refuses what is clearly not a GGUF file before a process is started for it.
-fn check_gguf(path: &Path) -> Result<(), BackendError> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| BackendError::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
-    f.read_exact(&mut magic).map_err(|_| {
-        BackendError::InvalidModel(format!("{} is too short to be a gguf file", path.display()))
-    })?;
-    if &magic != b"GGUF" {
-        return Err(BackendError::InvalidModel(format!(
-            "{} is not a gguf file (magic {:02x?})",
-            path.display(),
-            magic
-        )));
-    }
-    Ok(())
 }
 
 /// One live worker process holding one model.
