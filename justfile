@@ -67,7 +67,7 @@ loadgen secs="60": fetch-models
 # The server with llama.cpp's CUDA backend compiled in, for GPU architecture `arch` (90:
 # H100/H200, 89: L4/RTX 40xx, 86: A10/RTX 30xx, 80: A100), with Debian's CUDA toolkit
 # (installed when missing; needs root). mistral.rs' CUDA kernels stay off: add
-# `--features modelpool-server/cuda-mistralrs` for them (a much longer build).
+# `--features modelpool-cli/cuda-mistralrs` for them (a much longer build).
 build-cuda arch="90" *args="":
     scripts/build-cuda.sh {{arch}} {{args}}
 

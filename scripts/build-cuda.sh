@@ -22,4 +22,4 @@ if [ -z "${CUDA_PATH:-}" ] && [ -f /usr/lib/x86_64-linux-gnu/libcudart_static.a 
 fi
 export CMAKE_CUDA_ARCHITECTURES=$arch
 export CMAKE_CUDA_FLAGS="${CMAKE_CUDA_FLAGS:+$CMAKE_CUDA_FLAGS }-include $root/scripts/cuda/cuda11-pdl.cuh"
-exec scripts/cargo.sh build --release --bin modelpool --features modelpool-server/cuda "$@"
+exec scripts/cargo.sh build --release --bin modelpool --features modelpool-cli/cuda "$@"

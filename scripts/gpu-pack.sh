@@ -12,7 +12,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd -P)
 cd "$root"
-features=(--features modelpool-server/llama-shared)
+features=(--features modelpool-cli/llama-shared)
 scripts/cargo.sh build -p modelpool-benches --bin swap_scenario --bin synth_gguf "${features[@]}"
 e2e=$(scripts/cargo.sh test -p modelpool-tests --test e2e "${features[@]}" --no-run --message-format=json \
     | python3 -c 'import json,sys

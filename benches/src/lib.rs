@@ -13,7 +13,7 @@ use modelpool_server::{RunningServer, Settings};
 /// When this process was started as a worker, runs it and exits; otherwise returns.
 pub fn run_as_worker_if_asked() {
     if std::env::args().nth(1).as_deref() == Some("worker") {
-        let code = modelpool_server::cli::main();
+        let code = modelpool_cli::main();
         std::process::exit(if code == std::process::ExitCode::SUCCESS {
             0
         } else {

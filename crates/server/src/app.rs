@@ -390,7 +390,7 @@ async fn serve(
 
 /// Budgets per device from the `[pool]` settings and what the machine has; a GPU gets a
 /// budget only where NVML sees it.
-pub(crate) fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> PoolConfig {
+pub fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> PoolConfig {
     let budgets: BTreeMap<Device, u64> = probe
         .devices()
         .iter()
@@ -463,7 +463,7 @@ fn prepare_runtime_dir(base: &Path) -> Result<PathBuf, StartError> {
 /// Both of rustls' crypto providers are compiled in (tonic uses ring, the HTTP client
 /// of the spill directory aws-lc-rs), so rustls cannot pick one by itself: choose ring
 /// for the process, once, before any TLS configuration is built.
-pub(crate) fn install_crypto_provider() {
+pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

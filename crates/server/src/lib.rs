@@ -1,11 +1,11 @@
 //! The modelpool server: configuration, the tonic services of the public API, and the
-//! start-up and shutdown sequence. `main.rs` is a thin command-line shell over this, and
-//! the integration tests start the same server in-process.
+//! start-up and shutdown sequence. The `modelpool` binary (`modelpool-cli`) is a thin
+//! command-line shell over this, and the integration tests start the same server
+//! in-process. It links no engine: workers are other processes, started through
+//! `modelpool-supervisor`, and engine facts come from `modelpool-catalog`.
 
 pub mod app;
 pub mod auth;
-pub mod cli;
-pub mod client;
 pub mod config;
 pub mod control;
 pub mod error;

@@ -1,5 +1,5 @@
 //! `modelpool` under another name, for the tests (see Cargo.toml).
 
 fn main() -> std::process::ExitCode {
-    modelpool_server::cli::main()
+    modelpool_cli::main()
 }

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use super::format::{bytes, mib, table, yes_no};
 use super::{say, say_json, Failure, PlanArgs};
-use crate::config::{BudgetSetting, PoolSettings};
+use modelpool_server::config::{BudgetSetting, PoolSettings};
 
 /// A model that could be predicted, as the analysis sees it.
 #[derive(Clone, Debug)]
@@ -228,11 +228,11 @@ fn placement(s: &ModelSpec) -> String {
 }
 
 pub(super) fn run(args: &PlanArgs) -> Result<(), Failure> {
-    let settings = crate::Settings::load(args.config.as_deref())
+    let settings = modelpool_server::Settings::load(args.config.as_deref())
         .map_err(|e| Failure::Config(e.to_string()))?;
     let probe = SystemProbe::new();
     let machine = probe.devices();
-    let budgets = crate::app::pool_config(&settings.pool, &probe).budgets;
+    let budgets = modelpool_server::app::pool_config(&settings.pool, &probe).budgets;
     let gpu_absent = probe.gpu_absent_reason();
 
     let planned: Vec<(ModelSpec, Result<Footprint, String>)> = settings

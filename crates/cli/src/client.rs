@@ -297,7 +297,7 @@ impl Failure {
             }
             Failure::Config(m) => {
                 eprintln!("modelpool: {m}");
-                ExitCode::from(crate::EXIT_CONFIG as u8)
+                ExitCode::from(modelpool_server::EXIT_CONFIG as u8)
             }
             Failure::Reported => ExitCode::from(1),
             Failure::BrokenPipe => ExitCode::SUCCESS,
@@ -389,7 +389,7 @@ pub(crate) async fn connect(conn: &Conn) -> Result<Channel, Failure> {
         })?
         .connect_timeout(Duration::from_secs(5));
     if let Some(ca) = &conn.tls_ca {
-        crate::app::install_crypto_provider();
+        modelpool_server::app::install_crypto_provider();
         let read = |p: &PathBuf| {
             std::fs::read(p).map_err(|e| Failure::Message(format!("{}: {e}", p.display())))
         };

@@ -1,13 +1,17 @@
-//! The command line of the `modelpool` binary: `serve` runs the server, `worker` runs
-//! one model (started by the server, never by hand). Lives in the library so that test
-//! and benchmark binaries can be the very same program.
+//! The `modelpool` binary's command line: `serve` runs the server (`modelpool-server`),
+//! `worker` runs one model (`modelpool-worker`, started by the server, never by hand),
+//! and the client commands talk to a running server ([`client`]). The one crate that
+//! joins the server and the engines: it holds no service, pool or engine logic of its
+//! own. Lives in a library so that test and benchmark binaries are the very same program.
+
+pub mod client;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::{Settings, EXIT_CONFIG};
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
+use modelpool_server::{Settings, EXIT_CONFIG};
 
 #[derive(Parser)]
 #[command(
@@ -111,8 +115,9 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     // and SIGHUP's default action would end the process.
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let server = crate::start(settings).await?;
-    let reloads = crate::reload::reload_on_sighup(hup, std::sync::Arc::clone(&server.reloader));
+    let server = modelpool_server::start(settings).await?;
+    let reloads =
+        modelpool_server::reload::reload_on_sighup(hup, std::sync::Arc::clone(&server.reloader));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),

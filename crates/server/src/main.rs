@@ -1,5 +1,0 @@
-//! The `modelpool` binary; everything lives in [`modelpool_server::cli`].
-
-fn main() -> std::process::ExitCode {
-    modelpool_server::cli::main()
-}
