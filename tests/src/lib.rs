@@ -66,7 +66,7 @@ pub fn predicted_safetensors_bytes(dir: &Path, context_length: u32, precision: &
     spec.format = modelpool_pool::ModelFormat::Safetensors;
     spec.context_length = context_length;
     spec.precision = Some(precision.into());
-    modelpool_catalog::footprint::predict(&spec)
+    modelpool_supervisor::footprint::predict(&spec)
         .expect("the model's headers read")
         .total_bytes()
 }
@@ -147,7 +147,7 @@ pub fn settings_toml(pool: &str, models: &str, runtime_dir: &Path) -> Settings {
 pub fn predicted_bytes(context_length: u32) -> u64 {
     let mut spec = modelpool_pool::ModelSpec::new("probe", model_path());
     spec.context_length = context_length;
-    modelpool_catalog::footprint::predict(&spec)
+    modelpool_supervisor::footprint::predict(&spec)
         .expect("the model's header reads")
         .total_bytes()
 }
@@ -170,7 +170,7 @@ impl OneFileFootprint {
         let mut spec = modelpool_pool::ModelSpec::new("probe", model_path());
         spec.context_length = context_length;
         let footprint =
-            modelpool_catalog::footprint::predict(&spec).expect("the model's header reads");
+            modelpool_supervisor::footprint::predict(&spec).expect("the model's header reads");
         let ram = footprint.charge.get(modelpool_pool::Device::Cpu);
         let mapped_bytes = footprint.mapped_bytes.min(ram);
         assert!(

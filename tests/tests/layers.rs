@@ -58,6 +58,13 @@ fn only_the_worker_links_an_engine() {
         let found = engines_in(&tree);
         assert!(found.is_empty(), "{package} links an engine: {found:?}");
     }
+    // The catalogue is the bottom of the workspace: every other crate may ask it.
+    let catalog = normal_tree("modelpool-catalog");
+    let inner: Vec<&str> = catalog
+        .lines()
+        .filter(|l| l.starts_with("modelpool-") && !l.starts_with("modelpool-catalog "))
+        .collect();
+    assert!(inner.is_empty(), "the catalogue depends on {inner:?}");
     // The check can fail: the worker's own tree has both engines.
     let worker = engines_in(&normal_tree("modelpool-worker"));
     for engine in ["mistralrs", "llama-cpp-2"] {

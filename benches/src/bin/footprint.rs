@@ -69,7 +69,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             extra += &format!("precisions = [\"{p}\"]\n");
             spec.precision = Some(p);
         }
-        let fp = modelpool_catalog::footprint::predict(&spec)?;
+        let fp = modelpool_supervisor::footprint::predict(&spec)?;
         let runtime = tempfile::tempdir()?;
         let server =
             modelpool_benches::start_server_with(&model, "m", runtime.path(), &extra).await?;

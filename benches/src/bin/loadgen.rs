@@ -113,7 +113,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut spec = modelpool_pool::ModelSpec::new("p", &model);
     spec.context_length = args.context;
     spec.max_sequences = args.sequences;
-    let one = modelpool_catalog::footprint::predict(&spec)?.total_bytes();
+    let one = modelpool_supervisor::footprint::predict(&spec)?.total_bytes();
     let budget = one * args.fit + one / 2;
     let mut models = String::new();
     for i in 1..=args.models {

@@ -125,7 +125,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut spec = modelpool_pool::ModelSpec::new("p", p);
         spec.context_length = 1024;
         spec.device = device;
-        Ok(modelpool_catalog::footprint::predict(&spec)?
+        Ok(modelpool_supervisor::footprint::predict(&spec)?
             .charge
             .get(device))
     };

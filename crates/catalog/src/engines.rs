@@ -2,9 +2,7 @@
 //! GGUF architectures they generate with, and which engine a model gets when its
 //! configuration names none.
 
-use std::path::Path;
-
-use modelpool_pool::{BackendError, ModelFormat, ModelSpec};
+use crate::ModelFormat;
 
 /// GGUF architectures llama.cpp generates text with (its `general.architecture`
 /// names; encoders, embedding-only, speech and draft-only architectures left out).
@@ -154,6 +152,19 @@ impl EngineKind {
         }
     }
 
+    /// The engine a model runs in: the one `name` names (empty: the default for its
+    /// format), refused when unknown or when it cannot read `format`. Configuration,
+    /// the control API and the supervisor all decide here.
+    pub fn resolve(name: &str, format: ModelFormat) -> Result<Self, String> {
+        let engine = if name.is_empty() {
+            Self::default_for(format)
+        } else {
+            name.parse()?
+        };
+        engine.check(format, None)?;
+        Ok(engine)
+    }
+
     /// Whether this engine loads models of `format`.
     pub fn reads(self, format: ModelFormat) -> bool {
         match self {
@@ -230,48 +241,6 @@ impl std::str::FromStr for EngineKind {
     }
 }
 
-/// The engine `spec` names, or the default for its format.
-pub fn engine_of(spec: &ModelSpec) -> Result<EngineKind, BackendError> {
-    if spec.engine.is_empty() {
-        return Ok(EngineKind::default_for(spec.format));
-    }
-    spec.engine
-        .parse()
-        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))
-}
-
-/// Refuses a GGUF model whose file is clearly not one, and a model its engine cannot
-/// run, before anything is predicted or started for it.
-pub fn check_loadable(spec: &ModelSpec) -> Result<(), BackendError> {
-    let engine = engine_of(spec)?;
-    engine
-        .check(spec.format, None)
-        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))?;
-    if spec.format == ModelFormat::Gguf {
-        check_gguf(spec.local_file()?)?;
-    }
-    Ok(())
-}
-
-/// Refuses what is clearly not a GGUF file before a process is started for it.
-fn check_gguf(path: &Path) -> Result<(), BackendError> {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| BackendError::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
-    f.read_exact(&mut magic).map_err(|_| {
-        BackendError::InvalidModel(format!("{} is too short to be a gguf file", path.display()))
-    })?;
-    if &magic != b"GGUF" {
-        return Err(BackendError::InvalidModel(format!(
-            "{} is not a gguf file (magic {:02x?})",
-            path.display(),
-            magic
-        )));
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -299,5 +268,22 @@ mod tests {
         assert!(err.contains("engine llama.cpp loads it"), "{err}");
         assert!(EngineKind::LlamaCpp.check(Gguf, Some("Llama")).is_ok());
         assert!(EngineKind::LlamaCpp.check(Gguf, Some("clip")).is_err());
+    }
+
+    #[test]
+    fn resolve_defaults_by_format_and_refuses_what_cannot_read_it() {
+        use ModelFormat::*;
+        assert_eq!(EngineKind::resolve("", Gguf), Ok(EngineKind::LlamaCpp));
+        assert_eq!(
+            EngineKind::resolve("", Safetensors),
+            Ok(EngineKind::MistralRs)
+        );
+        assert_eq!(
+            EngineKind::resolve("mistral.rs", Gguf),
+            Ok(EngineKind::MistralRs)
+        );
+        let err = EngineKind::resolve("llama.cpp", Safetensors).unwrap_err();
+        assert!(err.contains("cannot read safetensors"), "{err}");
+        assert!(EngineKind::resolve("vllm", Gguf).is_err());
     }
 }

@@ -1,17 +1,18 @@
 //! The engine catalogue: what modelpool knows about its engines without running one.
-//! Which engines exist and what each can run ([`EngineKind`]), the default engine of a
-//! format, the GGUF header reader, and each engine's footprint prediction (the bytes a
-//! worker will hold, from the model's headers and figures measured per engine).
+//! Which engines exist and what each can run ([`EngineKind`]), the engine a model runs
+//! in when its configuration names none ([`EngineKind::resolve`]), model formats and
+//! the precisions and quantized-weight files of loads quantized at load ([`formats`]),
+//! and the GGUF header reader ([`gguf`]).
 //!
-//! Configuration, the pool's callers, the server, the CLI and the worker all ask here.
-//! This crate links no engine (neither llama.cpp nor mistral.rs) and starts nothing: it
-//! reads model headers and answers questions, so config validation, the front ends and
-//! their fuzz targets build without an engine.
+//! Configuration, the pool, the server, the supervisor and the worker all ask here. It
+//! is the bottom of the workspace: it links no engine, depends on no other modelpool
+//! crate, holds no state and starts nothing.
 
 mod engines;
-pub mod footprint;
+pub mod formats;
 pub mod gguf;
 
-pub use engines::{
-    check_loadable, engine_of, EngineKind, LLAMA_CPP_ARCHITECTURES, MISTRAL_RS_ARCHITECTURES,
+pub use engines::{EngineKind, LLAMA_CPP_ARCHITECTURES, MISTRAL_RS_ARCHITECTURES};
+pub use formats::{
+    quantized_weights_shards, ModelFormat, NATIVE_PRECISION, PRECISIONS, QUANTIZED_WEIGHTS_EXT,
 };

@@ -7,45 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// File format of a model's weights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModelFormat {
-    /// One GGUF file, quantized ahead of time.
-    Gguf,
-    /// A Hugging Face model directory (config.json, tokenizer.json, *.safetensors),
-    /// optionally quantized at load (see [`ModelSpec::precisions`]).
-    Safetensors,
-}
-
-impl ModelFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ModelFormat::Gguf => "gguf",
-            ModelFormat::Safetensors => "safetensors",
-        }
-    }
-}
-
-/// The precision that keeps a model's weights as its files store them.
-pub const NATIVE_PRECISION: &str = "none";
-
-/// Precisions a model quantized at load may list: [`NATIVE_PRECISION`] and the
-/// quantization types mistral.rs applies on the CPU (its ISQ types, lowercased).
-pub const PRECISIONS: &[&str] = &[
-    NATIVE_PRECISION,
-    "q4_0",
-    "q4_1",
-    "q5_0",
-    "q5_1",
-    "q8_0",
-    "q8_1",
-    "q2k",
-    "q3k",
-    "q4k",
-    "q5k",
-    "q6k",
-    "q8k",
-];
+pub use modelpool_catalog::{ModelFormat, NATIVE_PRECISION, PRECISIONS};
 
 /// Quantized weights for a load quantized at load time (the pool decides which,
 /// from the spill directory).

@@ -37,8 +37,8 @@ pub const MARKER: &str = "MODELPOOL_SPILL_DIR";
 /// within their budget; the store leaves it alone.
 pub const SAVED_PREFIXES_DIR: &str = "prefixes";
 const DATA_EXT: &str = "gguf";
-/// Quantized weights a load wrote (mistral.rs' UQFF), named as mistral.rs expects.
-const QUANTIZED_EXT: &str = "uqff";
+/// Quantized weights a load wrote, named as their engine expects.
+const QUANTIZED_EXT: &str = modelpool_catalog::QUANTIZED_WEIGHTS_EXT;
 const META_EXT: &str = "json";
 const TMP_EXT: &str = "tmp";
 /// After a failed spill (a full disk, an I/O error), the same file is not tried again

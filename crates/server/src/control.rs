@@ -367,7 +367,7 @@ impl ModelControl for ControlService {
                 // Refuse what cannot load now (not a GGUF, truncated, an architecture
                 // its engine does not run), not at the first request.
                 check_engine_runs(&spec)?;
-                modelpool_catalog::footprint::predict(&spec)
+                modelpool_supervisor::footprint::predict(&spec)
                     .map_err(|e| ServerError::invalid("path", e.to_string()))?;
             }
             // Checked once downloaded: the checksum, then the header.
@@ -583,10 +583,8 @@ fn check_engine_runs(spec: &modelpool_pool::ModelSpec) -> Result<(), Status> {
         // An unreadable header is the path's problem, reported by the prediction.
         return Ok(());
     };
-    let engine: modelpool_catalog::EngineKind = spec
-        .engine
-        .parse()
-        .map_err(|e: String| ServerError::invalid("engine", e))?;
+    let engine = modelpool_catalog::EngineKind::resolve(&spec.engine, spec.format)
+        .map_err(|e| ServerError::invalid("engine", e))?;
     engine
         .check(spec.format, Some(&header.architecture))
         .map_err(|e| ServerError::invalid("engine", e).into())

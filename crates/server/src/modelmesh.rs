@@ -195,7 +195,7 @@ impl ModelRuntime for ModelMeshRuntime {
     ) -> Result<Response<PredictModelSizeResponse>, Status> {
         let r = request.into_inner();
         let spec = self.spec(&r.model_id, &r.model_path)?;
-        let footprint = modelpool_catalog::footprint::predict(&spec)
+        let footprint = modelpool_supervisor::footprint::predict(&spec)
             .map_err(|e| Status::from(ServerError::invalid("modelPath", e.to_string())))?;
         Ok(Response::new(PredictModelSizeResponse {
             size_in_bytes: footprint.total_bytes(),

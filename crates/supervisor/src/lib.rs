@@ -4,7 +4,9 @@
 //! This crate starts workers ([`WorkerBackend`], the pool's `Backend`), talks to them,
 //! and reaps them; it also holds what both sides of the protocol share: the worker's
 //! command line and ready line ([`protocol`]), engine errors and their gRPC statuses,
-//! request checks that need no engine ([`sampling`]), and saved prefixes on disk.
+//! request checks that need no engine ([`sampling`]), saved prefixes on disk, and each
+//! engine's [`footprint`] prediction (the bytes a worker will hold, from the model's
+//! headers and figures measured per engine), which the pool budgets by.
 //!
 //! It links no engine: the server and its front ends depend on it, never on the worker.
 //!
@@ -13,6 +15,7 @@
 //! process returns every byte to the operating system, so eviction is honest.
 
 mod error;
+pub mod footprint;
 pub mod process;
 pub mod protocol;
 pub mod sampling;
@@ -29,7 +32,7 @@ pub const MISTRALRS_GPU_BUILD: bool = cfg!(feature = "cuda-mistralrs");
 
 pub use error::{engine_status, invalid_argument_status, EngineError, FIELD_METADATA_KEY};
 pub use modelpool_catalog::EngineKind;
-pub use process::{WorkerBackend, WorkerBackendConfig, WorkerProcess};
+pub use process::{check_loadable, engine_of, WorkerBackend, WorkerBackendConfig, WorkerProcess};
 pub use protocol::WorkerArgs;
 pub use saved::SavedPrefixes;
 

@@ -22,7 +22,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::protocol::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
 use crate::saved::SavedPrefixes;
 use crate::saved_index::SavedPrefixIndex;
-use modelpool_catalog::{check_loadable, engine_of, EngineKind};
+use modelpool_catalog::{EngineKind, ModelFormat};
 
 /// Lines of a worker's stderr kept to explain a failed start.
 const STDERR_TAIL_LINES: usize = 12;
@@ -79,7 +79,7 @@ impl Backend for WorkerBackend {
 
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
         check_loadable(spec)?;
-        modelpool_catalog::footprint::predict(spec)
+        crate::footprint::predict(spec)
     }
 
     fn footprints(
@@ -88,7 +88,7 @@ impl Backend for WorkerBackend {
         precisions: &[Option<String>],
     ) -> Result<Vec<Footprint>, BackendError> {
         check_loadable(spec)?;
-        modelpool_catalog::footprint::predict_each(spec, precisions)
+        crate::footprint::predict_each(spec, precisions)
     }
 
     async fn load(
@@ -113,7 +113,7 @@ impl Backend for WorkerBackend {
             context_length: spec.context_length,
             max_sequences: spec.max_sequences,
             device: spec.device.to_string(),
-            format: spec.format.as_str().to_owned(),
+            format: spec.format,
             precision: spec.precision.clone(),
             reuse_quantized: match &spec.quantized {
                 Some(Quantized::Reuse(p)) => Some(p.clone()),
@@ -155,6 +155,41 @@ fn weights_file_bytes(path: &Path) -> u64 {
             .sum(),
         Err(_) => std::fs::metadata(path).map_or(0, |m| m.len()),
     }
+}
+
+/// The engine `spec` names, or the default for its format.
+pub fn engine_of(spec: &ModelSpec) -> Result<EngineKind, BackendError> {
+    EngineKind::resolve(&spec.engine, spec.format)
+        .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))
+}
+
+/// Refuses a GGUF model whose file is clearly not one, and a model its engine cannot
+/// run, before anything is predicted or started for it.
+pub fn check_loadable(spec: &ModelSpec) -> Result<(), BackendError> {
+    engine_of(spec)?;
+    if spec.format == ModelFormat::Gguf {
+        check_gguf(spec.local_file()?)?;
+    }
+    Ok(())
+}
+
+/// Refuses what is clearly not a GGUF file before a process is started for it.
+fn check_gguf(path: &Path) -> Result<(), BackendError> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| BackendError::InvalidModel(format!("cannot open {}: {e}", path.display())))?;
+    f.read_exact(&mut magic).map_err(|_| {
+        BackendError::InvalidModel(format!("{} is too short to be a gguf file", path.display()))
+    })?;
+    if &magic != b"GGUF" {
+        return Err(BackendError::InvalidModel(format!(
+            "{} is not a gguf file (magic {:02x?})",
+            path.display(),
+            magic
+        )));
+    }
+    Ok(())
 }
 
 /// One live worker process holding one model.

@@ -6,7 +6,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
-use modelpool_catalog::EngineKind;
+use modelpool_catalog::{EngineKind, ModelFormat};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of the line a worker prints on stdout once it serves.
@@ -37,8 +37,8 @@ pub struct WorkerArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// "gguf" (a file) or "safetensors" (a model directory).
-    #[arg(long, default_value = "gguf")]
-    pub format: String,
+    #[arg(long)]
+    pub format: ModelFormat,
     /// Safetensors: quantize to this precision at load ("none" keeps the files' own).
     #[arg(long)]
     pub precision: Option<String>,
@@ -48,8 +48,8 @@ pub struct WorkerArgs {
     /// Safetensors: write the quantized weights here (UQFF) for the next load.
     #[arg(long)]
     pub write_quantized: Option<PathBuf>,
-    /// The engine: "llama.cpp" or "mistral.rs".
-    #[arg(long, default_value = "llama.cpp")]
+    /// The engine: "llama.cpp" or "mistral.rs" (the supervisor resolved it).
+    #[arg(long)]
     pub engine: EngineKind,
     /// llama.cpp: let ggml repack weights for its CPU kernels (an anonymous copy).
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
@@ -89,7 +89,7 @@ impl WorkerArgs {
             "--device".into(),
             self.device.clone().into(),
             "--format".into(),
-            self.format.clone().into(),
+            self.format.as_str().into(),
             "--engine".into(),
             self.engine.as_str().into(),
             "--repack".into(),

@@ -69,10 +69,7 @@ pub async fn run(args: WorkerArgs) -> Result<(), EngineError> {
 /// Loads the model in the engine the arguments name.
 async fn load(args: &WorkerArgs) -> Result<Arc<dyn Engine>, EngineError> {
     let device: Device = args.device.parse().map_err(EngineError::Load)?;
-    let format = match args.format.as_str() {
-        "safetensors" => ModelFormat::Safetensors,
-        _ => ModelFormat::Gguf,
-    };
+    let format = args.format;
     args.engine.check(format, None).map_err(EngineError::Load)?;
     Ok(match (args.engine, format) {
         (EngineKind::LlamaCpp, _) => Arc::new(

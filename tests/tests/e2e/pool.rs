@@ -308,7 +308,7 @@ async fn two_ids_mapping_one_file_are_charged_its_weights_once() {
     let mut spec = modelpool_pool::ModelSpec::new("probe", model_path());
     spec.engine = "llama.cpp".into();
     (spec.context_length, spec.max_sequences) = (CONTEXT, 1);
-    let predicted = modelpool_catalog::footprint::predict(&spec).expect("the header reads");
+    let predicted = modelpool_supervisor::footprint::predict(&spec).expect("the header reads");
     let weights = predicted.mapped_bytes;
     assert!(weights > 0, "llama.cpp maps the tensors: {predicted:?}");
     // One full charge and the other's own bytes fit; two full charges do not.

@@ -203,7 +203,7 @@ fn at_planned_precision(
 ) -> (ModelSpec, Result<Footprint, String>) {
     let mut planned = spec.clone();
     let candidates = spec.candidate_precisions();
-    let footprints = match modelpool_catalog::footprint::predict_each(spec, &candidates) {
+    let footprints = match modelpool_supervisor::footprint::predict_each(spec, &candidates) {
         Ok(footprints) => footprints,
         Err(e) => {
             planned.precision = candidates.into_iter().next().flatten();

@@ -22,8 +22,7 @@ use crate::sharing::FileId;
 use crate::spec::NATIVE_PRECISION;
 use crate::turns::{TurnPlan, Why};
 use crate::{
-    Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, PoolError, Quantized,
-    Source,
+    Backend, BackendError, Charge, Device, Footprint, Instance, PoolError, Quantized, Source,
 };
 
 /// A precision a load may use and what the load would cost at it.
@@ -366,7 +365,7 @@ impl<B: Backend> Pool<B> {
         // the spill directory, or leaves them there for the next.
         let quantized = match (&store, &resolved, &spec.precision) {
             (Some(store), Some(r), Some(p))
-                if spec.format == ModelFormat::Safetensors && p != NATIVE_PRECISION =>
+                if spec.format.quantized_at_load() && p != NATIVE_PRECISION =>
             {
                 r.key.as_deref().map(|source_key| {
                     let key = crate::store::quantized_key(source_key, p);

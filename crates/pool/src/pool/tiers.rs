@@ -232,7 +232,7 @@ pub(super) fn after_quantized_load<B: Backend>(
     let written_to = file.clone();
     let remove_scratch = move || remove_scratch_of(&written_to);
     let written = if loaded {
-        written_shards(file)
+        modelpool_catalog::quantized_weights_shards(file)
     } else {
         Vec::new()
     };
@@ -275,36 +275,6 @@ pub(super) fn after_quantized_load<B: Backend>(
             }
         }
     });
-}
-
-/// The files mistral.rs wrote for a UQFF named `file`: it numbers shards
-/// (`model-0.uqff`, `model-1.uqff`, ...) beside the name it was given.
-fn written_shards(file: &Path) -> Vec<PathBuf> {
-    let (Some(dir), Some(stem), Some(ext)) = (
-        file.parent(),
-        file.file_stem().and_then(|s| s.to_str()),
-        file.extension().and_then(|s| s.to_str()),
-    ) else {
-        return Vec::new();
-    };
-    let prefix = format!("{stem}-");
-    let suffix = format!(".{ext}");
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.ok())
-        .filter(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name == format!("{stem}{suffix}")
-                || name
-                    .strip_prefix(&prefix)
-                    .and_then(|r| r.strip_suffix(&suffix))
-                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .map(|e| e.path())
-        .collect();
-    shards.sort();
-    shards
 }
 
 /// After a worker stopped: its artifact may be evicted again, and when it was stopped

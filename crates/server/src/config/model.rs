@@ -205,11 +205,7 @@ fn engine_of(
     llama_only: &[(&'static str, bool)],
     format: ModelFormat,
 ) -> Result<EngineKind, (&'static str, String)> {
-    let engine = match name {
-        None | Some("") => EngineKind::default_for(format),
-        Some(name) => name.parse::<EngineKind>().map_err(|e| ("engine", e))?,
-    };
-    engine.check(format, None).map_err(|e| ("engine", e))?;
+    let engine = EngineKind::resolve(name.unwrap_or(""), format).map_err(|e| ("engine", e))?;
     if engine != EngineKind::LlamaCpp {
         for &(field, set) in llama_only {
             if set {

@@ -12,7 +12,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use crate::gguf::KvShape;
+use modelpool_catalog::gguf::KvShape;
 use modelpool_pool::{BackendError, Footprint, ModelSpec, NATIVE_PRECISION};
 use serde::Deserialize;
 
@@ -41,7 +41,7 @@ pub fn block_layout(precision: &str) -> Option<(u64, u64)> {
         "q8k" => 15,
         _ => return None,
     };
-    crate::gguf::block_layout(ggml_type)
+    modelpool_catalog::gguf::block_layout(ggml_type)
 }
 
 /// The fields of config.json the prediction needs.

@@ -16,7 +16,7 @@
 pub mod hf;
 pub mod llamacpp;
 
-use crate::gguf::{self, GgufInfo};
+use modelpool_catalog::gguf::{self, GgufInfo};
 use modelpool_pool::{BackendError, Charge, Device, Footprint, ModelFormat, ModelSpec};
 
 /// Fixed resident bytes of a CPU worker besides weights: measured with SmolLM2-135M as
@@ -65,13 +65,15 @@ pub fn predict_each(
     let file = spec.local_file()?;
     let info = gguf::read_header(file)
         .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", file.display())))?;
-    let engine = crate::engine_of(spec)?;
+    let engine = crate::process::engine_of(spec)?;
     precisions
         .iter()
         .map(|precision| match engine {
-            crate::EngineKind::LlamaCpp => llamacpp::predict_from(&info, spec)
+            modelpool_catalog::EngineKind::LlamaCpp => llamacpp::predict_from(&info, spec)
                 .map(|footprint| mapped_from_file(footprint, &info, spec)),
-            crate::EngineKind::MistralRs => predict_from(&info, &spec.at_precision(precision)),
+            modelpool_catalog::EngineKind::MistralRs => {
+                predict_from(&info, &spec.at_precision(precision))
+            }
         })
         .collect()
 }
@@ -87,7 +89,7 @@ fn mapped_from_file(mut footprint: Footprint, info: &GgufInfo, spec: &ModelSpec)
 }
 
 /// GGUF architectures mistral.rs 0.8 loads.
-pub use crate::MISTRAL_RS_ARCHITECTURES as SUPPORTED_ARCHITECTURES;
+pub use modelpool_catalog::MISTRAL_RS_ARCHITECTURES as SUPPORTED_ARCHITECTURES;
 
 /// KV cache bytes for `spec`'s context and sequences, and the prefill scratch, for a
 /// model of `shape`; `None` when the numbers overflow.

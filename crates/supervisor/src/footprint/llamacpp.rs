@@ -13,11 +13,11 @@
 //!   sequence (twice with the prefix cache on: a slot keeps its last prompt's);
 //! - a fixed runtime overhead (binary, OpenMP threads, tokenizer tables).
 
-use crate::gguf::GgufInfo;
+use modelpool_catalog::gguf::GgufInfo;
 use modelpool_pool::{BackendError, Device, Footprint, ModelSpec};
 
 use super::{assemble_with, context_tokens, vocab_and_hidden};
-use crate::EngineKind;
+use modelpool_catalog::EngineKind;
 
 /// Fixed resident bytes of a CPU worker besides weights, KV cache and compute buffers:
 /// measured with SmolLM2-135M right after load as RSS less the file's tensors and the
@@ -197,7 +197,7 @@ fn gpu_compute_bytes(info: &GgufInfo, cells: u64, context: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::{TensorEntry, Value};
+    use modelpool_catalog::gguf::{TensorEntry, Value};
     use std::collections::BTreeMap;
 
     /// A SmolLM2-shaped header: 30 layers, hidden 576, 9 heads (3 KV), FFN 1536.
