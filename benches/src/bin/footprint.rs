@@ -56,11 +56,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         spec.context_length = ctx;
         let mut extra = format!("context_length = {ctx}\nmax_sequences = 1\n");
         if let Some(engine) = &args.engine {
-            spec.engine = engine.clone();
+            spec.engine.kind = Some(engine.parse().map_err(anyhow::Error::msg)?);
             extra += &format!("engine = \"{engine}\"\n");
         }
         if args.repack {
-            spec.repack = true;
+            spec.engine.llama_cpp.repack = true;
             extra += "repack = true\n";
         }
         if model.is_dir() {

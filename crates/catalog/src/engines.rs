@@ -220,6 +220,52 @@ impl EngineKind {
     }
 }
 
+/// The engine a model runs in and that engine's own switches, as configuration set
+/// them. The pool carries them to its backend and decides nothing by them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineOptions {
+    /// The engine; `None`: the default for the model's format.
+    pub kind: Option<EngineKind>,
+    /// llama.cpp's switches (configuration refuses them for another engine).
+    pub llama_cpp: LlamaCppOptions,
+}
+
+impl EngineOptions {
+    /// The engine a model of `format` runs in (see [`EngineKind::resolve`]).
+    pub fn resolve(&self, format: ModelFormat) -> Result<EngineKind, String> {
+        match self.kind {
+            Some(kind) => kind.check(format, None).map(|()| kind),
+            None => Ok(EngineKind::default_for(format)),
+        }
+    }
+}
+
+/// llama.cpp's own switches for one model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlamaCppOptions {
+    /// Repack weights for ggml's CPU kernels instead of keeping them mapped.
+    pub repack: bool,
+    /// Lock the mapped weights in memory.
+    pub mlock: bool,
+    /// Reuse the KV of shared prompt prefixes, and save them across eviction.
+    pub prefix_cache: bool,
+    /// Cells of the one KV cache the model's sequences share; a request runs when its
+    /// prompt and answer fit the cells free. `None`: the context length for each
+    /// sequence (every sequence can always run).
+    pub kv_budget_tokens: Option<u32>,
+}
+
+impl Default for LlamaCppOptions {
+    fn default() -> Self {
+        Self {
+            repack: false,
+            mlock: false,
+            prefix_cache: true,
+            kv_budget_tokens: None,
+        }
+    }
+}
+
 impl std::fmt::Display for EngineKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -285,5 +331,22 @@ mod tests {
         let err = EngineKind::resolve("llama.cpp", Safetensors).unwrap_err();
         assert!(err.contains("cannot read safetensors"), "{err}");
         assert!(EngineKind::resolve("vllm", Gguf).is_err());
+    }
+
+    #[test]
+    fn options_resolve_like_names_and_default_llama_cpp_switches() {
+        use ModelFormat::*;
+        let default = EngineOptions::default();
+        assert_eq!(default.resolve(Gguf), Ok(EngineKind::LlamaCpp));
+        assert_eq!(default.resolve(Safetensors), Ok(EngineKind::MistralRs));
+        assert!(default.llama_cpp.prefix_cache && !default.llama_cpp.repack);
+        let llama = EngineOptions {
+            kind: Some(EngineKind::LlamaCpp),
+            ..default
+        };
+        assert!(llama
+            .resolve(Safetensors)
+            .unwrap_err()
+            .contains("cannot read"));
     }
 }

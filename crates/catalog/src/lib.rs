@@ -12,7 +12,9 @@ mod engines;
 pub mod formats;
 pub mod gguf;
 
-pub use engines::{EngineKind, LLAMA_CPP_ARCHITECTURES, MISTRAL_RS_ARCHITECTURES};
+pub use engines::{
+    EngineKind, EngineOptions, LlamaCppOptions, LLAMA_CPP_ARCHITECTURES, MISTRAL_RS_ARCHITECTURES,
+};
 pub use formats::{
     quantized_weights_shards, ModelFormat, NATIVE_PRECISION, PRECISIONS, QUANTIZED_WEIGHTS_EXT,
 };

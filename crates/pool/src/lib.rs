@@ -24,8 +24,8 @@ pub use pool::{
     DeviceStatus, GroupStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState, Tier,
 };
 pub use spec::{
-    Backend, BackendError, Charge, Device, Footprint, Instance, ModelFormat, ModelSpec, Progress,
-    Quantized, Source, NATIVE_PRECISION, PRECISIONS,
+    Backend, BackendError, Charge, Device, EngineKind, EngineOptions, Footprint, Instance,
+    ModelFormat, ModelSpec, Progress, Quantized, Source, NATIVE_PRECISION, PRECISIONS,
 };
 pub use store::{Store, StoreError, StoreUsage};
 pub use turns::TurnPolicy;

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use modelpool_catalog::{ModelFormat, NATIVE_PRECISION, PRECISIONS};
+pub use modelpool_catalog::{EngineKind, EngineOptions, ModelFormat, NATIVE_PRECISION, PRECISIONS};
 
 /// Quantized weights for a load quantized at load time (the pool decides which,
 /// from the spill directory).
@@ -198,27 +198,22 @@ pub struct ModelSpec {
     pub precision: Option<String>,
     /// Quantized weights to reuse or write: set by the pool like `precision`.
     pub quantized: Option<Quantized>,
-    /// The engine that runs it ("llama.cpp", "mistral.rs"; empty: the backend's default
-    /// for the format) and the engine's own switches. The pool passes them to the
-    /// backend and shows the name; it decides nothing by them.
-    pub engine: String,
-    /// llama.cpp: repack weights for its CPU kernels instead of keeping them mapped.
-    pub repack: bool,
-    /// llama.cpp: lock the mapped weights in memory.
-    pub mlock: bool,
-    /// llama.cpp: reuse the KV of shared prompt prefixes, and save them across eviction.
-    pub prefix_cache: bool,
-    /// llama.cpp: cells of the one KV cache its sequences share; a request runs when
-    /// its prompt and answer fit the cells free. `None`: `context_length` for each of
-    /// `max_sequences` (every sequence can always run).
-    pub kv_budget_tokens: Option<u32>,
+    /// The engine that runs it (`None`: the default for the format) and the engine's
+    /// own switches, typed by the catalogue. The pool passes them to the backend and
+    /// shows the engine's name; it decides nothing by them.
+    pub engine: EngineOptions,
 }
 
 impl ModelSpec {
-    /// Cells of the model's KV cache: its `kv_budget_tokens`, or `context_length` for
+    /// The engine it runs in: the one it names, or the default for its format.
+    pub fn engine_kind(&self) -> Result<EngineKind, String> {
+        self.engine.resolve(self.format)
+    }
+
+    /// Cells of the model's KV cache: llama.cpp's `kv_budget_tokens`, or `context_length` for
     /// each of `max_sequences`.
     pub fn kv_cells(&self) -> u64 {
-        self.kv_budget_tokens.map_or_else(
+        self.engine.llama_cpp.kv_budget_tokens.map_or_else(
             || u64::from(self.context_length) * u64::from(self.max_sequences.max(1)),
             u64::from,
         )
@@ -267,11 +262,7 @@ impl ModelSpec {
             precisions: Vec::new(),
             precision: None,
             quantized: None,
-            engine: String::new(),
-            repack: false,
-            mlock: false,
-            prefix_cache: true,
-            kv_budget_tokens: None,
+            engine: EngineOptions::default(),
         }
     }
 }

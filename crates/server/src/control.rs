@@ -110,6 +110,7 @@ fn proto_duration(d: std::time::Duration) -> Option<prost_types::Duration> {
 
 fn info(s: ModelSnapshot) -> ModelInfo {
     let error_pct = s.prediction_error_pct().unwrap_or(0.0);
+    let engine = s.spec.engine_kind().map(|e| e.as_str().to_owned());
     let mut out = ModelInfo {
         id: s.spec.id,
         source: s.spec.source.to_string(),
@@ -145,7 +146,7 @@ fn info(s: ModelSnapshot) -> ModelInfo {
         loads_started: s.loads_started,
         precision: s.precision.unwrap_or_default(),
         precisions: s.spec.precisions,
-        engine: s.spec.engine,
+        engine: engine.unwrap_or_default(),
         waiting_reason: s.waiting_reason.unwrap_or_default(),
         waiting_for: (!s.waiting_for.is_zero())
             .then(|| proto_duration(s.waiting_for))
@@ -583,7 +584,8 @@ fn check_engine_runs(spec: &modelpool_pool::ModelSpec) -> Result<(), Status> {
         // An unreadable header is the path's problem, reported by the prediction.
         return Ok(());
     };
-    let engine = modelpool_catalog::EngineKind::resolve(&spec.engine, spec.format)
+    let engine = spec
+        .engine_kind()
         .map_err(|e| ServerError::invalid("engine", e))?;
     engine
         .check(spec.format, Some(&header.architecture))

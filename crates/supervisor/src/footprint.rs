@@ -258,7 +258,7 @@ mod tests {
     fn llama_cpp_maps_the_file_tensors_on_the_cpu_only() {
         let info = info(32, 4096, 32000);
         let mut spec = ModelSpec::new("m", "/m.gguf");
-        spec.engine = "llama.cpp".into();
+        spec.engine.kind = Some(modelpool_pool::EngineKind::LlamaCpp);
         let predict = |spec: &ModelSpec| {
             let footprint = llamacpp::predict_from(&info, spec).unwrap();
             mapped_from_file(footprint, &info, spec)

@@ -124,10 +124,10 @@ impl Backend for WorkerBackend {
                 _ => None,
             },
             engine: engine_of(spec)?,
-            repack: spec.repack,
-            mlock: spec.mlock,
-            prefix_cache: spec.prefix_cache,
-            kv_budget_tokens: spec.kv_budget_tokens.unwrap_or(0),
+            repack: spec.engine.llama_cpp.repack,
+            mlock: spec.engine.llama_cpp.mlock,
+            prefix_cache: spec.engine.llama_cpp.prefix_cache,
+            kv_budget_tokens: spec.engine.llama_cpp.kv_budget_tokens.unwrap_or(0),
             saved_prefixes_dir: None,
             saved_prefixes_budget_bytes: 0,
         };
@@ -135,7 +135,7 @@ impl Backend for WorkerBackend {
             .config
             .saved_prefixes
             .as_ref()
-            .filter(|_| spec.prefix_cache);
+            .filter(|_| spec.engine.llama_cpp.prefix_cache);
         if let (EngineKind::LlamaCpp, Some(saved)) = (args.engine, saved) {
             args.saved_prefixes_dir = Some(saved.dir.clone());
             args.saved_prefixes_budget_bytes = saved.budget_bytes;
@@ -159,7 +159,7 @@ fn weights_file_bytes(path: &Path) -> u64 {
 
 /// The engine `spec` names, or the default for its format.
 pub fn engine_of(spec: &ModelSpec) -> Result<EngineKind, BackendError> {
-    EngineKind::resolve(&spec.engine, spec.format)
+    spec.engine_kind()
         .map_err(|e| BackendError::InvalidModel(format!("engine: {e}")))
 }
 

@@ -306,7 +306,7 @@ async fn twenty_load_evict_cycles_return_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_ids_mapping_one_file_are_charged_its_weights_once() {
     let mut spec = modelpool_pool::ModelSpec::new("probe", model_path());
-    spec.engine = "llama.cpp".into();
+    spec.engine.kind = Some(modelpool_pool::EngineKind::LlamaCpp);
     (spec.context_length, spec.max_sequences) = (CONTEXT, 1);
     let predicted = modelpool_supervisor::footprint::predict(&spec).expect("the header reads");
     let weights = predicted.mapped_bytes;

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use modelpool_catalog::EngineKind;
+use modelpool_catalog::{EngineKind, EngineOptions, LlamaCppOptions};
 use modelpool_pool::{Device, MemoryProbe, ModelFormat, ModelSpec, Source};
 use serde::Deserialize;
 
@@ -189,11 +189,15 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         precisions,
         precision: None,
         quantized: None,
-        engine: engine.as_str().to_owned(),
-        repack: m.repack.unwrap_or(false),
-        mlock: m.mlock.unwrap_or(false),
-        prefix_cache: m.prefix_cache.unwrap_or(true),
-        kv_budget_tokens,
+        engine: EngineOptions {
+            kind: Some(engine),
+            llama_cpp: LlamaCppOptions {
+                repack: m.repack.unwrap_or(false),
+                mlock: m.mlock.unwrap_or(false),
+                prefix_cache: m.prefix_cache.unwrap_or(true),
+                kv_budget_tokens,
+            },
+        },
     })
 }
 

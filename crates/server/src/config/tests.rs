@@ -1,7 +1,7 @@
 //! Configuration parsing and validation: defaults, every key's error, models, groups.
 
 use super::*;
-use modelpool_pool::{Device, ModelFormat, Source};
+use modelpool_pool::{Device, EngineKind, ModelFormat, Source};
 
 const URL_WITHOUT_SPILL: &str = "[[models]]\nid = \"a\"\nurl = \"http://h/m\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"";
 
@@ -219,22 +219,30 @@ fn engines_default_by_format_and_are_checked() {
     let s = model("").unwrap();
     assert_eq!(
         (
-            s.models[0].engine.as_str(),
-            s.models[0].repack,
-            s.models[0].mlock,
-            s.models[0].prefix_cache
+            s.models[0].engine.kind.map(|e| e.as_str()),
+            s.models[0].engine.llama_cpp.repack,
+            s.models[0].engine.llama_cpp.mlock,
+            s.models[0].engine.llama_cpp.prefix_cache
         ),
-        ("llama.cpp", false, false, true)
+        (Some("llama.cpp"), false, false, true)
     );
-    assert!(!model("prefix_cache = false").unwrap().models[0].prefix_cache);
+    assert!(
+        !model("prefix_cache = false").unwrap().models[0]
+            .engine
+            .llama_cpp
+            .prefix_cache
+    );
     let shared = model("context_length = 1024\nmax_sequences = 4\nkv_budget = 2048").unwrap();
-    assert_eq!(shared.models[0].kv_budget_tokens, Some(2048));
+    assert_eq!(
+        shared.models[0].engine.llama_cpp.kv_budget_tokens,
+        Some(2048)
+    );
     assert_eq!(shared.models[0].kv_cells(), 2048);
     assert_eq!(model("").unwrap().models[0].kv_cells(), 4096);
     let s = model("engine = \"mistral.rs\"").unwrap();
-    assert_eq!(s.models[0].engine, "mistral.rs");
+    assert_eq!(s.models[0].engine.kind, Some(EngineKind::MistralRs));
     let s = model("repack = true\nmlock = true").unwrap();
-    assert!(s.models[0].repack && s.models[0].mlock);
+    assert!(s.models[0].engine.llama_cpp.repack && s.models[0].engine.llama_cpp.mlock);
     for (extra, key, says) in [
         (
             "engine = \"vllm\"",

@@ -86,6 +86,8 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
         .ok_or_else(implausible)?;
     // The cells the sequences share (`kv_budget`), never more than all at full context.
     let cells = spec
+        .engine
+        .llama_cpp
         .kv_budget_tokens
         .map_or(every_sequence, |t| u64::from(t).min(every_sequence))
         .div_ceil(KV_PAD_CELLS)
@@ -103,7 +105,7 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
         .and_then(|b| b.checked_mul(UBATCH_TOKENS.min(context)))
         .and_then(|b| b.checked_add(logits_bytes(vocab, spec)?))
         .ok_or_else(implausible)?;
-    let repacked = if spec.repack && spec.device == Device::Cpu {
+    let repacked = if spec.engine.llama_cpp.repack && spec.device == Device::Cpu {
         repacked_bytes(info)
     } else {
         0
@@ -128,7 +130,11 @@ pub fn predict_from(info: &GgufInfo, spec: &ModelSpec) -> Result<Footprint, Back
 /// The logits a worker holds on the host: one output per sequence, and with the prefix
 /// cache on, a copy of each slot's last prompt's (what an exact repeat samples from).
 fn logits_bytes(vocab: u64, spec: &ModelSpec) -> Option<u64> {
-    let copies = if spec.prefix_cache { 2 } else { 1 };
+    let copies = if spec.engine.llama_cpp.prefix_cache {
+        2
+    } else {
+        1
+    };
     vocab.checked_mul(4 * copies * u64::from(spec.max_sequences.max(1)))
 }
 
@@ -235,7 +241,7 @@ mod tests {
     #[test]
     fn a_gpu_model_is_charged_to_its_gpu_but_for_the_host_side() {
         let mut spec = ModelSpec::new("m", "/m.gguf");
-        spec.engine = "llama.cpp".into();
+        spec.engine.kind = Some(modelpool_pool::EngineKind::LlamaCpp);
         spec.device = Device::Cuda(0);
         spec.context_length = 2048;
         let tied = predict_from(&smol(false), &spec).unwrap();
@@ -261,7 +267,7 @@ mod tests {
         spec.device = Device::Cpu;
         let cpu = predict_from(&smol(false), &spec).unwrap();
         assert_eq!(cpu.charge.get(Device::Cuda(0)), 0);
-        spec.prefix_cache = false;
+        spec.engine.llama_cpp.prefix_cache = false;
         let uncached = predict_from(&smol(false), &spec).unwrap();
         assert_eq!(cpu.activation_bytes - uncached.activation_bytes, 4 * 49152);
     }
@@ -269,11 +275,11 @@ mod tests {
     #[test]
     fn the_kv_cache_is_the_budget_the_sequences_share() {
         let mut spec = ModelSpec::new("m", "/m.gguf");
-        spec.engine = "llama.cpp".into();
+        spec.engine.kind = Some(modelpool_pool::EngineKind::LlamaCpp);
         spec.context_length = 1024;
         spec.max_sequences = 4;
         let every = predict_from(&smol(false), &spec).unwrap();
-        spec.kv_budget_tokens = Some(2048);
+        spec.engine.llama_cpp.kv_budget_tokens = Some(2048);
         let shared = predict_from(&smol(false), &spec).unwrap();
         assert_eq!(shared.kv_bytes * 2, every.kv_bytes);
         assert_eq!(
