@@ -25,6 +25,12 @@ struct Args {
     /// llama.cpp: let ggml repack the weights (an anonymous copy).
     #[arg(long)]
     repack: bool,
+    /// Sequences batched at once (each gets the context unless `--kv-budget` is set).
+    #[arg(long, default_value_t = 1)]
+    max_sequences: u32,
+    /// llama.cpp: cells of the one KV cache the sequences share (`kv_budget`).
+    #[arg(long)]
+    kv_budget: Option<u32>,
     /// Context sizes to measure.
     #[arg(long, value_delimiter = ',', default_value = "512,1024,2048,4096")]
     contexts: Vec<u32>,
@@ -44,17 +50,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
     println!(
-        "model {}, engine {}{}, one sequence; MiB; error = (predicted - measured) / measured\n",
+        "model {}, engine {}{}, {} sequence(s){}; MiB; error = (predicted - measured) / measured\n",
         model.file_name().unwrap_or_default().to_string_lossy(),
         args.engine.as_deref().unwrap_or("(default)"),
-        if args.repack { ", repack" } else { "" }
+        if args.repack { ", repack" } else { "" },
+        args.max_sequences,
+        args.kv_budget
+            .map(|t| format!(", kv_budget {t} tokens"))
+            .unwrap_or_default()
     );
     println!("| context | worker load | predicted base | measured after load | error | predicted with full KV | peak with context filled | error |");
     println!("|---|---|---|---|---|---|---|---|");
     for ctx in args.contexts {
         let mut spec = ModelSpec::new("m", &model);
         spec.context_length = ctx;
-        let mut extra = format!("context_length = {ctx}\nmax_sequences = 1\n");
+        spec.max_sequences = args.max_sequences;
+        let mut extra = format!(
+            "context_length = {ctx}\nmax_sequences = {}\n",
+            args.max_sequences
+        );
+        if let Some(tokens) = args.kv_budget {
+            spec.engine.llama_cpp.kv_budget_tokens = Some(tokens);
+            extra += &format!("kv_budget = {tokens}\n");
+        }
         if let Some(engine) = &args.engine {
             spec.engine.kind = Some(engine.parse().map_err(anyhow::Error::msg)?);
             extra += &format!("engine = \"{engine}\"\n");
