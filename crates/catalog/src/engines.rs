@@ -253,6 +253,10 @@ pub struct LlamaCppOptions {
     /// prompt and answer fit the cells free. `None`: the context length for each
     /// sequence (every sequence can always run).
     pub kv_budget_tokens: Option<u32>,
+    /// The most cells the pool may give that cache at a load when the model's requests
+    /// outnumber what `kv_budget_tokens` holds at full context and the room is spare
+    /// (`None`: it never grows).
+    pub kv_budget_max_tokens: Option<u32>,
 }
 
 impl Default for LlamaCppOptions {
@@ -262,6 +266,7 @@ impl Default for LlamaCppOptions {
             mlock: false,
             prefix_cache: true,
             kv_budget_tokens: None,
+            kv_budget_max_tokens: None,
         }
     }
 }

@@ -219,6 +219,10 @@ pub struct RegisterArgs {
     /// each sequence).
     #[arg(long)]
     pub kv_budget: Option<u32>,
+    /// llama.cpp: the most tokens `--kv-budget` may grow to at a load when the model's
+    /// requests outnumber it and room is spare.
+    #[arg(long)]
+    pub kv_budget_max: Option<u32>,
     #[command(flatten)]
     pub conn: Conn,
 }

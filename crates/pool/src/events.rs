@@ -48,6 +48,10 @@ pub enum EventKind {
         precision: Option<String>,
         /// How long the model's last successful load took, as a forecast.
         expected: Option<Duration>,
+        /// The KV budget (tokens) this load asks for, when the model has one, and the
+        /// configured budget it grew from when it grew (see [`crate::kv_growth`]).
+        kv_budget_tokens: Option<u32>,
+        kv_grown_from: Option<u32>,
     },
     /// A stage of a load in progress, as the backend reports it.
     LoadProgress {

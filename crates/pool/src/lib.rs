@@ -9,6 +9,7 @@ pub mod budget;
 mod error;
 pub mod events;
 pub mod groups;
+pub mod kv_growth;
 pub mod memory;
 mod pool;
 pub mod sharing;

@@ -464,6 +464,7 @@ impl<B: Backend> Pool<B> {
             });
         }
         entry.interest += 1;
+        entry.note_demand(false);
         let interest = Interest {
             pool: Arc::clone(&self.inner),
             id: id.to_owned(),
@@ -542,6 +543,7 @@ impl<B: Backend> Pool<B> {
                     Slot::Ready { instance, .. } => {
                         let instance = Arc::clone(instance);
                         entry.in_flight += 1;
+                        entry.note_demand(true);
                         st.lru.promote(id);
                         return Ok(Lease {
                             pool: Arc::clone(&self.inner),

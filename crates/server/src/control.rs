@@ -147,6 +147,8 @@ fn info(s: ModelSnapshot) -> ModelInfo {
         precision: s.precision.unwrap_or_default(),
         precisions: s.spec.precisions,
         engine: engine.unwrap_or_default(),
+        kv_budget_tokens: s.kv_budget_tokens.unwrap_or(0),
+        kv_budget_grown_from: s.kv_grown_from.unwrap_or(0),
         waiting_reason: s.waiting_reason.unwrap_or_default(),
         waiting_for: (!s.waiting_for.is_zero())
             .then(|| proto_duration(s.waiting_for))
@@ -176,10 +178,14 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
             predicted_bytes,
             expected,
             precision,
+            kv_budget_tokens,
+            kv_grown_from,
         } => Kind::LoadStarted(pool_event::LoadStarted {
             precision: precision.unwrap_or_default(),
             predicted_bytes,
             expected_duration: expected.and_then(proto_duration),
+            kv_budget_tokens: kv_budget_tokens.unwrap_or(0),
+            kv_budget_grown_from: kv_grown_from.unwrap_or(0),
         }),
         EventKind::LoadProgress {
             stage,
@@ -340,6 +346,7 @@ impl ModelControl for ControlService {
             mlock: Some(r.mlock).filter(|m| *m),
             prefix_cache: r.prefix_cache,
             kv_budget: r.kv_budget,
+            kv_budget_max: r.kv_budget_max,
         };
         let mut spec = model_spec(raw, Path::new("/"))
             .map_err(|(field, reason)| ServerError::invalid(field, reason))?;

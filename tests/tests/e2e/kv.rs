@@ -94,3 +94,69 @@ async fn requests_run_as_their_prompts_and_answers_fit_the_shared_cells() {
     assert_eq!(kv.waiting_for_room, 0);
     t.stop().await;
 }
+
+/// One short chat on `id`, to its end.
+async fn one_request(t: &TestServer, id: &str) {
+    let stream = t
+        .inference()
+        .chat(chat(id, "Say hi.", greedy(8)))
+        .await
+        .expect("chat starts")
+        .into_inner();
+    collect(stream).await.expect("chat completes");
+}
+
+/// A model whose requests outnumbered its KV budget gets `kv_budget_max` at its next
+/// load when the pool has room to spare: the worker really has the grown cells, status
+/// and the load's event say from what it grew, and a quiet residency brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_models_kv_budget_grows_at_its_next_load() {
+    let t = TestServer::start_with(|runtime| {
+        // 512 cells hold one request at full context; four come at once.
+        let extra = "engine = \"llama.cpp\"\ncontext_length = 512\nmax_sequences = 4\n\
+                     max_concurrency = 4\nkv_budget = 512\nkv_budget_max = 2048\n\
+                     prefix_cache = false\n";
+        settings_toml("", &model_toml("grows", extra), runtime)
+    })
+    .await;
+    let mut events = t.events().await;
+    // Loaded by one request: its own budget.
+    one_request(&t, "grows").await;
+    let info = t.model("grows").await;
+    assert_eq!((info.kv_budget_tokens, info.kv_budget_grown_from), (512, 0));
+    assert_eq!(kv_cache(&t, "grows").await.cells, 512);
+    // Then four at once, more than 512 cells hold at full context.
+    four_at_once(&t, "grows", 16).await;
+    let evict = || async {
+        t.control()
+            .evict_model(modelpool_proto::v1::EvictModelRequest { id: "grows".into() })
+            .await
+            .expect("evicts");
+    };
+    evict().await;
+    // One request now: the load it starts grows, for the four before.
+    one_request(&t, "grows").await;
+    let info = t.model("grows").await;
+    assert_eq!(
+        (info.kv_budget_tokens, info.kv_budget_grown_from),
+        (2048, 512)
+    );
+    assert_eq!(kv_cache(&t, "grows").await.cells, 2048);
+    // That residency had one request: the next load is back at 512.
+    evict().await;
+    one_request(&t, "grows").await;
+    assert_eq!(kv_cache(&t, "grows").await.cells, 512);
+    let mut started = Vec::new();
+    while started.len() < 3 {
+        let ev = tokio::time::timeout(Duration::from_secs(10), events.message())
+            .await
+            .expect("events keep coming")
+            .expect("event stream")
+            .expect("an event");
+        if let Some(modelpool_proto::v1::pool_event::Kind::LoadStarted(s)) = ev.kind {
+            started.push((s.kv_budget_tokens, s.kv_budget_grown_from));
+        }
+    }
+    assert_eq!(started, [(512, 0), (2048, 512), (512, 0)]);
+    t.stop().await;
+}

@@ -534,6 +534,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         mlock: args.mlock,
         prefix_cache: args.prefix_cache,
         kv_budget: args.kv_budget,
+        kv_budget_max: args.kv_budget_max,
     };
     let model = client(&args.conn)
         .await?

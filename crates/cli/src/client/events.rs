@@ -21,8 +21,13 @@ pub(crate) fn event_line(e: &PoolEvent) -> String {
             } else {
                 format!(" at {}", k.precision)
             };
+            let kv = match (k.kv_budget_tokens, k.kv_budget_grown_from) {
+                (0, _) => String::new(),
+                (t, 0) => format!(" kv_budget {t}"),
+                (t, from) => format!(" kv_budget {t} (grown from {from})"),
+            };
             format!(
-                "load_started {model}{at} predicted {}",
+                "load_started {model}{at} predicted {}{kv}",
                 bytes(k.predicted_bytes)
             )
         }
@@ -108,6 +113,8 @@ pub(crate) fn event_json(e: &PoolEvent) -> Value {
             json!({
                 "predicted_bytes": k.predicted_bytes,
                 "precision": (!k.precision.is_empty()).then_some(&k.precision),
+                "kv_budget_tokens": (k.kv_budget_tokens > 0).then_some(k.kv_budget_tokens),
+                "kv_budget_grown_from": (k.kv_budget_grown_from > 0).then_some(k.kv_budget_grown_from),
             }),
         ),
         Some(Kind::LoadProgress(k)) => (
@@ -199,6 +206,7 @@ mod tests {
                 predicted_bytes: 200 << 20,
                 expected_duration: None,
                 precision: "q8_0".into(),
+                ..Default::default()
             }),
         );
         assert!(
@@ -207,6 +215,25 @@ mod tests {
             event_line(&e)
         );
         assert_eq!(event_json(&e)["precision"], "q8_0");
+    }
+
+    #[test]
+    fn a_load_whose_kv_budget_grew_says_from_what() {
+        let e = ev(
+            "st",
+            Kind::LoadStarted(pool_event::LoadStarted {
+                predicted_bytes: 200 << 20,
+                kv_budget_tokens: 8192,
+                kv_budget_grown_from: 2048,
+                ..Default::default()
+            }),
+        );
+        assert!(
+            event_line(&e).ends_with(" predicted 200.0 MiB kv_budget 8192 (grown from 2048)"),
+            "{}",
+            event_line(&e)
+        );
+        assert_eq!(event_json(&e)["kv_budget_grown_from"], 2048);
     }
 
     #[test]

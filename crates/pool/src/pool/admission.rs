@@ -113,9 +113,11 @@ impl<B: Backend> Pool<B> {
             }
         })?;
         let candidates: Vec<Candidate> = precisions.into_iter().zip(footprints).collect();
+        let grown = self.grown_prediction(&local);
         let mut st = self.inner.lock();
         if let Ok(e) = st.entry(id) {
             if e.spec == spec {
+                e.grown_candidate = grown;
                 e.prediction = candidates.first().map(|(_, fp)| fp.clone());
                 e.candidates = candidates.clone();
                 e.resolved = Some(resolved);
@@ -123,6 +125,62 @@ impl<B: Backend> Pool<B> {
             }
         }
         Ok(Some(candidates))
+    }
+
+    /// The footprint at the KV budget's most, for a model whose budget may grow; `None`
+    /// when it may not, or when that cannot be predicted (it then never grows).
+    fn grown_prediction(&self, local: &crate::ModelSpec) -> Option<(u32, Footprint)> {
+        let llama = &local.engine.llama_cpp;
+        let max = llama.kv_budget_max_tokens?;
+        if llama.kv_budget_tokens? >= max {
+            return None;
+        }
+        let mut grown = local.clone();
+        grown.engine.llama_cpp.kv_budget_tokens = Some(max);
+        match self.inner.backend.footprint(&grown) {
+            Ok(fp) => Some((max, fp)),
+            Err(e) => {
+                tracing::warn!(model = %local.id, error = %e, "no prediction at kv_budget_max: its KV budget stays");
+                None
+            }
+        }
+    }
+
+    /// A bigger KV budget for this load, when the model's demand outgrows its own and
+    /// the grown footprint fits in room that is spare: nothing stopped or drained for
+    /// it, no group swap. Its tokens, footprint and decision.
+    fn grown_choice(
+        &self,
+        st: &State<B::Instance>,
+        id: &str,
+        available: &[DeviceMemory],
+    ) -> Option<(u32, Footprint, Decision)> {
+        let entry = st.models.get(id)?;
+        let (tokens, footprint) = entry.grown_candidate.clone()?;
+        let llama = &entry.spec.engine.llama_cpp;
+        let demand = (entry.interest + entry.in_flight).max(entry.demand_peak);
+        crate::kv_growth::grown_budget(
+            llama.kv_budget_tokens?,
+            tokens,
+            entry.spec.context_length,
+            demand,
+        )?;
+        match self.decide(st, id, &footprint, available, false) {
+            Ok(Decision::Start {
+                victims,
+                forced,
+                swapping: None,
+            }) if victims.is_empty() && forced.is_empty() => Some((
+                tokens,
+                footprint,
+                Decision::Start {
+                    victims,
+                    forced,
+                    swapping: None,
+                },
+            )),
+            _ => None,
+        }
     }
 
     /// What admitting `id` at `footprint` takes; an error when it cannot fit now, or
@@ -225,8 +283,18 @@ impl<B: Backend> Pool<B> {
             candidates.iter().filter_map(|(p, _)| p.clone()).collect();
         let mut last_err = None;
         let mut chosen = None;
+        let grown = self.grown_choice(st, id, available);
+        let kv_grown = grown.as_ref().map(|(tokens, ..)| *tokens);
+        if let Some((_, footprint, decision)) = grown {
+            chosen = candidates
+                .first()
+                .map(|(precision, _)| (precision.clone(), footprint, decision));
+        }
         // A precision that fits now before waiting for room at a better one.
         'passes: for turns in [false, true] {
+            if chosen.is_some() {
+                break;
+            }
             for (precision, footprint) in &candidates {
                 match self.decide(st, id, footprint, available, turns) {
                     Ok(decision) => {
@@ -353,6 +421,11 @@ impl<B: Backend> Pool<B> {
         };
         entry.loads_started += 1;
         entry.cut_reason = None;
+        entry.demand_peak = 0;
+        entry.note_demand(false);
+        let configured_kv = entry.spec.engine.llama_cpp.kv_budget_tokens;
+        entry.kv_budget_tokens = kv_grown.or(configured_kv);
+        entry.kv_grown_from = kv_grown.and(configured_kv);
         entry.prediction = Some(footprint.clone());
         entry.precision = precision.clone();
         let mut spec = entry.spec.clone();
@@ -361,6 +434,7 @@ impl<B: Backend> Pool<B> {
             spec.source = Source::Path(r.file.clone());
         }
         spec.precision = precision;
+        spec.engine.llama_cpp.kv_budget_tokens = entry.kv_budget_tokens;
         // A model quantized at load reuses the quantized weights a previous load left in
         // the spill directory, or leaves them there for the next.
         let quantized = match (&store, &resolved, &spec.precision) {

@@ -22,14 +22,20 @@ pub(super) async fn run_load<B: Backend>(
 ) -> Result<(), PoolError> {
     let started = Instant::now();
     let predicted_bytes = footprint.total_bytes();
-    let expected = inner.lock().entry(&spec.id).ok().and_then(|e| e.last_load);
-    tracing::info!(model = %spec.id, predicted_bytes, ?expected, precision = ?spec.precision, "load started");
+    let (expected, kv_grown_from) = inner
+        .lock()
+        .entry(&spec.id)
+        .map_or((None, None), |e| (e.last_load, e.kv_grown_from));
+    let kv_budget_tokens = spec.engine.llama_cpp.kv_budget_tokens;
+    tracing::info!(model = %spec.id, predicted_bytes, ?expected, precision = ?spec.precision, ?kv_budget_tokens, ?kv_grown_from, "load started");
     inner.emit(
         &spec.id,
         EventKind::LoadStarted {
             predicted_bytes,
             precision: spec.precision.clone(),
             expected,
+            kv_budget_tokens,
+            kv_grown_from,
         },
     );
     let progress: crate::Progress = {

@@ -129,6 +129,16 @@ pub(super) struct Entry<I> {
     pub swapped_in: bool,
     /// Why its worker was stopped under running requests, for those requests.
     pub cut_reason: Option<String>,
+    /// Requests at once (waiting or running) at its busiest since its last load began:
+    /// the demand its next load's KV budget grows by.
+    pub demand_peak: u32,
+    /// The footprint at `kv_budget_max` tokens, for a model whose KV budget may grow
+    /// (predicted with the others).
+    pub grown_candidate: Option<(u32, Footprint)>,
+    /// The KV budget of the current or last load, and the configured one it grew
+    /// from when it grew.
+    pub kv_budget_tokens: Option<u32>,
+    pub kv_grown_from: Option<u32>,
 }
 
 /// Worker failures within this window count towards a crash loop...
@@ -193,7 +203,18 @@ impl<I> Entry<I> {
             swap_in: None,
             swapped_in: false,
             cut_reason: None,
+            demand_peak: 0,
+            grown_candidate: None,
+            kv_budget_tokens: None,
+            kv_grown_from: None,
         }
+    }
+
+    /// Notes the requests at once now, for the KV budget's growth. `granting`: a lease
+    /// is being handed out, and its request still counts in `interest` as well.
+    pub fn note_demand(&mut self, granting: bool) {
+        let waiting = self.interest.saturating_sub(u32::from(granting));
+        self.demand_peak = self.demand_peak.max(waiting + self.in_flight);
     }
 
     pub fn touch(&mut self) {

@@ -57,6 +57,10 @@ pub struct ModelSnapshot {
     /// The weight precision of its current or last load, for a model quantized at
     /// load (the first of its precisions that fitted).
     pub precision: Option<String>,
+    /// The KV budget (tokens) of its current or last load, when it has one, and the
+    /// configured budget it grew from when the pool gave it more.
+    pub kv_budget_tokens: Option<u32>,
+    pub kv_grown_from: Option<u32>,
     /// Why its requests wait, when they do: "waiting for room", "waiting for its
     /// turn: ...", "waiting for room: its turn has begun ...", or, for a model giving
     /// its turn, "draining for model `x`".
@@ -172,6 +176,10 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
         file_bytes: 0,
         spilled_bytes: 0,
         precision: e.precision.clone(),
+        kv_budget_tokens: e
+            .kv_budget_tokens
+            .or(e.spec.engine.llama_cpp.kv_budget_tokens),
+        kv_grown_from: e.kv_grown_from,
         waiting_reason: waiting_reason(e),
         waiting_for: e
             .wanting_room_since

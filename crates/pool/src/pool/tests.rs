@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use tokio::sync::watch;
 
+mod kv_growth;
 mod removal;
 mod sharing;
 mod turns;
@@ -101,7 +102,7 @@ fn precision_divisor(spec: &ModelSpec) -> u64 {
 impl Backend for Arc<FakeBackend> {
     type Instance = FakeInstance;
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
-        let bytes = self.size(&spec.id) / precision_divisor(spec);
+        let bytes = fake_bytes(self, spec);
         Ok(Footprint {
             weights_bytes: bytes,
             mapped_bytes: self.mapped.get(&spec.id).copied().unwrap_or(0),
@@ -119,7 +120,7 @@ impl Backend for Arc<FakeBackend> {
     ) -> Result<FakeInstance, BackendError> {
         progress("starting");
         self.loads.fetch_add(1, Ordering::SeqCst);
-        let bytes = self.size(&spec.id) / precision_divisor(spec);
+        let bytes = fake_bytes(self, spec);
         {
             let mut live = self.live.lock().unwrap();
             let total: u64 = live.iter().map(|(_, b)| b).sum::<u64>() + bytes;
@@ -142,6 +143,17 @@ impl Backend for Arc<FakeBackend> {
             crashed,
         })
     }
+}
+
+/// A fake model's bytes: its size at its precision, plus a byte per 100 tokens of KV
+/// budget (none without one).
+fn fake_bytes(backend: &FakeBackend, spec: &ModelSpec) -> u64 {
+    let kv = spec
+        .engine
+        .llama_cpp
+        .kv_budget_tokens
+        .map_or(0, |t| u64::from(t) / 100);
+    backend.size(&spec.id) / precision_divisor(spec) + kv
 }
 
 /// A machine with `available` bytes of RAM free.

@@ -44,6 +44,9 @@ pub struct RawModel {
     /// llama.cpp: tokens of KV cache the sequences share (default: context_length for
     /// each of max_sequences); requests run as their prompt and answer fit it.
     pub kv_budget: Option<u32>,
+    /// llama.cpp: the most tokens `kv_budget` may grow to at a load when the model's
+    /// requests outnumber what it holds at full context and the pool has room to spare.
+    pub kv_budget_max: Option<u32>,
 }
 
 /// Validates one model; an error names the field (without the `models[i].` prefix).
@@ -136,6 +139,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         ("mlock", m.mlock == Some(true)),
         ("prefix_cache", m.prefix_cache == Some(false)),
         ("kv_budget", m.kv_budget.is_some()),
+        ("kv_budget_max", m.kv_budget_max.is_some()),
     ];
     let engine = engine_of(m.engine.as_deref(), &llama_only, format)?;
     let device = match m.device.as_deref().unwrap_or("cpu") {
@@ -159,6 +163,12 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         ));
     }
     let kv_budget_tokens = kv_budget(m.kv_budget, context_length, max_sequences)?;
+    let kv_budget_max_tokens = kv_budget_max(
+        m.kv_budget_max,
+        kv_budget_tokens,
+        context_length,
+        max_sequences,
+    )?;
     let max_concurrency = m.max_concurrency.unwrap_or(4);
     if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
         return Err((
@@ -196,6 +206,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
                 mlock: m.mlock.unwrap_or(false),
                 prefix_cache: m.prefix_cache.unwrap_or(true),
                 kv_budget_tokens,
+                kv_budget_max_tokens,
             },
         },
     })
@@ -239,6 +250,35 @@ fn kv_budget(
             "kv_budget",
             format!(
                 "must be {context_length}..={most} tokens (context_length {context_length} to its {max_sequences} sequences at full context), got {tokens}"
+            ),
+        ));
+    }
+    Ok(Some(tokens))
+}
+
+/// `kv_budget_max`: needs a `kv_budget` to grow from, and lies between it and what
+/// every sequence at full context would take.
+fn kv_budget_max(
+    tokens: Option<u32>,
+    budget: Option<u32>,
+    context_length: u32,
+    max_sequences: u32,
+) -> Result<Option<u32>, (&'static str, String)> {
+    let Some(tokens) = tokens else {
+        return Ok(None);
+    };
+    let Some(budget) = budget else {
+        return Err((
+            "kv_budget_max",
+            "needs kv_budget, the size it grows from".into(),
+        ));
+    };
+    let most = u64::from(context_length) * u64::from(max_sequences);
+    if tokens < budget || u64::from(tokens) > most {
+        return Err((
+            "kv_budget_max",
+            format!(
+                "must be {budget}..={most} tokens (kv_budget {budget} to context_length {context_length} for each of its {max_sequences} sequences), got {tokens}"
             ),
         ));
     }

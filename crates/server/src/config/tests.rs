@@ -238,6 +238,13 @@ fn engines_default_by_format_and_are_checked() {
         Some(2048)
     );
     assert_eq!(shared.models[0].kv_cells(), 2048);
+    let growing =
+        model("context_length = 1024\nmax_sequences = 4\nkv_budget = 2048\nkv_budget_max = 4096")
+            .unwrap();
+    assert_eq!(
+        growing.models[0].engine.llama_cpp.kv_budget_max_tokens,
+        Some(4096)
+    );
     assert_eq!(model("").unwrap().models[0].kv_cells(), 4096);
     let s = model("engine = \"mistral.rs\"").unwrap();
     assert_eq!(s.models[0].engine.kind, Some(EngineKind::MistralRs));
@@ -283,6 +290,21 @@ fn engines_default_by_format_and_are_checked() {
             "engine = \"mistral.rs\"\nkv_budget = 4096",
             "models[0].kv_budget",
             "llama.cpp setting",
+        ),
+        (
+            "context_length = 1024\nmax_sequences = 4\nkv_budget_max = 2048",
+            "models[0].kv_budget_max",
+            "needs kv_budget",
+        ),
+        (
+            "context_length = 1024\nmax_sequences = 4\nkv_budget = 2048\nkv_budget_max = 1024",
+            "models[0].kv_budget_max",
+            "must be 2048..=4096 tokens",
+        ),
+        (
+            "context_length = 1024\nmax_sequences = 4\nkv_budget = 2048\nkv_budget_max = 8192",
+            "models[0].kv_budget_max",
+            "got 8192",
         ),
     ] {
         let err = model(extra).unwrap_err().to_string();
