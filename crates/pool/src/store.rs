@@ -49,17 +49,17 @@ const SPILL_RETRY_AFTER: Duration = Duration::from_secs(600);
 pub enum StoreError {
     #[error("spill directory {dir}: {reason}")]
     Dir { dir: String, reason: String },
-    #[error("no space left in the spill directory {dir} after {written} of {total}; the partial file was removed")]
+    #[error("no space left in the spill directory {dir} after {} of {}; the partial file was removed", human_bytes(*written_bytes), human_bytes(*total_bytes))]
     NoSpace {
         dir: String,
-        written: String,
-        total: String,
+        written_bytes: u64,
+        total_bytes: u64,
     },
-    #[error("{what} is {size}, more than the whole spill budget of {budget}")]
+    #[error("{what} is {}, more than the whole spill budget of {}", human_bytes(*size_bytes), human_bytes(*budget_bytes))]
     TooLarge {
         what: String,
-        size: String,
-        budget: String,
+        size_bytes: u64,
+        budget_bytes: u64,
     },
     #[error("downloading {url}: {reason}")]
     Fetch { url: String, reason: String },
@@ -580,8 +580,8 @@ impl Store {
         if bytes > self.budget_bytes {
             return Err(StoreError::TooLarge {
                 what: what.to_owned(),
-                size: human_bytes(bytes),
-                budget: human_bytes(self.budget_bytes),
+                size_bytes: bytes,
+                budget_bytes: self.budget_bytes,
             });
         }
         Ok(())
@@ -660,8 +660,8 @@ impl Store {
         if e.raw_os_error() == Some(libc::ENOSPC) || e.raw_os_error() == Some(libc::EDQUOT) {
             StoreError::NoSpace {
                 dir: self.dir.display().to_string(),
-                written: human_bytes(written),
-                total: human_bytes(total),
+                written_bytes: written,
+                total_bytes: total,
             }
         } else {
             io_err(e)

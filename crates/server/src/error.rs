@@ -242,8 +242,17 @@ mod tests {
             (
                 store(StoreError::NoSpace {
                     dir: "d".into(),
-                    written: "1".into(),
-                    total: "2".into(),
+                    written_bytes: 1,
+                    total_bytes: 2,
+                }),
+                Code::ResourceExhausted,
+                429,
+            ),
+            (
+                store(StoreError::TooLarge {
+                    what: "w".into(),
+                    size_bytes: 2,
+                    budget_bytes: 1,
                 }),
                 Code::ResourceExhausted,
                 429,

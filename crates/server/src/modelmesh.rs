@@ -164,11 +164,7 @@ impl ModelRuntime for ModelMeshRuntime {
         if let Err(e) = self.pool.load(&id, true, None).await {
             // Nothing of a failed load stays behind.
             let _ = self.remove(&id).await;
-            let status = match &e {
-                PoolError::InsufficientMemory { .. } => Status::failed_precondition(e.to_string()),
-                _ => Status::from(ServerError::from(e)),
-            };
-            return Err(status);
+            return Err(ServerError::from(e).into());
         }
         let model = self.pool.get(&id).map_err(ServerError::from)?;
         Ok(Response::new(LoadModelResponse {

@@ -16,9 +16,15 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 async fn server() -> (TestServer, ModelRuntimeClient<Channel>) {
+    server_with("").await
+}
+
+/// A server with the ModelMesh runtime on, its `[pool]` section given by `pool`.
+async fn server_with(pool: &str) -> (TestServer, ModelRuntimeClient<Channel>) {
     let root = model_path().parent().unwrap().canonicalize().unwrap();
+    let pool = pool.to_owned();
     let t = TestServer::start_with(move |runtime| {
-        let mut s = settings_toml("", "", runtime);
+        let mut s = settings_toml(&pool, "", runtime);
         let mm = format!(
             "[modelmesh]\nlisten = \"127.0.0.1:0\"\nmodel_roots = [\"{}\"]\ncontext_length = 1024\n",
             root.display()
@@ -136,6 +142,24 @@ async fn modelmesh_loads_routes_sizes_and_unloads() {
         assert!(err.message().starts_with("modelPath:"), "{}", err.message());
     }
     assert!(t.model_ids().await.is_empty());
+    t.stop().await;
+}
+
+/// A model that does not fit is RESOURCE_EXHAUSTED with the numbers, the same code the
+/// pool's own API gives (ModelMesh then places it on another instance), and nothing of it
+/// stays registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_that_does_not_fit_is_resource_exhausted_and_leaves_nothing() {
+    let budget = predicted_bytes(1024) / 2;
+    let (t, mut mm) = server_with(&format!("ram_budget = \"{budget}\"\n")).await;
+    let path = model_path().display().to_string();
+    let err = mm.load_model(load("mm-big", &path)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("does not fit"), "{}", err.message());
+    assert!(t.model_ids().await.is_empty());
+    let pool = t.pool_status().await;
+    assert_eq!(pool.devices[0].used_bytes, 0, "{pool:?}");
+    assert_eq!(pool.devices[0].reserved_bytes, 0, "{pool:?}");
     t.stop().await;
 }
 
