@@ -22,6 +22,7 @@ use crate::store::Store;
 use crate::{Backend, BackendError, Device, Instance, ModelSpec, PoolError};
 
 mod admission;
+mod life;
 mod lifecycle;
 mod sharing;
 mod state;
@@ -33,7 +34,7 @@ pub use status::{DeviceStatus, ModelSnapshot, PoolStatus, SlotState};
 pub use swap::GroupStatus;
 pub use tiers::Tier;
 
-use state::{Entry, Slot, State};
+use state::{Entry, Lifecycle, Loading, State};
 
 /// How the pool behaves; budgets are absolute bytes (the server resolves "auto").
 #[derive(Clone, Debug)]
@@ -245,7 +246,7 @@ impl<B: Backend> Pool<B> {
         {
             let st = self.inner.lock();
             match st.models.get(id) {
-                Some(e) if matches!(e.slot, Slot::Absent) && e.interest == 0 => {}
+                Some(e) if e.life.is_cold() && e.interest == 0 => {}
                 Some(e) => return Err(busy(id, e)),
                 None => return Ok(()),
             }
@@ -311,7 +312,7 @@ impl<B: Backend> Pool<B> {
             let idle = {
                 let mut st = self.inner.lock();
                 let e = st.entry(id)?;
-                e.in_flight == 0 && e.interest == 0 && !matches!(e.slot, Slot::Loading { .. })
+                e.in_flight == 0 && e.interest == 0 && !e.life.is_loading()
             };
             if idle || Instant::now() >= until {
                 if !idle {
@@ -332,10 +333,13 @@ impl<B: Backend> Pool<B> {
         // before) keeps its bytes charged until it has exited: forget the entry only
         // then, so the books never drop bytes a live process still holds.
         let mut changes = self.inner.room.subscribe();
-        while matches!(
-            self.inner.lock().models.get(id).map(|e| &e.slot),
-            Some(Slot::Unloading { .. })
-        ) {
+        while self
+            .inner
+            .lock()
+            .models
+            .get(id)
+            .is_some_and(|e| e.life.is_unloading())
+        {
             // `stop_worker` kicks once the worker has exited and its bytes are released.
             if changes.changed().await.is_err() {
                 break;
@@ -519,9 +523,9 @@ impl<B: Backend> Pool<B> {
                     // Removed while this request waited, and registered anew since.
                     return Err(PoolError::Retiring { id: id.to_owned() });
                 }
-                match &entry.slot {
-                    Slot::Ready { .. } if entry.draining_for.is_some() => {
-                        let incoming = entry.draining_for.clone().unwrap_or_default();
+                match &entry.life {
+                    Lifecycle::Draining { incoming, .. } => {
+                        let incoming = incoming.clone();
                         let group = st.group_of(id);
                         let refuse = group.is_some_and(|g| {
                             st.groups[g].spec.refuse_during_swap
@@ -540,8 +544,8 @@ impl<B: Backend> Pool<B> {
                             eta: None,
                         }
                     }
-                    Slot::Ready { instance, .. } => {
-                        let instance = Arc::clone(instance);
+                    Lifecycle::Ready(worker) => {
+                        let instance = Arc::clone(&worker.instance);
                         entry.in_flight += 1;
                         entry.note_demand(true);
                         st.lru.promote(id);
@@ -559,8 +563,10 @@ impl<B: Backend> Pool<B> {
                             _permit: permit,
                         });
                     }
-                    Slot::Loading { done, .. } => admission::Admission::Loading(done.clone()),
-                    Slot::Absent => match candidates {
+                    Lifecycle::Loading(Loading { done, .. }) => {
+                        admission::Admission::Loading(done.clone())
+                    }
+                    Lifecycle::Registered | Lifecycle::Failed { .. } => match candidates {
                         Some(candidates) => self.start_load(&mut st, id, candidates, &available)?,
                         // Predicted in the next round, outside the lock.
                         None => admission::Admission::Wait {
@@ -569,7 +575,7 @@ impl<B: Backend> Pool<B> {
                             eta: None,
                         },
                     },
-                    Slot::Unloading { .. } => admission::Admission::Wait {
+                    Lifecycle::Unloading { .. } => admission::Admission::Wait {
                         why: "its previous worker is still stopping".into(),
                         retry_in: None,
                         eta: None,
@@ -649,13 +655,10 @@ impl<B: Backend> Pool<B> {
         let instance = {
             let mut st = self.inner.lock();
             let entry = st.entry(id)?;
-            if entry.in_flight > 0
-                || entry.interest > 0
-                || matches!(entry.slot, Slot::Loading { .. })
-            {
+            if entry.in_flight > 0 || entry.interest > 0 || entry.life.is_loading() {
                 return Err(busy(id, entry));
             }
-            if entry.spec.pinned && !force_pinned && matches!(entry.slot, Slot::Ready { .. }) {
+            if entry.spec.pinned && !force_pinned && entry.life.worker().is_some() {
                 return Err(PoolError::Pinned { id: id.to_owned() });
             }
             match st.take_ready(id) {
@@ -686,7 +689,7 @@ fn busy<I>(id: &str, entry: &Entry<I>) -> PoolError {
         id: id.to_owned(),
         in_flight: entry.in_flight,
         waiting: entry.interest,
-        loading: matches!(entry.slot, Slot::Loading { .. }),
+        loading: entry.life.is_loading(),
     }
 }
 
@@ -715,7 +718,7 @@ impl<B: Backend> Drop for Interest<B> {
                     // is given up.
                     e.wanting_room_since = None;
                     e.waiting_why = None;
-                    if matches!(e.slot, Slot::Absent) {
+                    if e.life.is_cold() {
                         given_up = e.turn.take();
                     }
                 }
@@ -723,9 +726,8 @@ impl<B: Backend> Drop for Interest<B> {
             // Its victims still draining stay, serving their queued requests again.
             for v in given_up.map(|t| t.victims).unwrap_or_default() {
                 if let Some(e) = st.models.get_mut(&v) {
-                    if e.draining_for.as_deref() == Some(self.id.as_str()) {
-                        e.draining_for = None;
-                    }
+                    // Refused when it drains for another model by now, or has gone.
+                    let _ = e.life.call_off_drain(Some(&self.id));
                 }
             }
         }

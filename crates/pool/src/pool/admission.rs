@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::state::{Slot, State};
+use super::state::{Loading, State};
 use super::{lifecycle, sharing, swap, tiers, LoadOutcome, Pool};
 use crate::events::EvictReason;
 use crate::groups::SwapPlan;
@@ -70,7 +70,7 @@ impl<B: Backend> Pool<B> {
         let spec = {
             let mut st = self.inner.lock();
             let entry = st.entry(id)?;
-            if !matches!(entry.slot, Slot::Absent) {
+            if !entry.life.is_cold() {
                 return Ok(None);
             }
             entry.spec.clone()
@@ -105,7 +105,8 @@ impl<B: Backend> Pool<B> {
         let footprints = predicted.map_err(|source| {
             let mut st = self.inner.lock();
             if let Ok(e) = st.entry(id) {
-                e.last_error = Some(source.to_string());
+                // A model that got a worker meanwhile keeps it.
+                let _ = e.life.fail(source.to_string());
             }
             PoolError::LoadFailed {
                 id: id.to_owned(),
@@ -274,7 +275,7 @@ impl<B: Backend> Pool<B> {
             return Err(PoolError::CrashLoop {
                 id: id.to_owned(),
                 failures,
-                last_error: entry.last_error.clone().unwrap_or_default(),
+                last_error: entry.life.last_error().unwrap_or_default().to_owned(),
                 retry_in,
             });
         }
@@ -360,14 +361,17 @@ impl<B: Backend> Pool<B> {
         }
         // Drains for this model that this load does not need stop: those models stay.
         for (m, e) in st.models.iter_mut() {
-            if e.draining_for.as_deref() == Some(id) && !victims.contains(m) {
-                e.draining_for = None;
+            if !victims.contains(m) {
+                let _ = e.life.call_off_drain(Some(id));
             }
         }
         let evicted: Vec<_> = victims
             .into_iter()
             .filter_map(|v| {
-                let drained = st.models.get(&v).and_then(|e| e.draining_for.clone());
+                let drained = st
+                    .models
+                    .get(&v)
+                    .and_then(|e| e.life.draining_for().map(str::to_owned));
                 let for_model = id.to_owned();
                 let reason = if forced.contains(&v) {
                     EvictReason::Swap { for_model }
@@ -413,12 +417,16 @@ impl<B: Backend> Pool<B> {
         let entry = st.entry(id)?;
         entry.wanting_room_since = None;
         entry.waiting_why = None;
-        entry.slot = Slot::Loading {
+        let loading = Loading {
             done: rx.clone(),
             charge: target.saturating_sub(&covered),
             mapped,
             file_pending,
+            retrying: None,
         };
+        if let Err(refused) = entry.life.begin_load(loading) {
+            tracing::error!(model = %id, %refused, "load started out of turn");
+        }
         entry.loads_started += 1;
         entry.cut_reason = None;
         entry.demand_peak = 0;

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
-use super::state::{self, Slot};
+use super::state::{self, Lifecycle, Loading, Worker};
 use super::tiers;
 use super::{Inner, Pool};
 use crate::events::{EventKind, EvictReason};
@@ -75,8 +75,8 @@ pub(super) async fn run_load<B: Backend>(
             Ok(instance) if !shutting_down => {
                 let measured = state::measure(inner.probe.as_ref(), &instance, spec.device);
                 // The file it maps, handed over or not (its victims have exited).
-                let mapped = match &entry.slot {
-                    Slot::Loading { mapped, .. } => *mapped,
+                let mapped = match &entry.life {
+                    Lifecycle::Loading(Loading { mapped, .. }) => *mapped,
                     other => other.mapped().copied(),
                 };
                 let mut charge = state::charge_after_load(&footprint, &measured, spec.device);
@@ -93,16 +93,18 @@ pub(super) async fn run_load<B: Backend>(
                     prediction_error_pct = format!("{error_pct:+.1}"), "load finished");
                 let instance = Arc::new(instance);
                 watched = Some(Arc::clone(&instance));
-                entry.slot = Slot::Ready {
+                let worker = Worker {
                     instance,
                     charge,
                     measured,
                     loaded_at: SystemTime::now(),
                     mapped,
                 };
+                if let Err(refused) = entry.life.finish_load(worker) {
+                    tracing::error!(model = %spec.id, %refused, "load finished out of turn");
+                }
                 entry.base_measured_bytes = base_measured;
                 entry.ready_since = Instant::now();
-                entry.last_error = None;
                 let turn = entry.turn.take();
                 let swap = entry.swap_in.take();
                 entry.swapped_in = swap.is_some();
@@ -142,7 +144,7 @@ pub(super) async fn run_load<B: Backend>(
             }
             Ok(instance) => {
                 orphan = Some(instance);
-                entry.slot = Slot::Absent;
+                let _ = entry.life.abandon_load();
                 Err(PoolError::ShuttingDown)
             }
             Err(source) => {
@@ -150,10 +152,9 @@ pub(super) async fn run_load<B: Backend>(
                 if !matches!(source, BackendError::InvalidModel(_)) {
                     entry.record_failure();
                 }
-                entry.slot = Slot::Absent;
+                let _ = entry.life.fail(source.to_string());
                 entry.swap_in = None;
                 entry.turn = None;
-                entry.last_error = Some(source.to_string());
                 inner.emit(
                     &spec.id,
                     EventKind::LoadFailed {
@@ -196,20 +197,21 @@ fn watch_worker<B: Backend>(inner: &Arc<Inner<B>>, id: String, instance: Arc<B::
         let (freed_bytes, resolved) = {
             let mut st = inner.lock();
             let Ok(entry) = st.entry(&id) else { return };
-            let same =
-                matches!(&entry.slot, Slot::Ready { instance: i, .. } if Arc::ptr_eq(i, &instance));
+            let same = entry
+                .life
+                .worker()
+                .is_some_and(|w| Arc::ptr_eq(&w.instance, &instance));
             if !same {
                 // Stopped by the pool (eviction, shutdown): not a crash.
                 return;
             }
-            let Slot::Ready {
+            let error = format!("worker exited unexpectedly: {how}");
+            let Ok(Worker {
                 mut charge, mapped, ..
-            } = std::mem::replace(&mut entry.slot, Slot::Absent)
+            }) = entry.life.crash(error)
             else {
                 return;
             };
-            entry.draining_for = None;
-            entry.last_error = Some(format!("worker exited unexpectedly: {how}"));
             entry.record_failure();
             let resolved = (entry.resolved.clone(), entry.quantized_key.clone());
             st.lru.pop(&id);
@@ -248,7 +250,7 @@ pub(super) async fn reap_idle<B: Backend>(inner: Weak<Inner<B>>) {
                 .filter_map(|(id, e)| {
                     let ttl = e.spec.idle_ttl?;
                     let idle = e.last_used.elapsed();
-                    let idle_ready = matches!(e.slot, Slot::Ready { .. })
+                    let idle_ready = e.life.worker().is_some()
                         && e.in_flight == 0
                         && e.interest == 0
                         && !e.spec.pinned;

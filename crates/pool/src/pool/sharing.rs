@@ -11,14 +11,15 @@
 pub(super) use crate::sharing::split;
 use crate::sharing::{released_bytes, FileId, Mapped};
 
-use super::state::{Slot, State};
+use super::life::Phase;
+use super::state::{Lifecycle, Loading, State};
 
 impl<I> State<I> {
     /// The file pages of every model that maps a file, with its id.
     fn mappers(&self) -> impl Iterator<Item = (&String, &Mapped)> {
         self.models
             .iter()
-            .filter_map(|(id, e)| Some((id, e.slot.mapped()?)))
+            .filter_map(|(id, e)| Some((id, e.life.mapped()?)))
     }
 
     /// Files mapped outside the ready models: by loads in progress, workers still
@@ -26,14 +27,14 @@ impl<I> State<I> {
     pub fn held_files(&self, except: &str) -> Vec<Mapped> {
         self.models
             .iter()
-            .filter_map(|(id, e)| match &e.slot {
-                Slot::Loading {
+            .filter_map(|(id, e)| match &e.life {
+                Lifecycle::Loading(Loading {
                     mapped,
                     file_pending: false,
                     ..
-                }
-                | Slot::Unloading { mapped, .. } => *mapped,
-                Slot::Absent if id != except && e.turn.is_some() => {
+                })
+                | Lifecycle::Unloading { mapped, .. } => *mapped,
+                life if life.is_cold() && id != except && e.turn.is_some() => {
                     split(e.prediction.as_ref()?, e.file_id).1
                 }
                 _ => None,
@@ -62,10 +63,10 @@ impl<I> State<I> {
         self.models
             .iter()
             .filter_map(|(id, e)| {
-                e.slot.mapped().filter(|m| m.file == file)?;
-                let rank = match e.slot {
-                    Slot::Ready { .. } => 0,
-                    Slot::Unloading { .. } => 1,
+                e.life.mapped().filter(|m| m.file == file)?;
+                let rank = match e.life.phase() {
+                    Phase::Ready | Phase::Draining => 0,
+                    Phase::Unloading => 1,
                     _ => 2,
                 };
                 Some(((rank, e.ready_since, id), id.as_str()))
@@ -77,7 +78,7 @@ impl<I> State<I> {
     /// Bytes of a mapped file charged to `id` in status: its file's pages when it is
     /// the file's holder, else nothing.
     pub fn file_bytes_shown_on(&self, id: &str) -> u64 {
-        let Some(mapped) = self.models.get(id).and_then(|e| e.slot.mapped()) else {
+        let Some(mapped) = self.models.get(id).and_then(|e| e.life.mapped()) else {
             return 0;
         };
         if self.file_holder(mapped.file) != Some(id) {

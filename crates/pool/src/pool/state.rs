@@ -6,61 +6,14 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use lru::LruCache;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::LoadOutcome;
+pub(super) use super::life::{Lifecycle, Loading, Worker};
 use crate::budget::{choose_victims, Need, Resident, Room, Shortfall};
 use crate::memory::{DeviceMemory, MemoryProbe};
 use crate::sharing::{mapped_bytes, FileId, Mapped};
 use crate::{Charge, Device, Footprint, Instance, ModelSpec, PoolError};
-
-/// A model's bytes are charged in two parts: `charge`, its own, and `mapped`, the
-/// pages of a file it maps, which are charged once for all the models mapping that
-/// file (see [`crate::sharing`]) for as long as any of them, in any slot, maps it.
-pub(super) enum Slot<I> {
-    Absent,
-    /// A load in progress reserves its predicted bytes.
-    Loading {
-        done: watch::Receiver<LoadOutcome>,
-        charge: Charge,
-        mapped: Option<Mapped>,
-        /// Its file's pages are still being handed over by the victims it evicted: they
-        /// count in `charge` (growing as each victim exits), not as a mapped file,
-        /// until the last victim has exited (see `finish_unload`).
-        file_pending: bool,
-    },
-    Ready {
-        instance: Arc<I>,
-        /// Bytes charged: measured at load plus the KV cache still to grow, less the
-        /// mapped pages.
-        charge: Charge,
-        /// Bytes the worker held per device right after loading.
-        measured: Charge,
-        loaded_at: SystemTime,
-        mapped: Option<Mapped>,
-    },
-    /// Stopping; its bytes stay charged until the worker has exited.
-    Unloading {
-        charge: Charge,
-        mapped: Option<Mapped>,
-    },
-}
-
-impl<I> Slot<I> {
-    /// The file pages this slot maps (or will, or still does).
-    pub fn mapped(&self) -> Option<&Mapped> {
-        match self {
-            Slot::Absent => None,
-            Slot::Loading {
-                file_pending: true, ..
-            } => None,
-            Slot::Loading { mapped, .. }
-            | Slot::Ready { mapped, .. }
-            | Slot::Unloading { mapped, .. } => mapped.as_ref(),
-        }
-    }
-}
 
 /// A turn given to a model that waited for room.
 pub(super) struct Turn {
@@ -80,9 +33,8 @@ pub(super) struct Entry<I> {
     /// entry alone.
     pub epoch: u64,
     pub spec: ModelSpec,
-    pub slot: Slot<I>,
+    pub life: Lifecycle<I>,
     pub loads_started: u64,
-    pub last_error: Option<String>,
     pub last_used: Instant,
     pub last_used_at: SystemTime,
     /// Leases held.
@@ -112,9 +64,6 @@ pub(super) struct Entry<I> {
     pub resolved: Option<super::tiers::Resolved>,
     /// That file as the kernel knows it, to find other models mapping it.
     pub file_id: Option<FileId>,
-    /// Being drained for this model (a group swap or a pool turn): it takes no new
-    /// requests, and is evicted once those running have finished.
-    pub draining_for: Option<String>,
     /// When its current worker became ready (for `min_residency`).
     pub ready_since: Instant,
     /// Since its requests first found no room (cleared when its load starts).
@@ -177,9 +126,8 @@ impl<I> Entry<I> {
         Self {
             epoch: NEXT_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             spec,
-            slot: Slot::Absent,
+            life: Lifecycle::Registered,
             loads_started: 0,
-            last_error: None,
             last_used: Instant::now(),
             last_used_at: SystemTime::now(),
             in_flight: 0,
@@ -195,7 +143,6 @@ impl<I> Entry<I> {
             failures: Vec::new(),
             resolved: None,
             file_id: None,
-            draining_for: None,
             ready_since: Instant::now(),
             wanting_room_since: None,
             waiting_why: None,
@@ -260,28 +207,55 @@ impl<I: Instance> State<I> {
         self.models.keys().cloned().collect::<Vec<_>>().join(", ")
     }
 
+    /// Where the table disagrees with itself, said in words; empty when it agrees. The
+    /// lifecycle's own states cannot disagree (see [`Lifecycle`]); these are the
+    /// bookkeeping kept beside them.
+    #[cfg(test)]
+    pub fn inconsistencies(&self) -> Vec<String> {
+        use super::life::Phase;
+        let mut out = Vec::new();
+        for (id, e) in &self.models {
+            let phase = e.life.phase();
+            if self.lru.contains(id) != e.life.worker().is_some() {
+                out.push(format!(
+                    "`{id}` is {phase:?} but in the LRU list: {}",
+                    self.lru.contains(id)
+                ));
+            }
+            if let Some(incoming) = e.life.draining_for() {
+                if !self.models.contains_key(incoming) {
+                    out.push(format!(
+                        "`{id}` drains for `{incoming}`, which is not registered"
+                    ));
+                }
+            }
+            if e.turn.is_some() && !(e.life.is_cold() || e.life.is_loading()) {
+                out.push(format!("`{id}` is {phase:?} with a turn still running"));
+            }
+            if let Some((incoming, _)) = self.handoffs.get(id) {
+                let to = self.models.get(incoming).map(|e| e.life.phase());
+                if phase != Phase::Unloading || to != Some(Phase::Loading) {
+                    out.push(format!(
+                        "`{id}` ({phase:?}) hands its bytes to `{incoming}` ({to:?})"
+                    ));
+                }
+            }
+        }
+        for id in self.handoffs.keys() {
+            if !self.models.contains_key(id) {
+                out.push(format!("a handoff from `{id}`, which is not registered"));
+            }
+        }
+        out
+    }
+
     /// Moves a ready model to `Unloading` (its bytes stay charged) and hands back its
     /// worker; any other slot is left as it is.
     pub fn take_ready(&mut self, id: &str) -> Option<(Arc<I>, Charge)> {
         let entry = self.models.get_mut(id)?;
-        if !matches!(entry.slot, Slot::Ready { .. }) {
-            return None;
-        }
-        let Slot::Ready {
-            instance,
-            charge,
-            mapped,
-            ..
-        } = std::mem::replace(&mut entry.slot, Slot::Absent)
-        else {
-            return None;
-        };
-        entry.slot = Slot::Unloading {
-            charge: charge.clone(),
-            mapped,
-        };
+        let taken = entry.life.begin_unload().ok()?;
         self.lru.pop(id);
-        Some((instance, charge))
+        Some(taken)
     }
 
     /// The worker has exited: release its bytes (to the load it made room for, if
@@ -291,26 +265,21 @@ impl<I: Instance> State<I> {
         let Some(entry) = self.models.get_mut(id) else {
             return 0;
         };
-        let (mut released, mapped) = match std::mem::replace(&mut entry.slot, Slot::Absent) {
-            Slot::Unloading { charge, mapped } => (charge, mapped),
-            other => {
-                entry.slot = other;
-                return 0;
-            }
+        let Ok((mut released, mapped)) = entry.life.finish_unload() else {
+            return 0;
         };
-        entry.draining_for = None;
         let unmapped = self.unmapped_bytes(mapped.as_ref());
         if unmapped > 0 {
             released.add(&Charge::on(Device::Cpu, unmapped));
         }
         if let Some((incoming, target)) = self.handoffs.remove(id) {
             let last = !self.handoffs.values().any(|(i, _)| *i == incoming);
-            if let Some(Slot::Loading {
+            if let Some(Lifecycle::Loading(Loading {
                 charge,
                 mapped,
                 file_pending,
                 ..
-            }) = self.models.get_mut(&incoming).map(|e| &mut e.slot)
+            })) = self.models.get_mut(&incoming).map(|e| &mut e.life)
             {
                 for (device, want) in &target.0 {
                     let now = charge.0.entry(*device).or_default();
@@ -334,9 +303,10 @@ impl<I: Instance> State<I> {
     fn reserved(&self, except: &str) -> Charge {
         let mut total = Charge::default();
         for (id, e) in &self.models {
-            match &e.slot {
-                Slot::Loading { charge, .. } | Slot::Unloading { charge, .. } => total.add(charge),
-                Slot::Absent if id != except => {
+            match &e.life {
+                Lifecycle::Loading(Loading { charge, .. })
+                | Lifecycle::Unloading { charge, .. } => total.add(charge),
+                life if life.is_cold() && id != except => {
                     if let Some(held) = self.held_for_turn(e) {
                         total.add(&held);
                     }
@@ -355,11 +325,9 @@ impl<I: Instance> State<I> {
         let (needed, _) = super::sharing::split(e.prediction.as_ref()?, e.file_id);
         let mut covered = Charge::default();
         for v in &turn.victims {
-            match self.models.get(v).map(|v| &v.slot) {
-                Some(Slot::Ready { charge, .. }) | Some(Slot::Unloading { charge, .. }) => {
-                    covered.add(charge)
-                }
-                _ => {}
+            let life = self.models.get(v).map(|v| &v.life);
+            if let Some(charge) = life.filter(|l| !l.is_loading()).and_then(|l| l.charge()) {
+                covered.add(charge)
             }
         }
         Some(needed.saturating_sub(&covered))
@@ -372,22 +340,19 @@ impl<I: Instance> State<I> {
             .rev()
             .filter_map(|(id, ())| {
                 let e = self.models.get(id)?;
-                let Slot::Ready {
-                    charge,
-                    instance,
-                    mapped,
-                    ..
-                } = &e.slot
-                else {
-                    return None;
-                };
+                let w = e.life.worker()?;
                 Some(Resident {
                     id: id.clone(),
-                    charge: effective_charge(charge, instance.as_ref(), e.spec.device, mapped),
-                    mapped: *mapped,
+                    charge: effective_charge(
+                        &w.charge,
+                        w.instance.as_ref(),
+                        e.spec.device,
+                        &w.mapped,
+                    ),
+                    mapped: w.mapped,
                     // Requests queued for a model being drained do not hold it.
                     leases: e.in_flight
-                        + if e.draining_for.is_some() {
+                        + if e.life.draining_for().is_some() {
                             0
                         } else {
                             e.interest
@@ -447,28 +412,18 @@ impl<I: Instance> State<I> {
         let own: u64 = self
             .models
             .values()
-            .map(|e| match &e.slot {
-                Slot::Ready {
-                    instance,
-                    measured,
-                    mapped,
-                    ..
-                } => {
-                    if device == Device::Cpu {
-                        let file = mapped.map_or(0, |m| m.bytes);
-                        instance.resident_bytes().saturating_sub(file)
-                    } else {
-                        measured.get(device)
-                    }
+            .filter_map(|e| e.life.worker())
+            .map(|w| {
+                if device == Device::Cpu {
+                    let file = w.mapped.map_or(0, |m| m.bytes);
+                    w.instance.resident_bytes().saturating_sub(file)
+                } else {
+                    w.measured.get(device)
                 }
-                _ => 0,
             })
             .sum();
-        let ready = self
-            .models
-            .values()
-            .filter(|e| matches!(e.slot, Slot::Ready { .. }));
-        let files = mapped_bytes(ready.filter_map(|e| e.slot.mapped()));
+        let ready = self.models.values().filter(|e| e.life.worker().is_some());
+        let files = mapped_bytes(ready.filter_map(|e| e.life.mapped()));
         own + if device == Device::Cpu { files } else { 0 }
     }
 
@@ -487,10 +442,7 @@ impl<I: Instance> State<I> {
         let rooms = self.rooms(&residents, available, headroom_bytes, id);
         // A model draining for another is that model's room: nobody else evicts it.
         for r in residents.iter_mut() {
-            let draining = self
-                .models
-                .get(&r.id)
-                .and_then(|e| e.draining_for.as_deref());
+            let draining = self.models.get(&r.id).and_then(|e| e.life.draining_for());
             if draining.is_some_and(|d| d != id) {
                 r.leases = r.leases.max(1);
             }

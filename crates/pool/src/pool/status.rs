@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use super::state::{effective_charge, Slot};
+use super::state::{effective_charge, Lifecycle};
 use super::tiers::{self, Resolved, Tier};
 use super::{Inner, Pool, State};
 use crate::{Backend, Device, Footprint, Instance, ModelSpec, PoolError};
@@ -114,10 +114,10 @@ pub struct PoolStatus {
 type Row<I> = (ModelSnapshot, Option<Arc<I>>, Option<Resolved>);
 
 fn waiting_reason<I>(e: &super::state::Entry<I>) -> Option<String> {
-    if let Some(incoming) = &e.draining_for {
+    if let Some(incoming) = e.life.draining_for() {
         return Some(format!("draining for model `{incoming}`"));
     }
-    if e.interest == 0 || !matches!(e.slot, Slot::Absent) {
+    if e.interest == 0 || !e.life.is_cold() {
         return None;
     }
     e.waiting_why.clone()
@@ -127,28 +127,25 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
     let e = st.models.get(id)?;
     // A shared file's pages show on one of the models mapping it (see `sharing`).
     let file_bytes = st.file_bytes_shown_on(id);
-    let (state, charge, instance, loaded_at) = match &e.slot {
-        Slot::Absent if e.last_error.is_some() => (SlotState::Failed, None, None, None),
-        Slot::Absent => (SlotState::Registered, None, None, None),
-        Slot::Loading { charge, .. } => (SlotState::Loading, Some(charge.clone()), None, None),
-        Slot::Ready {
-            instance,
-            charge,
-            loaded_at,
-            mapped,
-            ..
-        } => (
+    let (state, charge, instance, loaded_at) = match &e.life {
+        Lifecycle::Failed { .. } => (SlotState::Failed, None, None, None),
+        Lifecycle::Registered => (SlotState::Registered, None, None, None),
+        Lifecycle::Loading(l) => (SlotState::Loading, Some(l.charge.clone()), None, None),
+        // A draining model still serves; status says what it drains for.
+        Lifecycle::Ready(w) | Lifecycle::Draining { worker: w, .. } => (
             SlotState::Ready,
             Some(effective_charge(
-                charge,
-                instance.as_ref(),
+                &w.charge,
+                w.instance.as_ref(),
                 e.spec.device,
-                mapped,
+                &w.mapped,
             )),
-            Some(Arc::clone(instance)),
-            Some(*loaded_at),
+            Some(Arc::clone(&w.instance)),
+            Some(w.loaded_at),
         ),
-        Slot::Unloading { charge, .. } => (SlotState::Unloading, Some(charge.clone()), None, None),
+        Lifecycle::Unloading { charge, .. } => {
+            (SlotState::Unloading, Some(charge.clone()), None, None)
+        }
     };
     let snap = ModelSnapshot {
         spec: e.spec.clone(),
@@ -165,7 +162,7 @@ fn snapshot_row<I: Instance>(st: &State<I>, id: &str) -> Option<Row<I>> {
         predicted: e.prediction.clone(),
         in_flight: e.in_flight,
         waiting: e.interest,
-        last_error: e.last_error.clone(),
+        last_error: e.life.last_error().map(str::to_owned),
         last_used: e.last_used_at,
         idle_for: e.last_used.elapsed(),
         loaded_at,
@@ -254,10 +251,12 @@ impl<B: Backend> Pool<B> {
     /// lease: the model may be evicted meanwhile, and the worker then answers with an
     /// error.
     pub fn ready_instance(&self, id: &str) -> Option<Arc<B::Instance>> {
-        match &self.inner.lock().models.get(id)?.slot {
-            Slot::Ready { instance, .. } => Some(Arc::clone(instance)),
-            _ => None,
-        }
+        let st = self.inner.lock();
+        st.models
+            .get(id)?
+            .life
+            .worker()
+            .map(|w| Arc::clone(&w.instance))
     }
 
     /// Whether `id` is registered (reads only the table).

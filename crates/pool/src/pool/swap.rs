@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::state::{Slot, State, Turn};
+use super::life::Phase;
+use super::state::{State, Turn};
 use super::Inner;
 use crate::budget::Need;
 use crate::events::{EventKind, EvictReason};
@@ -99,17 +100,13 @@ impl<I: Instance> State<I> {
             .filter_map(|m| {
                 let e = self.models.get(m)?;
                 let shared = self.file_bytes_shown_on(m);
-                let (transitional, bytes, resident_for) = match &e.slot {
-                    Slot::Absent => return None,
-                    Slot::Loading { charge, .. } | Slot::Unloading { charge, .. } => {
-                        (true, charge.total() + shared, Duration::ZERO)
-                    }
-                    Slot::Ready { charge, .. } => (
-                        e.draining_for.is_some(),
-                        charge.total() + shared,
-                        e.ready_since.elapsed(),
-                    ),
+                let charge = e.life.charge()?.total() + shared;
+                let (transitional, resident_for) = match e.life.phase() {
+                    Phase::Ready => (false, e.ready_since.elapsed()),
+                    Phase::Draining => (true, e.ready_since.elapsed()),
+                    _ => (true, Duration::ZERO),
                 };
+                let bytes = charge;
                 Some(Member {
                     id: m.clone(),
                     transitional,
@@ -131,14 +128,9 @@ impl<I: Instance> State<I> {
             let mut resident = Vec::new();
             let mut resident_bytes = 0;
             for m in &spec.members {
-                match self.models.get(m).map(|e| &e.slot) {
-                    Some(Slot::Loading { charge, .. })
-                    | Some(Slot::Ready { charge, .. })
-                    | Some(Slot::Unloading { charge, .. }) => {
-                        resident.push(m.clone());
-                        resident_bytes += charge.total() + self.file_bytes_shown_on(m);
-                    }
-                    _ => {}
+                if let Some(charge) = self.models.get(m).and_then(|e| e.life.charge()) {
+                    resident.push(m.clone());
+                    resident_bytes += charge.total() + self.file_bytes_shown_on(m);
                 }
             }
             let gs = &mut self.groups[g];
@@ -174,14 +166,14 @@ impl<I: Instance> State<I> {
                 Some(Holder {
                     resident,
                     resident_for: e.ready_since.elapsed(),
-                    draining_for: e.draining_for.clone(),
+                    draining_for: e.life.draining_for().map(str::to_owned),
                 })
             })
             .collect();
         let waiters: Vec<Waiter> = self
             .models
             .iter()
-            .filter(|(_, e)| matches!(e.slot, Slot::Absent) && e.interest > 0)
+            .filter(|(_, e)| e.life.is_cold() && e.interest > 0)
             .filter_map(|(m, e)| {
                 Some(Waiter {
                     id: m.clone(),
@@ -208,11 +200,7 @@ impl<I> State<I> {
             return Vec::new();
         };
         let going = |v: &&String| match self.models.get(*v) {
-            Some(e) => match e.slot {
-                Slot::Ready { .. } => e.draining_for.as_deref() == Some(id),
-                Slot::Unloading { .. } => true,
-                _ => false,
-            },
+            Some(e) => e.life.draining_for() == Some(id) || e.life.is_unloading(),
             None => false,
         };
         turn.victims.iter().filter(going).cloned().collect()
@@ -245,10 +233,10 @@ pub(super) fn begin_drain<B: Backend>(
         let Some(e) = st.models.get_mut(victim) else {
             continue;
         };
-        if e.draining_for.is_some() || !matches!(e.slot, Slot::Ready { .. }) {
+        if e.life.begin_drain(incoming).is_err() {
+            // Draining for another model already, or not ready.
             continue;
         }
-        e.draining_for = Some(incoming.to_owned());
         started = true;
         let (cut, reason) = match &why {
             DrainFor::Swap { group } => (
@@ -302,7 +290,7 @@ async fn drain<B: Backend>(
             let Some(e) = st.entry_at(&victim, epoch) else {
                 return;
             };
-            if e.draining_for.is_none() {
+            if e.life.draining_for().is_none() {
                 // Called off (the model it drained for found room elsewhere), or its
                 // worker is gone already.
                 return;
@@ -312,11 +300,7 @@ async fn drain<B: Backend>(
                     tracing::warn!(model = %victim, in_flight = e.in_flight, "drain timeout: cutting requests still running");
                     e.cut_reason = Some(cut);
                 }
-                let taken = st.take_ready(&victim).map(|(i, _)| i);
-                if let Some(e) = st.models.get_mut(&victim) {
-                    e.draining_for = None;
-                }
-                break taken;
+                break st.take_ready(&victim).map(|(i, _)| i);
             }
         }
         let _ = tokio::time::timeout_at(until, changes.changed()).await;
@@ -379,7 +363,7 @@ pub(super) fn start_swap<B: Backend>(
         .filter(|(id, e)| {
             st.groups[group].spec.members.contains(id)
                 && *id != incoming
-                && matches!(e.slot, Slot::Ready { .. } | Slot::Unloading { .. })
+                && (e.life.worker().is_some() || e.life.is_unloading())
         })
         .map(|(id, _)| id.clone())
         .collect();

@@ -561,7 +561,8 @@ async fn register_and_unregister() {
 }
 
 mod sequences {
-    //! Random sequences of acquire/release/pin/unpin/evict against the invariants.
+    //! Random sequences of acquire/release/pin/unpin/evict, crashes and failing loads
+    //! against the invariants.
     use super::*;
     use proptest::prelude::*;
 
@@ -572,6 +573,10 @@ mod sequences {
         Pin(usize),
         Unpin(usize),
         Evict(usize),
+        /// The model's worker dies (its leases are released first).
+        Crash(usize),
+        /// Loads fail from now on, or succeed again.
+        FailLoads(bool),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -581,6 +586,8 @@ mod sequences {
             1 => (0..4usize).prop_map(Op::Pin),
             1 => (0..4usize).prop_map(Op::Unpin),
             1 => (0..4usize).prop_map(Op::Evict),
+            1 => (0..4usize).prop_map(Op::Crash),
+            1 => any::<bool>().prop_map(Op::FailLoads),
         ]
     }
 
@@ -600,7 +607,7 @@ mod sequences {
                 .iter()
                 .map(|i| pool.get(i).unwrap().spec.pinned)
                 .collect();
-            match op {
+            match op.clone() {
                 Op::Acquire(i) if leases[i].len() >= 4 => {}
                 Op::Acquire(i) => {
                     // Who may go, in LRU order, if room is needed for i.
@@ -634,8 +641,13 @@ mod sequences {
                             recency.push(i);
                         }
                         Err(PoolError::InsufficientMemory { .. })
-                        | Err(PoolError::QueueTimeout { .. }) => {
+                        | Err(PoolError::QueueTimeout { .. })
+                        | Err(PoolError::CrashLoop { .. }) => {
                             prop_assert!(evicted.is_empty())
+                        }
+                        // The victims made room for a load that then failed.
+                        Err(PoolError::LoadFailed { .. }) => {
+                            prop_assert_eq!(pool.get(IDS[i]).unwrap().state, SlotState::Failed)
                         }
                         Err(e) => prop_assert!(false, "unexpected {}", e),
                     }
@@ -653,7 +665,21 @@ mod sequences {
                     }
                     let _ = evictions(&mut events);
                 }
+                Op::Crash(i) => {
+                    leases[i].clear();
+                    backend.crash(IDS[i]);
+                    settle().await;
+                    let _ = evictions(&mut events);
+                    if before[i] == SlotState::Ready {
+                        let after = pool.get(IDS[i]).unwrap();
+                        prop_assert_eq!(after.state, SlotState::Failed);
+                        prop_assert!(after.charged_bytes == 0, "{:?}", after.charged_bytes);
+                    }
+                }
+                Op::FailLoads(fail) => backend.fail.store(fail, Ordering::SeqCst),
             }
+            let wrong = pool.inner.lock().inconsistencies();
+            prop_assert!(wrong.is_empty(), "{:?}", wrong);
             prop_assert!(
                 !backend.over_budget.load(Ordering::SeqCst),
                 "a load started over budget"
@@ -665,7 +691,9 @@ mod sequences {
                 if !held.is_empty() {
                     prop_assert_eq!(pool.get(IDS[m]).unwrap().state, SlotState::Ready);
                 }
-                if pinned[m] && before[m] == SlotState::Ready {
+                // A pin keeps a model from eviction, not its worker from dying.
+                let crashed = matches!(op, Op::Crash(c) if c == m);
+                if pinned[m] && before[m] == SlotState::Ready && !crashed {
                     prop_assert_eq!(pool.get(IDS[m]).unwrap().state, SlotState::Ready);
                 }
             }

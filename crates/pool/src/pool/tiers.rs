@@ -108,7 +108,7 @@ pub(super) async fn resolve<B: Backend>(
             let (art, downloaded) = fetched.map_err(|source| {
                 let mut st = inner.lock();
                 if let Ok(e) = st.entry(&spec.id) {
-                    e.last_error = Some(source.to_string());
+                    let _ = e.life.fail(source.to_string());
                 }
                 PoolError::Storage {
                     id: spec.id.clone(),
