@@ -22,6 +22,7 @@ use crate::store::Store;
 use crate::{Backend, BackendError, Device, Instance, ModelSpec, PoolError};
 
 mod admission;
+mod launch;
 mod life;
 mod lifecycle;
 mod sharing;
@@ -34,7 +35,7 @@ pub use status::{DeviceStatus, ModelSnapshot, PoolStatus, SlotState};
 pub use swap::GroupStatus;
 pub use tiers::Tier;
 
-use state::{Entry, Lifecycle, Loading, State};
+use state::{Entry, State};
 
 /// How the pool behaves; budgets are absolute bytes (the server resolves "auto").
 #[derive(Clone, Debug)]
@@ -513,74 +514,23 @@ impl<B: Backend> Pool<B> {
             };
             // Seen before the table is read: any change from here on wakes the wait.
             changes.borrow_and_update();
-            let next = {
-                let mut st = self.inner.lock();
-                if st.shutting_down {
-                    return Err(PoolError::ShuttingDown);
-                }
-                let entry = st.entry(id)?;
-                if entry.epoch != epoch {
-                    // Removed while this request waited, and registered anew since.
-                    return Err(PoolError::Retiring { id: id.to_owned() });
-                }
-                match &entry.life {
-                    Lifecycle::Draining { incoming, .. } => {
-                        let incoming = incoming.clone();
-                        let group = st.group_of(id);
-                        let refuse = group.is_some_and(|g| {
-                            st.groups[g].spec.refuse_during_swap
-                                && st.group_of(&incoming) == Some(g)
-                        });
-                        if refuse {
-                            return Err(PoolError::SwappingOut {
-                                id: id.to_owned(),
-                                incoming,
-                            });
-                        }
-                        // Wait for it to leave; a later round loads it back.
-                        admission::Admission::Wait {
-                            why: format!("draining for model `{incoming}`"),
-                            retry_in: None,
-                            eta: None,
-                        }
-                    }
-                    Lifecycle::Ready(worker) => {
-                        let instance = Arc::clone(&worker.instance);
-                        entry.in_flight += 1;
-                        entry.note_demand(true);
-                        st.lru.promote(id);
-                        return Ok(Lease {
-                            pool: Arc::clone(&self.inner),
-                            id: id.to_owned(),
-                            epoch,
-                            instance,
-                            load_wait: if waited {
-                                started.elapsed()
-                            } else {
-                                Duration::ZERO
-                            },
-                            cold_start: waited,
-                            _permit: permit,
-                        });
-                    }
-                    Lifecycle::Loading(Loading { done, .. }) => {
-                        admission::Admission::Loading(done.clone())
-                    }
-                    Lifecycle::Registered | Lifecycle::Failed { .. } => match candidates {
-                        Some(candidates) => self.start_load(&mut st, id, candidates, &available)?,
-                        // Predicted in the next round, outside the lock.
-                        None => admission::Admission::Wait {
-                            why: "predicting its footprint".into(),
-                            retry_in: Some(Duration::ZERO),
-                            eta: None,
+            let next = match self.look(id, epoch, candidates, &available)? {
+                admission::Look::Ready(instance) => {
+                    return Ok(Lease {
+                        pool: Arc::clone(&self.inner),
+                        id: id.to_owned(),
+                        epoch,
+                        instance,
+                        load_wait: if waited {
+                            started.elapsed()
+                        } else {
+                            Duration::ZERO
                         },
-                    },
-                    Lifecycle::Unloading { .. } => admission::Admission::Wait {
-                        why: "its previous worker is still stopping".into(),
-                        retry_in: None,
-                        eta: None,
-                    },
+                        cold_start: waited,
+                        _permit: permit,
+                    });
                 }
+                admission::Look::Next(next) => next,
             };
             waited = true;
             match next {

@@ -173,7 +173,19 @@ pub fn plan_turn(
         };
         return wait(why, None, Some(eta));
     }
-    // Its turn: who may drain for it.
+    drain_for_turn(policy, rooms, holders, needed, own_load)
+}
+
+/// Its turn: the holders to drain for it (unpinned, not draining for another, resident
+/// for at least `min_residency`), or how long until enough of them are old enough.
+fn drain_for_turn(
+    policy: &TurnPolicy,
+    rooms: &BTreeMap<Device, Room>,
+    holders: &[Holder],
+    needed: &Need,
+    own_load: Duration,
+) -> TurnPlan {
+    let wait = |why, retry_in, eta| TurnPlan::Wait { why, retry_in, eta };
     let old_enough = |h: &Holder| residency_left(h.resident_for, policy.min_residency).is_none();
     let candidates = |residency_counts: bool| -> Vec<Resident> {
         holders

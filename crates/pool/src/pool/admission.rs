@@ -7,26 +7,30 @@
 //! drop to 8-bit when memory is short. The chosen precision is reported in status and
 //! in the load's events.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::state::{Loading, State};
-use super::{lifecycle, sharing, swap, tiers, LoadOutcome, Pool};
-use crate::events::EvictReason;
+use std::sync::Arc;
+
+use super::state::{Lifecycle, Loading, State};
+use super::{launch, sharing, swap, tiers, LoadOutcome, Pool};
 use crate::groups::SwapPlan;
 use crate::memory::DeviceMemory;
 use crate::sharing::FileId;
-use crate::spec::NATIVE_PRECISION;
 use crate::turns::{TurnPlan, Why};
-use crate::{
-    Backend, BackendError, Charge, Device, Footprint, Instance, PoolError, Quantized, Source,
-};
+use crate::{Backend, BackendError, Footprint, Instance, PoolError, Source};
 
 /// A precision a load may use and what the load would cost at it.
 pub(super) type Candidate = (Option<String>, Footprint);
+
+/// What one look at a model gives a request waiting for it.
+pub(super) enum Look<I> {
+    /// Ready: its worker, with the request counted in flight.
+    Ready(Arc<I>),
+    Next(Admission),
+}
 
 /// What admitting a model comes to, for the requests waiting for it.
 pub(super) enum Admission {
@@ -258,6 +262,56 @@ impl<B: Backend> Pool<B> {
         }
     }
 
+    /// One look at `id` for a request of registration `epoch`: its worker when it is
+    /// ready (the request is counted in flight), else what the request waits for,
+    /// starting the load when the model is cold and its footprint is known.
+    pub(super) fn look(
+        &self,
+        id: &str,
+        epoch: u64,
+        candidates: Option<Vec<Candidate>>,
+        available: &[DeviceMemory],
+    ) -> Result<Look<B::Instance>, PoolError> {
+        let mut st = self.inner.lock();
+        if st.shutting_down {
+            return Err(PoolError::ShuttingDown);
+        }
+        let entry = st.entry(id)?;
+        if entry.epoch != epoch {
+            // Removed while this request waited, and registered anew since.
+            return Err(PoolError::Retiring { id: id.to_owned() });
+        }
+        let next = match &entry.life {
+            Lifecycle::Draining { incoming, .. } => {
+                let incoming = incoming.clone();
+                draining(&st, id, incoming)?
+            }
+            Lifecycle::Ready(worker) => {
+                let instance = Arc::clone(&worker.instance);
+                entry.in_flight += 1;
+                entry.note_demand(true);
+                st.lru.promote(id);
+                return Ok(Look::Ready(instance));
+            }
+            Lifecycle::Loading(Loading { done, .. }) => Admission::Loading(done.clone()),
+            Lifecycle::Registered | Lifecycle::Failed { .. } => match candidates {
+                Some(candidates) => self.start_load(&mut st, id, candidates, available)?,
+                // Predicted in the next round, outside the lock.
+                None => Admission::Wait {
+                    why: "predicting its footprint".into(),
+                    retry_in: Some(Duration::ZERO),
+                    eta: None,
+                },
+            },
+            Lifecycle::Unloading { .. } => Admission::Wait {
+                why: "its previous worker is still stopping".into(),
+                retry_in: None,
+                eta: None,
+            },
+        };
+        Ok(Look::Next(next))
+    }
+
     /// Admits `id` at the first precision that fits now (evicting idle LRU victims if
     /// needed), marks it loading and spawns the load. When none fits now, the first
     /// that fits once busy unpinned models stop waits for room (and takes a turn when
@@ -270,7 +324,36 @@ impl<B: Backend> Pool<B> {
         candidates: Vec<Candidate>,
         available: &[DeviceMemory],
     ) -> Result<Admission, PoolError> {
-        let entry = st.entry(id)?;
+        let (chosen, decision) = self.choose(st, id, candidates, available)?;
+        let Decision::Start {
+            victims,
+            forced,
+            swapping,
+        } = decision
+        else {
+            return Ok(self.defer(st, id, decision));
+        };
+        if let Some(group) = swapping {
+            swap::start_swap(&self.inner, st, group, id);
+        }
+        launch::launch(&self.inner, st, id, chosen, victims, &forced)
+    }
+
+    /// The precision `id` loads at and what admitting it takes: a bigger KV budget
+    /// when it may grow into spare room, else the first precision that fits now, else
+    /// the first that fits once busy models stop. Refused while it is backed off after
+    /// crashes, and when it fits at no precision.
+    fn choose(
+        &self,
+        st: &State<B::Instance>,
+        id: &str,
+        candidates: Vec<Candidate>,
+        available: &[DeviceMemory],
+    ) -> Result<(launch::Chosen, Decision), PoolError> {
+        let entry = st.models.get(id).ok_or_else(|| PoolError::NotFound {
+            id: id.to_owned(),
+            known: st.known_ids(),
+        })?;
         if let Some((failures, retry_in)) = entry.backoff() {
             return Err(PoolError::CrashLoop {
                 id: id.to_owned(),
@@ -279,28 +362,27 @@ impl<B: Backend> Pool<B> {
                 retry_in,
             });
         }
-        let tried = candidates.len();
-        let tried_precisions: Vec<String> =
-            candidates.iter().filter_map(|(p, _)| p.clone()).collect();
-        let mut last_err = None;
-        let mut chosen = None;
-        let grown = self.grown_choice(st, id, available);
-        let kv_grown = grown.as_ref().map(|(tokens, ..)| *tokens);
-        if let Some((_, footprint, decision)) = grown {
-            chosen = candidates
-                .first()
-                .map(|(precision, _)| (precision.clone(), footprint, decision));
+        if let Some((tokens, footprint, decision)) = self.grown_choice(st, id, available) {
+            let precision = candidates.first().and_then(|(p, _)| p.clone());
+            let chosen = launch::Chosen {
+                precision,
+                footprint,
+                kv_grown: Some(tokens),
+            };
+            return Ok((chosen, decision));
         }
+        let mut last_err = None;
         // A precision that fits now before waiting for room at a better one.
-        'passes: for turns in [false, true] {
-            if chosen.is_some() {
-                break;
-            }
+        for turns in [false, true] {
             for (precision, footprint) in &candidates {
                 match self.decide(st, id, footprint, available, turns) {
                     Ok(decision) => {
-                        chosen = Some((precision.clone(), footprint.clone(), decision));
-                        break 'passes;
+                        let chosen = launch::Chosen {
+                            precision: precision.clone(),
+                            footprint: footprint.clone(),
+                            kv_grown: None,
+                        };
+                        return Ok((chosen, decision));
                     }
                     Err(e) => {
                         if let (Some(p), true) = (precision, turns) {
@@ -311,23 +393,21 @@ impl<B: Backend> Pool<B> {
                 }
             }
         }
-        let Some((precision, footprint, decision)) = chosen else {
-            let mut err = last_err.unwrap_or(PoolError::ShuttingDown);
-            if let PoolError::InsufficientMemory {
-                precisions_tried, ..
-            } = &mut err
-            {
-                *precisions_tried = tried_precisions;
-            }
-            tracing::warn!(model = %id, precisions_tried = tried, error = %err, "model does not fit");
-            return Err(err);
-        };
-        let (victims, forced, swapping) = match decision {
-            Decision::Start {
-                victims,
-                forced,
-                swapping,
-            } => (victims, forced, swapping),
+        let mut err = last_err.unwrap_or(PoolError::ShuttingDown);
+        if let PoolError::InsufficientMemory {
+            precisions_tried, ..
+        } = &mut err
+        {
+            *precisions_tried = candidates.iter().filter_map(|(p, _)| p.clone()).collect();
+        }
+        tracing::warn!(model = %id, precisions_tried = candidates.len(), error = %err, "model does not fit");
+        Err(err)
+    }
+
+    /// Acts on a decision that does not start the load yet: drains group members or
+    /// gives the model its turn, and tells its requests why they wait.
+    fn defer(&self, st: &mut State<B::Instance>, id: &str, decision: Decision) -> Admission {
+        match decision {
             Decision::Drain { group, victims } => {
                 let spec = &st.groups[group].spec;
                 let why = swap::DrainFor::Swap {
@@ -341,171 +421,46 @@ impl<B: Backend> Pool<B> {
                     "waiting for its turn in its group: {} draining for it",
                     victims.join(", ")
                 );
-                return Ok(waiting(st, id, why, None, None, false));
+                waiting(st, id, why, None, None, false)
             }
             Decision::Turn { victims } => {
                 swap::start_turn(&self.inner, st, id, victims.clone());
                 let why = Why::Draining { victims }.to_string();
                 let eta = st.models.get(id).and_then(|e| e.last_load);
-                return Ok(waiting(st, id, why, None, eta, true));
+                waiting(st, id, why, None, eta, true)
             }
             Decision::Wait {
                 why,
                 retry_in,
                 eta,
                 for_room,
-            } => return Ok(waiting(st, id, why, retry_in, eta, for_room)),
-        };
-        if let Some(group) = swapping {
-            swap::start_swap(&self.inner, st, group, id);
+            } => waiting(st, id, why, retry_in, eta, for_room),
+            Decision::Start { .. } => unreachable!("a load that starts is not deferred"),
         }
-        // Drains for this model that this load does not need stop: those models stay.
-        for (m, e) in st.models.iter_mut() {
-            if !victims.contains(m) {
-                let _ = e.life.call_off_drain(Some(id));
-            }
-        }
-        let evicted: Vec<_> = victims
-            .into_iter()
-            .filter_map(|v| {
-                let drained = st
-                    .models
-                    .get(&v)
-                    .and_then(|e| e.life.draining_for().map(str::to_owned));
-                let for_model = id.to_owned();
-                let reason = if forced.contains(&v) {
-                    EvictReason::Swap { for_model }
-                } else if drained.as_deref() == Some(id) {
-                    EvictReason::Turn { for_model }
-                } else {
-                    EvictReason::MakeRoom { for_model }
-                };
-                st.take_ready(&v)
-                    .map(|(inst, charge)| (v, inst, reason, charge))
-            })
-            .collect();
-        // The victims stay charged until their workers exit; the load is charged only
-        // what they do not cover, and takes over their bytes as each exits (see
-        // `finish_unload`), so the books never count the same room twice. Its file's
-        // pages are charged apart, once with the other models mapping that file.
-        let file_id = st.models.get(id).and_then(|e| e.file_id);
-        let (own, mapped) = sharing::split(&footprint, file_id);
-        let victim_ids: Vec<String> = evicted.iter().map(|(v, ..)| v.clone()).collect();
-        // A file nobody staying maps is handed over like the rest: charged in `target`
-        // as the victims free room, counted as mapped once the last one has exited.
-        let file_pending = !victim_ids.is_empty()
-            && mapped.is_some_and(|m| !st.mapped_by_staying(id, m.file, &victim_ids));
-        let (target, freed_files) = if file_pending {
-            let mut target = own.clone();
-            target.add(&Charge::on(Device::Cpu, mapped.map_or(0, |m| m.bytes)));
-            (target, st.files_freed_by(&victim_ids, None))
-        } else {
-            (own.clone(), st.files_freed_by(&victim_ids, mapped.as_ref()))
-        };
-        let mut covered = Charge::on(Device::Cpu, freed_files);
-        for (victim, _, _, charge) in &evicted {
-            covered.add(charge);
-            st.handoffs
-                .insert(victim.clone(), (id.to_owned(), target.clone()));
-        }
-        let evicted: Vec<_> = evicted
-            .into_iter()
-            .map(|(v, inst, reason, _)| (v, inst, reason))
-            .collect();
-        let store = self.inner.config.store.clone();
-        let (tx, rx) = watch::channel(None);
-        let entry = st.entry(id)?;
-        entry.wanting_room_since = None;
-        entry.waiting_why = None;
-        let loading = Loading {
-            done: rx.clone(),
-            charge: target.saturating_sub(&covered),
-            mapped,
-            file_pending,
-            retrying: None,
-        };
-        if let Err(refused) = entry.life.begin_load(loading) {
-            tracing::error!(model = %id, %refused, "load started out of turn");
-        }
-        entry.loads_started += 1;
-        entry.cut_reason = None;
-        entry.demand_peak = 0;
-        entry.note_demand(false);
-        let configured_kv = entry.spec.engine.llama_cpp.kv_budget_tokens;
-        entry.kv_budget_tokens = kv_grown.or(configured_kv);
-        entry.kv_grown_from = kv_grown.and(configured_kv);
-        entry.prediction = Some(footprint.clone());
-        entry.precision = precision.clone();
-        let mut spec = entry.spec.clone();
-        let resolved = entry.resolved.clone();
-        if let Some(r) = &resolved {
-            spec.source = Source::Path(r.file.clone());
-        }
-        spec.precision = precision;
-        spec.engine.llama_cpp.kv_budget_tokens = entry.kv_budget_tokens;
-        // A model quantized at load reuses the quantized weights a previous load left in
-        // the spill directory, or leaves them there for the next.
-        let quantized = match (&store, &resolved, &spec.precision) {
-            (Some(store), Some(r), Some(p))
-                if spec.format.quantized_at_load() && p != NATIVE_PRECISION =>
-            {
-                r.key.as_deref().map(|source_key| {
-                    let key = crate::store::quantized_key(source_key, p);
-                    let q = match store.lookup(&key) {
-                        Some(art) => Quantized::Reuse(art.path.clone()),
-                        None => Quantized::Write(store.scratch_path(&key)),
-                    };
-                    (key, q)
-                })
-            }
-            _ => None,
-        };
-        entry.quantized_key = quantized.as_ref().map(|(k, _)| k.clone());
-        spec.quantized = quantized.map(|(_, q)| q);
-        let epoch = entry.epoch;
-        // The files this load reads stay in the spill directory from now on, not only
-        // once it is resident: a spill committing meanwhile must not evict them from
-        // under the starting worker. Released when the load fails, else when the worker
-        // stops (`tiers::stopped`).
-        let protected: Vec<String> = match &store {
-            Some(store) => {
-                let keys: Vec<String> = [
-                    resolved.as_ref().and_then(|r| r.key.clone()),
-                    entry.quantized_key.clone(),
-                ]
-                .into_iter()
-                .flatten()
-                .collect();
-                keys.iter().for_each(|k| store.protect(k));
-                keys
-            }
-            None => Vec::new(),
-        };
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            // The model is expected next: read its file while the victims stop.
-            let warming = match (&resolved, evicted.is_empty()) {
-                (Some(r), false) => Some(tokio::spawn(tiers::warm(r.file.clone()))),
-                _ => None,
-            };
-            for (victim, instance, reason) in evicted {
-                inner.stop_worker(&victim, &instance, reason).await;
-            }
-            if let Some(w) = warming {
-                let _ = w.await;
-            }
-            // At most `max_loads_in_flight` workers start at once; the semaphore
-            // lives as long as the pool.
-            let _permit = Arc::clone(&inner.load_permits).acquire_owned().await;
-            let outcome = lifecycle::run_load(&inner, &spec, epoch, footprint, resolved).await;
-            if let (Err(_), Some(store)) = (&outcome, &store) {
-                protected.iter().for_each(|k| store.release(k));
-            }
-            let _ = tx.send(Some(outcome));
-            inner.kick();
-        });
-        Ok(Admission::Loading(rx))
     }
+}
+
+/// A request for a model draining for `incoming` waits for it to leave (a later round
+/// loads it back), or is refused when its group says so.
+fn draining<I: Instance>(
+    st: &State<I>,
+    id: &str,
+    incoming: String,
+) -> Result<Admission, PoolError> {
+    let group = st.group_of(id);
+    let refuse = group
+        .is_some_and(|g| st.groups[g].spec.refuse_during_swap && st.group_of(&incoming) == Some(g));
+    if refuse {
+        return Err(PoolError::SwappingOut {
+            id: id.to_owned(),
+            incoming,
+        });
+    }
+    Ok(Admission::Wait {
+        why: format!("draining for model `{incoming}`"),
+        retry_in: None,
+        eta: None,
+    })
 }
 
 /// Records why `id`'s requests wait (and since when they want room) and tells them.
