@@ -60,6 +60,11 @@ peers:
 bench-engines rounds="3" model="models/SmolLM2-135M-Instruct.Q4_1.gguf": fetch-models peers
     scripts/cargo.sh run -p modelpool-benches --bin engines -- --rounds {{rounds}} --model {{model}}
 
+# Concurrent streams of mixed lengths (prompts ~16-1,500 tokens, 16-256 out) on one
+# llama.cpp model against llama-server --kv-unified with the same KV cells.
+bench-mixed rounds="2" model="models/SmolLM2-135M-Instruct.Q4_1.gguf": fetch-models peers
+    scripts/cargo.sh run -p modelpool-benches --bin mixed_streams -- --rounds {{rounds}} --model {{model}}
+
 # 200 streams across 5 models for 60 s under a budget that holds 3.
 loadgen secs="60": fetch-models
     scripts/cargo.sh run -p modelpool-benches --bin loadgen -- --secs {{secs}}

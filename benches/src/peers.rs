@@ -118,6 +118,9 @@ pub struct ServerArgs<'a> {
     pub parallel: u32,
     pub threads: u32,
     pub repack: bool,
+    /// One KV cache shared by the slots (`--kv-unified`): `context_total` cells that
+    /// any slot may use, up to the whole.
+    pub kv_unified: bool,
 }
 
 impl LlamaServer {
@@ -139,6 +142,7 @@ impl LlamaServer {
             } else {
                 "--no-repack"
             })
+            .args(args.kv_unified.then_some("--kv-unified"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

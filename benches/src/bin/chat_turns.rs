@@ -352,6 +352,7 @@ async fn start_llama_server(args: &Args, model: &Path) -> Result<LlamaServer, St
         parallel: 1,
         threads,
         repack: false,
+        kv_unified: false,
     })
     .await
     .map_err(|e| format!("it did not start: {e:#}"))

@@ -509,6 +509,7 @@ impl Bench {
                 parallel: n,
                 threads: self.threads,
                 repack: self.args.repack,
+                kv_unified: false,
             })
             .await?;
             self.server_streams(server.port, n).await?;
@@ -697,6 +698,7 @@ impl Bench {
             parallel: 1,
             threads: self.threads,
             repack: self.args.repack,
+            kv_unified: false,
         })
         .await?;
         let after_load = peers::smaps_rollup(server.pid)?;
