@@ -310,192 +310,32 @@ impl Settings {
     }
 
     fn validate(raw: RawSettings, base: &Path) -> Result<Self, ConfigError> {
-        let listen = raw
-            .server
-            .listen
-            .as_deref()
-            .unwrap_or("127.0.0.1:50051")
-            .parse()
-            .map_err(|e| {
-                invalid(
-                    "server.listen",
-                    format!("not an address like 127.0.0.1:50051 ({e})"),
-                )
-            })?;
-        let metrics_listen = match raw.server.metrics_listen.as_deref().map(str::trim) {
-            Some("") => None,
-            text => Some(text.unwrap_or("127.0.0.1:9464").parse().map_err(|e| {
-                invalid(
-                    "server.metrics_listen",
-                    format!("not an address like 127.0.0.1:9464, or \"\" for off ({e})"),
-                )
-            })?),
-        };
-        let openai_listen = match raw.server.openai_listen.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(text) => Some(text.parse().map_err(|e| {
-                invalid(
-                    "server.openai_listen",
-                    format!("not an address like 127.0.0.1:8080, or \"\" for off ({e})"),
-                )
-            })?),
-        };
+        let (listen, metrics_listen, openai_listen) = listen_addresses(&raw.server)?;
         let drain_timeout = duration("server.drain_timeout", raw.server.drain_timeout, "30s")?;
-        let tls = match raw.server.tls.clone() {
-            None => None,
-            Some(t) => {
-                let file = |k: &str, p: Option<PathBuf>| -> Result<PathBuf, ConfigError> {
-                    let p = p.ok_or_else(|| {
-                        invalid(format!("server.tls.{k}"), "required with [server.tls]")
-                    })?;
-                    let p = if p.is_absolute() { p } else { base.join(p) };
-                    if !p.is_file() {
-                        return Err(invalid(
-                            format!("server.tls.{k}"),
-                            format!("{} is not a readable file", p.display()),
-                        ));
-                    }
-                    Ok(p)
-                };
-                Some(TlsSettings {
-                    cert: file("cert", t.cert)?,
-                    key: file("key", t.key)?,
-                    client_ca: t
-                        .client_ca
-                        .map(|c| file("client_ca", Some(c)))
-                        .transpose()?,
-                })
-            }
-        };
-        let max_concurrent_streams = raw.server.max_concurrent_streams.unwrap_or(256);
-        if !(1..=100_000).contains(&max_concurrent_streams) {
-            return Err(invalid(
-                "server.max_concurrent_streams",
-                format!("must be 1..=100000, got {max_concurrent_streams}"),
-            ));
-        }
-        let model_roots = match raw.server.model_roots {
-            None => None,
-            Some(roots) => Some(
-                roots
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, r)| {
-                        let r = if r.is_absolute() { r } else { base.join(r) };
-                        r.canonicalize().map_err(|e| {
-                            invalid(
-                                format!("server.model_roots[{i}]"),
-                                format!("{}: {e}", r.display()),
-                            )
-                        })
-                    })
-                    .collect::<Result<Vec<_>, _>>()?,
-            ),
-        };
-        let load_timeout = duration("workers.load_timeout", raw.workers.load_timeout, "120s")?;
-        if load_timeout.is_zero() {
-            return Err(invalid("workers.load_timeout", "must be above zero"));
-        }
-        let load_nice = raw.workers.load_nice.unwrap_or(10);
-        if !(0..=19).contains(&load_nice) {
-            return Err(invalid(
-                "workers.load_nice",
-                format!("must be 0..=19 (0 turns it off), got {load_nice}"),
-            ));
-        }
-        // Small models keep 4 KiB pages, which hold them ~2% leaner.
-        let huge_pages_from_bytes = match raw.workers.huge_pages_from.as_deref() {
-            Some("never") => u64::MAX,
-            text => parse_bytes(text.unwrap_or("1GiB"))
-                .map_err(|e| invalid("workers.huge_pages_from", format!("{e}, or \"never\"")))?,
-        };
+        let tls = raw.server.tls.map(|t| tls_settings(t, base)).transpose()?;
+        let max_concurrent_streams = max_concurrent_streams(raw.server.max_concurrent_streams)?;
+        let model_roots = raw
+            .server
+            .model_roots
+            .map(|roots| server_model_roots(roots, base))
+            .transpose()?;
+        let (load_timeout, load_nice, huge_pages_from_bytes) = worker_limits(&raw.workers)?;
         let pool = pool_settings(raw.pool)?;
         let modelmesh = raw
             .modelmesh
             .map(|m| modelmesh_settings(m, base))
             .transpose()?;
-        let token = |key: &str, v: Option<String>| -> Result<Option<Secret>, ConfigError> {
-            match v {
-                None => Ok(None),
-                Some(t) if t.trim().len() < 16 => Err(invalid(
-                    key,
-                    "too short: use at least 16 characters (the value is not shown)",
-                )),
-                Some(t) => Ok(Some(Secret::new(t.trim().to_owned()))),
-            }
-        };
-        let auth = AuthSettings {
-            inference_token: token("auth.inference_token", raw.auth.inference_token)?,
-            control_token: token("auth.control_token", raw.auth.control_token)?,
-        };
-        if auth.inference_token.is_some() && auth.control_token.is_none() {
-            // Otherwise inference would need a token while control (RegisterModel with
-            // any path, EvictModel, ReloadConfig) stayed open.
-            return Err(invalid(
-                "auth.control_token",
-                "required when auth.inference_token is set, or control RPCs would be open",
-            ));
-        }
-        let storage = match raw.storage.spill_dir {
-            None => None,
-            Some(d) if d.as_os_str().is_empty() => None,
-            Some(d) => {
-                let spill_dir = if d.is_absolute() { d } else { base.join(d) };
-                let spill_budget_bytes =
-                    parse_bytes(raw.storage.spill_budget.as_deref().unwrap_or("20GiB"))
-                        .map_err(|e| invalid("storage.spill_budget", e))?;
-                if spill_budget_bytes == 0 {
-                    return Err(invalid("storage.spill_budget", "must be above zero"));
-                }
-                let saved_prefix_budget_bytes =
-                    parse_bytes(raw.storage.saved_prefix_budget.as_deref().unwrap_or("2GiB"))
-                        .map_err(|e| invalid("storage.saved_prefix_budget", e))?;
-                Some(StorageSettings {
-                    spill_dir,
-                    spill_budget_bytes,
-                    saved_prefix_budget_bytes,
-                })
-            }
-        };
-        let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.models.len());
-        for (i, m) in raw.models.into_iter().enumerate() {
-            let spec = model_spec(m, base)
-                .map_err(|(k, reason)| invalid(format!("models[{i}].{k}"), reason))?;
-            if models.iter().any(|o| o.id == spec.id) {
-                return Err(invalid(
-                    format!("models[{i}].id"),
-                    format!("duplicate id {:?}", spec.id),
-                ));
-            }
-            if storage.is_none() && spec.source.path().is_none() {
-                return Err(invalid(
-                    format!("models[{i}].url"),
-                    "a URL source needs a spill directory to download into ([storage] spill_dir)",
-                ));
-            }
-            models.push(spec);
-        }
+        let auth = auth_settings(raw.auth)?;
+        let storage = storage_settings(raw.storage, base)?;
+        let models = model_specs(raw.models, base, storage.is_some())?;
         let groups = groups(raw.groups, &models)?;
-        // A sidecar listens on loopback. Anything else must be asked for, so a typo or
-        // a stray environment variable cannot expose the API (or its metrics) to the
-        // network.
         if raw.server.allow_remote != Some(true) {
-            let mm = modelmesh.as_ref().map(|m| m.listen);
-            for (key, addr) in [
+            refuse_remote_listeners([
                 ("server.listen", Some(listen)),
                 ("server.metrics_listen", metrics_listen),
                 ("server.openai_listen", openai_listen),
-                ("modelmesh.listen", mm),
-            ] {
-                if let Some(addr) = addr.filter(|a: &SocketAddr| !a.ip().is_loopback()) {
-                    return Err(invalid(
-                        key,
-                        format!(
-                            "{addr} is reachable from other hosts; set server.allow_remote = true to serve them (and consider [auth] tokens and [server.tls])"
-                        ),
-                    ));
-                }
-            }
+                ("modelmesh.listen", modelmesh.as_ref().map(|m| m.listen)),
+            ])?;
         }
         Ok(Settings {
             groups,
@@ -519,6 +359,214 @@ impl Settings {
             models,
         })
     }
+}
+
+/// `server.listen`, `server.metrics_listen` ("" turns it off) and
+/// `server.openai_listen` (off unless set), in that order.
+fn listen_addresses(
+    raw: &RawServer,
+) -> Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>), ConfigError> {
+    let listen = raw
+        .listen
+        .as_deref()
+        .unwrap_or("127.0.0.1:50051")
+        .parse()
+        .map_err(|e| {
+            invalid(
+                "server.listen",
+                format!("not an address like 127.0.0.1:50051 ({e})"),
+            )
+        })?;
+    let metrics_listen = match raw.metrics_listen.as_deref().map(str::trim) {
+        Some("") => None,
+        text => Some(text.unwrap_or("127.0.0.1:9464").parse().map_err(|e| {
+            invalid(
+                "server.metrics_listen",
+                format!("not an address like 127.0.0.1:9464, or \"\" for off ({e})"),
+            )
+        })?),
+    };
+    let openai_listen = match raw.openai_listen.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => Some(text.parse().map_err(|e| {
+            invalid(
+                "server.openai_listen",
+                format!("not an address like 127.0.0.1:8080, or \"\" for off ({e})"),
+            )
+        })?),
+    };
+    Ok((listen, metrics_listen, openai_listen))
+}
+
+/// `[server.tls]`: cert and key are required, and every file named must exist
+/// (relative paths resolve against `base`).
+fn tls_settings(t: RawTls, base: &Path) -> Result<TlsSettings, ConfigError> {
+    let file = |k: &str, p: Option<PathBuf>| -> Result<PathBuf, ConfigError> {
+        let p =
+            p.ok_or_else(|| invalid(format!("server.tls.{k}"), "required with [server.tls]"))?;
+        let p = if p.is_absolute() { p } else { base.join(p) };
+        if !p.is_file() {
+            return Err(invalid(
+                format!("server.tls.{k}"),
+                format!("{} is not a readable file", p.display()),
+            ));
+        }
+        Ok(p)
+    };
+    Ok(TlsSettings {
+        cert: file("cert", t.cert)?,
+        key: file("key", t.key)?,
+        client_ca: t
+            .client_ca
+            .map(|c| file("client_ca", Some(c)))
+            .transpose()?,
+    })
+}
+
+fn max_concurrent_streams(raw: Option<u32>) -> Result<u32, ConfigError> {
+    let max_concurrent_streams = raw.unwrap_or(256);
+    if !(1..=100_000).contains(&max_concurrent_streams) {
+        return Err(invalid(
+            "server.max_concurrent_streams",
+            format!("must be 1..=100000, got {max_concurrent_streams}"),
+        ));
+    }
+    Ok(max_concurrent_streams)
+}
+
+/// `server.model_roots`, each resolved against `base` and canonicalized.
+fn server_model_roots(roots: Vec<PathBuf>, base: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    roots
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let r = if r.is_absolute() { r } else { base.join(r) };
+            r.canonicalize().map_err(|e| {
+                invalid(
+                    format!("server.model_roots[{i}]"),
+                    format!("{}: {e}", r.display()),
+                )
+            })
+        })
+        .collect()
+}
+
+/// `[workers]` load timeout, load nice value and huge-page threshold, in that order.
+fn worker_limits(raw: &RawWorkers) -> Result<(Duration, i32, u64), ConfigError> {
+    let load_timeout = duration("workers.load_timeout", raw.load_timeout.clone(), "120s")?;
+    if load_timeout.is_zero() {
+        return Err(invalid("workers.load_timeout", "must be above zero"));
+    }
+    let load_nice = raw.load_nice.unwrap_or(10);
+    if !(0..=19).contains(&load_nice) {
+        return Err(invalid(
+            "workers.load_nice",
+            format!("must be 0..=19 (0 turns it off), got {load_nice}"),
+        ));
+    }
+    // Small models keep 4 KiB pages, which hold them ~2% leaner.
+    let huge_pages_from_bytes = match raw.huge_pages_from.as_deref() {
+        Some("never") => u64::MAX,
+        text => parse_bytes(text.unwrap_or("1GiB"))
+            .map_err(|e| invalid("workers.huge_pages_from", format!("{e}, or \"never\"")))?,
+    };
+    Ok((load_timeout, load_nice, huge_pages_from_bytes))
+}
+
+/// `[auth]`: tokens of at least 16 characters, and a control token whenever there is
+/// an inference token.
+fn auth_settings(raw: RawAuth) -> Result<AuthSettings, ConfigError> {
+    let token = |key: &str, v: Option<String>| -> Result<Option<Secret>, ConfigError> {
+        match v {
+            None => Ok(None),
+            Some(t) if t.trim().len() < 16 => Err(invalid(
+                key,
+                "too short: use at least 16 characters (the value is not shown)",
+            )),
+            Some(t) => Ok(Some(Secret::new(t.trim().to_owned()))),
+        }
+    };
+    let auth = AuthSettings {
+        inference_token: token("auth.inference_token", raw.inference_token)?,
+        control_token: token("auth.control_token", raw.control_token)?,
+    };
+    if auth.inference_token.is_some() && auth.control_token.is_none() {
+        // Otherwise inference would need a token while control (RegisterModel with
+        // any path, EvictModel, ReloadConfig) stayed open.
+        return Err(invalid(
+            "auth.control_token",
+            "required when auth.inference_token is set, or control RPCs would be open",
+        ));
+    }
+    Ok(auth)
+}
+
+/// `[storage]`: off when `spill_dir` is unset or empty.
+fn storage_settings(raw: RawStorage, base: &Path) -> Result<Option<StorageSettings>, ConfigError> {
+    let d = match raw.spill_dir {
+        None => return Ok(None),
+        Some(d) if d.as_os_str().is_empty() => return Ok(None),
+        Some(d) => d,
+    };
+    let spill_dir = if d.is_absolute() { d } else { base.join(d) };
+    let spill_budget_bytes = parse_bytes(raw.spill_budget.as_deref().unwrap_or("20GiB"))
+        .map_err(|e| invalid("storage.spill_budget", e))?;
+    if spill_budget_bytes == 0 {
+        return Err(invalid("storage.spill_budget", "must be above zero"));
+    }
+    let saved_prefix_budget_bytes =
+        parse_bytes(raw.saved_prefix_budget.as_deref().unwrap_or("2GiB"))
+            .map_err(|e| invalid("storage.saved_prefix_budget", e))?;
+    Ok(Some(StorageSettings {
+        spill_dir,
+        spill_budget_bytes,
+        saved_prefix_budget_bytes,
+    }))
+}
+
+/// `[[models]]`: each valid, ids unique, and URL sources only with a spill directory
+/// to download into.
+fn model_specs(
+    raw: Vec<RawModel>,
+    base: &Path,
+    has_storage: bool,
+) -> Result<Vec<ModelSpec>, ConfigError> {
+    let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.len());
+    for (i, m) in raw.into_iter().enumerate() {
+        let spec = model_spec(m, base)
+            .map_err(|(k, reason)| invalid(format!("models[{i}].{k}"), reason))?;
+        if models.iter().any(|o| o.id == spec.id) {
+            return Err(invalid(
+                format!("models[{i}].id"),
+                format!("duplicate id {:?}", spec.id),
+            ));
+        }
+        if !has_storage && spec.source.path().is_none() {
+            return Err(invalid(
+                format!("models[{i}].url"),
+                "a URL source needs a spill directory to download into ([storage] spill_dir)",
+            ));
+        }
+        models.push(spec);
+    }
+    Ok(models)
+}
+
+/// A sidecar listens on loopback. Anything else must be asked for, so a typo or a
+/// stray environment variable cannot expose the API (or its metrics) to the network:
+/// the first listener (by key) off loopback is refused.
+fn refuse_remote_listeners(listeners: [(&str, Option<SocketAddr>); 4]) -> Result<(), ConfigError> {
+    for (key, addr) in listeners {
+        if let Some(addr) = addr.filter(|a: &SocketAddr| !a.ip().is_loopback()) {
+            return Err(invalid(
+                key,
+                format!(
+                    "{addr} is reachable from other hosts; set server.allow_remote = true to serve them (and consider [auth] tokens and [server.tls])"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn groups(raw: Vec<RawGroup>, models: &[ModelSpec]) -> Result<Vec<GroupSpec>, ConfigError> {

@@ -51,89 +51,10 @@ pub struct RawModel {
 
 /// Validates one model; an error names the field (without the `models[i].` prefix).
 pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, String)> {
-    if m.id.is_empty()
-        || m.id.len() > 128
-        || !m
-            .id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
-    {
-        return Err((
-            "id",
-            format!(
-                "must be 1-128 characters of [A-Za-z0-9-_.:/], got {:?}",
-                m.id
-            ),
-        ));
-    }
-    let source = match (m.path.as_os_str().is_empty(), m.url) {
-        (true, None) => return Err(("path", "required (or `url` with `sha256`)".into())),
-        (false, Some(_)) => return Err(("url", "give `path` or `url`, not both".into())),
-        (false, None) => Source::Path(if m.path.is_absolute() {
-            m.path
-        } else {
-            base.join(m.path)
-        }),
-        (true, Some(url)) => {
-            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
-                return Err((
-                    "url",
-                    format!("must be an http:// or https:// URL, got {url:?}"),
-                ));
-            }
-            let sha256 = m.sha256.as_deref().unwrap_or_default().to_ascii_lowercase();
-            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err((
-                    "sha256",
-                    format!("required with `url`: 64 hex digits, got {sha256:?}"),
-                ));
-            }
-            Source::Url { url, sha256 }
-        }
-    };
-    // A directory is a Hugging Face model (safetensors); a file is a GGUF.
-    let is_dir = source.path().is_some_and(Path::is_dir);
-    let format = match m.format.as_deref().unwrap_or("") {
-        "" if is_dir => ModelFormat::Safetensors,
-        "gguf" | "" => ModelFormat::Gguf,
-        "safetensors" => ModelFormat::Safetensors,
-        other => {
-            return Err((
-                "format",
-                format!("unsupported format {other:?}; supported: gguf, safetensors"),
-            ))
-        }
-    };
-    if format == ModelFormat::Safetensors && source.path().is_none() {
-        return Err((
-            "url",
-            "a safetensors model is a directory: give its `path`".into(),
-        ));
-    }
-    let mut precisions = Vec::new();
-    for p in &m.precisions {
-        let p = p.to_ascii_lowercase();
-        if !modelpool_pool::PRECISIONS.contains(&p.as_str()) {
-            return Err((
-                "precisions",
-                format!(
-                    "unknown precision {p:?}; known: {}",
-                    modelpool_pool::PRECISIONS.join(", ")
-                ),
-            ));
-        }
-        if precisions.contains(&p) {
-            return Err(("precisions", format!("{p:?} is listed twice")));
-        }
-        precisions.push(p);
-    }
-    if !precisions.is_empty() && format != ModelFormat::Safetensors {
-        return Err((
-            "precisions",
-            "only a safetensors model is quantized at load; a GGUF file keeps its own precision"
-                .into(),
-        ));
-    }
+    check_id(&m.id)?;
+    let source = model_source(m.path, m.url, m.sha256.as_deref(), base)?;
+    let format = model_format(m.format.as_deref(), &source)?;
+    let precisions = precisions(&m.precisions, format)?;
     let llama_only = [
         ("repack", m.repack.is_some()),
         ("mlock", m.mlock == Some(true)),
@@ -142,26 +63,9 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         ("kv_budget_max", m.kv_budget_max.is_some()),
     ];
     let engine = engine_of(m.engine.as_deref(), &llama_only, format)?;
-    let device = match m.device.as_deref().unwrap_or("cpu") {
-        "auto" => auto_device(),
-        "" => Device::Cpu,
-        text => text.parse::<Device>().map_err(|e| ("device", e))?,
-    };
+    let device = device_of(m.device.as_deref())?;
     gpu_build_check(device, engine)?;
-    let context_length = m.context_length.unwrap_or(4096);
-    if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
-        return Err((
-            "context_length",
-            format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}"),
-        ));
-    }
-    let max_sequences = m.max_sequences.unwrap_or(1);
-    if !(1..=MAX_SEQUENCES).contains(&max_sequences) {
-        return Err((
-            "max_sequences",
-            format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
-        ));
-    }
+    let (context_length, max_sequences) = context_and_sequences(m.context_length, m.max_sequences)?;
     let kv_budget_tokens = kv_budget(m.kv_budget, context_length, max_sequences)?;
     let kv_budget_max_tokens = kv_budget_max(
         m.kv_budget_max,
@@ -169,23 +73,8 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
         context_length,
         max_sequences,
     )?;
-    let max_concurrency = m.max_concurrency.unwrap_or(4);
-    if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
-        return Err((
-            "max_concurrency",
-            format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}"),
-        ));
-    }
-    let idle_ttl = match m.idle_ttl.as_deref() {
-        None | Some("") | Some("never") => None,
-        Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
-            (
-                "idle_ttl",
-                format!("not a duration like \"10m\" or \"never\" ({e}), got {text:?}"),
-            )
-        })?)
-        .filter(|d| !d.is_zero()),
-    };
+    let max_concurrency = max_concurrency(m.max_concurrency)?;
+    let idle_ttl = idle_ttl(m.idle_ttl.as_deref())?;
     Ok(ModelSpec {
         id: m.id,
         source,
@@ -209,6 +98,172 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
                 kv_budget_max_tokens,
             },
         },
+    })
+}
+
+/// `id`: 1-128 characters of `[A-Za-z0-9-_.:/]`.
+fn check_id(id: &str) -> Result<(), (&'static str, String)> {
+    if id.is_empty()
+        || id.len() > 128
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+    {
+        return Err((
+            "id",
+            format!("must be 1-128 characters of [A-Za-z0-9-_.:/], got {id:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Where the weights come from: a `path` (relative to `base`), or an http(s) `url`
+/// with its `sha256`; exactly one of them.
+fn model_source(
+    path: PathBuf,
+    url: Option<String>,
+    sha256: Option<&str>,
+    base: &Path,
+) -> Result<Source, (&'static str, String)> {
+    match (path.as_os_str().is_empty(), url) {
+        (true, None) => Err(("path", "required (or `url` with `sha256`)".into())),
+        (false, Some(_)) => Err(("url", "give `path` or `url`, not both".into())),
+        (false, None) => Ok(Source::Path(if path.is_absolute() {
+            path
+        } else {
+            base.join(path)
+        })),
+        (true, Some(url)) => {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 2048 {
+                return Err((
+                    "url",
+                    format!("must be an http:// or https:// URL, got {url:?}"),
+                ));
+            }
+            let sha256 = sha256.unwrap_or_default().to_ascii_lowercase();
+            if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err((
+                    "sha256",
+                    format!("required with `url`: 64 hex digits, got {sha256:?}"),
+                ));
+            }
+            Ok(Source::Url { url, sha256 })
+        }
+    }
+}
+
+/// The format named, or by default the source's: a directory is a Hugging Face model
+/// (safetensors, which must come from a `path`); a file is a GGUF.
+fn model_format(
+    name: Option<&str>,
+    source: &Source,
+) -> Result<ModelFormat, (&'static str, String)> {
+    let is_dir = source.path().is_some_and(Path::is_dir);
+    let format = match name.unwrap_or("") {
+        "" if is_dir => ModelFormat::Safetensors,
+        "gguf" | "" => ModelFormat::Gguf,
+        "safetensors" => ModelFormat::Safetensors,
+        other => {
+            return Err((
+                "format",
+                format!("unsupported format {other:?}; supported: gguf, safetensors"),
+            ))
+        }
+    };
+    if format == ModelFormat::Safetensors && source.path().is_none() {
+        return Err((
+            "url",
+            "a safetensors model is a directory: give its `path`".into(),
+        ));
+    }
+    Ok(format)
+}
+
+/// `precisions`: known names (lowercased), each once, and only for safetensors.
+fn precisions(
+    names: &[String],
+    format: ModelFormat,
+) -> Result<Vec<String>, (&'static str, String)> {
+    let mut precisions = Vec::new();
+    for p in names {
+        let p = p.to_ascii_lowercase();
+        if !modelpool_pool::PRECISIONS.contains(&p.as_str()) {
+            return Err((
+                "precisions",
+                format!(
+                    "unknown precision {p:?}; known: {}",
+                    modelpool_pool::PRECISIONS.join(", ")
+                ),
+            ));
+        }
+        if precisions.contains(&p) {
+            return Err(("precisions", format!("{p:?} is listed twice")));
+        }
+        precisions.push(p);
+    }
+    if !precisions.is_empty() && format != ModelFormat::Safetensors {
+        return Err((
+            "precisions",
+            "only a safetensors model is quantized at load; a GGUF file keeps its own precision"
+                .into(),
+        ));
+    }
+    Ok(precisions)
+}
+
+/// `device`: "cpu" by default (or when empty), "auto", or a device name.
+fn device_of(name: Option<&str>) -> Result<Device, (&'static str, String)> {
+    Ok(match name.unwrap_or("cpu") {
+        "auto" => auto_device(),
+        "" => Device::Cpu,
+        text => text.parse::<Device>().map_err(|e| ("device", e))?,
+    })
+}
+
+/// `context_length` and `max_sequences`, defaulted and range-checked.
+fn context_and_sequences(
+    context_length: Option<u32>,
+    max_sequences: Option<u32>,
+) -> Result<(u32, u32), (&'static str, String)> {
+    let context_length = context_length.unwrap_or(4096);
+    if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&context_length) {
+        return Err((
+            "context_length",
+            format!("must be {MIN_CONTEXT}..={MAX_CONTEXT} tokens, got {context_length}"),
+        ));
+    }
+    let max_sequences = max_sequences.unwrap_or(1);
+    if !(1..=MAX_SEQUENCES).contains(&max_sequences) {
+        return Err((
+            "max_sequences",
+            format!("must be 1..={MAX_SEQUENCES}, got {max_sequences}"),
+        ));
+    }
+    Ok((context_length, max_sequences))
+}
+
+fn max_concurrency(value: Option<u32>) -> Result<u32, (&'static str, String)> {
+    let max_concurrency = value.unwrap_or(4);
+    if !(1..=MAX_CONCURRENCY).contains(&max_concurrency) {
+        return Err((
+            "max_concurrency",
+            format!("must be 1..={MAX_CONCURRENCY}, got {max_concurrency}"),
+        ));
+    }
+    Ok(max_concurrency)
+}
+
+/// `idle_ttl`: unset, "", "never" and zero all mean no expiry.
+fn idle_ttl(text: Option<&str>) -> Result<Option<std::time::Duration>, (&'static str, String)> {
+    Ok(match text {
+        None | Some("") | Some("never") => None,
+        Some(text) => Some(humantime::parse_duration(text).map_err(|e| {
+            (
+                "idle_ttl",
+                format!("not a duration like \"10m\" or \"never\" ({e}), got {text:?}"),
+            )
+        })?)
+        .filter(|d| !d.is_zero()),
     })
 }
 
