@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::auth::{AuthSettings, Scope};
-use crate::config::{PoolSettings, Settings};
+use crate::config::{ModelMeshSettings, PoolSettings, Settings};
 use crate::control::ControlService;
 use crate::inference::{FrontEnd, InferenceService};
 use crate::kserve::KServe;
@@ -104,30 +104,41 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError>
     Ok((listener, bound))
 }
 
-/// Binds, spawns the server task and returns at once.
-pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
-    // Every port first: a port in use fails the start before anything is created.
-    let (listener, local_addr) = bind(settings.listen).await?;
-    let metrics_listener = match settings.metrics_listen {
+/// The ports `start` binds before it creates anything, each with the address it got.
+struct Listeners {
+    api: (TcpListener, SocketAddr),
+    metrics: Option<(TcpListener, SocketAddr)>,
+    openai: Option<(TcpListener, SocketAddr)>,
+    modelmesh: Option<((TcpListener, SocketAddr), ModelMeshSettings)>,
+}
+
+/// Binds every configured port, so a port in use fails the start before anything is
+/// created.
+async fn bind_all(settings: &Settings) -> Result<Listeners, StartError> {
+    let api = bind(settings.listen).await?;
+    let metrics = match settings.metrics_listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
-    let openai_listener = match settings.openai_listen {
+    let openai = match settings.openai_listen {
         Some(addr) => Some(bind(addr).await?),
         None => None,
     };
-    let modelmesh_listener = match &settings.modelmesh {
+    let modelmesh = match &settings.modelmesh {
         Some(mm) => Some((bind(mm.listen).await?, mm.clone())),
         None => None,
     };
-    let worker_exe = match &settings.worker_exe {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().map_err(StartError::WorkerExe)?,
-    };
-    let tls = settings.tls.as_ref().map(tls_config).transpose()?;
-    // Refuse a bad certificate or key now, not at the first connection.
-    grpc_server(tls.as_ref())?;
-    let runtime_dir = prepare_runtime_dir(&settings.runtime_dir)?;
+    Ok(Listeners {
+        api,
+        metrics,
+        openai,
+        modelmesh,
+    })
+}
+
+/// The backend that runs workers from `worker_exe` with their sockets in
+/// `runtime_dir`, saving KV prefixes when `[storage]` gives them a budget.
+fn worker_backend(settings: &Settings, worker_exe: PathBuf, runtime_dir: PathBuf) -> WorkerBackend {
     let saved_prefixes = settings
         .storage
         .as_ref()
@@ -140,17 +151,24 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     let saved_index = saved_prefixes
         .as_ref()
         .map(|s| Arc::new(SavedPrefixIndex::open(&s.dir, s.budget_bytes)));
-    let backend = WorkerBackend::new(WorkerBackendConfig {
+    WorkerBackend::new(WorkerBackendConfig {
         worker_exe,
-        runtime_dir: runtime_dir.clone(),
+        runtime_dir,
         load_timeout: settings.load_timeout,
         load_nice: settings.load_nice,
         huge_pages_from_bytes: settings.huge_pages_from_bytes,
         saved_prefixes,
         saved_index,
-    });
-    let probe = Arc::new(SystemProbe::new());
-    let mut pool_config = pool_config(&settings.pool, probe.as_ref());
+    })
+}
+
+/// The pool's configuration: budgets and groups, and with `[storage]` the spill
+/// directory, opened (its artifacts verified) before the pool starts.
+async fn full_pool_config(
+    settings: &Settings,
+    probe: &SystemProbe,
+) -> Result<PoolConfig, StartError> {
+    let mut pool_config = pool_config(&settings.pool, probe);
     pool_config.groups = settings.groups.clone();
     if let Some(storage) = settings.storage.clone() {
         // Verifying every artifact's checksum reads the directory once: off the
@@ -167,37 +185,116 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
     for (device, bytes) in &pool_config.budgets {
         tracing::info!(%device, budget = %human_bytes(*bytes), "budget");
     }
+    Ok(pool_config)
+}
+
+/// Serves `/metrics` when its port was bound: the address and the task.
+fn spawn_metrics(
+    listener: Option<(TcpListener, SocketAddr)>,
+    metrics: &Arc<Metrics>,
+    pool: &Pool<WorkerBackend>,
+) -> (Option<SocketAddr>, Option<JoinHandle<()>>) {
+    let Some((listener, bound)) = listener else {
+        return (None, None);
+    };
+    let task = tokio::spawn(metrics::serve(listener, Arc::clone(metrics), pool.clone()));
+    tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+    (Some(bound), Some(task))
+}
+
+/// Serves the ModelMesh runtime API when its port was bound, until `stopped` turns
+/// true.
+fn spawn_modelmesh(
+    listener: Option<((TcpListener, SocketAddr), ModelMeshSettings)>,
+    pool: &Pool<WorkerBackend>,
+    load_timeout: Duration,
+    tls: Option<&tonic::transport::ServerTlsConfig>,
+    stopped: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<SocketAddr>, StartError> {
+    let Some(((listener, bound), mm)) = listener else {
+        return Ok(None);
+    };
+    let runtime = Arc::new(ModelMeshRuntime::new(pool.clone(), mm, load_timeout));
+    let mut stopped = stopped.clone();
+    let builder = grpc_server(tls)?;
+    tokio::spawn(modelmesh::serve(listener, builder, runtime, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    }));
+    tracing::info!(addr = %bound, "ModelMesh runtime API (mmesh.ModelRuntime)");
+    Ok(Some(bound))
+}
+
+/// Serves the OpenAI-compatible API when its port was bound, until draining begins:
+/// the address and the task.
+fn spawn_openai(
+    listener: Option<(TcpListener, SocketAddr)>,
+    inference: &InferenceService,
+    control: &Arc<ControlService>,
+    auth: &AuthSettings,
+    draining: &tokio::sync::watch::Receiver<bool>,
+) -> (Option<SocketAddr>, Option<JoinHandle<()>>) {
+    let Some((listener, bound)) = listener else {
+        return (None, None);
+    };
+    let api = FrontEnd::new(inference.clone(), Arc::clone(control), auth.clone());
+    let mut stopped = draining.clone();
+    let task = tokio::spawn(openai::serve(listener, api, async move {
+        let _ = stopped.wait_for(|d| *d).await;
+    }));
+    tracing::info!(addr = %bound, "OpenAI-compatible API on http://{bound}/v1");
+    (Some(bound), Some(task))
+}
+
+/// The control service, with the model roots and the spill directory ("" without
+/// `[storage]`) it reports.
+fn control_service(
+    settings: &Settings,
+    pool: &Pool<WorkerBackend>,
+    reloader: &Arc<Reloader>,
+    draining: &tokio::sync::watch::Receiver<bool>,
+) -> Arc<ControlService> {
+    let spill_dir = settings
+        .storage
+        .as_ref()
+        .map(|s| s.spill_dir.display().to_string())
+        .unwrap_or_default();
+    Arc::new(ControlService::new(
+        pool.clone(),
+        Arc::clone(reloader),
+        draining.clone(),
+        settings.model_roots.clone(),
+        spill_dir,
+    ))
+}
+
+/// Binds, spawns the server task and returns at once.
+pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
+    let listeners = bind_all(&settings).await?;
+    let (listener, local_addr) = listeners.api;
+    let worker_exe = match &settings.worker_exe {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(StartError::WorkerExe)?,
+    };
+    let tls = settings.tls.as_ref().map(tls_config).transpose()?;
+    // Refuse a bad certificate or key now, not at the first connection.
+    grpc_server(tls.as_ref())?;
+    let runtime_dir = prepare_runtime_dir(&settings.runtime_dir)?;
+    let backend = worker_backend(&settings, worker_exe, runtime_dir.clone());
+    let probe = Arc::new(SystemProbe::new());
+    let pool_config = full_pool_config(&settings, probe.as_ref()).await?;
     let pool = Pool::new(backend, probe, pool_config, settings.models.clone());
     let metrics = Arc::new(Metrics::new());
     metrics::follow_pool(Arc::clone(&metrics), &pool);
-    let metrics_addr = match metrics_listener {
-        Some((listener, bound)) => {
-            let task = tokio::spawn(metrics::serve(listener, Arc::clone(&metrics), pool.clone()));
-            tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
-            Some((bound, task))
-        }
-        None => None,
-    };
-    let (metrics_addr, metrics_task) = metrics_addr.unzip();
+    let (metrics_addr, metrics_task) = spawn_metrics(listeners.metrics, &metrics, &pool);
     let reloader = Arc::new(Reloader::new(pool.clone(), settings.clone()));
     let (stop_modelmesh, modelmesh_stopped) = tokio::sync::watch::channel(false);
-    let modelmesh_addr = match modelmesh_listener {
-        Some(((listener, bound), mm)) => {
-            let runtime = Arc::new(ModelMeshRuntime::new(
-                pool.clone(),
-                mm,
-                settings.load_timeout,
-            ));
-            let mut stopped = modelmesh_stopped.clone();
-            let builder = grpc_server(tls.as_ref())?;
-            tokio::spawn(modelmesh::serve(listener, builder, runtime, async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            }));
-            tracing::info!(addr = %bound, "ModelMesh runtime API (mmesh.ModelRuntime)");
-            Some(bound)
-        }
-        None => None,
-    };
+    let modelmesh_addr = spawn_modelmesh(
+        listeners.modelmesh,
+        &pool,
+        settings.load_timeout,
+        tls.as_ref(),
+        &modelmesh_stopped,
+    )?;
     let (tx, rx) = oneshot::channel();
     // True once shutdown began: every front end then refuses new requests.
     let (draining_tx, draining_rx) = tokio::sync::watch::channel(false);
@@ -207,34 +304,14 @@ pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
         draining_rx.clone(),
         settings.max_concurrent_streams,
     );
-    let spill_dir = settings
-        .storage
-        .as_ref()
-        .map(|s| s.spill_dir.display().to_string())
-        .unwrap_or_default();
-    let control = Arc::new(ControlService::new(
-        pool.clone(),
-        Arc::clone(&reloader),
-        draining_rx.clone(),
-        settings.model_roots.clone(),
-        spill_dir,
-    ));
-    let (openai_addr, openai_task) = match openai_listener {
-        Some((listener, bound)) => {
-            let api = FrontEnd::new(
-                inference.clone(),
-                Arc::clone(&control),
-                settings.auth.clone(),
-            );
-            let mut stopped = draining_rx.clone();
-            let task = tokio::spawn(openai::serve(listener, api, async move {
-                let _ = stopped.wait_for(|d| *d).await;
-            }));
-            tracing::info!(addr = %bound, "OpenAI-compatible API on http://{bound}/v1");
-            (Some(bound), Some(task))
-        }
-        None => (None, None),
-    };
+    let control = control_service(&settings, &pool, &reloader, &draining_rx);
+    let (openai_addr, openai_task) = spawn_openai(
+        listeners.openai,
+        &inference,
+        &control,
+        &settings.auth,
+        &draining_rx,
+    );
     let parts = Parts {
         pool: pool.clone(),
         inference,
@@ -280,6 +357,57 @@ struct Parts {
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
+/// The gRPC services health reports on, besides the server as a whole ("").
+const HEALTH_SERVICES: [&str; 3] = [
+    <InferenceServer<InferenceService> as tonic::server::NamedService>::NAME,
+    <ModelControlServer<ControlService> as tonic::server::NamedService>::NAME,
+    <GrpcInferenceServiceServer<KServe> as tonic::server::NamedService>::NAME,
+];
+
+/// Health SERVING: each service, then the server as a whole.
+async fn mark_serving(health: &tonic_health::server::HealthReporter) {
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+}
+
+/// Health NOT_SERVING: the server as a whole first, then each service.
+async fn mark_not_serving(health: &tonic_health::server::HealthReporter) {
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    for service in HEALTH_SERVICES {
+        health
+            .set_service_status(service, tonic_health::ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Shutdown, in order: health turns NOT_SERVING (probes and balancers stop sending)
+/// and new requests get UNAVAILABLE while the connections stay up; once no request
+/// holds or awaits a model, this returns and tonic stops accepting and closes the
+/// connections. `drain_tx` starts the drain timeout.
+async fn drain_on_shutdown(
+    shutdown: impl Future<Output = ()>,
+    draining_tx: tokio::sync::watch::Sender<bool>,
+    drain_tx: oneshot::Sender<()>,
+    health: tonic_health::server::HealthReporter,
+    pool: Pool<WorkerBackend>,
+) {
+    shutdown.await;
+    // Endless streams (WatchEvents) end now so they do not hold up the drain.
+    let _ = draining_tx.send(true);
+    let _ = drain_tx.send(());
+    tracing::info!("shutting down: draining in-flight requests");
+    mark_not_serving(&health).await;
+    pool.requests_done().await;
+}
+
 async fn serve(
     listener: TcpListener,
     parts: Parts,
@@ -296,18 +424,7 @@ async fn serve(
         tls,
     } = parts;
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<InferenceServer<InferenceService>>()
-        .await;
-    health
-        .set_serving::<ModelControlServer<ControlService>>()
-        .await;
-    health
-        .set_serving::<GrpcInferenceServiceServer<KServe>>()
-        .await;
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
+    mark_serving(&health).await;
 
     // grpcurl 1.8.x speaks reflection v1alpha; newer clients v1. Serve both.
     let reflection = || {
@@ -322,33 +439,8 @@ async fn serve(
         .build_v1alpha()
         .map_err(|e| StartError::Reflection(e.to_string()))?;
 
-    // Shutdown, in order: health turns NOT_SERVING (probes and balancers stop sending)
-    // and new requests get UNAVAILABLE while the connections stay up; once no request
-    // holds or awaits a model (or the drain timeout passes), tonic stops accepting and
-    // closes the connections.
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
-    let health_for_shutdown = health.clone();
-    let pool_for_drain = pool.clone();
-    let graceful = async move {
-        shutdown.await;
-        // Endless streams (WatchEvents) end now so they do not hold up the drain.
-        let _ = draining_tx.send(true);
-        let _ = drain_tx.send(());
-        tracing::info!("shutting down: draining in-flight requests");
-        health_for_shutdown
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
-        health_for_shutdown
-            .set_not_serving::<InferenceServer<InferenceService>>()
-            .await;
-        health_for_shutdown
-            .set_not_serving::<ModelControlServer<ControlService>>()
-            .await;
-        health_for_shutdown
-            .set_not_serving::<GrpcInferenceServiceServer<KServe>>()
-            .await;
-        pool_for_drain.requests_done().await;
-    };
+    let graceful = drain_on_shutdown(shutdown, draining_tx, drain_tx, health, pool.clone());
 
     let router = grpc_server(tls.as_ref())?
         .layer(tower::util::MapResponseLayer::new(

@@ -174,55 +174,15 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
     let kind = match ev.kind {
         EventKind::Registered => Kind::Registered(pool_event::Registered {}),
         EventKind::Unregistered => Kind::Unregistered(pool_event::Unregistered {}),
-        EventKind::LoadStarted {
-            predicted_bytes,
-            expected,
-            precision,
-            kv_budget_tokens,
-            kv_grown_from,
-        } => Kind::LoadStarted(pool_event::LoadStarted {
-            precision: precision.unwrap_or_default(),
-            predicted_bytes,
-            expected_duration: expected.and_then(proto_duration),
-            kv_budget_tokens: kv_budget_tokens.unwrap_or(0),
-            kv_budget_grown_from: kv_grown_from.unwrap_or(0),
-        }),
-        EventKind::LoadProgress {
-            stage,
-            elapsed,
-            expected,
-        } => Kind::LoadProgress(pool_event::LoadProgress {
-            stage,
-            elapsed: proto_duration(elapsed),
-            expected_duration: expected.and_then(proto_duration),
-        }),
-        EventKind::LoadFinished {
-            duration,
-            predicted_bytes,
-            measured_bytes,
-        } => Kind::LoadFinished(pool_event::LoadFinished {
-            duration: proto_duration(duration),
-            predicted_bytes,
-            measured_bytes,
-        }),
-        EventKind::LoadFailed { duration, error } => Kind::LoadFailed(pool_event::LoadFailed {
-            duration: proto_duration(duration),
-            error,
-        }),
+        load @ (EventKind::LoadStarted { .. }
+        | EventKind::LoadProgress { .. }
+        | EventKind::LoadFinished { .. }
+        | EventKind::LoadFailed { .. }) => load_event_kind(load),
         EventKind::Evicted {
             reason,
             freed_bytes,
         } => Kind::Evicted(pool_event::Evicted {
-            reason: match reason {
-                EvictReason::MakeRoom { .. } => "lru",
-                EvictReason::IdleTtl { .. } => "idle_ttl",
-                EvictReason::Requested => "requested",
-                EvictReason::Shutdown => "shutdown",
-                EvictReason::Crashed { .. } => "crashed",
-                EvictReason::Swap { .. } => "swap",
-                EvictReason::Turn { .. } => "turn",
-            }
-            .into(),
+            reason: evict_reason_label(&reason).into(),
             detail: reason.to_string(),
             freed_bytes,
         }),
@@ -276,6 +236,61 @@ pub(crate) fn event(ev: PoolEvent) -> modelpool_proto::v1::PoolEvent {
         time: Some(timestamp(ev.at)),
         model: ev.model,
         kind: Some(kind),
+    }
+}
+
+/// A load event's kind on the wire; `event` passes only the four load events here.
+fn load_event_kind(kind: EventKind) -> Kind {
+    match kind {
+        EventKind::LoadStarted {
+            predicted_bytes,
+            expected,
+            precision,
+            kv_budget_tokens,
+            kv_grown_from,
+        } => Kind::LoadStarted(pool_event::LoadStarted {
+            precision: precision.unwrap_or_default(),
+            predicted_bytes,
+            expected_duration: expected.and_then(proto_duration),
+            kv_budget_tokens: kv_budget_tokens.unwrap_or(0),
+            kv_budget_grown_from: kv_grown_from.unwrap_or(0),
+        }),
+        EventKind::LoadProgress {
+            stage,
+            elapsed,
+            expected,
+        } => Kind::LoadProgress(pool_event::LoadProgress {
+            stage,
+            elapsed: proto_duration(elapsed),
+            expected_duration: expected.and_then(proto_duration),
+        }),
+        EventKind::LoadFinished {
+            duration,
+            predicted_bytes,
+            measured_bytes,
+        } => Kind::LoadFinished(pool_event::LoadFinished {
+            duration: proto_duration(duration),
+            predicted_bytes,
+            measured_bytes,
+        }),
+        EventKind::LoadFailed { duration, error } => Kind::LoadFailed(pool_event::LoadFailed {
+            duration: proto_duration(duration),
+            error,
+        }),
+        other => unreachable!("not a load event: {other:?}"),
+    }
+}
+
+/// The short name of an eviction's reason on the wire and in metrics labels.
+pub(crate) fn evict_reason_label(reason: &EvictReason) -> &'static str {
+    match reason {
+        EvictReason::MakeRoom { .. } => "lru",
+        EvictReason::IdleTtl { .. } => "idle_ttl",
+        EvictReason::Requested => "requested",
+        EvictReason::Shutdown => "shutdown",
+        EvictReason::Crashed { .. } => "crashed",
+        EvictReason::Swap { .. } => "swap",
+        EvictReason::Turn { .. } => "turn",
     }
 }
 

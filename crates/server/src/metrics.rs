@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use modelpool_pool::{EventKind, EvictReason, Pool, SlotState};
+use modelpool_pool::{EventKind, Pool, SlotState};
 use modelpool_supervisor::WorkerBackend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -308,15 +308,7 @@ impl Metrics {
                 self.load_duration.observe(&[model], duration.as_secs_f64());
             }
             EventKind::Evicted { reason, .. } => {
-                let reason = match reason {
-                    EvictReason::MakeRoom { .. } => "lru",
-                    EvictReason::IdleTtl { .. } => "idle_ttl",
-                    EvictReason::Requested => "requested",
-                    EvictReason::Shutdown => "shutdown",
-                    EvictReason::Crashed { .. } => "crashed",
-                    EvictReason::Swap { .. } => "swap",
-                    EvictReason::Turn { .. } => "turn",
-                };
+                let reason = crate::control::evict_reason_label(reason);
                 self.evictions.add(&[model, reason], 1.0);
             }
             EventKind::TurnStarted { .. } => self.turns.add(&[model], 1.0),
@@ -352,6 +344,14 @@ type Gauge<T> = (&'static str, &'static str, fn(&T) -> u64);
 
 fn render_gauges(out: &mut String, pool: &Pool<WorkerBackend>) {
     let status = pool.status();
+    render_device_gauges(out, &status.devices);
+    render_resident_bytes(out, &status.models);
+    render_model_gauges(out, &status.models);
+    render_waits(out, &status.models);
+}
+
+/// Budget, use, reservations and room, per device.
+fn render_device_gauges(out: &mut String, devices: &[modelpool_pool::DeviceStatus]) {
     let dev = |d: &modelpool_pool::DeviceStatus| vec![d.device.to_string()];
     let device_gauges: [Gauge<modelpool_pool::DeviceStatus>; 5] = [
         (
@@ -382,17 +382,21 @@ fn render_gauges(out: &mut String, pool: &Pool<WorkerBackend>) {
     ];
     for (name, help, get) in device_gauges {
         header(out, name, help, "gauge");
-        for d in &status.devices {
+        for d in devices {
             sample(out, name, &["device"], &dev(d), None, get(d) as f64);
         }
     }
+}
+
+/// Bytes each ready model's worker holds.
+fn render_resident_bytes(out: &mut String, models: &[modelpool_pool::ModelSnapshot]) {
     header(
         out,
         "modelpool_resident_bytes",
         "Bytes a model's worker holds, by device and tier.",
         "gauge",
     );
-    for m in status.models.iter().filter(|m| m.state == SlotState::Ready) {
+    for m in models.iter().filter(|m| m.state == SlotState::Ready) {
         let labels = vec![
             m.spec.id.clone(),
             m.spec.device.to_string(),
@@ -407,6 +411,10 @@ fn render_gauges(out: &mut String, pool: &Pool<WorkerBackend>) {
             m.resident_bytes as f64,
         );
     }
+}
+
+/// Requests in flight, requests waiting and bytes charged, per model.
+fn render_model_gauges(out: &mut String, models: &[modelpool_pool::ModelSnapshot]) {
     let per_model: [Gauge<modelpool_pool::ModelSnapshot>; 3] = [
         (
             "modelpool_in_flight_requests",
@@ -426,7 +434,7 @@ fn render_gauges(out: &mut String, pool: &Pool<WorkerBackend>) {
     ];
     for (name, help, get) in per_model {
         header(out, name, help, "gauge");
-        for m in &status.models {
+        for m in models {
             sample(
                 out,
                 name,
@@ -437,7 +445,6 @@ fn render_gauges(out: &mut String, pool: &Pool<WorkerBackend>) {
             );
         }
     }
-    render_waits(out, &status.models);
 }
 
 /// Requests waiting for room, by why: "room", "turn" (another model's turn first, or
