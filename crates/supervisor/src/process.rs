@@ -15,8 +15,8 @@ use modelpool_proto::worker::v1::worker_client::WorkerClient;
 use modelpool_proto::worker::v1::{
     SavePrefixesRequest, StatsRequest, StatsResponse, WorkerGenerateRequest,
 };
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{ChildStdin, Command};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::protocol::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
@@ -218,44 +218,6 @@ impl WorkerProcess {
         progress: &Progress,
     ) -> Result<WorkerProcess, BackendError> {
         let _ = std::fs::remove_file(&args.socket);
-        let mut cmd = Command::new(&config.worker_exe);
-        cmd.arg("worker")
-            .args(args.to_args())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        if let Some(ordinal) = args.device.strip_prefix("cuda:") {
-            // The worker's only visible GPU is its own (see llm::place).
-            cmd.env("CUDA_VISIBLE_DEVICES", ordinal);
-        }
-        // Errors inside mistral.rs' loader capture a backtrace whenever RUST_BACKTRACE is
-        // set, and symbolizing it maps the binary's debug info: measured with
-        // RUST_BACKTRACE=1, ~60 MiB more worker RSS and ~80 ms more load for SmolLM2.
-        // Panics still print theirs; RUST_LIB_BACKTRACE set by the operator wins.
-        if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
-            cmd.env("RUST_LIB_BACKTRACE", "0");
-        }
-        // glibc then asks for transparent huge pages on its large allocations (where the
-        // kernel's THP mode is `madvise` or `always`): a 4 GiB model takes 512x fewer
-        // page faults to load and its exit frees 2 MiB pages, not 4 KiB ones. Measured
-        // for a 7B-shaped Q4_0 model: evict (kill to reaped) 312 -> 18 ms, reload from
-        // the page cache 8.0 -> 5.3 s. The operator's own GLIBC_TUNABLES win.
-        if huge_pages && std::env::var_os("GLIBC_TUNABLES").is_none() {
-            cmd.env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1");
-        }
-        // llama.cpp's OpenMP threads spin at each barrier before they sleep (libgomp's
-        // default: 300,000 turns). Several workers busy on few cores then spin against
-        // each other: 3 SmolLM2 workers on 2 cores served 1.8 requests/s by default,
-        // 4.8 at 10,000 turns, 7.1 at 3,000; one worker alone decoded as fast at 10,000
-        // as by default (98 against 97 tok/s) and ~10% slower at 3,000 (BENCHMARKS.md).
-        // The operator's own OpenMP settings win.
-        if std::env::var_os("GOMP_SPINCOUNT").is_none()
-            && std::env::var_os("OMP_WAIT_POLICY").is_none()
-        {
-            cmd.env("GOMP_SPINCOUNT", WORKER_OMP_SPIN_COUNT);
-        }
-        die_with_parent(&mut cmd);
         // Only mistral.rs loads are CPU-bound for seconds (it copies and converts the
         // weights); a llama.cpp load maps them, and starving it behind busy models
         // turned a 0.4 s 7B swap-in into 6.5 s with no gain for them (BENCHMARKS.md).
@@ -263,7 +225,7 @@ impl WorkerProcess {
             EngineKind::MistralRs => config.load_nice,
             EngineKind::LlamaCpp => 0,
         };
-        load_at_low_priority(&mut cmd, load_nice);
+        let mut cmd = worker_command(config, args, huge_pages, load_nice);
         let mut child = cmd.spawn().map_err(|e| {
             BackendError::Failed(format!(
                 "cannot start worker {}: {e}",
@@ -277,49 +239,7 @@ impl WorkerProcess {
         let tail = forward_stderr(stderr, args.model_id.clone(), pid);
 
         let mut lines = BufReader::new(stdout).lines();
-        let wait_ready = async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(stage) = line.strip_prefix(STAGE_PREFIX) {
-                    progress(stage.trim());
-                }
-                if let Some(json) = line.strip_prefix(READY_PREFIX) {
-                    return serde_json::from_str::<ReadyInfo>(json).ok();
-                }
-            }
-            None
-        };
-        let ready = match tokio::time::timeout(config.load_timeout, wait_ready).await {
-            Ok(Some(ready)) => ready,
-            Ok(None) => {
-                // Stdout closed: the worker is exiting. One that closed it and hangs
-                // is killed rather than waited on forever.
-                let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await
-                {
-                    Ok(status) => status.ok(),
-                    Err(_) => {
-                        let _ = child.start_kill();
-                        child.wait().await.ok()
-                    }
-                };
-                // Let the stderr forwarder drain the last lines.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                let _ = std::fs::remove_file(&args.socket);
-                let status = status.map_or_else(|| "unknown status".into(), |s| s.to_string());
-                return Err(BackendError::Failed(format!(
-                    "worker exited ({status}) before it was ready: {}",
-                    render_tail(&tail)
-                )));
-            }
-            Err(_) => {
-                let _ = child.kill().await;
-                let _ = std::fs::remove_file(&args.socket);
-                return Err(BackendError::Timeout(format!(
-                    "worker was not ready after {:?}; killed it. last output: {}",
-                    config.load_timeout,
-                    render_tail(&tail)
-                )));
-            }
-        };
+        let ready = wait_for_ready(&mut child, &mut lines, config, args, &tail, progress).await?;
         if load_nice > 0 {
             restore_priority(pid);
         }
@@ -338,24 +258,7 @@ impl WorkerProcess {
                 )));
             }
         };
-        // One task owns the child: it reaps it when it exits on its own (a crash) or
-        // kills it when asked (or when this WorkerProcess is dropped).
-        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
-        let (exited_tx, exited) = tokio::sync::watch::channel(None);
-        tokio::spawn(async move {
-            let status = tokio::select! {
-                status = child.wait() => status,
-                _ = kill_rx => {
-                    let _ = child.start_kill();
-                    child.wait().await
-                }
-            };
-            let how = match status {
-                Ok(s) => describe_exit(s),
-                Err(e) => format!("cannot wait for it: {e}"),
-            };
-            let _ = exited_tx.send(Some(how));
-        });
+        let (kill_tx, exited) = own_child(child);
         Ok(WorkerProcess {
             pid,
             kill: Mutex::new(Some(kill_tx)),
@@ -419,6 +322,144 @@ impl WorkerProcess {
     pub fn load_ms(&self) -> u64 {
         self.ready.load_ms
     }
+}
+
+/// The `modelpool worker` command for `args`: piped stdio, killed with its parent,
+/// and the environment and load priority the worker runs best with.
+fn worker_command(
+    config: &WorkerBackendConfig,
+    args: &WorkerArgs,
+    huge_pages: bool,
+    load_nice: i32,
+) -> Command {
+    let mut cmd = Command::new(&config.worker_exe);
+    cmd.arg("worker")
+        .args(args.to_args())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    if let Some(ordinal) = args.device.strip_prefix("cuda:") {
+        // The worker's only visible GPU is its own (see llm::place).
+        cmd.env("CUDA_VISIBLE_DEVICES", ordinal);
+    }
+    // Errors inside mistral.rs' loader capture a backtrace whenever RUST_BACKTRACE is
+    // set, and symbolizing it maps the binary's debug info: measured with
+    // RUST_BACKTRACE=1, ~60 MiB more worker RSS and ~80 ms more load for SmolLM2.
+    // Panics still print theirs; RUST_LIB_BACKTRACE set by the operator wins.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        cmd.env("RUST_LIB_BACKTRACE", "0");
+    }
+    // glibc then asks for transparent huge pages on its large allocations (where the
+    // kernel's THP mode is `madvise` or `always`): a 4 GiB model takes 512x fewer
+    // page faults to load and its exit frees 2 MiB pages, not 4 KiB ones. Measured
+    // for a 7B-shaped Q4_0 model: evict (kill to reaped) 312 -> 18 ms, reload from
+    // the page cache 8.0 -> 5.3 s. The operator's own GLIBC_TUNABLES win.
+    if huge_pages && std::env::var_os("GLIBC_TUNABLES").is_none() {
+        cmd.env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1");
+    }
+    // llama.cpp's OpenMP threads spin at each barrier before they sleep (libgomp's
+    // default: 300,000 turns). Several workers busy on few cores then spin against
+    // each other: 3 SmolLM2 workers on 2 cores served 1.8 requests/s by default,
+    // 4.8 at 10,000 turns, 7.1 at 3,000; one worker alone decoded as fast at 10,000
+    // as by default (98 against 97 tok/s) and ~10% slower at 3,000 (BENCHMARKS.md).
+    // The operator's own OpenMP settings win.
+    if std::env::var_os("GOMP_SPINCOUNT").is_none() && std::env::var_os("OMP_WAIT_POLICY").is_none()
+    {
+        cmd.env("GOMP_SPINCOUNT", WORKER_OMP_SPIN_COUNT);
+    }
+    die_with_parent(&mut cmd);
+    load_at_low_priority(&mut cmd, load_nice);
+    cmd
+}
+
+/// Reads the worker's stdout up to its ready line, passing each stage line on to
+/// `progress`; `None` when stdout closes first.
+async fn read_ready(
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    progress: &Progress,
+) -> Option<ReadyInfo> {
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(stage) = line.strip_prefix(STAGE_PREFIX) {
+            progress(stage.trim());
+        }
+        if let Some(json) = line.strip_prefix(READY_PREFIX) {
+            return serde_json::from_str::<ReadyInfo>(json).ok();
+        }
+    }
+    None
+}
+
+/// Waits up to the load timeout for the worker's ready line. A worker that exits
+/// first is reaped (killed if it hangs), one not ready in time is killed; either way
+/// its socket is removed and the error quotes its last stderr lines.
+async fn wait_for_ready(
+    child: &mut Child,
+    lines: &mut Lines<BufReader<ChildStdout>>,
+    config: &WorkerBackendConfig,
+    args: &WorkerArgs,
+    tail: &Mutex<VecDeque<String>>,
+    progress: &Progress,
+) -> Result<ReadyInfo, BackendError> {
+    match tokio::time::timeout(config.load_timeout, read_ready(lines, progress)).await {
+        Ok(Some(ready)) => Ok(ready),
+        Ok(None) => {
+            // Stdout closed: the worker is exiting. One that closed it and hangs
+            // is killed rather than waited on forever.
+            let status = match tokio::time::timeout(Duration::from_secs(5), child.wait()).await {
+                Ok(status) => status.ok(),
+                Err(_) => {
+                    let _ = child.start_kill();
+                    child.wait().await.ok()
+                }
+            };
+            // Let the stderr forwarder drain the last lines.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let _ = std::fs::remove_file(&args.socket);
+            let status = status.map_or_else(|| "unknown status".into(), |s| s.to_string());
+            Err(BackendError::Failed(format!(
+                "worker exited ({status}) before it was ready: {}",
+                render_tail(tail)
+            )))
+        }
+        Err(_) => {
+            let _ = child.kill().await;
+            let _ = std::fs::remove_file(&args.socket);
+            Err(BackendError::Timeout(format!(
+                "worker was not ready after {:?}; killed it. last output: {}",
+                config.load_timeout,
+                render_tail(tail)
+            )))
+        }
+    }
+}
+
+/// Hands `child` to the one task that owns it: it reaps it when it exits on its own
+/// (a crash) or kills it when asked (or when the kill sender is dropped). Returns the
+/// kill sender and where the task reports how the process ended.
+fn own_child(
+    mut child: Child,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::sync::watch::Receiver<Option<String>>,
+) {
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+    let (exited_tx, exited) = tokio::sync::watch::channel(None);
+    tokio::spawn(async move {
+        let status = tokio::select! {
+            status = child.wait() => status,
+            _ = kill_rx => {
+                let _ = child.start_kill();
+                child.wait().await
+            }
+        };
+        let how = match status {
+            Ok(s) => describe_exit(s),
+            Err(e) => format!("cannot wait for it: {e}"),
+        };
+        let _ = exited_tx.send(Some(how));
+    });
+    (kill_tx, exited)
 }
 
 /// "killed by signal 9 (SIGKILL)", "exited with status 1". SIGBUS is what a worker
