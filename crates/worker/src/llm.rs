@@ -267,54 +267,23 @@ async fn next_chunk(mut st: GenState) -> Option<(Result<GenerateChunk, EngineErr
             return Some((Err(err), st));
         }
     };
-    let (text, finish) = match response {
-        Response::Chunk(c) if st.is_chat => {
-            let choice = c.choices.into_iter().next();
-            let finish = choice.as_ref().and_then(|c| c.finish_reason.clone());
-            (
-                choice.and_then(|c| c.delta.content).unwrap_or_default(),
-                finish,
-            )
-        }
-        Response::CompletionChunk(c) if !st.is_chat => {
-            let choice = c.choices.into_iter().next();
-            let finish = choice.as_ref().and_then(|c| c.finish_reason.clone());
-            (choice.map(|c| c.text).unwrap_or_default(), finish)
-        }
-        Response::ValidationError(e) => {
+    let (text, finish) = match response_text(response, st.is_chat) {
+        Ok(pair) => pair,
+        Err(e) => {
             st.finished = true;
-            return Some((Err(EngineError::invalid("request", e.to_string())), st));
-        }
-        Response::InternalError(e) => {
-            st.finished = true;
-            return Some((Err(EngineError::Generation(e.to_string())), st));
-        }
-        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
-            st.finished = true;
-            return Some((Err(EngineError::Generation(e)), st));
-        }
-        _ => {
-            st.finished = true;
-            return Some((
-                Err(EngineError::Generation(
-                    "unexpected response kind from the engine".into(),
-                )),
-                st,
-            ));
+            return Some((Err(e), st));
         }
     };
     if st.first_token_at.is_none() {
         st.first_token_at = Some(Instant::now());
     }
     let (mut text, hit_stop) = st.stop.push(&text);
+    // Dropping the receiver (with this state) at a stop cancels the sequence in
+    // mistral.rs.
     let finish = if hit_stop {
-        // Dropping the receiver (with this state) cancels the sequence in mistral.rs.
         Some(FinishReason::Stop)
     } else {
-        finish.map(|reason| match reason.as_str() {
-            "length" => FinishReason::Length,
-            _ => FinishReason::Stop,
-        })
+        finish.as_deref().map(finish_reason)
     };
     if let Some(reason) = finish {
         if !hit_stop {
@@ -329,6 +298,45 @@ async fn next_chunk(mut st: GenState) -> Option<(Result<GenerateChunk, EngineErr
         }),
         st,
     ))
+}
+
+/// The text of one engine response and mistral.rs' finish reason, if any; an error, or
+/// a response of the other kind (chat against completion), ends the sequence.
+fn response_text(
+    response: Response,
+    is_chat: bool,
+) -> Result<(String, Option<String>), EngineError> {
+    match response {
+        Response::Chunk(c) if is_chat => {
+            let choice = c.choices.into_iter().next();
+            let finish = choice.as_ref().and_then(|c| c.finish_reason.clone());
+            Ok((
+                choice.and_then(|c| c.delta.content).unwrap_or_default(),
+                finish,
+            ))
+        }
+        Response::CompletionChunk(c) if !is_chat => {
+            let choice = c.choices.into_iter().next();
+            let finish = choice.as_ref().and_then(|c| c.finish_reason.clone());
+            Ok((choice.map(|c| c.text).unwrap_or_default(), finish))
+        }
+        Response::ValidationError(e) => Err(EngineError::invalid("request", e.to_string())),
+        Response::InternalError(e) => Err(EngineError::Generation(e.to_string())),
+        Response::ModelError(e, _) | Response::CompletionModelError(e, _) => {
+            Err(EngineError::Generation(e))
+        }
+        _ => Err(EngineError::Generation(
+            "unexpected response kind from the engine".into(),
+        )),
+    }
+}
+
+/// mistral.rs' finish reason on the wire: "length", or a stop.
+fn finish_reason(reason: &str) -> FinishReason {
+    match reason {
+        "length" => FinishReason::Length,
+        _ => FinishReason::Stop,
+    }
 }
 
 /// The last chunk of a sequence: its text, why it ended, and its usage.

@@ -10,23 +10,19 @@
 //! [`persist`]).
 
 mod kv_room;
+mod load;
 mod persist;
 mod repeat;
 
 use std::collections::VecDeque;
-use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::params::{LlamaModelParams, LlamaSplitMode};
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
-use modelpool_pool::Device;
 use modelpool_proto::v1::{FinishReason, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
@@ -113,13 +109,7 @@ fn serve(
         let path = opts.path.clone();
         std::thread::spawn(move || saved::file_digest(&path))
     });
-    let loaded = LlamaBackend::init()
-        .map_err(|e| EngineError::Load(format!("llama.cpp backend: {e}")))
-        .and_then(|backend| {
-            let model = load_model(&backend, &opts)?;
-            Ok((backend, model))
-        });
-    let (backend, model) = match loaded {
+    let (backend, model) = match load::backend_and_model(&opts) {
         Ok(pair) => pair,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -131,158 +121,38 @@ fn serve(
         trained => opts.context_length.min(trained),
     };
     let sequences = opts.max_sequences.max(1);
-    let n_batch = context_length + sequences;
-    let ctx = match new_context(&model, &backend, &opts, context_length, sequences, n_batch) {
+    let n_batch = batch_tokens(context_length, sequences);
+    let ctx = match load::new_context(&model, &backend, &opts, context_length, sequences, n_batch) {
         Ok(ctx) => ctx,
         Err(e) => {
             let _ = ready.send(Err(e));
             return;
         }
     };
-    let saved = opts
-        .saved_prefixes
-        .as_ref()
-        .filter(|_| opts.prefix_cache)
-        .zip(digest)
-        .and_then(|(config, digest)| {
-            let digest = digest
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("the digest thread panicked")));
-            let opened = digest.map(|digest| {
-                let key = saved_key(&digest, &opts, context_length);
-                persist::Saved::open(config, key, context_length)
-            });
-            opened
-                .inspect_err(|e| tracing::warn!("saved prefixes off for this model: {e}"))
-                .ok()
-        });
-    let vocab = model.vocab();
-    let token_text = |t: LlamaToken| {
-        vocab
-            .text(t)
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    };
-    let info = Loaded {
-        context_length,
-        chat_template: model
-            .chat_template(None)
-            .ok()
-            .and_then(|t| t.to_string().ok()),
-        bos_token: token_text(vocab.bos()),
-        eos_token: token_text(vocab.eos()),
-    };
-    if ready.send(Ok(info)).is_err() {
+    let saved = load::open_saved(&opts, digest, context_length);
+    if ready
+        .send(Ok(load::loaded_info(&model, context_length)))
+        .is_err()
+    {
         return;
     }
-    let kv_cells = u64::from(ctx.n_ctx());
-    let mut decoder = Decoder {
-        model: &model,
+    let mut decoder = Decoder::new(
+        &model,
         ctx,
-        batch: LlamaBatch::new(n_batch as usize, 1),
-        n_batch,
         context_length,
-        kv_cells,
-        waiting_for_room: 0,
-        free_slots: (0..sequences as i32).rev().collect(),
-        caches: (0..sequences).map(|_| SlotCache::default()).collect(),
-        end_logits: (0..sequences).map(|_| None).collect(),
-        clock: 0,
-        prefix_cache: opts.prefix_cache,
+        sequences,
+        &opts,
         saved,
-        active: Vec::new(),
-        queued: VecDeque::new(),
         counters,
-    };
+    );
     decoder.publish_saved();
     decoder.run(jobs);
 }
 
-fn load_model(backend: &LlamaBackend, opts: &LlamaOptions) -> Result<LlamaModel, EngineError> {
-    let mut params = LlamaModelParams::default().with_use_mlock(opts.mlock);
-    params = match opts.device {
-        Device::Cpu => params.with_n_gpu_layers(0),
-        Device::Cuda(_) => {
-            if !backend.supports_gpu_offload() {
-                return Err(EngineError::Load(format!(
-                    "{} requested, but llama.cpp has no GPU backend here: {}",
-                    opts.device,
-                    no_gpu_reason()
-                )));
-            }
-            // Every layer on the GPU or the load fails; never split or left on the CPU.
-            // The worker sees only its own GPU (CUDA_VISIBLE_DEVICES), as device 0.
-            params
-                .with_n_gpu_layers(u32::MAX)
-                .with_split_mode(LlamaSplitMode::None)
-                .with_main_gpu(0)
-        }
-    };
-    if opts.device == Device::Cpu {
-        super::repack::check(opts.repack)?;
-    }
-    let params = Box::pin(params);
-    LlamaModel::load_from_file(backend, &opts.path, &params).map_err(|e| {
-        EngineError::Load(format!(
-            "llama.cpp could not load {}: {e}",
-            opts.path.display()
-        ))
-    })
-}
-
-/// Why llama.cpp found no GPU: the build, or the machine.
-fn no_gpu_reason() -> &'static str {
-    if cfg!(feature = "cuda") {
-        "no CUDA device is visible to the worker (driver, CUDA_VISIBLE_DEVICES)"
-    } else if cfg!(feature = "llama-shared") {
-        "the libggml on the library path was built without CUDA, or no CUDA device is visible"
-    } else {
-        "this modelpool was built without the `cuda` feature"
-    }
-}
-
-fn new_context<'m>(
-    model: &'m LlamaModel,
-    backend: &LlamaBackend,
-    opts: &LlamaOptions,
-    context_length: u32,
-    sequences: u32,
-    n_batch: u32,
-) -> Result<LlamaContext<'m>, EngineError> {
-    let threads = opts.threads.max(1) as i32;
-    // `context_length` cells per sequence, in one cache the sequences share (unified):
-    // a sequence never holds more than `context_length` cells (prompt and answer are
-    // capped by it), so the shared cache cannot run out, and a step attends over one
-    // buffer instead of one per sequence (measured faster at 4 and 8 streams).
-    let every_sequence = context_length
-        .checked_mul(sequences)
-        .ok_or_else(|| EngineError::Load("context length x sequences overflows".into()))?;
-    let cells = opts
-        .kv_budget_tokens
-        .map_or(every_sequence, |t| t.min(every_sequence));
-    let cells =
-        NonZeroU32::new(cells).ok_or_else(|| EngineError::Load("a KV cache of no cells".into()))?;
-    let params = LlamaContextParams::default()
-        .with_n_ctx(Some(cells))
-        .with_n_batch(n_batch)
-        .with_n_ubatch(n_batch.min(512))
-        .with_n_seq_max(sequences)
-        .with_kv_unified(true)
-        .with_n_threads(threads)
-        .with_n_threads_batch(threads);
-    model
-        .new_context(backend, params)
-        .map_err(|e| EngineError::Load(format!("llama.cpp context of {cells} cells: {e}")))
-}
-
-/// What a saved prefix is valid for: this model file's content (its digest, whatever
-/// path or copy it is read from), this engine build, context length and device.
-fn saved_key(file_digest: &str, opts: &LlamaOptions, context_length: u32) -> String {
-    format!(
-        "model={file_digest} engine=llama-cpp-2/{} context={context_length} device={}",
-        super::LLAMA_CPP_2_VERSION,
-        opts.device,
-    )
+/// Tokens one step's batch holds: a prompt of up to a full context plus one token for
+/// each sequence.
+fn batch_tokens(context_length: u32, sequences: u32) -> u32 {
+    context_length + sequences
 }
 
 /// One generating sequence.
@@ -339,6 +209,40 @@ struct Decoder<'m> {
     active: Vec<Seq>,
     queued: VecDeque<Pending>,
     counters: Arc<Counters>,
+}
+
+impl<'m> Decoder<'m> {
+    /// A decoder with every slot free and empty.
+    fn new(
+        model: &'m LlamaModel,
+        ctx: LlamaContext<'m>,
+        context_length: u32,
+        sequences: u32,
+        opts: &LlamaOptions,
+        saved: Option<persist::Saved>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let kv_cells = u64::from(ctx.n_ctx());
+        let n_batch = batch_tokens(context_length, sequences);
+        Decoder {
+            model,
+            ctx,
+            batch: LlamaBatch::new(n_batch as usize, 1),
+            n_batch,
+            context_length,
+            kv_cells,
+            waiting_for_room: 0,
+            free_slots: (0..sequences as i32).rev().collect(),
+            caches: (0..sequences).map(|_| SlotCache::default()).collect(),
+            end_logits: (0..sequences).map(|_| None).collect(),
+            clock: 0,
+            prefix_cache: opts.prefix_cache,
+            saved,
+            active: Vec::new(),
+            queued: VecDeque::new(),
+            counters,
+        }
+    }
 }
 
 impl Decoder<'_> {
