@@ -263,22 +263,7 @@ pub fn parse_with(reader: impl Read, arrays: Arrays) -> Result<GgufInfo, GgufErr
         arrays,
         kept: 0,
     };
-    let mut magic = [0u8; 4];
-    r.exact(&mut magic)?;
-    if &magic != b"GGUF" {
-        return Err(GgufError::BadMagic(magic));
-    }
-    let version = r.u32()?;
-    if !(2..=3).contains(&version) {
-        return Err(GgufError::Version(version));
-    }
-    let tensor_count = r.u64()?;
-    let kv_count = r.u64()?;
-    if tensor_count > MAX_TENSORS || kv_count > MAX_KV {
-        return Err(GgufError::Corrupt(format!(
-            "{tensor_count} tensors and {kv_count} metadata keys is beyond any real model"
-        )));
-    }
+    let (version, tensor_count, kv_count) = r.preamble()?;
     let mut metadata = BTreeMap::new();
     for _ in 0..kv_count {
         let key = r.string()?;
@@ -290,38 +275,9 @@ pub fn parse_with(reader: impl Read, arrays: Arrays) -> Result<GgufInfo, GgufErr
     // Grown as entries arrive, not reserved from the claimed count.
     let mut tensors = Vec::new();
     for _ in 0..tensor_count {
-        let name = r.string()?;
-        let n_dims = r.u32()?;
-        if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(GgufError::Corrupt(format!(
-                "tensor `{name}` has {n_dims} dimensions"
-            )));
-        }
-        let mut dims = Vec::with_capacity(n_dims as usize);
-        let mut elements: u64 = 1;
-        for _ in 0..n_dims {
-            let dim = r.u64()?;
-            elements = elements.checked_mul(dim).ok_or_else(|| {
-                GgufError::Corrupt(format!("tensor `{name}` is impossibly large"))
-            })?;
-            dims.push(dim);
-        }
-        let ggml_type = r.u32()?;
-        let offset = r.u64()?;
-        let (block, block_bytes) =
-            block_layout(ggml_type).ok_or_else(|| GgufError::TensorType {
-                name: name.clone(),
-                ggml_type,
-            })?;
-        let bytes = elements.div_ceil(block).saturating_mul(block_bytes);
-        weight_bytes = weight_bytes.saturating_add(bytes);
-        tensors.push(TensorEntry {
-            name,
-            dims,
-            ggml_type,
-            offset,
-            bytes,
-        });
+        let entry = r.tensor_entry()?;
+        weight_bytes = weight_bytes.saturating_add(entry.bytes);
+        tensors.push(entry);
     }
     let architecture = match metadata.get("general.architecture") {
         Some(Value::Str(a)) => a.clone(),
@@ -352,6 +308,63 @@ struct Reader<R> {
 }
 
 impl<R: Read> Reader<R> {
+    /// The fixed start of a header: magic, version, and the tensor and metadata counts
+    /// (refused when beyond any real model).
+    fn preamble(&mut self) -> Result<(u32, u64, u64), GgufError> {
+        let mut magic = [0u8; 4];
+        self.exact(&mut magic)?;
+        if &magic != b"GGUF" {
+            return Err(GgufError::BadMagic(magic));
+        }
+        let version = self.u32()?;
+        if !(2..=3).contains(&version) {
+            return Err(GgufError::Version(version));
+        }
+        let tensor_count = self.u64()?;
+        let kv_count = self.u64()?;
+        if tensor_count > MAX_TENSORS || kv_count > MAX_KV {
+            return Err(GgufError::Corrupt(format!(
+                "{tensor_count} tensors and {kv_count} metadata keys is beyond any real model"
+            )));
+        }
+        Ok((version, tensor_count, kv_count))
+    }
+
+    /// One entry of the tensor table, with its stored size.
+    fn tensor_entry(&mut self) -> Result<TensorEntry, GgufError> {
+        let name = self.string()?;
+        let n_dims = self.u32()?;
+        if n_dims == 0 || n_dims > MAX_DIMS {
+            return Err(GgufError::Corrupt(format!(
+                "tensor `{name}` has {n_dims} dimensions"
+            )));
+        }
+        let mut dims = Vec::with_capacity(n_dims as usize);
+        let mut elements: u64 = 1;
+        for _ in 0..n_dims {
+            let dim = self.u64()?;
+            elements = elements.checked_mul(dim).ok_or_else(|| {
+                GgufError::Corrupt(format!("tensor `{name}` is impossibly large"))
+            })?;
+            dims.push(dim);
+        }
+        let ggml_type = self.u32()?;
+        let offset = self.u64()?;
+        let (block, block_bytes) =
+            block_layout(ggml_type).ok_or_else(|| GgufError::TensorType {
+                name: name.clone(),
+                ggml_type,
+            })?;
+        let bytes = elements.div_ceil(block).saturating_mul(block_bytes);
+        Ok(TensorEntry {
+            name,
+            dims,
+            ggml_type,
+            offset,
+            bytes,
+        })
+    }
+
     fn exact(&mut self, buf: &mut [u8]) -> Result<(), GgufError> {
         self.inner
             .read_exact(buf)
