@@ -9,7 +9,7 @@ use modelpool_proto::v1::model_control_client::ModelControlClient;
 use modelpool_proto::v1::pool_event::Kind;
 use modelpool_proto::v1::{
     EvictModelRequest, GetPoolStatusRequest, ListModelsRequest, LoadModelRequest, ModelInfo,
-    PinModelRequest, RegisterModelRequest, ReloadConfigRequest, UnpinModelRequest,
+    PinModelRequest, PoolStatus, RegisterModelRequest, ReloadConfigRequest, UnpinModelRequest,
     UnregisterModelRequest, WatchEventsRequest,
 };
 use serde_json::{json, Value};
@@ -99,52 +99,65 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
         .await?
         .into_inner();
     if conn.json {
-        let devices: Vec<Value> = s
-            .devices
-            .iter()
-            .map(|d| {
-                json!({
-                    "device": d.device,
-                    "name": d.name,
-                    "total_bytes": d.total_bytes,
-                    "available_bytes": d.available_bytes,
-                    "budget_bytes": d.budget_bytes,
-                    "used_bytes": d.used_bytes,
-                    "reserved_bytes": d.reserved_bytes,
-                    "free_bytes": d.free_bytes,
-                })
-            })
-            .collect();
-        let models: Vec<Value> = s.models.iter().map(model_json).collect();
-        let reason = Some(s.gpu_absent_reason.as_str()).filter(|r| !r.is_empty());
-        let spill = s.spill.as_ref().map(|p| {
-            json!({
-                "dir": p.dir,
-                "budget_bytes": p.budget_bytes,
-                "used_bytes": p.used_bytes,
-                "artifacts": p.artifacts,
-                "held_bytes": p.held_bytes,
-            })
-        });
-        return say_json(&json!({
-            "devices": devices,
-            "models": models,
-            "gpu_absent_reason": reason,
-            "spill": spill,
-            "turns_total": s.turns_total,
-            "turns_last_minute": s.turns_last_minute,
-            "groups": s.groups.iter().map(|g| json!({
-                "name": g.name,
-                "members": g.members,
-                "max_resident": g.max_resident,
-                "resident": g.resident,
-                "resident_bytes": g.resident_bytes,
-                "budget_bytes": g.budget_bytes,
-                "swaps_total": g.swaps_total,
-                "swaps_last_minute": g.swaps_last_minute,
-            })).collect::<Vec<_>>(),
-        }));
+        return say_json(&status_json(&s));
     }
+    say_devices(&s)?;
+    say_spill_groups_and_turns(&s)?;
+    waits(&s.models)?;
+    say_resident(&s.models)
+}
+
+/// `status --json`: devices, models, spill directory, turns and groups.
+fn status_json(s: &PoolStatus) -> Value {
+    let devices: Vec<Value> = s
+        .devices
+        .iter()
+        .map(|d| {
+            json!({
+                "device": d.device,
+                "name": d.name,
+                "total_bytes": d.total_bytes,
+                "available_bytes": d.available_bytes,
+                "budget_bytes": d.budget_bytes,
+                "used_bytes": d.used_bytes,
+                "reserved_bytes": d.reserved_bytes,
+                "free_bytes": d.free_bytes,
+            })
+        })
+        .collect();
+    let models: Vec<Value> = s.models.iter().map(model_json).collect();
+    let reason = Some(s.gpu_absent_reason.as_str()).filter(|r| !r.is_empty());
+    let spill = s.spill.as_ref().map(|p| {
+        json!({
+            "dir": p.dir,
+            "budget_bytes": p.budget_bytes,
+            "used_bytes": p.used_bytes,
+            "artifacts": p.artifacts,
+            "held_bytes": p.held_bytes,
+        })
+    });
+    json!({
+        "devices": devices,
+        "models": models,
+        "gpu_absent_reason": reason,
+        "spill": spill,
+        "turns_total": s.turns_total,
+        "turns_last_minute": s.turns_last_minute,
+        "groups": s.groups.iter().map(|g| json!({
+            "name": g.name,
+            "members": g.members,
+            "max_resident": g.max_resident,
+            "resident": g.resident,
+            "resident_bytes": g.resident_bytes,
+            "budget_bytes": g.budget_bytes,
+            "swaps_total": g.swaps_total,
+            "swaps_last_minute": g.swaps_last_minute,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One budget bar per device, and why there is no GPU tier, if there is none.
+fn say_devices(s: &PoolStatus) -> Result<(), Failure> {
     let dev_width = s.devices.iter().map(|d| d.device.len()).max().unwrap_or(0);
     let name_width = s
         .devices
@@ -167,6 +180,11 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
     if !s.gpu_absent_reason.is_empty() {
         say(format!("no GPU tier: {}", s.gpu_absent_reason))?;
     }
+    Ok(())
+}
+
+/// The spill directory's fill, each group's residents and swaps, and the turns given.
+fn say_spill_groups_and_turns(s: &PoolStatus) -> Result<(), Failure> {
     if let Some(p) = &s.spill {
         say(format!(
             "spill  {}  [{}] {} artifact(s), {} of budget {}{}",
@@ -203,8 +221,12 @@ pub(super) async fn status(conn: &Conn) -> Result<(), Failure> {
             s.turns_total, s.turns_last_minute
         ))?;
     }
-    waits(&s.models)?;
-    let resident: Vec<&ModelInfo> = s.models.iter().filter(|m| is_resident(m)).collect();
+    Ok(())
+}
+
+/// The table of resident models, or that there is none.
+fn say_resident(models: &[ModelInfo]) -> Result<(), Failure> {
+    let resident: Vec<&ModelInfo> = models.iter().filter(|m| is_resident(m)).collect();
     if resident.is_empty() {
         return say("no model resident");
     }

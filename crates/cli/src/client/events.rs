@@ -1,7 +1,7 @@
 //! Pool events as people and scripts read them: one line each for `modelpool watch`,
 //! one JSON object each for `--json`.
 
-use modelpool_proto::v1::pool_event::Kind;
+use modelpool_proto::v1::pool_event::{self, Kind};
 use modelpool_proto::v1::PoolEvent;
 use serde_json::{json, Value};
 
@@ -15,22 +15,7 @@ pub(crate) fn event_line(e: &PoolEvent) -> String {
         None => format!("unknown {model}"),
         Some(Kind::Registered(_)) => format!("registered {model}"),
         Some(Kind::Unregistered(_)) => format!("unregistered {model}"),
-        Some(Kind::LoadStarted(k)) => {
-            let at = if k.precision.is_empty() {
-                String::new()
-            } else {
-                format!(" at {}", k.precision)
-            };
-            let kv = match (k.kv_budget_tokens, k.kv_budget_grown_from) {
-                (0, _) => String::new(),
-                (t, 0) => format!(" kv_budget {t}"),
-                (t, from) => format!(" kv_budget {t} (grown from {from})"),
-            };
-            format!(
-                "load_started {model}{at} predicted {}{kv}",
-                bytes(k.predicted_bytes)
-            )
-        }
+        Some(Kind::LoadStarted(k)) => load_started_line(model, k),
         Some(Kind::LoadProgress(k)) => format!(
             "load_progress {model} {:.2} s: {}",
             secs(k.elapsed.as_ref()),
@@ -47,14 +32,11 @@ pub(crate) fn event_line(e: &PoolEvent) -> String {
             secs(k.duration.as_ref()),
             k.error
         ),
-        Some(Kind::Evicted(k)) => {
-            let why = if k.detail.is_empty() || k.detail == k.reason {
-                k.reason.clone()
-            } else {
-                format!("{}: {}", k.reason, k.detail)
-            };
-            format!("evicted {model} ({why}) freed {}", bytes(k.freed_bytes))
-        }
+        Some(Kind::Evicted(k)) => format!(
+            "evicted {model} ({}) freed {}",
+            evicted_why(k),
+            bytes(k.freed_bytes)
+        ),
         Some(Kind::Pinned(_)) => format!("pinned {model}"),
         Some(Kind::Unpinned(_)) => format!("unpinned {model}"),
         Some(Kind::BudgetChanged(k)) => {
@@ -102,9 +84,51 @@ pub(crate) fn event_line(e: &PoolEvent) -> String {
     format!("{at} {what}")
 }
 
+/// `load_started smollm2 at q8_0 predicted 350.1 MiB kv_budget 8192 (grown from 4096)`;
+/// the precision and KV budget only where set.
+fn load_started_line(model: &str, k: &pool_event::LoadStarted) -> String {
+    let at = if k.precision.is_empty() {
+        String::new()
+    } else {
+        format!(" at {}", k.precision)
+    };
+    let kv = match (k.kv_budget_tokens, k.kv_budget_grown_from) {
+        (0, _) => String::new(),
+        (t, 0) => format!(" kv_budget {t}"),
+        (t, from) => format!(" kv_budget {t} (grown from {from})"),
+    };
+    format!(
+        "load_started {model}{at} predicted {}{kv}",
+        bytes(k.predicted_bytes)
+    )
+}
+
+/// Why a model was evicted: the reason, with its detail where that says more.
+fn evicted_why(k: &pool_event::Evicted) -> String {
+    if k.detail.is_empty() || k.detail == k.reason {
+        k.reason.clone()
+    } else {
+        format!("{}: {}", k.reason, k.detail)
+    }
+}
+
 /// One event as a JSON object: `time`, `model`, `event` and the event's own fields.
 pub(crate) fn event_json(e: &PoolEvent) -> Value {
-    let (name, fields) = match &e.kind {
+    let (name, fields) = event_fields(e.kind.as_ref());
+    let mut out = json!({
+        "time": time(e.time.as_ref()).map(rfc3339),
+        "model": e.model,
+        "event": name,
+    });
+    if let (Value::Object(out), Value::Object(fields)) = (&mut out, fields) {
+        out.extend(fields);
+    }
+    out
+}
+
+/// An event's name and its own fields, as a JSON object.
+fn event_fields(kind: Option<&Kind>) -> (&'static str, Value) {
+    match kind {
         None => ("unknown", json!({})),
         Some(Kind::Registered(_)) => ("registered", json!({})),
         Some(Kind::Unregistered(_)) => ("unregistered", json!({})),
@@ -173,16 +197,7 @@ pub(crate) fn event_json(e: &PoolEvent) -> Value {
             json!({ "duration_s": secs(k.duration.as_ref()), "waited_s": secs(k.waited.as_ref()) }),
         ),
         Some(Kind::Missed(n)) => ("missed", json!({ "missed": n })),
-    };
-    let mut out = json!({
-        "time": time(e.time.as_ref()).map(rfc3339),
-        "model": e.model,
-        "event": name,
-    });
-    if let (Value::Object(out), Value::Object(fields)) = (&mut out, fields) {
-        out.extend(fields);
     }
-    out
 }
 
 #[cfg(test)]

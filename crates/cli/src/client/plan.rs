@@ -404,7 +404,6 @@ impl View<'_> {
     }
 
     fn human(&self) -> Result<(), Failure> {
-        let a = self.analysis;
         let source = self.config.map_or_else(
             || "the environment (no --config)".to_owned(),
             |p| p.display().to_string(),
@@ -414,6 +413,25 @@ impl View<'_> {
             self.ok.len() + self.failed.len()
         ))?;
         say("")?;
+        self.say_devices()?;
+        if self.ok.is_empty() && self.failed.is_empty() {
+            return say("no models configured");
+        }
+        say("")?;
+        self.say_models()?;
+        say("")?;
+        if self.cands.is_empty() {
+            return Ok(());
+        }
+        self.say_fit()?;
+        self.say_largest()?;
+        self.say_memory_notes()
+    }
+
+    /// The device table: memory, budget and what all models need; and why there is
+    /// no GPU tier, if there is none.
+    fn say_devices(&self) -> Result<(), Failure> {
+        let a = self.analysis;
         let rows: Vec<Vec<String>> = self
             .devices()
             .into_iter()
@@ -451,10 +469,13 @@ impl View<'_> {
         if let Some(reason) = self.gpu_absent {
             say(format!("no GPU tier: {reason}"))?;
         }
-        if self.ok.is_empty() && self.failed.is_empty() {
-            return say("no models configured");
-        }
-        say("")?;
+        Ok(())
+    }
+
+    /// The model table (a row of "?" for a model that cannot be predicted), then why
+    /// each such model cannot be.
+    fn say_models(&self) -> Result<(), Failure> {
+        let a = self.analysis;
         let mut rows: Vec<Vec<String>> = self
             .ok
             .iter()
@@ -500,10 +521,13 @@ impl View<'_> {
         for (s, e) in self.failed {
             say(format!("cannot predict {}: {e}", s.id))?;
         }
-        say("")?;
-        if self.cands.is_empty() {
-            return Ok(());
-        }
+        Ok(())
+    }
+
+    /// Whether all models fit together; if not, which devices are over budget and which
+    /// models fit.
+    fn say_fit(&self) -> Result<(), Failure> {
+        let a = self.analysis;
         if a.all_fit {
             say(format!("all {} model(s) fit together", self.cands.len()))?;
         } else {
@@ -526,6 +550,12 @@ impl View<'_> {
             ))?;
             say(format!("left out: {}", list(&self.ids(&a.left_out))))?;
         }
+        Ok(())
+    }
+
+    /// What loading the largest model would evict.
+    fn say_largest(&self) -> Result<(), Failure> {
+        let a = self.analysis;
         if let Some(l) = &a.largest {
             let c = &self.cands[l.index];
             let head = format!("largest model: {} ({})", c.id, bytes(c.charge.total()));
@@ -542,6 +572,13 @@ impl View<'_> {
             };
             say(line)?;
         }
+        Ok(())
+    }
+
+    /// A note for each device whose free memory, less the reserve, is below what the
+    /// fitting models need.
+    fn say_memory_notes(&self) -> Result<(), Failure> {
+        let a = self.analysis;
         // The server also keeps `pool.reserve` of what the machine has free right now.
         for m in self.machine {
             let fitting: u64 = a
