@@ -1,6 +1,6 @@
 //! Fuzz target: arbitrary text into the configuration parser and validator that
 //! `modelpool serve`, SIGHUP and `ReloadConfig` run on operator-supplied files. Any
-//! input must end in `Ok` or a `ConfigError` naming a key: no panic, no overflow.
+//! input must end in `Ok` or a `ServerError::Config` naming a key: no panic, no overflow.
 //!
 //! The server crate links no engine (only the worker does), so the parser is the
 //! server's own, an ordinary dependency.

@@ -25,36 +25,13 @@ use tokio_stream::wrappers::TcpListenerStream;
 use crate::auth::{AuthSettings, Scope};
 use crate::config::{ModelMeshSettings, PoolSettings, Settings};
 use crate::control::ControlService;
+use crate::error::ServerError;
 use crate::inference::{FrontEnd, InferenceService};
 use crate::kserve::KServe;
 use crate::metrics::{self, Metrics};
 use crate::modelmesh::{self, ModelMeshRuntime};
 use crate::openai;
 use crate::reload::Reloader;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("cannot prepare runtime directory {path}: {source}")]
-    RuntimeDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot find the modelpool executable for workers: {0}")]
-    WorkerExe(std::io::Error),
-    #[error("reflection service: {0}")]
-    Reflection(String),
-    #[error(transparent)]
-    Spill(#[from] modelpool_pool::StoreError),
-    #[error("tls: {0}")]
-    Tls(String),
-    #[error("grpc server: {0}")]
-    Serve(String),
-}
 
 /// A server running in the background; see [`start`].
 pub struct RunningServer {
@@ -73,19 +50,19 @@ pub struct RunningServer {
     openai_task: Option<JoinHandle<()>>,
     stop_modelmesh: tokio::sync::watch::Sender<bool>,
     shutdown: Option<oneshot::Sender<()>>,
-    task: JoinHandle<Result<(), StartError>>,
+    task: JoinHandle<Result<(), ServerError>>,
 }
 
 impl RunningServer {
     /// Stops the server gracefully and waits until workers are gone.
-    pub async fn stop(mut self) -> Result<(), StartError> {
+    pub async fn stop(mut self) -> Result<(), ServerError> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
         let _ = self.stop_modelmesh.send(true);
         let result = (&mut self.task)
             .await
-            .map_err(|e| StartError::Serve(e.to_string()))?;
+            .map_err(|e| ServerError::Serve(e.to_string()))?;
         for task in [self.metrics_task.take(), self.openai_task.take()]
             .into_iter()
             .flatten()
@@ -97,8 +74,8 @@ impl RunningServer {
 }
 
 /// Binds `addr`, returning the listener and the address it got (port 0 resolved).
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let err = |source| StartError::Bind { addr, source };
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServerError> {
+    let err = |source| ServerError::Bind { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(err)?;
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
@@ -114,7 +91,7 @@ struct Listeners {
 
 /// Binds every configured port, so a port in use fails the start before anything is
 /// created.
-async fn bind_all(settings: &Settings) -> Result<Listeners, StartError> {
+async fn bind_all(settings: &Settings) -> Result<Listeners, ServerError> {
     let api = bind(settings.listen).await?;
     let metrics = match settings.metrics_listen {
         Some(addr) => Some(bind(addr).await?),
@@ -167,7 +144,7 @@ fn worker_backend(settings: &Settings, worker_exe: PathBuf, runtime_dir: PathBuf
 async fn full_pool_config(
     settings: &Settings,
     probe: &SystemProbe,
-) -> Result<PoolConfig, StartError> {
+) -> Result<PoolConfig, ServerError> {
     let mut pool_config = pool_config(&settings.pool, probe);
     pool_config.groups = settings.groups.clone();
     if let Some(storage) = settings.storage.clone() {
@@ -177,7 +154,7 @@ async fn full_pool_config(
             Store::open(&storage.spill_dir, storage.spill_budget_bytes)
         })
         .await
-        .map_err(|e| StartError::Serve(format!("spill directory scan: {e}")))??;
+        .map_err(|e| ServerError::Serve(format!("spill directory scan: {e}")))??;
         tracing::info!(dir = %store.dir().display(), budget = %human_bytes(store.budget_bytes()),
             used = %human_bytes(store.usage().used_bytes), "spill directory");
         pool_config.store = Some(Arc::new(store));
@@ -210,7 +187,7 @@ fn spawn_modelmesh(
     load_timeout: Duration,
     tls: Option<&tonic::transport::ServerTlsConfig>,
     stopped: &tokio::sync::watch::Receiver<bool>,
-) -> Result<Option<SocketAddr>, StartError> {
+) -> Result<Option<SocketAddr>, ServerError> {
     let Some(((listener, bound), mm)) = listener else {
         return Ok(None);
     };
@@ -268,12 +245,12 @@ fn control_service(
 }
 
 /// Binds, spawns the server task and returns at once.
-pub async fn start(settings: Settings) -> Result<RunningServer, StartError> {
+pub async fn start(settings: Settings) -> Result<RunningServer, ServerError> {
     let listeners = bind_all(&settings).await?;
     let (listener, local_addr) = listeners.api;
     let worker_exe = match &settings.worker_exe {
         Some(p) => p.clone(),
-        None => std::env::current_exe().map_err(StartError::WorkerExe)?,
+        None => std::env::current_exe().map_err(ServerError::WorkerExe)?,
     };
     let tls = settings.tls.as_ref().map(tls_config).transpose()?;
     // Refuse a bad certificate or key now, not at the first connection.
@@ -414,7 +391,7 @@ async fn serve(
     runtime_dir: PathBuf,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), StartError> {
+) -> Result<(), ServerError> {
     let Parts {
         pool,
         inference,
@@ -434,10 +411,10 @@ async fn serve(
     };
     let reflection_v1 = reflection()
         .build_v1()
-        .map_err(|e| StartError::Reflection(e.to_string()))?;
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
     let reflection_v1alpha = reflection()
         .build_v1alpha()
-        .map_err(|e| StartError::Reflection(e.to_string()))?;
+        .map_err(|e| ServerError::Reflection(e.to_string()))?;
 
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let graceful = drain_on_shutdown(shutdown, draining_tx, drain_tx, health, pool.clone());
@@ -477,7 +454,7 @@ async fn serve(
     pool.shutdown().await;
     let _ = std::fs::remove_dir_all(&runtime_dir);
     tracing::info!("modelpool stopped");
-    result.map_err(|e| StartError::Serve(e.to_string()))
+    result.map_err(|e| ServerError::Serve(e.to_string()))
 }
 
 /// Budgets per device from the `[pool]` settings and what the machine has; a GPU gets a
@@ -517,11 +494,11 @@ pub fn pool_config(settings: &PoolSettings, probe: &dyn MemoryProbe) -> PoolConf
 
 /// Creates `<base>/modelpool-<pid>` with mode 0700 for worker sockets, after removing
 /// directories left by servers that died without cleaning up.
-fn prepare_runtime_dir(base: &Path) -> Result<PathBuf, StartError> {
+fn prepare_runtime_dir(base: &Path) -> Result<PathBuf, ServerError> {
     use std::os::unix::fs::DirBuilderExt;
     let err = |path: &Path| {
         let path = path.to_path_buf();
-        move |source| StartError::RuntimeDir { path, source }
+        move |source| ServerError::RuntimeDir { path, source }
     };
     if let Ok(entries) = std::fs::read_dir(base) {
         for entry in entries.flatten() {
@@ -562,10 +539,10 @@ pub fn install_crypto_provider() {
 /// The server certificate and key, and for mutual TLS the CA that signs clients.
 fn tls_config(
     t: &crate::config::TlsSettings,
-) -> Result<tonic::transport::ServerTlsConfig, StartError> {
+) -> Result<tonic::transport::ServerTlsConfig, ServerError> {
     install_crypto_provider();
     let read = |p: &Path| {
-        std::fs::read(p).map_err(|e| StartError::Tls(format!("cannot read {}: {e}", p.display())))
+        std::fs::read(p).map_err(|e| ServerError::Tls(format!("cannot read {}: {e}", p.display())))
     };
     let identity = tonic::transport::Identity::from_pem(read(&t.cert)?, read(&t.key)?);
     let mut config = tonic::transport::ServerTlsConfig::new().identity(identity);
@@ -578,12 +555,12 @@ fn tls_config(
 /// A gRPC server builder, with TLS when configured.
 fn grpc_server(
     tls: Option<&tonic::transport::ServerTlsConfig>,
-) -> Result<tonic::transport::Server, StartError> {
+) -> Result<tonic::transport::Server, ServerError> {
     let builder = tonic::transport::Server::builder();
     match tls {
         Some(config) => builder
             .tls_config(config.clone())
-            .map_err(|e| StartError::Tls(format!("{e}: {:?}", std::error::Error::source(&e)))),
+            .map_err(|e| ServerError::Tls(format!("{e}: {:?}", std::error::Error::source(&e)))),
         None => Ok(builder),
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use modelpool_pool::budget::parse_bytes;
 
 use crate::auth::{AuthSettings, Secret};
+use crate::error::ServerError;
 use modelpool_pool::{GroupSpec, ModelSpec, TurnPolicy};
 use serde::Deserialize;
 
@@ -25,16 +26,8 @@ const MAX_CONTEXT: u32 = 1 << 20;
 const MAX_SEQUENCES: u32 = 1024;
 const MAX_CONCURRENCY: u32 = 4096;
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read configuration: {0}")]
-    Read(String),
-    #[error("invalid configuration: `{key}`: {reason}")]
-    Invalid { key: String, reason: String },
-}
-
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ServerError {
+    ServerError::Config {
         key: key.into(),
         reason: reason.into(),
     }
@@ -272,11 +265,14 @@ pub struct PoolSettings {
 
 impl Settings {
     /// Reads `file` (if any) and the environment, then validates.
-    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+    pub fn load(file: Option<&Path>) -> Result<Self, ServerError> {
         let mut builder = config::Config::builder();
         if let Some(f) = file {
             if !f.is_file() {
-                return Err(ConfigError::Read(format!("{} does not exist", f.display())));
+                return Err(ServerError::ConfigRead(format!(
+                    "{} does not exist",
+                    f.display()
+                )));
             }
             builder = builder.add_source(config::File::from(f).format(config::FileFormat::Toml));
         }
@@ -289,7 +285,7 @@ impl Settings {
         let raw: RawSettings = builder
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Read(e.to_string()))?;
+            .map_err(|e| ServerError::ConfigRead(e.to_string()))?;
         let base = file
             .and_then(Path::parent)
             .map(Path::to_path_buf)
@@ -300,16 +296,16 @@ impl Settings {
     }
 
     /// Parses a TOML string (no environment), resolving relative paths against `base`.
-    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ConfigError> {
+    pub fn from_toml(text: &str, base: &Path) -> Result<Self, ServerError> {
         let raw: RawSettings = config::Config::builder()
             .add_source(config::File::from_str(text, config::FileFormat::Toml))
             .build()
             .and_then(|c| c.try_deserialize())
-            .map_err(|e| ConfigError::Read(e.to_string()))?;
+            .map_err(|e| ServerError::ConfigRead(e.to_string()))?;
         Self::validate(raw, base)
     }
 
-    fn validate(raw: RawSettings, base: &Path) -> Result<Self, ConfigError> {
+    fn validate(raw: RawSettings, base: &Path) -> Result<Self, ServerError> {
         let (listen, metrics_listen, openai_listen) = listen_addresses(&raw.server)?;
         let drain_timeout = duration("server.drain_timeout", raw.server.drain_timeout, "30s")?;
         let tls = raw.server.tls.map(|t| tls_settings(t, base)).transpose()?;
@@ -365,7 +361,7 @@ impl Settings {
 /// `server.openai_listen` (off unless set), in that order.
 fn listen_addresses(
     raw: &RawServer,
-) -> Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>), ConfigError> {
+) -> Result<(SocketAddr, Option<SocketAddr>, Option<SocketAddr>), ServerError> {
     let listen = raw
         .listen
         .as_deref()
@@ -400,8 +396,8 @@ fn listen_addresses(
 
 /// `[server.tls]`: cert and key are required, and every file named must exist
 /// (relative paths resolve against `base`).
-fn tls_settings(t: RawTls, base: &Path) -> Result<TlsSettings, ConfigError> {
-    let file = |k: &str, p: Option<PathBuf>| -> Result<PathBuf, ConfigError> {
+fn tls_settings(t: RawTls, base: &Path) -> Result<TlsSettings, ServerError> {
+    let file = |k: &str, p: Option<PathBuf>| -> Result<PathBuf, ServerError> {
         let p =
             p.ok_or_else(|| invalid(format!("server.tls.{k}"), "required with [server.tls]"))?;
         let p = if p.is_absolute() { p } else { base.join(p) };
@@ -423,7 +419,7 @@ fn tls_settings(t: RawTls, base: &Path) -> Result<TlsSettings, ConfigError> {
     })
 }
 
-fn max_concurrent_streams(raw: Option<u32>) -> Result<u32, ConfigError> {
+fn max_concurrent_streams(raw: Option<u32>) -> Result<u32, ServerError> {
     let max_concurrent_streams = raw.unwrap_or(256);
     if !(1..=100_000).contains(&max_concurrent_streams) {
         return Err(invalid(
@@ -435,7 +431,7 @@ fn max_concurrent_streams(raw: Option<u32>) -> Result<u32, ConfigError> {
 }
 
 /// `server.model_roots`, each resolved against `base` and canonicalized.
-fn server_model_roots(roots: Vec<PathBuf>, base: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+fn server_model_roots(roots: Vec<PathBuf>, base: &Path) -> Result<Vec<PathBuf>, ServerError> {
     roots
         .into_iter()
         .enumerate()
@@ -452,7 +448,7 @@ fn server_model_roots(roots: Vec<PathBuf>, base: &Path) -> Result<Vec<PathBuf>, 
 }
 
 /// `[workers]` load timeout, load nice value and huge-page threshold, in that order.
-fn worker_limits(raw: &RawWorkers) -> Result<(Duration, i32, u64), ConfigError> {
+fn worker_limits(raw: &RawWorkers) -> Result<(Duration, i32, u64), ServerError> {
     let load_timeout = duration("workers.load_timeout", raw.load_timeout.clone(), "120s")?;
     if load_timeout.is_zero() {
         return Err(invalid("workers.load_timeout", "must be above zero"));
@@ -475,8 +471,8 @@ fn worker_limits(raw: &RawWorkers) -> Result<(Duration, i32, u64), ConfigError> 
 
 /// `[auth]`: tokens of at least 16 characters, and a control token whenever there is
 /// an inference token.
-fn auth_settings(raw: RawAuth) -> Result<AuthSettings, ConfigError> {
-    let token = |key: &str, v: Option<String>| -> Result<Option<Secret>, ConfigError> {
+fn auth_settings(raw: RawAuth) -> Result<AuthSettings, ServerError> {
+    let token = |key: &str, v: Option<String>| -> Result<Option<Secret>, ServerError> {
         match v {
             None => Ok(None),
             Some(t) if t.trim().len() < 16 => Err(invalid(
@@ -502,7 +498,7 @@ fn auth_settings(raw: RawAuth) -> Result<AuthSettings, ConfigError> {
 }
 
 /// `[storage]`: off when `spill_dir` is unset or empty.
-fn storage_settings(raw: RawStorage, base: &Path) -> Result<Option<StorageSettings>, ConfigError> {
+fn storage_settings(raw: RawStorage, base: &Path) -> Result<Option<StorageSettings>, ServerError> {
     let d = match raw.spill_dir {
         None => return Ok(None),
         Some(d) if d.as_os_str().is_empty() => return Ok(None),
@@ -530,7 +526,7 @@ fn model_specs(
     raw: Vec<RawModel>,
     base: &Path,
     has_storage: bool,
-) -> Result<Vec<ModelSpec>, ConfigError> {
+) -> Result<Vec<ModelSpec>, ServerError> {
     let mut models: Vec<ModelSpec> = Vec::with_capacity(raw.len());
     for (i, m) in raw.into_iter().enumerate() {
         let spec = model_spec(m, base)
@@ -555,7 +551,7 @@ fn model_specs(
 /// A sidecar listens on loopback. Anything else must be asked for, so a typo or a
 /// stray environment variable cannot expose the API (or its metrics) to the network:
 /// the first listener (by key) off loopback is refused.
-fn refuse_remote_listeners(listeners: [(&str, Option<SocketAddr>); 4]) -> Result<(), ConfigError> {
+fn refuse_remote_listeners(listeners: [(&str, Option<SocketAddr>); 4]) -> Result<(), ServerError> {
     for (key, addr) in listeners {
         if let Some(addr) = addr.filter(|a: &SocketAddr| !a.ip().is_loopback()) {
             return Err(invalid(
@@ -569,7 +565,7 @@ fn refuse_remote_listeners(listeners: [(&str, Option<SocketAddr>); 4]) -> Result
     Ok(())
 }
 
-fn groups(raw: Vec<RawGroup>, models: &[ModelSpec]) -> Result<Vec<GroupSpec>, ConfigError> {
+fn groups(raw: Vec<RawGroup>, models: &[ModelSpec]) -> Result<Vec<GroupSpec>, ServerError> {
     let mut out: Vec<GroupSpec> = Vec::with_capacity(raw.len());
     for (i, g) in raw.into_iter().enumerate() {
         let key = |k: &str| format!("groups[{i}].{k}");
@@ -632,7 +628,7 @@ fn groups(raw: Vec<RawGroup>, models: &[ModelSpec]) -> Result<Vec<GroupSpec>, Co
     Ok(out)
 }
 
-fn modelmesh_settings(raw: RawModelMesh, base: &Path) -> Result<ModelMeshSettings, ConfigError> {
+fn modelmesh_settings(raw: RawModelMesh, base: &Path) -> Result<ModelMeshSettings, ServerError> {
     let listen = raw
         .listen
         .as_deref()
@@ -691,8 +687,8 @@ fn modelmesh_settings(raw: RawModelMesh, base: &Path) -> Result<ModelMeshSetting
     })
 }
 
-fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
-    let budget = |key: &str, v: Option<String>| -> Result<BudgetSetting, ConfigError> {
+fn pool_settings(raw: RawPool) -> Result<PoolSettings, ServerError> {
+    let budget = |key: &str, v: Option<String>| -> Result<BudgetSetting, ServerError> {
         match v.as_deref().map(str::trim) {
             None | Some("auto") => Ok(BudgetSetting::Auto),
             Some(text) => parse_bytes(text)
@@ -764,7 +760,7 @@ fn pool_settings(raw: RawPool) -> Result<PoolSettings, ConfigError> {
     })
 }
 
-fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ServerError> {
     let text = value.as_deref().unwrap_or(default);
     humantime::parse_duration(text).map_err(|e| {
         invalid(

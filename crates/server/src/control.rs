@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 use crate::config::{model_spec, RawModel};
 use crate::error::ServerError;
 use crate::inference::deadline_of;
-use crate::reload::{ReloadError, Reloader};
+use crate::reload::Reloader;
 use std::sync::Arc;
 
 /// How long GetModel waits for a worker's own figures.
@@ -541,13 +541,7 @@ impl ModelControl for ControlService {
         let report = tokio::spawn(async move { reloader.reload().await })
             .await
             .map_err(|e| Status::internal(format!("the reload task failed: {e}")))?;
-        let report = report.map_err(|e| match &e {
-            ReloadError::NoFile => Status::failed_precondition(e.to_string()),
-            ReloadError::Invalid(_) | ReloadError::Conflict { .. } => {
-                Status::invalid_argument(e.to_string())
-            }
-            ReloadError::Apply { .. } => Status::internal(e.to_string()),
-        })?;
+        let report = report.map_err(Status::from)?;
         Ok(Response::new(ReloadConfigResponse {
             added: report.added,
             removed: report.removed,

@@ -1,11 +1,17 @@
-//! The one place where errors of the layers below become gRPC statuses.
+//! The server's one error type, and the one place where it and the errors of the
+//! layers below become gRPC statuses (and, through them, HTTP statuses).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use modelpool_pool::{BackendError, PoolError, StoreError};
 use tonic::Status;
 
-/// Errors of the server's own request handling.
+/// Everything the server refuses or fails at: requests, its configuration, reloads and
+/// its own start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    // A request.
     #[error("{field}: {reason}")]
     InvalidArgument { field: String, reason: String },
     #[error(transparent)]
@@ -14,6 +20,50 @@ pub enum ServerError {
     Engine(#[from] modelpool_supervisor::EngineError),
     #[error("model `{model}`: worker stream failed: {status}")]
     Worker { model: String, status: Status },
+
+    // The configuration.
+    #[error("cannot read configuration: {0}")]
+    ConfigRead(String),
+    #[error("invalid configuration: `{key}`: {reason}")]
+    Config { key: String, reason: String },
+
+    // A reload.
+    #[error("the server was started without a configuration file; nothing to reload")]
+    NoConfigFile,
+    #[error("new configuration rejected, the old one keeps serving: {0}")]
+    ReloadRejected(#[source] Box<ServerError>),
+    #[error("new configuration rejected, the old one keeps serving: `models`: id {id:?} is already registered through the API; unregister it first")]
+    ReloadConflict { id: String },
+    #[error("applying the new configuration failed for model `{id}`: {source}")]
+    ReloadApply {
+        id: String,
+        #[source]
+        source: Box<PoolError>,
+    },
+
+    // Starting.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot prepare runtime directory {path}: {source}")]
+    RuntimeDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot find the modelpool executable for workers: {0}")]
+    WorkerExe(#[source] std::io::Error),
+    #[error("reflection service: {0}")]
+    Reflection(String),
+    #[error(transparent)]
+    Spill(#[from] StoreError),
+    #[error("tls: {0}")]
+    Tls(String),
+    #[error("grpc server: {0}")]
+    Serve(String),
 }
 
 impl ServerError {
@@ -71,6 +121,21 @@ impl From<ServerError> for Status {
             },
             // The engine's own table: one mapping for an engine error wherever it shows.
             ServerError::Engine(inner) => modelpool_supervisor::engine_status(inner),
+            ServerError::NoConfigFile => Status::failed_precondition(e.to_string()),
+            // The operator's file is at fault; nothing changed.
+            ServerError::ReloadRejected(_)
+            | ServerError::ReloadConflict { .. }
+            | ServerError::ConfigRead(_)
+            | ServerError::Config { .. } => Status::invalid_argument(e.to_string()),
+            // Starting errors never answer a request; should one, the server is at fault.
+            ServerError::ReloadApply { .. }
+            | ServerError::Bind { .. }
+            | ServerError::RuntimeDir { .. }
+            | ServerError::WorkerExe(_)
+            | ServerError::Reflection(_)
+            | ServerError::Spill(_)
+            | ServerError::Tls(_)
+            | ServerError::Serve(_) => Status::internal(e.to_string()),
             ServerError::Worker { status, .. } => match status.code() {
                 // The worker judged the request: pass its verdict (and the field it
                 // names) through.
@@ -300,6 +365,84 @@ mod tests {
             assert_eq!(status.message(), said, "the message is the error's own");
             assert_eq!(http_status(code).0, http, "{said}");
         }
+    }
+
+    /// The server's own errors beyond the pool's: configuration, reload and start.
+    #[test]
+    fn every_server_error_has_one_grpc_code_and_http_status() {
+        let io = || std::io::Error::other("e");
+        let config = || ServerError::Config {
+            key: "pool.ram_budget".into(),
+            reason: "r".into(),
+        };
+        let table = [
+            (ServerError::invalid("f", "r"), Code::InvalidArgument, 400),
+            (config(), Code::InvalidArgument, 400),
+            (
+                ServerError::ConfigRead("r".into()),
+                Code::InvalidArgument,
+                400,
+            ),
+            (ServerError::NoConfigFile, Code::FailedPrecondition, 400),
+            (
+                ServerError::ReloadRejected(Box::new(config())),
+                Code::InvalidArgument,
+                400,
+            ),
+            (
+                ServerError::ReloadConflict { id: "m".into() },
+                Code::InvalidArgument,
+                400,
+            ),
+            (
+                ServerError::ReloadApply {
+                    id: "m".into(),
+                    source: Box::new(PoolError::ShuttingDown),
+                },
+                Code::Internal,
+                500,
+            ),
+            (
+                ServerError::Bind {
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                    source: io(),
+                },
+                Code::Internal,
+                500,
+            ),
+            (
+                ServerError::RuntimeDir {
+                    path: "/r".into(),
+                    source: io(),
+                },
+                Code::Internal,
+                500,
+            ),
+            (ServerError::WorkerExe(io()), Code::Internal, 500),
+            (ServerError::Reflection("r".into()), Code::Internal, 500),
+            (
+                ServerError::Spill(StoreError::Io("e".into())),
+                Code::Internal,
+                500,
+            ),
+            (ServerError::Tls("r".into()), Code::Internal, 500),
+            (ServerError::Serve("r".into()), Code::Internal, 500),
+        ];
+        for (error, code, http) in table {
+            let said = error.to_string();
+            let status = Status::from(error);
+            assert_eq!(status.code(), code, "{said}");
+            assert_eq!(status.message(), said, "the message is the error's own");
+            assert_eq!(http_status(code).0, http, "{said}");
+        }
+        // A rejected reload says why, with the key, and keeps the cause as its source.
+        let rejected = ServerError::ReloadRejected(Box::new(config()));
+        assert!(
+            rejected.to_string().contains("`pool.ram_budget`"),
+            "{rejected}"
+        );
+        let source = std::error::Error::source(&rejected).map(ToString::to_string);
+        assert_eq!(source, Some(config().to_string()));
     }
 
     #[test]

@@ -21,5 +21,6 @@ pub mod reload;
 pub const CUDA_BUILD: bool =
     modelpool_supervisor::LLAMA_GPU_BUILD || modelpool_supervisor::MISTRALRS_GPU_BUILD;
 
-pub use app::{start, RunningServer, StartError};
-pub use config::{ConfigError, Settings, EXIT_CONFIG};
+pub use app::{start, RunningServer};
+pub use config::{Settings, EXIT_CONFIG};
+pub use error::ServerError;

@@ -8,19 +8,8 @@ use std::sync::Arc;
 use modelpool_pool::{Device, ModelSpec, Pool, PoolError, SystemProbe};
 use modelpool_supervisor::WorkerBackend;
 
-use crate::config::{ConfigError, Settings};
-
-#[derive(Debug, thiserror::Error)]
-pub enum ReloadError {
-    #[error("the server was started without a configuration file; nothing to reload")]
-    NoFile,
-    #[error("new configuration rejected, the old one keeps serving: {0}")]
-    Invalid(ConfigError),
-    #[error("new configuration rejected, the old one keeps serving: `models`: id {id:?} is already registered through the API; unregister it first")]
-    Conflict { id: String },
-    #[error("applying the new configuration failed for model `{id}`: {source}")]
-    Apply { id: String, source: PoolError },
-}
+use crate::config::Settings;
+use crate::error::ServerError;
 
 /// What a reload changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,10 +40,11 @@ impl Reloader {
 
     /// Re-reads the file the server was started with (and the environment) and
     /// applies it.
-    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+    pub async fn reload(&self) -> Result<ReloadReport, ServerError> {
         let mut current = self.current.lock().await;
-        let path = current.source.clone().ok_or(ReloadError::NoFile)?;
-        let new = Settings::load(Some(&path)).map_err(ReloadError::Invalid)?;
+        let path = current.source.clone().ok_or(ServerError::NoConfigFile)?;
+        let new =
+            Settings::load(Some(&path)).map_err(|e| ServerError::ReloadRejected(Box::new(e)))?;
         self.apply(&mut current, new).await
     }
 
@@ -62,13 +52,13 @@ impl Reloader {
         &self,
         current: &mut Settings,
         new: Settings,
-    ) -> Result<ReloadReport, ReloadError> {
+    ) -> Result<ReloadReport, ServerError> {
         let next = by_id(&new.models);
         let mut report = model_changes(&by_id(&current.models), &next);
         // Validate whole before touching anything: an added id must be free.
         for id in &report.added {
             if self.pool.get(id).is_ok() {
-                return Err(ReloadError::Conflict { id: id.clone() });
+                return Err(ServerError::ReloadConflict { id: id.clone() });
             }
         }
         report.restart_needed = restart_needed(current, &new);
@@ -82,9 +72,9 @@ impl Reloader {
             let spec = (*next[id.as_str()]).clone();
             self.pool
                 .register(spec)
-                .map_err(|source| ReloadError::Apply {
+                .map_err(|source| ServerError::ReloadApply {
                     id: id.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
         }
         report.budgets = self.apply_budgets(&new);
@@ -102,7 +92,7 @@ impl Reloader {
         &self,
         ids: impl Iterator<Item = &String>,
         drain: std::time::Duration,
-    ) -> Result<(), ReloadError> {
+    ) -> Result<(), ServerError> {
         let leaving: Vec<&String> = ids.collect();
         let results = futures::future::join_all(
             leaving
@@ -114,9 +104,9 @@ impl Reloader {
             match result {
                 Ok(()) | Err(PoolError::NotFound { .. }) => {}
                 Err(source) => {
-                    return Err(ReloadError::Apply {
+                    return Err(ServerError::ReloadApply {
                         id: (*id).clone(),
-                        source,
+                        source: Box::new(source),
                     })
                 }
             }
