@@ -23,6 +23,7 @@ use modelpool_benches::peers::{self, LlamaServer, ServerArgs};
 use modelpool_proto::v1::inference_client::InferenceClient;
 use modelpool_proto::v1::model_control_client::ModelControlClient;
 use modelpool_proto::v1::{EvictModelRequest, LoadModelRequest};
+use modelpool_supervisor::sampling::SplitMix64;
 use tonic::transport::Channel;
 
 #[derive(Parser)]
@@ -59,25 +60,16 @@ struct Job {
     max_tokens: u32,
 }
 
-/// SplitMix64: the same stream of numbers on every run.
-fn next(state: &mut u64) -> u64 {
-    *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    let mut z = *state;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// `streams` lists of `requests` jobs each, for round `round` (prompts unique per
 /// round, so no cache on either side could serve one).
 fn mix(args: &Args, streams: u32, round: usize) -> Vec<Vec<Job>> {
-    let mut state = 0x6d69_7865_6400 + u64::from(streams);
+    let mut rng = SplitMix64(0x6d69_7865_6400 + u64::from(streams));
     (0..streams)
         .map(|s| {
             (0..args.requests)
                 .map(|r| {
-                    let repeats = 1 + next(&mut state) % u64::from(args.max_prompt_repeats);
-                    let max_tokens = 16 + (next(&mut state) % 241) as u32;
+                    let repeats = 1 + rng.next_u64() % u64::from(args.max_prompt_repeats);
+                    let max_tokens = 16 + (rng.next_u64() % 241) as u32;
                     let body = SENTENCE.repeat(repeats as usize);
                     Job {
                         prompt: format!("Request {round}-{s}-{r}:{body}"),
@@ -201,47 +193,49 @@ async fn ours(
     id: &str,
     jobs: &[Vec<Job>],
 ) -> anyhow::Result<Side> {
-    let started = Instant::now();
-    let tasks: Vec<_> = jobs
-        .iter()
-        .map(|stream| {
-            let (mut client, id, stream) = (client.clone(), id.to_owned(), stream.clone());
-            tokio::spawn(async move {
-                let mut tokens = 0u64;
-                for job in stream {
-                    let request =
-                        modelpool_benches::greedy_request(&id, job.prompt, job.max_tokens);
-                    let mut chunks = client.generate(request).await?.into_inner();
-                    while let Some(chunk) = chunks.message().await? {
-                        if let Some(usage) = chunk.usage {
-                            tokens += u64::from(usage.completion_tokens);
-                        }
-                    }
+    let (client, id) = (client.clone(), id.to_owned());
+    run_streams(jobs, move |job| {
+        let (mut client, id) = (client.clone(), id.clone());
+        async move {
+            let request = modelpool_benches::greedy_request(&id, job.prompt, job.max_tokens);
+            let mut chunks = client.generate(request).await?.into_inner();
+            let mut tokens = 0;
+            while let Some(chunk) = chunks.message().await? {
+                if let Some(usage) = chunk.usage {
+                    tokens += u64::from(usage.completion_tokens);
                 }
-                anyhow::Ok(tokens)
-            })
-        })
-        .collect();
-    let mut tokens = 0;
-    for t in tasks {
-        tokens += t.await??;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    Ok(Side { tokens, secs })
+            }
+            Ok(tokens)
+        }
+    })
+    .await
 }
 
 /// Every stream's jobs through llama-server's `/completion`, the streams at once.
 async fn theirs(port: u16, jobs: &[Vec<Job>]) -> anyhow::Result<Side> {
+    run_streams(jobs, move |job| async move {
+        let done = peers::completion(port, &job.prompt, job.max_tokens).await?;
+        Ok(u64::from(done.tokens))
+    })
+    .await
+}
+
+/// Runs each stream's jobs one after another through `one` (which answers the tokens a
+/// job generated), all streams at once; the tokens and the wall time.
+async fn run_streams<F, Fut>(jobs: &[Vec<Job>], one: F) -> anyhow::Result<Side>
+where
+    F: Fn(Job) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<u64>> + Send,
+{
     let started = Instant::now();
     let tasks: Vec<_> = jobs
         .iter()
         .map(|stream| {
-            let stream = stream.clone();
+            let (one, stream) = (one.clone(), stream.clone());
             tokio::spawn(async move {
                 let mut tokens = 0u64;
                 for job in stream {
-                    let done = peers::completion(port, &job.prompt, job.max_tokens).await?;
-                    tokens += u64::from(done.tokens);
+                    tokens += one(job).await?;
                 }
                 anyhow::Ok(tokens)
             })

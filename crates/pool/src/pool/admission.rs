@@ -345,15 +345,12 @@ impl<B: Backend> Pool<B> {
     /// crashes, and when it fits at no precision.
     fn choose(
         &self,
-        st: &State<B::Instance>,
+        st: &mut State<B::Instance>,
         id: &str,
         candidates: Vec<Candidate>,
         available: &[DeviceMemory],
     ) -> Result<(launch::Chosen, Decision), PoolError> {
-        let entry = st.models.get(id).ok_or_else(|| PoolError::NotFound {
-            id: id.to_owned(),
-            known: st.known_ids(),
-        })?;
+        let entry = st.entry(id)?;
         if let Some((failures, retry_in)) = entry.backoff() {
             return Err(PoolError::CrashLoop {
                 id: id.to_owned(),

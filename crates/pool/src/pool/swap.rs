@@ -100,13 +100,12 @@ impl<I: Instance> State<I> {
             .filter_map(|m| {
                 let e = self.models.get(m)?;
                 let shared = self.file_bytes_shown_on(m);
-                let charge = e.life.charge()?.total() + shared;
+                let bytes = e.life.charge()?.total() + shared;
                 let (transitional, resident_for) = match e.life.phase() {
                     Phase::Ready => (false, e.ready_since.elapsed()),
                     Phase::Draining => (true, e.ready_since.elapsed()),
                     _ => (true, Duration::ZERO),
                 };
-                let bytes = charge;
                 Some(Member {
                     id: m.clone(),
                     transitional,
