@@ -11,6 +11,7 @@
 mod engines;
 pub mod formats;
 pub mod gguf;
+pub mod units;
 
 pub use engines::{
     EngineKind, EngineOptions, LlamaCppOptions, LLAMA_CPP_ARCHITECTURES, MISTRAL_RS_ARCHITECTURES,

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use crate::sharing::{mapped_bytes, released_bytes, Mapped};
 use crate::{Charge, Device};
+pub use modelpool_catalog::units::human_bytes;
 
 /// A resident model as the victim chooser sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -269,22 +270,6 @@ impl Books<'_> {
             in_use_bytes,
             reserved_bytes: held,
         }
-    }
-}
-
-/// Bytes as people read them: "4.1 GiB", "512.0 MiB", "100 B".
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
     }
 }
 

@@ -13,20 +13,19 @@ pub mod kv_growth;
 pub mod memory;
 mod pool;
 pub mod sharing;
-mod spec;
-pub mod store;
 pub mod turns;
 
 pub use error::PoolError;
 pub use events::{EventKind, EvictReason, PoolEvent};
 pub use groups::GroupSpec;
 pub use memory::{DeviceMemory, MemoryProbe, SystemProbe};
-pub use pool::{
-    DeviceStatus, GroupStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState, Tier,
-};
-pub use spec::{
+pub use modelpool_backend::{
     Backend, BackendError, Charge, Device, EngineKind, EngineOptions, Footprint, Instance,
     ModelFormat, ModelSpec, Progress, Quantized, Source, NATIVE_PRECISION, PRECISIONS,
 };
-pub use store::{Store, StoreError, StoreUsage};
+pub use modelpool_store as store;
+pub use modelpool_store::{Store, StoreError, StoreUsage};
+pub use pool::{
+    DeviceStatus, GroupStatus, Lease, ModelSnapshot, Pool, PoolConfig, PoolStatus, SlotState, Tier,
+};
 pub use turns::TurnPolicy;

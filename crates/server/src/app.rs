@@ -14,8 +14,7 @@ use modelpool_pool::{Device, MemoryProbe, Pool, PoolConfig, Store, SystemProbe};
 use modelpool_proto::kserve::grpc_inference_service_server::GrpcInferenceServiceServer;
 use modelpool_proto::v1::inference_server::InferenceServer;
 use modelpool_proto::v1::model_control_server::ModelControlServer;
-use modelpool_supervisor::saved_index::SavedPrefixIndex;
-use modelpool_supervisor::SavedPrefixes;
+use modelpool_store::{SavedPrefixIndex, SavedPrefixes};
 use modelpool_supervisor::{WorkerBackend, WorkerBackendConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -121,7 +120,7 @@ fn worker_backend(settings: &Settings, worker_exe: PathBuf, runtime_dir: PathBuf
         .as_ref()
         .filter(|s| s.saved_prefix_budget_bytes > 0)
         .map(|s| SavedPrefixes {
-            dir: s.spill_dir.join(modelpool_pool::store::SAVED_PREFIXES_DIR),
+            dir: s.spill_dir.join(modelpool_store::SAVED_PREFIXES_DIR),
             budget_bytes: s.saved_prefix_budget_bytes,
         });
     // Reads the saved-prefix directory's listing once (no file contents).

@@ -116,7 +116,14 @@ impl From<ServerError> for Status {
                     // The bytes arrived but are not the model that was asked for.
                     StoreError::Checksum { .. } => Status::data_loss(e.to_string()),
                     StoreError::Fetch { .. } => Status::unavailable(e.to_string()),
-                    StoreError::Dir { .. } | StoreError::Io(_) => Status::internal(e.to_string()),
+                    // A saved prefix that cannot be used is dropped where it is read; one
+                    // that shows here is the server's own fault.
+                    StoreError::Dir { .. }
+                    | StoreError::Io(_)
+                    | StoreError::NotSavedPrefix
+                    | StoreError::ForeignPrefix
+                    | StoreError::PrefixTooLong { .. }
+                    | StoreError::PrefixCorrupt => Status::internal(e.to_string()),
                 },
             },
             // The engine's own table: one mapping for an engine error wherever it shows.
@@ -340,6 +347,7 @@ mod tests {
                 503,
             ),
             (store(StoreError::Io("e".into())), Code::Internal, 500),
+            (store(StoreError::PrefixCorrupt), Code::Internal, 500),
             (
                 PoolError::SwappingOut {
                     id: id(),

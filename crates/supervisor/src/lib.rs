@@ -4,7 +4,7 @@
 //! This crate starts workers ([`WorkerBackend`], the pool's `Backend`), talks to them,
 //! and reaps them; it also holds what both sides of the protocol share: the worker's
 //! command line and ready line ([`protocol`]), engine errors and their gRPC statuses,
-//! request checks that need no engine ([`sampling`]), saved prefixes on disk, and each
+//! request checks that need no engine ([`sampling`]), and each
 //! engine's [`footprint`] prediction (the bytes a worker will hold, from the model's
 //! headers and figures measured per engine), which the pool budgets by.
 //!
@@ -19,8 +19,6 @@ pub mod footprint;
 pub mod process;
 pub mod protocol;
 pub mod sampling;
-pub mod saved;
-pub mod saved_index;
 
 /// Whether this build's workers can put a llama.cpp model on a GPU: the CUDA backend
 /// compiled in (`cuda`), or llama.cpp linked as shared libraries (`llama-shared`), whose
@@ -34,7 +32,6 @@ pub use error::{engine_status, invalid_argument_status, EngineError, FIELD_METAD
 pub use modelpool_catalog::EngineKind;
 pub use process::{check_loadable, engine_of, WorkerBackend, WorkerBackendConfig, WorkerProcess};
 pub use protocol::WorkerArgs;
-pub use saved::SavedPrefixes;
 
 /// A protobuf duration from a std one.
 pub fn duration(d: std::time::Duration) -> Option<prost_types::Duration> {

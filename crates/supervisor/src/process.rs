@@ -20,9 +20,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::protocol::{ReadyInfo, WorkerArgs, READY_PREFIX, STAGE_PREFIX};
-use crate::saved::SavedPrefixes;
-use crate::saved_index::SavedPrefixIndex;
 use modelpool_catalog::{EngineKind, ModelFormat};
+use modelpool_store::{SavedPrefixIndex, SavedPrefixes};
 
 /// Lines of a worker's stderr kept to explain a failed start.
 const STDERR_TAIL_LINES: usize = 12;

@@ -14,8 +14,8 @@ use super::tiers::{self, Resolved};
 use super::{lifecycle, sharing, Inner};
 use crate::events::EvictReason;
 use crate::sharing::Mapped;
-use crate::spec::NATIVE_PRECISION;
 use crate::store::Store;
+use crate::NATIVE_PRECISION;
 use crate::{Backend, Charge, Device, Footprint, ModelSpec, PoolError, Quantized, Source};
 
 /// What admission chose for a load: its precision, its footprint there, and the KV

@@ -22,7 +22,7 @@ struct FakeBackend {
     /// listed).
     mapped: HashMap<String, u64>,
     /// Instances alive now: (id, bytes).
-    live: Mutex<Vec<(String, u64)>>,
+    live: Arc<Mutex<Vec<(String, u64)>>>,
     /// Set when a load started while live bytes plus its own exceeded `budget`.
     over_budget: AtomicBool,
     budget: u64,
@@ -63,7 +63,8 @@ impl FakeBackend {
 struct FakeInstance {
     id: String,
     bytes: u64,
-    backend: Arc<FakeBackend>,
+    /// The backend's live list, which shutting down leaves.
+    live: Arc<Mutex<Vec<(String, u64)>>>,
     crashed: watch::Receiver<bool>,
 }
 
@@ -76,7 +77,7 @@ impl Instance for FakeInstance {
     }
     async fn shutdown(&self) {
         tokio::time::sleep(Duration::from_millis(5)).await;
-        let mut live = self.backend.live.lock().unwrap();
+        let mut live = self.live.lock().unwrap();
         let at = live
             .iter()
             .position(|(i, _)| *i == self.id)
@@ -99,7 +100,7 @@ fn precision_divisor(spec: &ModelSpec) -> u64 {
     }
 }
 
-impl Backend for Arc<FakeBackend> {
+impl Backend for FakeBackend {
     type Instance = FakeInstance;
     fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
         let bytes = fake_bytes(self, spec);
@@ -139,7 +140,7 @@ impl Backend for Arc<FakeBackend> {
         Ok(FakeInstance {
             id: spec.id.clone(),
             bytes,
-            backend: Arc::clone(self),
+            live: Arc::clone(&self.live),
             crashed,
         })
     }

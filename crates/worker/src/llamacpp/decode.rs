@@ -32,7 +32,7 @@ use crate::engine::Counters;
 use crate::sampling::{self, StopMatcher};
 use crate::text::Utf8Stream;
 use crate::EngineError;
-use modelpool_supervisor::saved;
+use modelpool_store::saved;
 pub(super) use persist::SaveReport;
 
 /// What the thread reports once the model is loaded.

@@ -26,7 +26,7 @@ use crate::llm::duration;
 use crate::sampling;
 use crate::EngineError;
 use decode::{GenJob, Job, Step};
-pub use modelpool_supervisor::saved::SavedPrefixes;
+pub use modelpool_store::SavedPrefixes;
 pub use template::ChatTemplate;
 
 /// Generations that may wait for the decode thread to take them; the server bounds

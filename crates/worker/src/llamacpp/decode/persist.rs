@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::LlamaStateSeqFlags;
-use modelpool_pool::store::hex;
 use sha2::{Digest, Sha256};
 
 use super::Decoder;
 use crate::llamacpp::prefix;
 use crate::llamacpp::SavedPrefixes;
-use modelpool_supervisor::saved::{self, SavedPrefix};
+use modelpool_store::hex;
+use modelpool_store::saved::{self, SavedPrefix};
 
 /// Prefixes shorter than this are cheaper to prefill again than to write and read.
 const MIN_SAVED_TOKENS: usize = 32;

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::{hex, secs, url_key, Artifact, Store, StoreError, TempFile};
-use crate::budget::human_bytes;
+use modelpool_catalog::units::human_bytes;
 
 impl Store {
     /// The artifact for `url`, downloading it first unless the directory has it. One

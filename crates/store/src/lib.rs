@@ -1,4 +1,6 @@
-//! The spill directory: the NVMe-backed tier under resident models.
+//! The spill directory: the NVMe-backed tier under resident models, and the only crate
+//! that lays out files in it. It must not decide what is resident (the pool does), start
+//! a worker (the supervisor does) or link an inference engine.
 //!
 //! Per model it keeps the ready-to-load file (hard-linked when the source is on the same
 //! file system, copied when it is not, downloaded and checksummed when the source is an
@@ -6,7 +8,10 @@
 //! remote source. A moka cache weighted by bytes indexes the artifacts and evicts the
 //! least recently used when the directory is over its byte budget; the artifact of a
 //! resident model is never deleted (the eviction listener parks it until its model
-//! stops).
+//! stops). Beside them, under [`SAVED_PREFIXES_DIR`], live the saved KV prefixes of
+//! llama.cpp models: their file format ([`saved`]) and the server's index that keeps
+//! them within their budget ([`saved_index`]). [`pagecache`] asks the kernel what of a
+//! file is cached. Every failure is a [`StoreError`].
 //!
 //! Crash safety: every file is written under a temporary name, fsynced, then renamed,
 //! and a small JSON record with its size and sha256 sits beside it. At startup the
@@ -25,10 +30,15 @@ use moka::notification::RemovalCause;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::budget::human_bytes;
+use modelpool_catalog::units::human_bytes;
 
 mod fetch;
 pub mod pagecache;
+pub mod saved;
+pub mod saved_index;
+
+pub use saved::SavedPrefixes;
+pub use saved_index::SavedPrefixIndex;
 
 /// The file that marks a directory as modelpool's own; nothing else is ever deleted.
 pub const MARKER: &str = "MODELPOOL_SPILL_DIR";
@@ -71,6 +81,20 @@ pub enum StoreError {
     },
     #[error("spill directory i/o: {0}")]
     Io(String),
+    #[error("not a saved prefix (bad magic)")]
+    NotSavedPrefix,
+    #[error("a saved prefix for another model or setting")]
+    ForeignPrefix,
+    #[error("the saved prefix holds {tokens} tokens; this model's context is {limit}")]
+    PrefixTooLong { tokens: u32, limit: u32 },
+    #[error("saved prefix checksum mismatch: truncated or corrupted")]
+    PrefixCorrupt,
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        io_err(e)
+    }
 }
 
 /// One ready-to-load file in the spill directory.

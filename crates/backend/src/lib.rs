@@ -1,5 +1,7 @@
-//! What the pool knows about a model, and the contract an inference engine fulfils to
-//! make one resident.
+//! What the pool knows about a model ([`ModelSpec`], [`Footprint`], [`Charge`]), and the
+//! contract an inference engine fulfils to make one resident ([`Backend`], [`Instance`]),
+//! with its one error, [`BackendError`]. The pool decides with these and the supervisor
+//! implements them; this crate holds no state, starts nothing and links no engine.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -324,6 +326,29 @@ pub trait Backend: Send + Sync + 'static {
         spec: &ModelSpec,
         progress: Progress,
     ) -> impl Future<Output = Result<Self::Instance, BackendError>> + Send;
+}
+
+/// A shared backend is a backend: the pool may own an `Arc` of one that its owner
+/// also keeps (tests count its loads through it).
+impl<B: Backend> Backend for std::sync::Arc<B> {
+    type Instance = B::Instance;
+    fn footprint(&self, spec: &ModelSpec) -> Result<Footprint, BackendError> {
+        (**self).footprint(spec)
+    }
+    fn footprints(
+        &self,
+        spec: &ModelSpec,
+        precisions: &[Option<String>],
+    ) -> Result<Vec<Footprint>, BackendError> {
+        (**self).footprints(spec, precisions)
+    }
+    fn load(
+        &self,
+        spec: &ModelSpec,
+        progress: Progress,
+    ) -> impl Future<Output = Result<Self::Instance, BackendError>> + Send {
+        (**self).load(spec, progress)
+    }
 }
 
 /// Where a backend reports the stages of a load; the pool turns them into events.

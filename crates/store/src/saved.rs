@@ -22,8 +22,9 @@ use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use modelpool_pool::store::hex;
 use sha2::{Digest, Sha256};
+
+use crate::{hex, StoreError};
 
 /// The saved-prefix directory (one subdirectory per model file and setting) and the
 /// bytes each subdirectory may hold.
@@ -45,21 +46,6 @@ const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(60);
 pub struct SavedPrefix {
     pub path: PathBuf,
     pub tokens: Vec<i32>,
-}
-
-/// Why a saved file was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum SavedError {
-    #[error("{0}")]
-    Io(#[from] io::Error),
-    #[error("not a saved prefix (bad magic)")]
-    Magic,
-    #[error("saved for another model or setting")]
-    ForeignKey,
-    #[error("holds {tokens} tokens; this model's context is {limit}")]
-    TooLong { tokens: u32, limit: u32 },
-    #[error("checksum mismatch: truncated or corrupted")]
-    Checksum,
 }
 
 /// Bytes read from each end of a model file for its digest.
@@ -133,24 +119,24 @@ fn read_u32(r: &mut impl Read) -> io::Result<u32> {
 }
 
 /// Reads a header (magic, key, tokens) from `r`, checking the key and the length.
-fn read_header(r: &mut impl Read, key: &str, max_tokens: u32) -> Result<Vec<i32>, SavedError> {
+fn read_header(r: &mut impl Read, key: &str, max_tokens: u32) -> Result<Vec<i32>, StoreError> {
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
     if &magic != MAGIC {
-        return Err(SavedError::Magic);
+        return Err(StoreError::NotSavedPrefix);
     }
     let key_len = read_u32(r)?;
     if key_len != key.len() as u32 || key_len > KEY_MAX_BYTES {
-        return Err(SavedError::ForeignKey);
+        return Err(StoreError::ForeignPrefix);
     }
     let mut found = vec![0u8; key_len as usize];
     r.read_exact(&mut found)?;
     if found != key.as_bytes() {
-        return Err(SavedError::ForeignKey);
+        return Err(StoreError::ForeignPrefix);
     }
     let n = read_u32(r)?;
     if n > max_tokens {
-        return Err(SavedError::TooLong {
+        return Err(StoreError::PrefixTooLong {
             tokens: n,
             limit: max_tokens,
         });
@@ -165,21 +151,21 @@ fn read_header(r: &mut impl Read, key: &str, max_tokens: u32) -> Result<Vec<i32>
 
 /// Reads the whole file at `path` and returns its tokens and state once its checksum
 /// matches.
-pub fn read(path: &Path, key: &str, max_tokens: u32) -> Result<(Vec<i32>, Vec<u8>), SavedError> {
+pub fn read(path: &Path, key: &str, max_tokens: u32) -> Result<(Vec<i32>, Vec<u8>), StoreError> {
     let bytes = fs::read(path)?;
     if bytes.len() < 32 {
-        return Err(SavedError::Checksum);
+        return Err(StoreError::PrefixCorrupt);
     }
     let (body, sum) = bytes.split_at(bytes.len() - 32);
     if Sha256::digest(body).as_slice() != sum {
-        return Err(SavedError::Checksum);
+        return Err(StoreError::PrefixCorrupt);
     }
     let mut r = body;
     let tokens = read_header(&mut r, key, max_tokens)?;
     let mut len = [0u8; 8];
     r.read_exact(&mut len)?;
     if u64::from_le_bytes(len) != r.len() as u64 {
-        return Err(SavedError::Checksum);
+        return Err(StoreError::PrefixCorrupt);
     }
     Ok((tokens, r.to_vec()))
 }
@@ -205,10 +191,10 @@ pub fn index(dir: &Path, key: &str, max_tokens: u32) -> Vec<SavedPrefix> {
         }
         let header = if name.ends_with(&format!(".{SUFFIX}")) {
             File::open(&path)
-                .map_err(SavedError::from)
+                .map_err(StoreError::from)
                 .and_then(|f| read_header(&mut BufReader::new(f), key, max_tokens))
         } else {
-            Err(SavedError::Magic)
+            Err(StoreError::NotSavedPrefix)
         };
         match header {
             Ok(tokens) => found.push(SavedPrefix { path, tokens }),
@@ -291,13 +277,13 @@ mod tests {
         fs::write(&path, &bytes[..size as usize - 10]).unwrap();
         assert!(matches!(
             read(&path, "model-a", 100),
-            Err(SavedError::Checksum)
+            Err(StoreError::PrefixCorrupt)
         ));
         bytes[40] ^= 1;
         fs::write(&path, &bytes).unwrap();
         assert!(matches!(
             read(&path, "model-a", 100),
-            Err(SavedError::Checksum)
+            Err(StoreError::PrefixCorrupt)
         ));
         // Another model's file is left out of the index and deleted with the junk.
         let (other, _) = write(d.path(), "model-b", &[9], b"x").unwrap();
