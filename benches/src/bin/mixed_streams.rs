@@ -46,6 +46,9 @@ struct Args {
     /// Longest prompt, in repeats of a ~10-token sentence.
     #[arg(long, default_value_t = 150)]
     max_prompt_repeats: u32,
+    /// modelpool's `stream_interval` ("0s": every token in a chunk of its own).
+    #[arg(long, default_value = "0s")]
+    stream_interval: String,
 }
 
 /// One sentence of about ten tokens; prompts are a request number and repeats of it.
@@ -110,10 +113,11 @@ async fn start(
         toml += &format!(
             "[[models]]\nid = \"{}\"\npath = \"{}\"\nengine = \"llama.cpp\"\n\
              context_length = {CONTEXT_LENGTH}\nmax_sequences = {n}\nmax_concurrency = {n}\n\
-             kv_budget = {}\nprefix_cache = false\n",
+             kv_budget = {}\nprefix_cache = false\nstream_interval = \"{}\"\n",
             model_id(n),
             model.display(),
-            cells(args, n)
+            cells(args, n),
+            args.stream_interval
         );
     }
     let settings = modelpool_server::Settings::from_toml(&toml, Path::new("/"))?;

@@ -42,6 +42,9 @@ struct Args {
     /// sizes its context to the prompt plus the tokens generated.
     #[arg(long, default_value_t = 4096)]
     bare_context: u32,
+    /// The model's `stream_interval` ("0s": every token in a chunk of its own).
+    #[arg(long, default_value = "0s")]
+    stream_interval: String,
 }
 
 const ID: &str = "path";
@@ -57,9 +60,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let model = std::fs::canonicalize(&args.model)
         .with_context(|| format!("{} (run `just fetch-models`)", args.model.display()))?;
     let runtime = tempfile::tempdir()?;
-    let keys =
-        "engine = \"llama.cpp\"\ncontext_length = 4096\nmax_sequences = 1\nprefix_cache = false\n";
-    let server = modelpool_benches::start_server_with(&model, ID, runtime.path(), keys).await?;
+    let keys = format!(
+        "engine = \"llama.cpp\"\ncontext_length = 4096\nmax_sequences = 1\nprefix_cache = false\n\
+         stream_interval = \"{}\"\n",
+        args.stream_interval
+    );
+    let server = modelpool_benches::start_server_with(&model, ID, runtime.path(), &keys).await?;
     let channel = Channel::from_shared(format!("http://{}", server.local_addr))?
         .connect()
         .await?;

@@ -257,6 +257,10 @@ pub struct LlamaCppOptions {
     /// outnumber what `kv_budget_tokens` holds at full context and the room is spare
     /// (`None`: it never grows).
     pub kv_budget_max_tokens: Option<u32>,
+    /// The shortest time between two chunks of one stream: text decoded sooner is held
+    /// and sent with the next chunk (the first and the last are never held). Zero
+    /// streams every token.
+    pub stream_interval: std::time::Duration,
 }
 
 impl Default for LlamaCppOptions {
@@ -267,6 +271,7 @@ impl Default for LlamaCppOptions {
             prefix_cache: true,
             kv_budget_tokens: None,
             kv_budget_max_tokens: None,
+            stream_interval: std::time::Duration::ZERO,
         }
     }
 }

@@ -223,6 +223,10 @@ pub struct RegisterArgs {
     /// requests outnumber it and room is spare.
     #[arg(long)]
     pub kv_budget_max: Option<u32>,
+    /// llama.cpp: the shortest time between two chunks of one stream, like "20ms"
+    /// (default 0: every token as it is decoded).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub stream_interval: Option<Duration>,
     #[command(flatten)]
     pub conn: Conn,
 }

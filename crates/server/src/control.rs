@@ -104,6 +104,20 @@ pub(crate) fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     prost_types::Timestamp::from(t)
 }
 
+/// A request's duration as the configuration file writes it ("1m 30s"), for the
+/// same checks; a negative one is refused naming `field`.
+fn duration_text(
+    field: &'static str,
+    d: Option<prost_types::Duration>,
+) -> Result<Option<String>, ServerError> {
+    d.map(|d| {
+        std::time::Duration::try_from(d)
+            .map(|d| humantime::format_duration(d).to_string())
+            .map_err(|_| ServerError::invalid(field, "must not be negative"))
+    })
+    .transpose()
+}
+
 fn proto_duration(d: std::time::Duration) -> Option<prost_types::Duration> {
     prost_types::Duration::try_from(d).ok()
 }
@@ -335,14 +349,8 @@ impl ModelControl for ControlService {
         request: Request<RegisterModelRequest>,
     ) -> Result<Response<ModelInfo>, Status> {
         let r = request.into_inner();
-        let idle_ttl = match r.idle_ttl {
-            Some(d) => {
-                let d = std::time::Duration::try_from(d)
-                    .map_err(|_| ServerError::invalid("idle_ttl", "must not be negative"))?;
-                Some(humantime::format_duration(d).to_string())
-            }
-            None => None,
-        };
+        let idle_ttl = duration_text("idle_ttl", r.idle_ttl)?;
+        let stream_interval = duration_text("stream_interval", r.stream_interval)?;
         let raw = RawModel {
             id: r.id,
             path: r.path.into(),
@@ -362,6 +370,7 @@ impl ModelControl for ControlService {
             prefix_cache: r.prefix_cache,
             kv_budget: r.kv_budget,
             kv_budget_max: r.kv_budget_max,
+            stream_interval,
         };
         let mut spec = model_spec(raw, Path::new("/"))
             .map_err(|(field, reason)| ServerError::invalid(field, reason))?;

@@ -127,6 +127,7 @@ impl Backend for WorkerBackend {
             mlock: spec.engine.llama_cpp.mlock,
             prefix_cache: spec.engine.llama_cpp.prefix_cache,
             kv_budget_tokens: spec.engine.llama_cpp.kv_budget_tokens.unwrap_or(0),
+            stream_interval_us: spec.engine.llama_cpp.stream_interval.as_micros() as u64,
             saved_prefixes_dir: None,
             saved_prefixes_budget_bytes: 0,
         };

@@ -64,6 +64,10 @@ pub struct WorkerArgs {
     /// llama.cpp: cells of the KV cache the sequences share (0: context length for each).
     #[arg(long, default_value_t = 0)]
     pub kv_budget_tokens: u32,
+    /// llama.cpp: the shortest time between two chunks of one stream, in
+    /// microseconds (0: every token is sent as it is decoded).
+    #[arg(long, default_value_t = 0)]
+    pub stream_interval_us: u64,
     /// llama.cpp: save kept prefixes here when asked before a stop, and restore them.
     #[arg(long)]
     pub saved_prefixes_dir: Option<PathBuf>,
@@ -100,6 +104,8 @@ impl WorkerArgs {
             self.prefix_cache.to_string().into(),
             "--kv-budget-tokens".into(),
             self.kv_budget_tokens.to_string().into(),
+            "--stream-interval-us".into(),
+            self.stream_interval_us.to_string().into(),
             "--saved-prefixes-budget-bytes".into(),
             self.saved_prefixes_budget_bytes.to_string().into(),
         ];

@@ -82,6 +82,7 @@ async fn load(args: &WorkerArgs) -> Result<Arc<dyn Engine>, EngineError> {
                 mlock: args.mlock,
                 prefix_cache: args.prefix_cache,
                 kv_budget_tokens: Some(args.kv_budget_tokens).filter(|&t| t > 0),
+                stream_interval: std::time::Duration::from_micros(args.stream_interval_us),
                 threads: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
                 saved_prefixes: args
                     .saved_prefixes_dir

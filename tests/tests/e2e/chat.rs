@@ -1,7 +1,7 @@
 //! Chat and Generate answer correctly, stream, and report usage.
 
 use modelpool_proto::v1::{FinishReason, GenerateRequest, SamplingParams};
-use modelpool_tests::{chat, collect, greedy, text_of, TestServer};
+use modelpool_tests::{chat, collect, greedy, model_toml, settings_toml, text_of, TestServer};
 
 fn secs(d: &Option<prost_types::Duration>) -> f64 {
     d.as_ref()
@@ -167,5 +167,46 @@ async fn seed_makes_sampling_repeatable_and_stop_strings_end_generation() {
         chunks.last().unwrap().finish_reason,
         FinishReason::Stop as i32
     );
+    t.stop().await;
+}
+
+/// `stream_interval`: a model that decodes faster than it holds its tokens and sends
+/// them together, the first at once and the last with the usage; the text is the one
+/// every token's own chunk gives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_interval_sends_fast_tokens_together() {
+    let t = TestServer::start_with(|runtime| {
+        let every = model_toml("every", "context_length = 1024\n");
+        let held = model_toml("held", "context_length = 1024\nstream_interval = \"1s\"\n");
+        settings_toml("", &(every + &held), runtime)
+    })
+    .await;
+    let mut client = t.inference();
+    let mut run = async |model: &str| {
+        let request = GenerateRequest {
+            model: model.into(),
+            prompt: "Once upon a time, in a small village by the sea,".into(),
+            sampling: Some(greedy(32)),
+        };
+        let started = std::time::Instant::now();
+        let chunks = collect(client.generate(request).await.unwrap().into_inner())
+            .await
+            .unwrap();
+        (chunks, started.elapsed())
+    };
+    let (every, _) = run("every").await;
+    let (held, took) = run("held").await;
+    assert_eq!(text_of(&held), text_of(&every));
+    let tokens = every.last().unwrap().usage.unwrap().completion_tokens;
+    assert!(every.len() as u32 >= tokens / 2, "{} chunks", every.len());
+    // The first chunk, then at most one a second, then the last.
+    let most = 2 + took.as_secs() as usize;
+    assert!(
+        held.len() <= most,
+        "{} chunks in {took:?}, at most {most} with a 1 s interval",
+        held.len()
+    );
+    assert!(!held[0].text.is_empty(), "the first token is not held");
+    assert!(held.last().unwrap().usage.is_some());
     t.stop().await;
 }

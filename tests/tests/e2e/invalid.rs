@@ -193,6 +193,22 @@ async fn register_refuses_files_that_cannot_load_and_paths_outside_the_roots() {
             err.message()
         );
     }
+    let with_interval = |secs| RegisterModelRequest {
+        id: "interval".into(),
+        path: modelpool_tests::model_path().display().to_string(),
+        stream_interval: Some(prost_types::Duration {
+            seconds: secs,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    let err = t
+        .control()
+        .register_model(with_interval(2))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(err.message(), "stream_interval: must be at most 1s, got 2s");
     assert_eq!(t.model_ids().await.len(), 1, "nothing was registered");
     t.assert_nothing_charged().await;
     t.stop().await;

@@ -531,13 +531,8 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         }
         None => String::new(),
     };
-    let idle_ttl = match args.idle_ttl {
-        Some(d) => Some(
-            prost_types::Duration::try_from(d)
-                .map_err(|e| Failure::Message(format!("--idle-ttl: {e}")))?,
-        ),
-        None => None,
-    };
+    let idle_ttl = proto_duration("--idle-ttl", args.idle_ttl)?;
+    let stream_interval = proto_duration("--stream-interval", args.stream_interval)?;
     let request = RegisterModelRequest {
         id: args.id,
         path,
@@ -557,6 +552,7 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         prefix_cache: args.prefix_cache,
         kv_budget: args.kv_budget,
         kv_budget_max: args.kv_budget_max,
+        stream_interval,
     };
     let model = client(&args.conn)
         .await?
@@ -574,6 +570,17 @@ pub(super) async fn register(args: RegisterArgs) -> Result<(), Failure> {
         model.context_length,
         if model.pinned { ", pinned" } else { "" }
     ))
+}
+
+/// A flag's duration for the wire; one too large for it names the flag.
+fn proto_duration(
+    flag: &str,
+    d: Option<std::time::Duration>,
+) -> Result<Option<prost_types::Duration>, Failure> {
+    d.map(|d| {
+        prost_types::Duration::try_from(d).map_err(|e| Failure::Message(format!("{flag}: {e}")))
+    })
+    .transpose()
 }
 
 pub(super) async fn unregister(conn: &Conn, id: String) -> Result<(), Failure> {

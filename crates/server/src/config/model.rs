@@ -47,6 +47,9 @@ pub struct RawModel {
     /// llama.cpp: the most tokens `kv_budget` may grow to at a load when the model's
     /// requests outnumber what it holds at full context and the pool has room to spare.
     pub kv_budget_max: Option<u32>,
+    /// llama.cpp: the shortest time between two chunks of one stream, like "20ms"
+    /// (default 0: every token); text decoded sooner goes with the next chunk.
+    pub stream_interval: Option<String>,
 }
 
 /// Validates one model; an error names the field (without the `models[i].` prefix).
@@ -55,12 +58,14 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
     let source = model_source(m.path, m.url, m.sha256.as_deref(), base)?;
     let format = model_format(m.format.as_deref(), &source)?;
     let precisions = precisions(&m.precisions, format)?;
+    let stream_interval = stream_interval(m.stream_interval.as_deref())?;
     let llama_only = [
         ("repack", m.repack.is_some()),
         ("mlock", m.mlock == Some(true)),
         ("prefix_cache", m.prefix_cache == Some(false)),
         ("kv_budget", m.kv_budget.is_some()),
         ("kv_budget_max", m.kv_budget_max.is_some()),
+        ("stream_interval", !stream_interval.is_zero()),
     ];
     let engine = engine_of(m.engine.as_deref(), &llama_only, format)?;
     let device = device_of(m.device.as_deref())?;
@@ -96,6 +101,7 @@ pub fn model_spec(m: RawModel, base: &Path) -> Result<ModelSpec, (&'static str, 
                 prefix_cache: m.prefix_cache.unwrap_or(true),
                 kv_budget_tokens,
                 kv_budget_max_tokens,
+                stream_interval,
             },
         },
     })
@@ -265,6 +271,34 @@ fn idle_ttl(text: Option<&str>) -> Result<Option<std::time::Duration>, (&'static
         })?)
         .filter(|d| !d.is_zero()),
     })
+}
+
+/// The longest `stream_interval` a model may have: a stream that says nothing for
+/// longer looks stalled.
+const MAX_STREAM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `stream_interval`: unset and "" mean zero (every token is sent as it comes).
+fn stream_interval(text: Option<&str>) -> Result<std::time::Duration, (&'static str, String)> {
+    let interval = match text {
+        None | Some("") => return Ok(std::time::Duration::ZERO),
+        Some(text) => humantime::parse_duration(text).map_err(|e| {
+            (
+                "stream_interval",
+                format!("not a duration like \"20ms\" ({e}), got {text:?}"),
+            )
+        })?,
+    };
+    if interval > MAX_STREAM_INTERVAL {
+        return Err((
+            "stream_interval",
+            format!(
+                "must be at most {}, got {}",
+                humantime::format_duration(MAX_STREAM_INTERVAL),
+                humantime::format_duration(interval)
+            ),
+        ));
+    }
+    Ok(interval)
 }
 
 /// The model's engine: the one it names, or the default for its format; one that cannot

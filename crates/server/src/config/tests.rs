@@ -246,6 +246,21 @@ fn engines_default_by_format_and_are_checked() {
         Some(4096)
     );
     assert_eq!(model("").unwrap().models[0].kv_cells(), 4096);
+    let interval = |extra| {
+        model(extra).unwrap().models[0]
+            .engine
+            .llama_cpp
+            .stream_interval
+    };
+    assert_eq!(interval(""), std::time::Duration::ZERO);
+    assert_eq!(
+        interval("stream_interval = \"20ms\""),
+        std::time::Duration::from_millis(20)
+    );
+    assert_eq!(
+        interval("stream_interval = \"1s\""),
+        std::time::Duration::from_secs(1)
+    );
     let s = model("engine = \"mistral.rs\"").unwrap();
     assert_eq!(s.models[0].engine.kind, Some(EngineKind::MistralRs));
     let s = model("repack = true\nmlock = true").unwrap();
@@ -275,6 +290,21 @@ fn engines_default_by_format_and_are_checked() {
             "engine = \"mistral.rs\"\nprefix_cache = false",
             "models[0].prefix_cache",
             "llama.cpp setting",
+        ),
+        (
+            "engine = \"mistral.rs\"\nstream_interval = \"20ms\"",
+            "models[0].stream_interval",
+            "llama.cpp setting",
+        ),
+        (
+            "stream_interval = \"1001ms\"",
+            "models[0].stream_interval",
+            "must be at most 1s, got 1s 1ms",
+        ),
+        (
+            "stream_interval = \"often\"",
+            "models[0].stream_interval",
+            "not a duration like \"20ms\"",
         ),
         (
             "context_length = 1024\nmax_sequences = 4\nkv_budget = 512",

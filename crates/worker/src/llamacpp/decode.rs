@@ -11,6 +11,7 @@
 
 mod kv_room;
 mod load;
+mod outbox;
 mod persist;
 mod repeat;
 
@@ -33,6 +34,7 @@ use crate::sampling::{self, StopMatcher};
 use crate::text::Utf8Stream;
 use crate::EngineError;
 use modelpool_store::saved;
+use outbox::Outbox;
 pub(super) use persist::SaveReport;
 
 /// What the thread reports once the model is loaded.
@@ -173,7 +175,7 @@ struct Seq {
     cached_tokens: u32,
     utf8: Utf8Stream,
     stop: StopMatcher,
-    out: mpsc::Sender<Result<Step, EngineError>>,
+    out: Outbox,
 }
 
 /// A sequence waiting for a free slot.
@@ -204,6 +206,8 @@ struct Decoder<'m> {
     /// Whether finished sequences keep their cells for a prompt that shares them; off,
     /// every prompt is prefilled from its first token and nothing is kept or saved.
     prefix_cache: bool,
+    /// The shortest time between two chunks of one stream (see [`outbox`]).
+    stream_interval: std::time::Duration,
     /// Prefixes saved by earlier workers of this model; `None` when saving is off.
     saved: Option<persist::Saved>,
     active: Vec<Seq>,
@@ -237,6 +241,7 @@ impl<'m> Decoder<'m> {
             end_logits: (0..sequences).map(|_| None).collect(),
             clock: 0,
             prefix_cache: opts.prefix_cache,
+            stream_interval: opts.stream_interval,
             saved,
             active: Vec::new(),
             queued: VecDeque::new(),
@@ -433,7 +438,7 @@ impl Decoder<'_> {
                 cached_tokens: reuse as u32,
                 utf8: Utf8Stream::default(),
                 stop: StopMatcher::new(p.params.stop.clone()),
-                out: p.out,
+                out: Outbox::new(p.out, self.stream_interval),
             });
         }
     }
@@ -478,7 +483,7 @@ impl Decoder<'_> {
             cached_tokens: len as u32,
             utf8: Utf8Stream::default(),
             stop: StopMatcher::new(p.params.stop.clone()),
-            out: p.out,
+            out: Outbox::new(p.out, self.stream_interval),
         };
         if next_text(self.model, &mut seq, token) {
             self.release(slot);
@@ -606,9 +611,7 @@ impl Decoder<'_> {
     fn fail_all(&mut self, e: &EngineError) {
         tracing::error!("{e}");
         for seq in std::mem::take(&mut self.active) {
-            let _ = seq
-                .out
-                .try_send(Err(EngineError::Generation(e.to_string())));
+            seq.out.fail(EngineError::Generation(e.to_string()));
             self.forget(seq.slot);
         }
     }
@@ -646,9 +649,7 @@ fn next_text(model: &LlamaModel, seq: &mut Seq, token: LlamaToken) -> bool {
         completion_tokens: seq.completion_tokens,
         cached_tokens: seq.cached_tokens,
     };
-    // The channel holds every step a sequence can produce (max_tokens + 1), so it is
-    // never full; a closed one is a client gone, freed at the next step.
-    let _ = seq.out.try_send(Ok(step));
+    seq.out.send(step, std::time::Instant::now());
     finish.is_some()
 }
 

@@ -62,6 +62,11 @@ pub struct LlamaOptions {
     /// Cells of the KV cache the sequences share; `None`: `context_length` for each of
     /// `max_sequences`. A request starts once its prompt and answer fit the cells free.
     pub kv_budget_tokens: Option<u32>,
+    /// The shortest time between two chunks of one stream: text decoded sooner waits
+    /// for the next. Every chunk the decode thread sends wakes the worker's relay, the
+    /// server and the client, each taking a core from the decode; holding fast tokens
+    /// for a few milliseconds sends several in one chunk. Zero sends every token.
+    pub stream_interval: std::time::Duration,
     /// Threads for decoding and prompt processing.
     pub threads: u32,
     /// Where to save kept prefixes before the worker stops, and restore them from;
